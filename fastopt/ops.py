@@ -1,0 +1,335 @@
+"""fastopt's functional ops: the one place where inputs are checked and a backend is chosen.
+
+Every op validates all of its arguments before any tensor is touched, so a call that raises
+changes nothing. Then it hands the normalised arguments (lists of tensors on one device, floats
+or 0-d tensors for scalars) to the backend chosen by ``fastopt.backends.select`` for that
+device. No op reads a tensor's value on the host: results are device tensors.
+"""
+
+from __future__ import annotations
+
+import math
+import numbers
+from collections.abc import Sequence
+
+import torch
+from torch import Tensor
+
+from fastopt import backends
+
+__all__ = [
+    "multi_tensor_norm",
+    "unscale_and_check_",
+    "scale_",
+    "clamp_",
+    "adaptive_clip_",
+    "adamw_",
+]
+
+FLOAT_DTYPES = frozenset({torch.float16, torch.bfloat16, torch.float32, torch.float64})
+_DTYPE_NAMES = "float16, bfloat16, float32 or float64"
+_INF = math.inf
+
+
+# --------------------------------------------------------------------------- validation
+
+
+def _tensor_list(value, name: str) -> list[Tensor]:
+    """A list or tuple of tensors (a lone tensor counts as a list of one)."""
+    if isinstance(value, Tensor):
+        return [value]
+    if not isinstance(value, (list, tuple)):
+        raise TypeError(f"{name} must be a list or tuple of tensors, got {type(value).__name__}")
+    tensors = list(value)
+    if not all(isinstance(t, Tensor) for t in tensors):
+        i = next(i for i, t in enumerate(tensors) if not isinstance(t, Tensor))
+        raise TypeError(f"{name}[{i}] must be a torch.Tensor, got {type(tensors[i]).__name__}")
+    return tensors
+
+
+def check_dense_floating(tensors: list[Tensor], name: str) -> None:
+    if not {t.layout for t in tensors} <= {torch.strided}:
+        i = next(i for i, t in enumerate(tensors) if t.layout != torch.strided)
+        raise TypeError(f"{name}[{i}] is a {tensors[i].layout} tensor; fastopt ops take dense (strided) tensors")
+    if not {t.dtype for t in tensors} <= FLOAT_DTYPES:
+        i = next(i for i, t in enumerate(tensors) if t.dtype not in FLOAT_DTYPES)
+        raise TypeError(f"{name}[{i}] has dtype {tensors[i].dtype}; fastopt ops take {_DTYPE_NAMES} tensors")
+
+
+def _tensor_lists(**named) -> dict[str, list[Tensor]]:
+    """Check named tensor lists (None entries are absent lists) and return them as lists."""
+    out = {}
+    for name, value in named.items():
+        if value is not None:
+            out[name] = _tensor_list(value, name)
+            check_dense_floating(out[name], name)
+    return out
+
+
+def _common_device(named: dict[str, list[Tensor]]) -> torch.device | None:
+    """The one device every tensor of every list is on (None when there are no tensors)."""
+    first = None
+    for name, tensors in named.items():
+        if not tensors:
+            continue
+        if first is None:
+            first = (name, tensors[0].device)
+        if {t.device for t in tensors} != {first[1]}:
+            i = next(i for i, t in enumerate(tensors) if t.device != first[1])
+            raise ValueError(
+                f"{name}[{i}] is on {tensors[i].device} but {first[0]}[0] is on {first[1]}; "
+                "all tensors of one call must be on the same device"
+            )
+    return None if first is None else first[1]
+
+
+def _check_lengths(named: dict[str, list[Tensor]]) -> int:
+    (first_name, first), *rest = named.items()
+    for name, tensors in rest:
+        if len(tensors) != len(first):
+            raise ValueError(f"{name} has {len(tensors)} tensors but {first_name} has {len(first)}; they must match")
+    return len(first)
+
+
+def _check_shapes(reference_name: str, reference: list[Tensor], named: dict[str, list[Tensor]]) -> None:
+    shapes = [t.shape for t in reference]
+    for name, tensors in named.items():
+        if [t.shape for t in tensors] != shapes:
+            i = next(i for i, (t, s) in enumerate(zip(tensors, shapes)) if t.shape != s)
+            raise ValueError(
+                f"{name}[{i}] has shape {tuple(tensors[i].shape)} but {reference_name}[{i}] has shape {tuple(shapes[i])}"
+            )
+
+
+def check_writable(named: dict[str, list[Tensor]], read_only: dict[str, list[Tensor]] | None = None) -> None:
+    """Tensors written in place must each be distinct memory (a tensor passed twice would be
+    updated twice) and not self-overlapping (expanded views); read-only inputs must not be
+    among them either, since the write would change what later reads see."""
+    owner: dict[int, tuple[str, int]] = {}
+    for name, tensors in named.items():
+        for i, t in enumerate(tensors):
+            if t.numel() == 0 or t.device.type == "meta":
+                continue
+            previous = owner.setdefault(t.data_ptr(), (name, i))
+            if previous != (name, i):
+                raise ValueError(
+                    f"{name}[{i}] and {previous[0]}[{previous[1]}] are the same tensor (same memory); "
+                    "each tensor updated in place must be passed once"
+                )
+            if not t.is_contiguous() and torch._debug_has_internal_overlap(t) == 1:
+                raise ValueError(
+                    f"{name}[{i}] has elements that share memory (an expanded view); it cannot be updated in place"
+                )
+    for name, tensors in (read_only or {}).items():
+        for i, t in enumerate(tensors):
+            if t.numel() and t.device.type != "meta" and t.data_ptr() in owner:
+                other = owner[t.data_ptr()]
+                raise ValueError(
+                    f"{name}[{i}] is the same tensor as {other[0]}[{other[1]}], which this call updates in place"
+                )
+
+
+def check_real(
+    name: str,
+    value,
+    *,
+    minimum: float | None = None,
+    above: float | None = None,
+    below: float | None = None,
+    finite: bool = True,
+) -> float:
+    """A real number (not bool), optionally finite, >= minimum, > above, < below."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise TypeError(f"{name} must be a real number, got {type(value).__name__}")
+    value = float(value)
+    if math.isnan(value) or (finite and math.isinf(value)):
+        raise ValueError(f"{name} must be a finite number, got {value}")
+    if minimum is not None and value < minimum:
+        raise ValueError(f"{name} must be >= {minimum}, got {value}")
+    if above is not None and value <= above:
+        raise ValueError(f"{name} must be > {above}, got {value}")
+    if below is not None and value >= below:
+        raise ValueError(f"{name} must be < {below}, got {value}")
+    return value
+
+
+def check_norm_type(value) -> float:
+    if isinstance(value, str) and value.strip().lower() in ("inf", "+inf"):
+        return _INF
+    p = check_real("norm_type", value, finite=False)
+    if not p > 0:
+        raise ValueError(f"norm_type must be a positive number or inf, got {value!r}")
+    return p
+
+
+def _scalar(name: str, value, device: torch.device | None, *, float32_only: bool = False, **bounds) -> float | Tensor:
+    """A Python number (range-checked) or a 1-element floating tensor on ``device``, returned
+    as a 0-d view. A tensor's value is not checked: that would read it on the host."""
+    if not isinstance(value, Tensor):
+        return check_real(name, value, **bounds)
+    allowed = {torch.float32} if float32_only else FLOAT_DTYPES
+    if value.dtype not in allowed:
+        kind = "float32" if float32_only else "floating-point"
+        raise TypeError(f"{name} must be a {kind} tensor, got dtype {value.dtype}")
+    if value.numel() != 1:
+        raise ValueError(f"{name} must hold exactly one element, got shape {tuple(value.shape)}")
+    if device is not None and value.device != device:
+        raise ValueError(f"{name} is on {value.device} but the tensors are on {device}; it must be on their device")
+    return value.reshape(())
+
+
+def _found_inf(value, device: torch.device | None) -> Tensor:
+    if not isinstance(value, Tensor):
+        raise TypeError(f"found_inf must be a 1-element float32 tensor, got {type(value).__name__}")
+    _scalar("found_inf", value, device, float32_only=True)
+    return value
+
+
+# --------------------------------------------------------------------------- ops
+
+
+@torch.no_grad()
+def multi_tensor_norm(tensors, norm_type=2.0, *, per_tensor: bool = False):
+    """The norm of all ``tensors`` taken together, as if concatenated: a 0-d float32 tensor.
+
+    ``norm_type`` is any p > 0, or inf for the max-abs norm. With ``per_tensor=True`` returns
+    ``(total, norms)``, where ``norms`` is a 1-D float32 tensor with one norm per input (0 for
+    zero-element tensors). bf16 / fp16 inputs accumulate in fp32. An inf or nan input makes the
+    total inf or nan. The result is bit-identical from run to run for the same inputs.
+    """
+    named = _tensor_lists(tensors=tensors)
+    p = check_norm_type(norm_type)
+    device = _common_device(named)
+    backend = backends.select(device or torch.device("cpu"))
+    return backend.multi_tensor_norm(named["tensors"], p, bool(per_tensor))
+
+
+@torch.no_grad()
+def unscale_and_check_(tensors, inv_scale, found_inf) -> None:
+    """``t *= inv_scale`` for every tensor, in place, and set ``found_inf`` (a 1-element float32
+    tensor) to 1.0 if any input element is inf or nan. ``found_inf`` is never cleared, so one
+    flag can collect several calls. ``inv_scale``: a float or a 1-element float32 tensor."""
+    named = _tensor_lists(tensors=tensors)
+    device = _common_device(named)
+    inv_scale = _scalar("inv_scale", inv_scale, device, float32_only=True)
+    found_inf = _found_inf(found_inf, device)
+    check_writable(named)
+    backends.select(device or found_inf.device).unscale_and_check_(named["tensors"], inv_scale, found_inf)
+
+
+@torch.no_grad()
+def scale_(tensors, coef) -> None:
+    """``t *= coef`` for every tensor, in place; ``coef`` a float or a 1-element tensor."""
+    named = _tensor_lists(tensors=tensors)
+    device = _common_device(named)
+    coef = _scalar("coef", coef, device)
+    check_writable(named)
+    if device is not None:
+        backends.select(device).scale_(named["tensors"], coef)
+
+
+@torch.no_grad()
+def clamp_(tensors, clip_value) -> None:
+    """Clamp every element to ``[-clip_value, clip_value]`` in place (nan stays nan)."""
+    named = _tensor_lists(tensors=tensors)
+    clip_value = check_real("clip_value", clip_value, minimum=0.0, finite=False)
+    device = _common_device(named)
+    check_writable(named)
+    if device is not None:
+        backends.select(device).clamp_(named["tensors"], clip_value)
+
+
+@torch.no_grad()
+def adaptive_clip_(params, grads, clip_factor=0.01, eps=1e-3, norm_type=2.0, *, unitwise: bool = True) -> None:
+    """Adaptive gradient clipping (AGC, Brock et al. 2021) of ``grads`` against ``params``.
+
+    For each unit u (an output row / channel, i.e. a slice along dim 0, of a >=2-D tensor; the
+    whole tensor if it is <=1-D or ``unitwise=False``): ``max_u = clip_factor * max(||W_u||, eps)``,
+    and where ``||g_u|| > max_u``, ``g_u *= max_u / max(||g_u||, 1e-6)``. Grads change in place.
+    """
+    named = _tensor_lists(params=params, grads=grads)
+    _check_lengths(named)
+    _check_shapes("params", named["params"], {"grads": named["grads"]})
+    clip_factor = check_real("clip_factor", clip_factor, above=0.0)
+    eps = check_real("eps", eps, minimum=0.0)
+    p = check_norm_type(norm_type)
+    device = _common_device(named)
+    check_writable({"grads": named["grads"]}, read_only={"params": named["params"]})
+    if device is not None:
+        backends.select(device).adaptive_clip_(named["params"], named["grads"], clip_factor, eps, p, bool(unitwise))
+
+
+@torch.no_grad()
+def adamw_(
+    params,
+    grads,
+    exp_avgs,
+    exp_avg_sqs,
+    steps,
+    *,
+    lr,
+    beta1,
+    beta2,
+    eps,
+    weight_decay,
+    maximize: bool = False,
+    max_exp_avg_sqs=None,
+    grad_scale=None,
+    found_inf=None,
+    clip_coef=None,
+) -> None:
+    """One AdamW update of ``params`` with torch.optim.AdamW's math, in place.
+
+    ``steps``: 0-d float32 tensors, one per param, incremented by the op and used for the bias
+    corrections. ``lr``: a float or a 1-element tensor. Each grad is used as
+    ``g / grad_scale * clip_coef`` (either may be omitted; tensors or floats) and negated when
+    ``maximize``. When ``found_inf`` (1-element float32 tensor) is non-zero, nothing at all
+    changes: params, states and steps keep every bit. AMSGrad when ``max_exp_avg_sqs`` is given.
+    Grads are read, never written. Params, grads and states may have different floating dtypes
+    (e.g. bf16 params and grads with fp32 states); the math runs in fp32 (fp64 for fp64 params).
+    """
+    named = _tensor_lists(
+        params=params,
+        grads=grads,
+        exp_avgs=exp_avgs,
+        exp_avg_sqs=exp_avg_sqs,
+        max_exp_avg_sqs=max_exp_avg_sqs,
+        steps=steps,
+    )
+    _check_lengths(named)
+    shaped = {k: v for k, v in named.items() if k not in ("params", "steps")}
+    _check_shapes("params", named["params"], shaped)
+    bad_step = next((i for i, s in enumerate(named["steps"]) if s.ndim != 0 or s.dtype not in (torch.float32, torch.float64)), None)
+    if bad_step is not None:
+        s = named["steps"][bad_step]
+        raise ValueError(f"steps[{bad_step}] must be a 0-d float32 (or float64) tensor, got shape {tuple(s.shape)} and dtype {s.dtype}")
+    device = _common_device(named)
+    lr = _scalar("lr", lr, device, minimum=0.0)
+    beta1 = check_real("beta1", beta1, minimum=0.0, below=1.0)
+    beta2 = check_real("beta2", beta2, minimum=0.0, below=1.0)
+    eps = check_real("eps", eps, minimum=0.0)
+    weight_decay = check_real("weight_decay", weight_decay, minimum=0.0)
+    grad_scale = None if grad_scale is None else _scalar("grad_scale", grad_scale, device, above=0.0)
+    clip_coef = None if clip_coef is None else _scalar("clip_coef", clip_coef, device, minimum=0.0)
+    found_inf = None if found_inf is None else _found_inf(found_inf, device)
+    written = {k: v for k, v in named.items() if k != "grads"}
+    check_writable(written, read_only={"grads": named["grads"]})
+    if device is None:
+        return
+    backends.select(device).adamw_(
+        named["params"],
+        named["grads"],
+        named["exp_avgs"],
+        named["exp_avg_sqs"],
+        named["steps"],
+        lr=lr,
+        beta1=beta1,
+        beta2=beta2,
+        eps=eps,
+        weight_decay=weight_decay,
+        maximize=bool(maximize),
+        max_exp_avg_sqs=named.get("max_exp_avg_sqs"),
+        grad_scale=grad_scale,
+        found_inf=found_inf,
+        clip_coef=clip_coef,
+    )
