@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import datetime
 import platform
 import sys
 
@@ -50,9 +51,12 @@ def bench(args: argparse.Namespace) -> int:
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     names = args.backends or [n for n in backends.available_backends() if backends.status(n).runs_on(device)]
     workloads = [w for w in benchmark.default_workloads(device) if not args.workload or w.name in args.workload]
-    print(f"fastopt bench on {device}: torch {torch.__version__}, triton {_triton_version()}", file=sys.stderr)
     progress = (lambda msg: print(f"  timing {msg}", file=sys.stderr)) if not args.quiet else None
     rows = benchmark.run(workloads, device, names, min_run_time=args.min_run_time, progress=progress)
+    command = "python -m fastopt " + " ".join(args.command_line)
+    print(f"{datetime.date.today()}, {_device_description()}; torch {torch.__version__}, "
+          f"triton {_triton_version()}, python {platform.python_version()}; `{command}`; "
+          "median of torch.utils.benchmark blocked_autorange\n")  # fmt: skip
     print(benchmark.markdown_table(rows))
     return 0
 
@@ -66,11 +70,15 @@ def main(argv: list[str] | None = None) -> int:
     bench_parser = commands.add_parser("bench", help="time fastopt against torch on this machine's device")
     bench_parser.add_argument("--device", help="cpu or cuda (default: cuda when a GPU is visible)")
     bench_parser.add_argument("--backends", nargs="+", help="fastopt backends to time (default: all that run)")
-    bench_parser.add_argument("--workload", nargs="+", help="workload names to run (default: all)")
+    bench_parser.add_argument(
+        "--workload", nargs="+", choices=["gpt-like", "many-small"], help="workloads to run (default: all)"
+    )
     bench_parser.add_argument("--min-run-time", type=float, default=0.2, help="seconds of timing per measurement")
     bench_parser.add_argument("--quiet", action="store_true", help="no progress lines")
     bench_parser.set_defaults(func=bench)
+    argv = sys.argv[1:] if argv is None else argv
     args = parser.parse_args(argv)
+    args.command_line = argv
     return args.func(args)
 
 

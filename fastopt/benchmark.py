@@ -87,6 +87,7 @@ class Case:
     op: str
     fastopt: Callable[[], object]
     torch: Callable[[], object]
+    tensors: list = dataclasses.field(default_factory=list)  # what the calls read and write
 
 
 def make_cases(workload: Workload, device: torch.device, seed: int = 0) -> list[Case]:
@@ -136,6 +137,8 @@ def make_cases(workload: Workload, device: torch.device, seed: int = 0) -> list[
             Case("adamw step", fastopt_step, torch_adamw.step),
             Case("clip + adamw step", fastopt_clip_step, torch_clip_step),
         ]
+    for case in cases:
+        case.tensors = [*params, *grads, found_inf]
     return cases
 
 
