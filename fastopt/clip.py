@@ -17,24 +17,30 @@ from fastopt import ops
 __all__ = ["clip_grad_norm_", "clip_grad_value_", "adaptive_clip_grad_"]
 
 
-def _parameters_with_grads(parameters, name: str = "parameters") -> list[Tensor]:
+def _grads_by_device(parameters) -> list[tuple[list[Tensor], list[Tensor], tuple[str, ...]]]:
+    """(params, grads, labels) per device, in first-seen order, for the parameters that have a
+    grad. Labels name each grad as the caller passed it (``parameters[3].grad``) for errors."""
     if isinstance(parameters, Tensor):
         parameters = [parameters]
     elif not isinstance(parameters, Iterable):
-        raise TypeError(f"{name} must be a tensor or an iterable of tensors, got {type(parameters).__name__}")
-    parameters = list(parameters)
+        raise TypeError(f"parameters must be a tensor or an iterable of tensors, got {type(parameters).__name__}")
+    groups: dict[torch.device, tuple[list, list, list]] = {}
     for i, p in enumerate(parameters):
         if not isinstance(p, Tensor):
-            raise TypeError(f"{name}[{i}] must be a torch.Tensor, got {type(p).__name__}")
-    return [p for p in parameters if p.grad is not None]
+            raise TypeError(f"parameters[{i}] must be a torch.Tensor, got {type(p).__name__}")
+        if p.grad is not None:
+            params, grads, labels = groups.setdefault(p.grad.device, ([], [], []))
+            params.append(p.detach())
+            grads.append(p.grad)
+            labels.append(f"parameters[{i}].grad")
+    return [(params, grads, tuple(labels)) for params, grads, labels in groups.values()]
 
 
-def _by_device(tensors: list[Tensor]) -> dict[torch.device, list[int]]:
-    """Indices of ``tensors`` grouped by device, in first-seen order."""
-    groups: dict[torch.device, list[int]] = {}
-    for i, t in enumerate(tensors):
-        groups.setdefault(t.device, []).append(i)
-    return groups
+def _check_grads_writable(groups) -> None:
+    """Validate every device's grads before any is changed: a rejected call changes nothing."""
+    for _, grads, labels in groups:
+        ops.check_dense_floating(grads, labels)
+        ops.check_writable({labels: grads})
 
 
 @torch.no_grad()
@@ -46,22 +52,17 @@ def clip_grad_norm_(parameters, max_norm, norm_type=2.0, error_if_nonfinite: boo
     it in the grads' dtype). ``foreach`` is accepted for compatibility and ignored: every
     fastopt backend is multi-tensor.
     """
-    grads = [p.grad for p in _parameters_with_grads(parameters)]
+    groups = _grads_by_device(parameters)
     max_norm = ops.check_real("max_norm", max_norm, minimum=0.0, finite=False)
     norm_type = ops.check_norm_type(norm_type)
-    if not grads:
+    _check_grads_writable(groups)
+    if not groups:
         return torch.tensor(0.0)
-    groups = _by_device(grads)
-    device_grads = [[grads[i] for i in indices] for indices in groups.values()]
-    # Validate every device's list before any grad is scaled: a rejected call changes nothing.
-    for group in device_grads:
-        ops.check_dense_floating(group, "grads")
-        ops.check_writable({"grads": group})
-    first_device = next(iter(groups))
-    if len(device_grads) == 1:
-        total_norm = ops.multi_tensor_norm(device_grads[0], norm_type)
+    first_device = groups[0][1][0].device
+    if len(groups) == 1:
+        total_norm = ops.multi_tensor_norm(groups[0][1], norm_type)
     else:  # model parallel: combine the per-device norms on the first device, as torch does
-        device_norms = [ops.multi_tensor_norm(group, norm_type).to(first_device) for group in device_grads]
+        device_norms = [ops.multi_tensor_norm(grads, norm_type).to(first_device) for _, grads, _ in groups]
         total_norm = torch.linalg.vector_norm(torch.stack(device_norms), norm_type)
     if error_if_nonfinite and not torch.isfinite(total_norm):
         raise RuntimeError(
@@ -71,22 +72,19 @@ def clip_grad_norm_(parameters, max_norm, norm_type=2.0, error_if_nonfinite: boo
         )
     # torch's formula, so that fp32 results match torch.nn.utils.clip_grad_norm_ bit for bit.
     clip_coef = torch.clamp(max_norm / (total_norm + 1e-6), max=1.0)
-    for device, group in zip(groups, device_grads):
-        ops.scale_(group, clip_coef.to(device))
+    for _, grads, _ in groups:
+        ops.scale_(grads, clip_coef.to(grads[0].device))
     return total_norm
 
 
 @torch.no_grad()
 def clip_grad_value_(parameters, clip_value, foreach=None) -> None:
     """torch.nn.utils.clip_grad_value_: clamp every grad to [-clip_value, clip_value] in place."""
-    grads = [p.grad for p in _parameters_with_grads(parameters)]
+    groups = _grads_by_device(parameters)
     clip_value = ops.check_real("clip_value", clip_value, minimum=0.0, finite=False)
-    device_grads = [[grads[i] for i in indices] for indices in _by_device(grads).values()]
-    for group in device_grads:
-        ops.check_dense_floating(group, "grads")
-        ops.check_writable({"grads": group})
-    for group in device_grads:
-        ops.clamp_(group, clip_value)
+    _check_grads_writable(groups)
+    for _, grads, _ in groups:
+        ops.clamp_(grads, clip_value)
 
 
 @torch.no_grad()
@@ -98,17 +96,14 @@ def adaptive_clip_grad_(parameters, clip_factor=0.01, eps=1e-3, norm_type=2.0, *
     ``||g_u|| > max_u``, ``g_u *= max_u / max(||g_u||, 1e-6)``. The same results as timm's
     ``adaptive_clip_grad``, without its per-tensor Python loop on backends that fuse.
     """
-    params = _parameters_with_grads(parameters)
-    grads = [p.grad for p in params]
-    groups = [
-        ([params[i].detach() for i in indices], [grads[i] for i in indices]) for indices in _by_device(params).values()
-    ]
+    groups = _grads_by_device(parameters)
     clip_factor = ops.check_real("clip_factor", clip_factor, above=0.0)
     eps = ops.check_real("eps", eps, minimum=0.0)
     norm_type = ops.check_norm_type(norm_type)
-    for group_params, group_grads in groups:
-        ops.check_dense_floating(group_params, "parameters")
-        ops.check_dense_floating(group_grads, "grads")
-        ops.check_writable({"grads": group_grads})
-    for group_params, group_grads in groups:
-        ops.adaptive_clip_(group_params, group_grads, clip_factor, eps, norm_type, unitwise=unitwise)
+    _check_grads_writable(groups)
+    for params, grads, labels in groups:  # AGC reads the weights: they must be floating and not a grad
+        param_labels = tuple(label.removesuffix(".grad") for label in labels)
+        ops.check_dense_floating(params, param_labels)
+        ops.check_writable({labels: grads}, read_only={param_labels: params})
+    for params, grads, _ in groups:
+        ops.adaptive_clip_(params, grads, clip_factor, eps, norm_type, unitwise=unitwise)

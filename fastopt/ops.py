@@ -8,6 +8,7 @@ device. No op reads a tensor's value on the host: results are device tensors.
 
 from __future__ import annotations
 
+import bisect
 import math
 import numbers
 from collections.abc import Sequence
@@ -47,13 +48,18 @@ def _tensor_list(value, name: str) -> list[Tensor]:
     return tensors
 
 
-def check_dense_floating(tensors: list[Tensor], name: str) -> None:
+def _label(name: str | Sequence[str], i: int) -> str:
+    """How an error names element i of a list: ``name[i]``, or a caller's own label for it."""
+    return f"{name}[{i}]" if isinstance(name, str) else name[i]
+
+
+def check_dense_floating(tensors: list[Tensor], name: str | Sequence[str]) -> None:
     if not {t.layout for t in tensors} <= {torch.strided}:
         i = next(i for i, t in enumerate(tensors) if t.layout != torch.strided)
-        raise TypeError(f"{name}[{i}] is a {tensors[i].layout} tensor; fastopt ops take dense (strided) tensors")
+        raise TypeError(f"{_label(name, i)} is a {tensors[i].layout} tensor; fastopt ops take dense (strided) tensors")
     if not {t.dtype for t in tensors} <= FLOAT_DTYPES:
         i = next(i for i, t in enumerate(tensors) if t.dtype not in FLOAT_DTYPES)
-        raise TypeError(f"{name}[{i}] has dtype {tensors[i].dtype}; fastopt ops take {_DTYPE_NAMES} tensors")
+        raise TypeError(f"{_label(name, i)} has dtype {tensors[i].dtype}; fastopt ops take {_DTYPE_NAMES} tensors")
 
 
 def _tensor_lists(**named) -> dict[str, list[Tensor]]:
@@ -101,32 +107,67 @@ def _check_shapes(reference_name: str, reference: list[Tensor], named: dict[str,
             )
 
 
-def check_writable(named: dict[str, list[Tensor]], read_only: dict[str, list[Tensor]] | None = None) -> None:
-    """Tensors written in place must each be distinct memory (a tensor passed twice would be
-    updated twice) and not self-overlapping (expanded views); read-only inputs must not be
-    among them either, since the write would change what later reads see."""
-    owner: dict[int, tuple[str, int]] = {}
-    for name, tensors in named.items():
-        for i, t in enumerate(tensors):
-            if t.numel() == 0 or t.device.type == "meta":
-                continue
-            previous = owner.setdefault(t.data_ptr(), (name, i))
-            if previous != (name, i):
-                raise ValueError(
-                    f"{name}[{i}] and {previous[0]}[{previous[1]}] are the same tensor (same memory); "
-                    "each tensor updated in place must be passed once"
-                )
-            if not t.is_contiguous() and torch._debug_has_internal_overlap(t) == 1:
-                raise ValueError(
-                    f"{name}[{i}] has elements that share memory (an expanded view); it cannot be updated in place"
-                )
-    for name, tensors in (read_only or {}).items():
-        for i, t in enumerate(tensors):
-            if t.numel() and t.device.type != "meta" and t.data_ptr() in owner:
-                other = owner[t.data_ptr()]
-                raise ValueError(
-                    f"{name}[{i}] is the same tensor as {other[0]}[{other[1]}], which this call updates in place"
-                )
+def _labelled(named: dict) -> list[tuple[str, Tensor]]:
+    """(label, tensor) for every tensor that occupies memory, from lists and single tensors
+    (anything else, such as a float standing for a scalar, holds no memory and is skipped)."""
+    out = []
+    for name, value in named.items():
+        if isinstance(value, Tensor):
+            value, labels = [value], [name]
+        elif isinstance(value, (list, tuple)):
+            labels = [_label(name, i) for i in range(len(value))]
+        else:
+            continue
+        out.extend((label, t) for label, t in zip(labels, value) if t.numel() and t.device.type != "meta")
+    return out
+
+
+def _memory_span(t: Tensor) -> tuple[str, int, int]:
+    """(device, first byte, one past the last byte) that the tensor's elements can touch."""
+    last = sum((size - 1) * stride for size, stride in zip(t.shape, t.stride()))
+    return str(t.device), t.data_ptr(), t.data_ptr() + (last + 1) * t.element_size()
+
+
+def _may_self_overlap(t: Tensor) -> bool:
+    """False when the strides prove that no two elements share memory (true of every view torch
+    makes by slicing, transposing or permuting); True for expanded and other aliasing views."""
+    reach = 0  # the furthest element offset that the faster-moving dims cover
+    for stride, size in sorted((stride, size) for size, stride in zip(t.shape, t.stride()) if size > 1):
+        if stride <= reach:
+            return True
+        reach += stride * (size - 1)
+    return False
+
+
+def check_writable(written: dict, read_only: dict | None = None) -> None:
+    """Tensors written in place must not share memory with each other (a tensor passed twice
+    would be updated twice; overlapping views would see each other's writes) nor within
+    themselves (expanded views), and nothing the call reads (inputs, scalar tensors such as lr
+    or inv_scale) may share memory with them. Values are lists (labelled ``name[i]``, or by the
+    caller's labels when the key is a tuple of them), single tensors, or non-tensors (skipped)."""
+    spans = []  # (device, first byte, end byte, label, position in the call)
+    for position, (label, t) in enumerate(_labelled(written)):
+        if not t.is_contiguous() and _may_self_overlap(t):
+            raise ValueError(f"{label} has elements that share memory (an expanded view); it cannot be updated in place")
+        spans.append((*_memory_span(t), label, position))
+    spans.sort()
+    furthest = None  # the span reaching furthest so far, on the same device
+    for span in spans:
+        if furthest is not None and span[0] == furthest[0] and span[1] < furthest[2]:
+            later, earlier = sorted([span, furthest], key=lambda s: -s[4])
+            raise ValueError(
+                f"{later[3]} and {earlier[3]} share memory (the same tensor, or overlapping views); "
+                "each tensor updated in place must be passed once"
+            )
+        if furthest is None or span[0] != furthest[0] or span[2] > furthest[2]:
+            furthest = span
+    starts = [span[:2] for span in spans]
+    for label, t in _labelled(read_only or {}):
+        device, start, end = _memory_span(t)
+        i = bisect.bisect_right(starts, (device, start)) - 1  # written spans are disjoint and sorted
+        for other in spans[max(i, 0) : i + 2]:
+            if other[0] == device and other[1] < end and start < other[2]:
+                raise ValueError(f"{label} shares memory with {other[3]}, which this call updates in place")
 
 
 def check_real(
@@ -142,8 +183,10 @@ def check_real(
     if isinstance(value, bool) or not isinstance(value, numbers.Real):
         raise TypeError(f"{name} must be a real number, got {type(value).__name__}")
     value = float(value)
-    if math.isnan(value) or (finite and math.isinf(value)):
-        raise ValueError(f"{name} must be a finite number, got {value}")
+    if math.isnan(value):
+        raise ValueError(f"{name} must be a number, got nan")
+    if finite and math.isinf(value):
+        raise ValueError(f"{name} must be finite, got {value}")
     if minimum is not None and value < minimum:
         raise ValueError(f"{name} must be >= {minimum}, got {value}")
     if above is not None and value <= above:
@@ -213,7 +256,7 @@ def unscale_and_check_(tensors, inv_scale, found_inf) -> None:
     device = _common_device(named)
     inv_scale = _scalar("inv_scale", inv_scale, device, float32_only=True)
     found_inf = _found_inf(found_inf, device)
-    check_writable(named)
+    check_writable({**named, "found_inf": found_inf}, read_only={"inv_scale": inv_scale})
     backends.select(device or found_inf.device).unscale_and_check_(named["tensors"], inv_scale, found_inf)
 
 
@@ -223,7 +266,7 @@ def scale_(tensors, coef) -> None:
     named = _tensor_lists(tensors=tensors)
     device = _common_device(named)
     coef = _scalar("coef", coef, device)
-    check_writable(named)
+    check_writable(named, read_only={"coef": coef})
     if device is not None:
         backends.select(device).scale_(named["tensors"], coef)
 
@@ -313,7 +356,8 @@ def adamw_(
     clip_coef = None if clip_coef is None else _scalar("clip_coef", clip_coef, device, minimum=0.0)
     found_inf = None if found_inf is None else _found_inf(found_inf, device)
     written = {k: v for k, v in named.items() if k != "grads"}
-    check_writable(written, read_only={"grads": named["grads"]})
+    read = {"grads": named["grads"], "lr": lr, "grad_scale": grad_scale, "clip_coef": clip_coef, "found_inf": found_inf}
+    check_writable(written, read_only=read)
     if device is None:
         return
     backends.select(device).adamw_(

@@ -62,6 +62,15 @@ def multi_tensor_norm(tensors: list[Tensor], norm_type: float, per_tensor: bool)
     return total, torch.stack([next(it) if t.numel() > 0 else zero for t in tensors])
 
 
+def _scalar_tensor(value: float | Tensor, tensors: list[Tensor]) -> Tensor:
+    """A Python factor as a 0-d tensor: torch._foreach_mul_ rounds a Python scalar to the
+    tensors' dtype (fp16 / bf16) before multiplying, while a tensor factor is applied in fp32."""
+    if isinstance(value, Tensor):
+        return value
+    dtype = torch.float64 if any(t.dtype == torch.float64 for t in tensors) else torch.float32
+    return torch.full((), value, dtype=dtype, device=tensors[0].device)
+
+
 def unscale_and_check_(tensors: list[Tensor], inv_scale: float | Tensor, found_inf: Tensor) -> None:
     nonempty = _nonempty(tensors)
     if not nonempty:
@@ -70,13 +79,13 @@ def unscale_and_check_(tensors: list[Tensor], inv_scale: float | Tensor, found_i
     # scaling, as torch's _amp_foreach_non_finite_check_and_unscale_ does.
     extremes = torch.stack([torch.stack(torch.aminmax(t)).float() for t in nonempty])
     found_inf.masked_fill_(~torch.isfinite(extremes).all(), 1.0)
-    torch._foreach_mul_(nonempty, inv_scale)
+    torch._foreach_mul_(nonempty, _scalar_tensor(inv_scale, nonempty))
 
 
 def scale_(tensors: list[Tensor], coef: float | Tensor) -> None:
     nonempty = _nonempty(tensors)
     if nonempty:
-        torch._foreach_mul_(nonempty, coef)
+        torch._foreach_mul_(nonempty, _scalar_tensor(coef, nonempty))
 
 
 def clamp_(tensors: list[Tensor], clip_value: float) -> None:
