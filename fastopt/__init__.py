@@ -6,6 +6,7 @@ available for the tensors' device (``available_backends()``); ``use_backend(name
 ``FASTOPT_BACKEND`` environment variable forces one.
 """
 
+from fastopt import amp, optim
 from fastopt.backends import available_backends, use_backend
 from fastopt.clip import adaptive_clip_grad_, clip_grad_norm_, clip_grad_value_
 from fastopt.ops import adamw_, multi_tensor_norm, scale_, unscale_and_check_

@@ -255,19 +255,26 @@ def _found_inf(value, device: torch.device | None) -> Tensor:
 
 
 @torch.no_grad()
-def multi_tensor_norm(tensors, norm_type=2.0, *, per_tensor: bool = False):
+def multi_tensor_norm(tensors, norm_type=2.0, *, per_tensor: bool = False, found_inf=None):
     """The norm of all ``tensors`` taken together, as if concatenated: a 0-d float32 tensor.
 
     ``norm_type`` is any p > 0, or inf for the max-abs norm. With ``per_tensor=True`` returns
     ``(total, norms)``, where ``norms`` is a 1-D float32 tensor with one norm per input (0 for
     zero-element tensors). bf16 / fp16 inputs accumulate in fp32. An inf or nan input makes the
     total inf or nan. The result is bit-identical from run to run for the same inputs.
+    ``found_inf`` (optional, a 1-element float32 tensor) is set to 1.0 if any element is inf
+    or nan, from the same read, and never cleared: the AMP overflow check for free.
     """
     named = _tensor_lists(tensors=tensors)
     p = check_norm_type(norm_type)
     device = _common_device(named)
+    if found_inf is not None:
+        found_inf = _found_inf(found_inf, device)
+        check_writable({"found_inf": found_inf}, read_only=named)
     backend = backends.select(device or torch.device("cpu"))
-    return backend.multi_tensor_norm(named["tensors"], p, bool(per_tensor))
+    if found_inf is None:  # backends that predate the flag keep working
+        return backend.multi_tensor_norm(named["tensors"], p, bool(per_tensor))
+    return backend.multi_tensor_norm(named["tensors"], p, bool(per_tensor), found_inf=found_inf)
 
 
 @torch.no_grad()

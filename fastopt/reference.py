@@ -42,9 +42,11 @@ def _tensor_norms(tensors: list[Tensor], norm_type: float) -> list[Tensor]:
     ]
 
 
-def multi_tensor_norm(tensors: list[Tensor], norm_type: float, per_tensor: bool):
+def multi_tensor_norm(tensors: list[Tensor], norm_type: float, per_tensor: bool, found_inf: Tensor | None = None):
     device = tensors[0].device if tensors else torch.device("cpu")
     nonempty = _nonempty(tensors)
+    if found_inf is not None and nonempty:
+        _flag_nonfinite(nonempty, found_inf)
     if not nonempty:
         norms = torch.zeros(len(tensors), dtype=torch.float32, device=device)
         total = torch.zeros((), dtype=torch.float32, device=device)
@@ -71,14 +73,19 @@ def _scalar_tensor(value: float | Tensor, tensors: list[Tensor]) -> Tensor:
     return torch.full((), value, dtype=dtype, device=tensors[0].device)
 
 
+def _flag_nonfinite(tensors: list[Tensor], found_inf: Tensor) -> None:
+    """found_inf = 1.0 if any element is inf or nan; otherwise left as it was. nan propagates
+    through both min and max, and an inf shows in one of them."""
+    extremes = torch.stack([torch.stack(torch.aminmax(t)).float() for t in tensors])
+    found_inf.masked_fill_(~torch.isfinite(extremes).all(), 1.0)
+
+
 def unscale_and_check_(tensors: list[Tensor], inv_scale: float | Tensor, found_inf: Tensor) -> None:
     nonempty = _nonempty(tensors)
     if not nonempty:
         return
-    # nan propagates through both min and max, and an inf shows in one of them; checked before
-    # scaling, as torch's _amp_foreach_non_finite_check_and_unscale_ does.
-    extremes = torch.stack([torch.stack(torch.aminmax(t)).float() for t in nonempty])
-    found_inf.masked_fill_(~torch.isfinite(extremes).all(), 1.0)
+    # Checked before scaling, as torch's _amp_foreach_non_finite_check_and_unscale_ does.
+    _flag_nonfinite(nonempty, found_inf)
     torch._foreach_mul_(nonempty, _scalar_tensor(inv_scale, nonempty))
 
 

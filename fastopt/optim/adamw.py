@@ -1,0 +1,303 @@
+"""fastopt.optim.AdamW: torch.optim.AdamW's drop-in, with clipping inside the step.
+
+A step is the two passes of DESIGN.md section 1: one read of the grads (global norm, and the
+AMP inf/nan check when fastopt.amp.GradScaler drives the step), then one AdamW pass per param
+group that applies ``1 / grad_scale * clip_coef`` to the grads on the fly and changes nothing
+where an overflow was found. No value is read back to the host, so the step can be captured in
+a CUDA graph; what happened is left in ``optimizer.stats`` as device tensors.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import torch
+from torch import Tensor
+
+from fastopt import ops
+
+__all__ = ["AdamW"]
+
+
+@dataclasses.dataclass
+class _GroupLists:
+    """The tensors of one param group (on one device) that take part in this step."""
+
+    params: list[Tensor] = dataclasses.field(default_factory=list)
+    grads: list[Tensor] = dataclasses.field(default_factory=list)
+    exp_avgs: list[Tensor] = dataclasses.field(default_factory=list)
+    exp_avg_sqs: list[Tensor] = dataclasses.field(default_factory=list)
+    max_exp_avg_sqs: list[Tensor] = dataclasses.field(default_factory=list)
+    steps: list[Tensor] = dataclasses.field(default_factory=list)
+
+
+def _scalar_on(t: Tensor, device: torch.device) -> Tensor:
+    """A 1-element tensor as a 0-d tensor on ``device``: itself when it already is one."""
+    return t if t.dim() == 0 and t.device == device else t.reshape(()).to(device)
+
+
+def _widest(a: torch.dtype, b: torch.dtype) -> torch.dtype:
+    """The dtype that loses nothing of either (of equal widths, ``a``)."""
+    return b if torch.finfo(b).bits > torch.finfo(a).bits else a
+
+
+class AdamW(torch.optim.Optimizer):
+    """AdamW (Loshchilov & Hutter) with torch.optim.AdamW's constructor, math and state_dict.
+
+    Beyond torch's arguments:
+
+    - ``max_grad_norm``: clip the global 2-norm of all grads (as ``clip_grad_norm_`` before
+      ``step()`` would), computed in the step's read pass. Grads themselves are left unchanged.
+    - ``agc_clip_factor`` / ``agc_eps``: adaptive gradient clipping (NFNets) of each param's grad
+      unit by unit before the update, in place (as timm's ``adaptive_clip_grad``). Per param
+      group: a group with ``"agc_clip_factor": None`` opts out (e.g. the classifier head).
+    - ``state_dtype``: dtype of exp_avg / exp_avg_sq (default: the param's, as torch does);
+      ``torch.float32`` keeps fp32 moments for bf16 / fp16 params.
+
+    ``optimizer.stats`` holds device tensors updated by every step, read by the host only when
+    you log them: ``grad_norm`` (global 2-norm of the unscaled grads, before clipping),
+    ``clip_coef`` (1.0 when not clipped), ``found_inf`` (non-zero when the step was skipped for
+    an inf/nan) and ``skipped_steps`` (cumulative).
+
+    With ``torch.amp.GradScaler`` or ``fastopt.amp.GradScaler``, ``scaler.step(optimizer)``
+    hands the step ``grad_scale`` / ``found_inf`` (``_step_supports_amp_scaling``): grads are
+    unscaled on the fly and an overflow skips the step on the device, leaving params, states
+    and step counters untouched.
+    """
+
+    _step_supports_amp_scaling = True  # GradScaler hands over grad_scale / found_inf, never unscales
+    _fastopt_checks_inf = True  # fastopt.amp.GradScaler may leave the inf/nan check to our read pass
+
+    def __init__(
+        self,
+        params,
+        lr: float | Tensor = 1e-3,
+        betas: tuple[float, float] = (0.9, 0.999),
+        eps: float = 1e-8,
+        weight_decay: float = 1e-2,
+        amsgrad: bool = False,
+        *,
+        maximize: bool = False,
+        foreach: bool | None = None,
+        capturable: bool = False,
+        differentiable: bool = False,
+        fused: bool | None = None,
+        max_grad_norm: float | None = None,
+        agc_clip_factor: float | None = None,
+        agc_eps: float = 1e-3,
+        state_dtype: torch.dtype | None = None,
+    ):
+        # torch.optim.AdamW's checks and messages.
+        if isinstance(lr, Tensor):
+            if lr.numel() != 1:
+                raise ValueError("Tensor lr must be 1-element")
+        elif not 0.0 <= lr:
+            raise ValueError(f"Invalid learning rate: {lr}")
+        if not 0.0 <= eps:
+            raise ValueError(f"Invalid epsilon value: {eps}")
+        if not 0.0 <= betas[0] < 1.0:
+            raise ValueError(f"Invalid beta parameter at index 0: {betas[0]}")
+        if not 0.0 <= betas[1] < 1.0:
+            raise ValueError(f"Invalid beta parameter at index 1: {betas[1]}")
+        if not 0.0 <= weight_decay:
+            raise ValueError(f"Invalid weight_decay value: {weight_decay}")
+        if differentiable:
+            raise ValueError("fastopt.optim.AdamW does not support differentiable=True")
+        if max_grad_norm is not None:
+            max_grad_norm = ops.check_real("max_grad_norm", max_grad_norm, minimum=0.0, finite=False)
+        if agc_clip_factor is not None:
+            ops.check_real("agc_clip_factor", agc_clip_factor, above=0.0)
+        ops.check_real("agc_eps", agc_eps, minimum=0.0)
+        if state_dtype is not None and state_dtype not in ops.FLOAT_DTYPES:
+            raise TypeError(f"state_dtype must be a floating dtype, got {state_dtype}")
+        defaults = dict(
+            lr=lr,
+            betas=betas,
+            eps=eps,
+            weight_decay=weight_decay,
+            amsgrad=amsgrad,
+            maximize=maximize,
+            foreach=foreach,
+            capturable=capturable,
+            differentiable=differentiable,
+            fused=fused,
+            decoupled_weight_decay=True,
+            agc_clip_factor=agc_clip_factor,
+            agc_eps=agc_eps,
+        )
+        super().__init__(params, defaults)
+        self.max_grad_norm = max_grad_norm
+        self.state_dtype = state_dtype
+        self.stats: dict[str, Tensor] = {}
+
+    def __setstate__(self, state):
+        super().__setstate__(state)
+        for group in self.param_groups:  # checkpoints from torch.optim.AdamW lack fastopt's keys
+            group.setdefault("amsgrad", False)
+            group.setdefault("maximize", False)
+            group.setdefault("foreach", None)
+            group.setdefault("capturable", False)
+            group.setdefault("differentiable", False)
+            group.setdefault("fused", None)
+            group.setdefault("decoupled_weight_decay", True)
+            group.setdefault("agc_clip_factor", None)
+            group.setdefault("agc_eps", 1e-3)
+        self.__dict__.setdefault("max_grad_norm", None)
+        self.__dict__.setdefault("state_dtype", None)
+        self.__dict__.setdefault("stats", {})
+
+    def load_state_dict(self, state_dict) -> None:
+        """torch's loader, then two corrections: moments keep their saved dtype when it is wider
+        than the param's (torch would round fp32 moments down to a bf16 param's dtype), and step
+        counters move to the param's device as float32 tensors (the step never syncs)."""
+        saved_state = state_dict["state"]
+        saved_ids = [i for group in state_dict["param_groups"] for i in group["params"]]
+        super().load_state_dict(state_dict)
+        params = [p for group in self.param_groups for p in group["params"]]
+        for saved_id, param in zip(saved_ids, params):
+            state = self.state.get(param)
+            if not state or saved_id not in saved_state:
+                continue
+            for key, saved in saved_state[saved_id].items():
+                if not isinstance(saved, Tensor):
+                    continue
+                if key == "step":
+                    state[key] = saved.to(device=param.device, dtype=torch.float32, copy=True)
+                elif saved.is_floating_point() and param.is_floating_point():
+                    dtype = _widest(saved.dtype, param.dtype)
+                    state[key] = saved.to(device=param.device, dtype=dtype, copy=dtype != state[key].dtype)
+
+    def _init_state(self, param: Tensor, amsgrad: bool) -> dict:
+        state = self.state[param]
+        if not state:
+            dtype = self.state_dtype or param.dtype
+            state["step"] = torch.zeros((), dtype=torch.float32, device=param.device)
+            state["exp_avg"] = torch.zeros_like(param, dtype=dtype, memory_format=torch.preserve_format)
+            state["exp_avg_sq"] = torch.zeros_like(param, dtype=dtype, memory_format=torch.preserve_format)
+        if amsgrad and "max_exp_avg_sq" not in state:
+            state["max_exp_avg_sq"] = torch.zeros_like(state["exp_avg_sq"], memory_format=torch.preserve_format)
+        return state
+
+    def _gather(self, group) -> dict[torch.device, _GroupLists]:
+        """The group's params that have a grad, with their states, by device."""
+        by_device: dict[torch.device, _GroupLists] = {}
+        for param in group["params"]:
+            if param.grad is None:
+                continue
+            if param.grad.is_sparse:
+                raise RuntimeError("AdamW does not support sparse gradients")
+            state = self._init_state(param, group["amsgrad"])
+            lists = by_device.setdefault(param.device, _GroupLists())
+            lists.params.append(param)
+            lists.grads.append(param.grad)
+            lists.exp_avgs.append(state["exp_avg"])
+            lists.exp_avg_sqs.append(state["exp_avg_sq"])
+            lists.steps.append(state["step"])
+            if group["amsgrad"]:
+                lists.max_exp_avg_sqs.append(state["max_exp_avg_sq"])
+        return by_device
+
+    def _stats_on(self, device: torch.device) -> dict[str, Tensor]:
+        if not self.stats or self.stats["grad_norm"].device != device:
+            zeros = lambda dtype: torch.zeros((), dtype=dtype, device=device)  # noqa: E731
+            old_skipped = self.stats.get("skipped_steps")
+            self.stats = {
+                "grad_norm": zeros(torch.float32),
+                "clip_coef": zeros(torch.float32) + 1,
+                "found_inf": zeros(torch.float32),
+                "skipped_steps": zeros(torch.int64) if old_skipped is None else old_skipped.to(device),
+            }
+        return self.stats
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        """One AdamW step over every param that has a grad. See the class docstring."""
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+
+        gathered = [(group, self._gather(group)) for group in self.param_groups]
+        devices = list(dict.fromkeys(d for _, by_device in gathered for d in by_device))
+        if not devices:
+            return loss
+        home = devices[0]  # where the global quantities (norm, flags, stats) live
+        stats = self._stats_on(home)
+        grads_by_device = {
+            d: [g for _, by_device in gathered if d in by_device for g in by_device[d].grads] for d in devices
+        }
+
+        # What torch.amp.GradScaler / fastopt.amp.GradScaler hand over (attributes they set).
+        grad_scale = getattr(self, "grad_scale", None)
+        found_inf = getattr(self, "found_inf", None)
+        check_inf = getattr(self, "_fastopt_check_inf", False)  # fastopt's scaler: we do the check
+        found_inf_used = None if found_inf is None else _scalar_on(found_inf, home)
+
+        # AGC compares grads with weights, so it needs unscaled grads: unscale first (one extra
+        # read+write pass, only with AGC under a loss scale). The inf check rides along.
+        agc_groups = [(group, by_device) for group, by_device in gathered if group["agc_clip_factor"] is not None]
+        if agc_groups and grad_scale is not None:
+            inv_scale = grad_scale.double().reciprocal().float().reshape(())
+            for device in devices:
+                flag = self._device_flag(found_inf_used, device, check_inf)
+                ops.unscale_and_check_(grads_by_device[device], inv_scale.to(device), flag)
+                self._merge_flag(found_inf_used, flag, check_inf)
+            grad_scale, check_inf = None, False
+        for group, by_device in agc_groups:
+            for lists in by_device.values():
+                ops.adaptive_clip_(lists.params, lists.grads, group["agc_clip_factor"], group["agc_eps"])
+
+        # Pass 1: one read of all grads for the global norm (and the inf check, if ours to do).
+        device_norms = []
+        for device in devices:
+            flag = self._device_flag(found_inf_used, device, check_inf)
+            device_norms.append(ops.multi_tensor_norm(grads_by_device[device], 2.0, found_inf=flag).to(home))
+            self._merge_flag(found_inf_used, flag, check_inf)
+        if check_inf and found_inf_used is not found_inf:  # hand the verdict back to the scaler's tensor
+            found_inf.copy_(found_inf_used.reshape(found_inf.shape).to(found_inf.device))
+        total = device_norms[0] if len(device_norms) == 1 else torch.linalg.vector_norm(torch.stack(device_norms))
+        grad_norm = total if grad_scale is None else total / grad_scale.reshape(()).to(home)
+        stats["grad_norm"].copy_(grad_norm)
+        clip_coef = None
+        if self.max_grad_norm is not None:
+            # clip_grad_norm_'s formula, so results equal clipping before step() bit for bit.
+            clip_coef = torch.clamp(self.max_grad_norm / (grad_norm + 1e-6), max=1.0)
+        stats["clip_coef"].copy_(clip_coef if clip_coef is not None else torch.ones((), device=home))
+        stats["found_inf"].copy_(found_inf_used if found_inf_used is not None else torch.zeros((), device=home))
+        stats["skipped_steps"].add_(stats["found_inf"] != 0)
+
+        # Pass 2: the update, one call per group and device; a non-zero found_inf changes nothing.
+        for group, by_device in gathered:
+            beta1, beta2 = group["betas"]
+            for device, lists in by_device.items():
+                on_device = lambda t: None if t is None else t.to(device)  # noqa: E731
+                ops.adamw_(
+                    lists.params,
+                    lists.grads,
+                    lists.exp_avgs,
+                    lists.exp_avg_sqs,
+                    lists.steps,
+                    lr=group["lr"].to(device) if isinstance(group["lr"], Tensor) else group["lr"],
+                    beta1=beta1,
+                    beta2=beta2,
+                    eps=group["eps"],
+                    weight_decay=group["weight_decay"],
+                    maximize=group["maximize"],
+                    max_exp_avg_sqs=lists.max_exp_avg_sqs if group["amsgrad"] else None,
+                    grad_scale=on_device(grad_scale),
+                    found_inf=on_device(found_inf_used),
+                    clip_coef=on_device(clip_coef),
+                )
+        return loss
+
+    @staticmethod
+    def _device_flag(found_inf: Tensor | None, device: torch.device, check_inf: bool) -> Tensor | None:
+        """The flag a pass on ``device`` should set on inf/nan, when the check is ours to do."""
+        if not check_inf:
+            return None
+        return found_inf if found_inf.device == device else torch.zeros((), device=device)
+
+    @staticmethod
+    def _merge_flag(found_inf: Tensor | None, flag: Tensor | None, check_inf: bool) -> None:
+        if check_inf and flag is not found_inf:
+            found_inf.copy_(torch.maximum(found_inf, flag.to(found_inf.device)))

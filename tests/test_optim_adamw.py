@@ -1,0 +1,468 @@
+"""fastopt.optim.AdamW against torch.optim.AdamW(foreach=False) running the same steps."""
+
+import io
+import math
+
+import pytest
+import torch
+
+import fastopt
+from fastopt.optim import AdamW
+from tests.helpers import assert_bitwise_equal, tolerance
+from tests.models import MODELS, loss_of, make_model, train, twin
+from tests.test_no_sync import ForbidHostReads
+
+STEPS = 12
+
+
+def assert_same_params(model_a, model_b, exact=True, **tol):
+    for (name, a), (_, b) in zip(model_a.named_parameters(), model_b.named_parameters()):
+        if exact:
+            assert_bitwise_equal(a, b, name)
+        else:
+            torch.testing.assert_close(a, b, **tol, msg=name)
+
+
+def assert_same_states(ours: AdamW, theirs: torch.optim.Optimizer, exact=True):
+    for p_ours, p_theirs in zip(
+        [p for g in ours.param_groups for p in g["params"]], [p for g in theirs.param_groups for p in g["params"]]
+    ):
+        s, t = ours.state[p_ours], theirs.state[p_theirs]
+        assert s.keys() == t.keys()
+        for key in s:
+            if exact:
+                assert_bitwise_equal(s[key].cpu(), t[key].cpu(), key)
+            else:
+                torch.testing.assert_close(s[key].cpu(), t[key].cpu())
+
+
+OPTIONS = {
+    "default": {},
+    "amsgrad": {"amsgrad": True},
+    "maximize": {"maximize": True},
+    "no-weight-decay": {"weight_decay": 0.0},
+    "betas-eps": {"betas": (0.8, 0.95), "eps": 1e-6, "weight_decay": 0.1},
+}
+
+
+@pytest.mark.parametrize("model_name", MODELS)
+@pytest.mark.parametrize("option", OPTIONS)
+def test_trajectory_equals_torch_bitwise(model_name, option):
+    ours_model = make_model(model_name)
+    torch_model = twin(ours_model)
+    kwargs = {"lr": 3e-3, **OPTIONS[option]}
+    ours = AdamW(ours_model.parameters(), **kwargs)
+    theirs = torch.optim.AdamW(torch_model.parameters(), foreach=False, **kwargs)
+
+    ours_losses = train(model_name, ours_model, ours, STEPS)
+    torch_losses = train(model_name, torch_model, theirs, STEPS)
+
+    assert ours_losses[-1] != ours_losses[0]  # it trained
+    assert torch.equal(torch.stack(ours_losses), torch.stack(torch_losses))
+    assert_same_params(ours_model, torch_model)
+    assert_same_states(ours, theirs)
+
+
+def test_tensor_lr_matches_torch_within_fp32_rounding():
+    ours_model = make_model("mlp")
+    torch_model = twin(ours_model)
+    ours = AdamW(ours_model.parameters(), lr=torch.tensor(3e-3))
+    theirs = torch.optim.AdamW(torch_model.parameters(), lr=torch.tensor(3e-3), foreach=False)
+    train("mlp", ours_model, ours, STEPS)
+    train("mlp", torch_model, theirs, STEPS)
+    assert_same_params(ours_model, torch_model, exact=False, rtol=1e-5, atol=1e-6)
+
+
+def param_groups(model):
+    layers = [m for m in model.modules() if isinstance(m, torch.nn.Linear)]
+    return [
+        {"params": layers[0].parameters(), "lr": 1e-2, "weight_decay": 0.0},
+        {"params": layers[1].parameters(), "betas": (0.5, 0.9), "amsgrad": True},
+    ]
+
+
+def test_param_groups_and_add_param_group():
+    ours_model = make_model("mlp")
+    torch_model = twin(ours_model)
+    ours = AdamW(param_groups(ours_model), lr=1e-3)
+    theirs = torch.optim.AdamW(param_groups(torch_model), lr=1e-3, foreach=False)
+    train("mlp", ours_model, ours, 4)
+    train("mlp", torch_model, theirs, 4)
+    # The last layer joins later, with its own hyperparameters, as in progressive unfreezing.
+    ours.add_param_group({"params": ours_model[-1].parameters(), "lr": 5e-3, "maximize": True})
+    theirs.add_param_group({"params": torch_model[-1].parameters(), "lr": 5e-3, "maximize": True})
+    train("mlp", ours_model, ours, 4, start=4)
+    train("mlp", torch_model, theirs, 4, start=4)
+    assert_same_params(ours_model, torch_model)
+    assert_same_states(ours, theirs)
+
+
+def test_params_without_grads_or_frozen_are_untouched():
+    model = make_model("mlp")
+    model[0].requires_grad_(False)  # frozen: never gets a grad
+    frozen = [p.detach().clone() for p in model[0].parameters()]
+    optimizer = AdamW(model.parameters(), lr=1e-2)
+    optimizer.zero_grad()
+    loss_of("mlp", model, 0).backward()
+    model[2].bias.grad = None  # trainable, but no grad this step
+    bias_before = model[2].bias.detach().clone()
+    optimizer.step()
+    for p, before in zip(model[0].parameters(), frozen):
+        assert_bitwise_equal(p.detach(), before)
+        assert p not in optimizer.state
+    assert_bitwise_equal(model[2].bias.detach(), bias_before)
+    assert model[2].bias not in optimizer.state
+
+
+@pytest.mark.parametrize("set_to_none", [True, False])
+def test_zero_grad(set_to_none):
+    model = make_model("mlp")
+    optimizer = AdamW(model.parameters())
+    loss_of("mlp", model, 0).backward()
+    optimizer.zero_grad(set_to_none=set_to_none)
+    for p in model.parameters():
+        assert p.grad is None if set_to_none else torch.count_nonzero(p.grad) == 0
+
+
+def test_closure_is_called_with_grad_enabled_and_its_loss_returned():
+    ours_model = make_model("mlp")
+    torch_model = twin(ours_model)
+    ours, theirs = AdamW(ours_model.parameters(), lr=1e-2), torch.optim.AdamW(torch_model.parameters(), lr=1e-2, foreach=False)
+
+    def closure_for(model, optimizer):
+        def closure():
+            optimizer.zero_grad()
+            loss = loss_of("mlp", model, 0)
+            loss.backward()
+            return loss
+
+        return closure
+
+    for _ in range(3):
+        ours_loss = ours.step(closure_for(ours_model, ours))
+        torch_loss = theirs.step(closure_for(torch_model, theirs))
+        assert torch.equal(ours_loss, torch_loss)
+    assert_same_params(ours_model, torch_model)
+
+
+SCHEDULERS = {
+    "warmup-cosine": lambda opt: torch.optim.lr_scheduler.SequentialLR(
+        opt,
+        [torch.optim.lr_scheduler.LinearLR(opt, 0.1, 1.0, total_iters=4),
+         torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=8)],
+        milestones=[4],
+    ),  # fmt: skip
+    "one-cycle": lambda opt: torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=1e-2, total_steps=STEPS),
+    "step": lambda opt: torch.optim.lr_scheduler.StepLR(opt, step_size=3, gamma=0.5),
+}
+
+
+@pytest.mark.parametrize("scheduler", SCHEDULERS)
+def test_lr_schedulers_drive_it_as_they_drive_torch(scheduler):
+    ours_model = make_model("mlp")
+    torch_model = twin(ours_model)
+    ours = AdamW(ours_model.parameters(), lr=1e-3)
+    theirs = torch.optim.AdamW(torch_model.parameters(), lr=1e-3, foreach=False)
+    train("mlp", ours_model, ours, STEPS, scheduler=SCHEDULERS[scheduler](ours))
+    train("mlp", torch_model, theirs, STEPS, scheduler=SCHEDULERS[scheduler](theirs))
+    assert ours.param_groups[0]["lr"] == theirs.param_groups[0]["lr"]
+    assert ours.param_groups[0]["betas"] == theirs.param_groups[0]["betas"]  # OneCycleLR cycles beta1
+    assert_same_params(ours_model, torch_model)
+
+
+def test_reduce_lr_on_plateau():
+    ours_model = make_model("mlp")
+    torch_model = twin(ours_model)
+    ours = AdamW(ours_model.parameters(), lr=1e-2)
+    theirs = torch.optim.AdamW(torch_model.parameters(), lr=1e-2, foreach=False)
+    plateau_ours = torch.optim.lr_scheduler.ReduceLROnPlateau(ours, patience=0, factor=0.5)
+    plateau_theirs = torch.optim.lr_scheduler.ReduceLROnPlateau(theirs, patience=0, factor=0.5)
+    for step in range(STEPS):
+        for model, optimizer, plateau in ((ours_model, ours, plateau_ours), (torch_model, theirs, plateau_theirs)):
+            optimizer.zero_grad()
+            loss = loss_of("mlp", model, step % 2)  # two batches: the loss plateaus quickly
+            loss.backward()
+            optimizer.step()
+            plateau.step(loss.item())
+    assert ours.param_groups[0]["lr"] == theirs.param_groups[0]["lr"] < 1e-2
+    assert_same_params(ours_model, torch_model)
+
+
+# --------------------------------------------------------------------------- low precision
+
+
+def test_bf16_params_track_torch():
+    ours_model = make_model("mlp", dtype=torch.bfloat16)
+    torch_model = twin(ours_model)
+    ours = AdamW(ours_model.parameters(), lr=1e-3)
+    theirs = torch.optim.AdamW(torch_model.parameters(), lr=1e-3, foreach=False)
+    train("mlp", ours_model, ours, 6)
+    train("mlp", torch_model, theirs, 6)
+    # torch rounds every intermediate to bf16; fastopt computes in fp32 and rounds once. (fp16
+    # states are not compared with torch: (1 - beta2) * g^2 underflows fp16 for typical grads, and
+    # where torch's step then divides by eps alone, fastopt's uses the fp32 value before rounding.)
+    assert_same_params(ours_model, torch_model, exact=False, **tolerance(torch.bfloat16))
+    assert all(s["exp_avg"].dtype == torch.bfloat16 for s in ours.state.values())
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
+def test_fp32_states_for_low_precision_params_follow_an_fp32_master_copy(dtype):
+    model = make_model("mlp", dtype=dtype)
+    master = twin(model).float()
+    ours = AdamW(model.parameters(), lr=1e-3, state_dtype=torch.float32)
+    reference = torch.optim.AdamW(master.parameters(), lr=1e-3, foreach=False)
+    for step in range(4):  # same grads for both: the bf16 model's, cast up
+        ours.zero_grad()
+        loss_of("mlp", model, step).backward()
+        for p, q in zip(model.parameters(), master.parameters()):
+            q.data.copy_(p.data)  # re-sync the master to the bf16 weights: one step's drift only
+            q.grad = p.grad.float()
+        ours.step()
+        reference.step()
+        for p, q in zip(model.parameters(), master.parameters()):
+            torch.testing.assert_close(p.float(), q.detach(), **tolerance(dtype))
+    assert all(s["exp_avg"].dtype == torch.float32 for s in ours.state.values())
+
+
+# --------------------------------------------------------------------------- clipping in the step
+
+
+@pytest.mark.parametrize("model_name", MODELS)
+def test_max_grad_norm_equals_clip_then_step_bitwise(model_name):
+    ours_model = make_model(model_name)
+    torch_model = twin(ours_model)
+    ours = AdamW(ours_model.parameters(), lr=3e-3, max_grad_norm=0.5)
+    theirs = torch.optim.AdamW(torch_model.parameters(), lr=3e-3, foreach=False)
+    norms = []
+
+    def clip(model, _):
+        norms.append(torch.nn.utils.clip_grad_norm_(model.parameters(), 0.5, foreach=False))
+
+    for step in range(STEPS):
+        train(model_name, ours_model, ours, 1, start=step)
+        train(model_name, torch_model, theirs, 1, start=step, before_step=clip)
+        assert_bitwise_equal(ours.stats["grad_norm"], norms[-1])
+        expected_coef = torch.clamp(0.5 / (norms[-1] + 1e-6), max=1.0)
+        assert_bitwise_equal(ours.stats["clip_coef"], expected_coef)
+    assert_same_params(ours_model, torch_model)
+    assert ours.stats["skipped_steps"].item() == 0 and ours.stats["found_inf"].item() == 0
+
+
+def test_agc_equals_agc_then_step_with_a_per_group_opt_out():
+    ours_model = make_model("convnet")
+    torch_model = twin(ours_model)
+    head, body = list(ours_model[-1].parameters()), list(ours_model[:-1].parameters())
+    ours = AdamW([{"params": body}, {"params": head, "agc_clip_factor": None}], lr=3e-3, agc_clip_factor=0.01)
+    theirs = torch.optim.AdamW(torch_model.parameters(), lr=3e-3, foreach=False)
+
+    def agc_body_only(model, _):
+        fastopt.adaptive_clip_grad_(list(model[:-1].parameters()), clip_factor=0.01, eps=1e-3)
+
+    train("convnet", ours_model, ours, STEPS)
+    train("convnet", torch_model, theirs, STEPS, before_step=agc_body_only)
+    assert_same_params(ours_model, torch_model)
+
+
+# --------------------------------------------------------------------------- checkpoints
+
+
+def roundtrip(state_dict):
+    buffer = io.BytesIO()
+    torch.save(state_dict, buffer)
+    buffer.seek(0)
+    return torch.load(buffer, weights_only=True)
+
+
+def test_state_dict_has_torchs_layout():
+    ours_model = make_model("mlp")
+    torch_model = twin(ours_model)
+    ours = AdamW(ours_model.parameters(), amsgrad=True)
+    theirs = torch.optim.AdamW(torch_model.parameters(), amsgrad=True, foreach=False)
+    train("mlp", ours_model, ours, 2)
+    train("mlp", torch_model, theirs, 2)
+    ours_sd, torch_sd = ours.state_dict(), theirs.state_dict()
+    assert set(torch_sd["param_groups"][0]) <= set(ours_sd["param_groups"][0])
+    for i, torch_state in torch_sd["state"].items():
+        assert ours_sd["state"][i].keys() == torch_state.keys()
+        assert ours_sd["state"][i]["step"].shape == () and ours_sd["state"][i]["step"].dtype == torch.float32
+
+
+@pytest.mark.parametrize("direction", ["fastopt-to-torch", "torch-to-fastopt"])
+def test_checkpoint_moves_between_fastopt_and_torch(direction):
+    first_model = make_model("transformer")
+    reference_model = twin(first_model)
+    make_first = AdamW if direction == "fastopt-to-torch" else lambda *a, **k: torch.optim.AdamW(*a, foreach=False, **k)
+    make_second = (lambda *a, **k: torch.optim.AdamW(*a, foreach=False, **k)) if direction == "fastopt-to-torch" else AdamW
+    first = make_first(first_model.parameters(), lr=2e-3, amsgrad=True)
+    train("transformer", first_model, first, 5)
+
+    second_model = twin(first_model)
+    second = make_second(second_model.parameters(), lr=2e-3, amsgrad=True)
+    second.load_state_dict(roundtrip(first.state_dict()))
+    train("transformer", second_model, second, 5, start=5)
+
+    reference = torch.optim.AdamW(reference_model.parameters(), lr=2e-3, amsgrad=True, foreach=False)
+    train("transformer", reference_model, reference, 10)
+    assert_same_params(second_model, reference_model)
+
+
+def test_resume_is_bit_exact():
+    model = make_model("convnet")
+    resumed_model = twin(model)
+    optimizer = AdamW(model.parameters(), lr=3e-3, max_grad_norm=1.0, amsgrad=True)
+    train("convnet", model, optimizer, 4)
+    checkpoint = roundtrip({"model": model.state_dict(), "optimizer": optimizer.state_dict()})
+    train("convnet", model, optimizer, 4, start=4)
+
+    resumed_model.load_state_dict(checkpoint["model"])
+    resumed = AdamW(resumed_model.parameters(), lr=3e-3, max_grad_norm=1.0, amsgrad=True)
+    resumed.load_state_dict(checkpoint["optimizer"])
+    train("convnet", resumed_model, resumed, 4, start=4)
+    assert_same_params(model, resumed_model)
+    assert_same_states(optimizer, resumed)
+
+
+def test_loading_never_downcasts_fp32_states():
+    model = make_model("mlp", dtype=torch.bfloat16)
+    optimizer = AdamW(model.parameters(), state_dtype=torch.float32)
+    train("mlp", model, optimizer, 2)
+    saved = roundtrip(optimizer.state_dict())
+    reloaded = AdamW(twin(model).parameters())  # default state dtype would be bf16
+    reloaded.load_state_dict(saved)
+    for state, saved_state in zip(reloaded.state.values(), saved["state"].values()):
+        assert state["exp_avg"].dtype == torch.float32
+        assert_bitwise_equal(state["exp_avg_sq"], saved_state["exp_avg_sq"])
+
+
+# --------------------------------------------------------------------------- AMP and skipped steps
+
+
+def snapshot(model, optimizer):
+    tensors = [p.detach().clone() for p in model.parameters()]
+    tensors += [t.clone() for s in optimizer.state.values() for t in s.values()]
+    return tensors
+
+
+@pytest.mark.parametrize("found", [1.0, 2.0])
+def test_found_inf_skips_everything(found):
+    model = make_model("mlp")
+    optimizer = AdamW(model.parameters(), lr=1e-2, max_grad_norm=1.0, amsgrad=True)
+    train("mlp", model, optimizer, 2)
+    before = snapshot(model, optimizer)
+    optimizer.zero_grad()
+    loss_of("mlp", model, 2).backward()
+    optimizer.grad_scale = torch.tensor(1024.0)
+    optimizer.found_inf = torch.tensor(found)  # torch's scaler sums found_inf over devices: 2 happens
+    optimizer.step()
+    for now, then in zip(snapshot(model, optimizer), before):
+        assert_bitwise_equal(now, then)
+    assert optimizer.stats["skipped_steps"].item() == 1 and optimizer.stats["found_inf"].item() == found
+
+
+@pytest.mark.parametrize("scaler_kind", ["torch", "fastopt"])
+@pytest.mark.parametrize("clip", [False, True], ids=["no-clip", "max_grad_norm"])
+def test_under_grad_scaler_equals_torch(scaler_kind, clip):
+    """fp16 autocast with a scale that overflows at first: the same steps are skipped, the scale
+    backs off and grows the same way, and the params match torch's scaler + AdamW."""
+    ours_model = make_model("mlp")
+    torch_model = twin(ours_model)
+    ours = AdamW(ours_model.parameters(), lr=1e-2, max_grad_norm=1.0 if clip else None)
+    theirs = torch.optim.AdamW(torch_model.parameters(), lr=1e-2, foreach=False)
+    scaler_cls = fastopt.amp.GradScaler if scaler_kind == "fastopt" else torch.amp.GradScaler
+    ours_scaler = scaler_cls("cpu", init_scale=2.0**60, growth_interval=3)
+    torch_scaler = torch.amp.GradScaler("cpu", init_scale=2.0**60, growth_interval=3)
+    for step in range(10):
+        for model, optimizer, scaler in ((ours_model, ours, ours_scaler), (torch_model, theirs, torch_scaler)):
+            optimizer.zero_grad()
+            with torch.autocast("cpu", dtype=torch.float16):
+                loss = loss_of("mlp", model, step)
+            scaler.scale(loss).backward()
+            if clip and optimizer is theirs:
+                scaler.unscale_(optimizer)
+                torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0, foreach=False)
+            scaler.step(optimizer)
+            scaler.update()
+        assert ours_scaler.get_scale() == torch_scaler.get_scale()
+        assert_same_params(ours_model, torch_model, exact=False, rtol=1e-6, atol=1e-7)
+    assert ours.stats["skipped_steps"].item() >= 1  # the huge initial scale overflowed
+    assert ours_scaler.get_scale() < 2.0**60
+
+
+def test_user_unscale_then_own_clip_under_grad_scaler():
+    ours_model = make_model("mlp")
+    torch_model = twin(ours_model)
+    ours = AdamW(ours_model.parameters(), lr=1e-2)
+    theirs = torch.optim.AdamW(torch_model.parameters(), lr=1e-2, foreach=False)
+    scalers = fastopt.amp.GradScaler("cpu", init_scale=1024.0), torch.amp.GradScaler("cpu", init_scale=1024.0)
+    for step in range(5):
+        for model, optimizer, scaler in zip((ours_model, torch_model), (ours, theirs), scalers):
+            optimizer.zero_grad()
+            scaler.scale(loss_of("mlp", model, step)).backward()
+            scaler.unscale_(optimizer)
+            clip = fastopt.clip_grad_norm_ if optimizer is ours else torch.nn.utils.clip_grad_norm_
+            clip(model.parameters(), 0.5)
+            scaler.step(optimizer)
+            scaler.update()
+    assert_same_params(ours_model, torch_model)
+
+
+def test_step_never_reads_the_device():
+    model = make_model("convnet")
+    head, body = list(model[-1].parameters()), list(model[:-1].parameters())
+    optimizer = AdamW(
+        [{"params": body}, {"params": head, "agc_clip_factor": None}],
+        lr=torch.tensor(1e-3), max_grad_norm=1.0, agc_clip_factor=0.02, amsgrad=True,
+    )  # fmt: skip
+    scaler = fastopt.amp.GradScaler("cpu", init_scale=256.0)
+    for step in range(3):
+        optimizer.zero_grad()
+        scaler.scale(loss_of("convnet", model, step)).backward()
+        with ForbidHostReads():
+            scaler.step(optimizer)
+            scaler.update()
+    assert scaler.step_skipped is not None and not scaler.step_skipped
+    assert math.isfinite(optimizer.stats["grad_norm"].item())
+
+
+def test_constructor_checks_like_torch():
+    params = [torch.nn.Parameter(torch.randn(3))]
+    for kwargs, message in [
+        ({"lr": -1.0}, "Invalid learning rate"),
+        ({"eps": -1.0}, "Invalid epsilon value"),
+        ({"betas": (1.0, 0.9)}, "Invalid beta parameter at index 0"),
+        ({"betas": (0.9, 1.5)}, "Invalid beta parameter at index 1"),
+        ({"weight_decay": -0.1}, "Invalid weight_decay value"),
+        ({"lr": torch.tensor([1e-3, 1e-3])}, "Tensor lr must be 1-element"),
+        ({"max_grad_norm": -1.0}, "max_grad_norm"),
+        ({"agc_clip_factor": 0.0}, "agc_clip_factor"),
+        ({"differentiable": True}, "differentiable"),
+    ]:
+        with pytest.raises(ValueError, match=message):
+            AdamW(params, **kwargs)
+
+
+# --------------------------------------------------------------------------- GPU
+
+
+@pytest.mark.cuda
+def test_step_is_graph_capturable_and_sync_free_on_gpu():
+    model = make_model("mlp").cuda()
+    optimizer = AdamW(model.parameters(), lr=torch.tensor(1e-3, device="cuda"), max_grad_norm=1.0)
+    inputs, targets = (t.cuda() for t in (torch.randn(16, 20), torch.randint(0, 5, (16,))))
+    for _ in range(3):  # warm up on a side stream, as CUDA graph capture requires
+        optimizer.zero_grad(set_to_none=False)
+        torch.nn.functional.cross_entropy(model(inputs), targets).backward()
+        optimizer.step()
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        optimizer.step()
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        optimizer.step()
+    before = [p.detach().clone() for p in model.parameters()]
+    graph.replay()
+    torch.cuda.synchronize()
+    assert any(not torch.equal(p, b) for p, b in zip(model.parameters(), before))
