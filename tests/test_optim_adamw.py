@@ -466,3 +466,27 @@ def test_step_is_graph_capturable_and_sync_free_on_gpu():
     graph.replay()
     torch.cuda.synchronize()
     assert any(not torch.equal(p, b) for p, b in zip(model.parameters(), before))
+
+
+@pytest.mark.parametrize("scaler_kind", ["torch", "fastopt"])
+def test_agc_under_grad_scaler_equals_unscale_then_agc_then_step(scaler_kind):
+    ours_model = make_model("convnet")
+    torch_model = twin(ours_model)
+    ours = AdamW(ours_model.parameters(), lr=3e-3, agc_clip_factor=0.01, max_grad_norm=2.0)
+    theirs = torch.optim.AdamW(torch_model.parameters(), lr=3e-3, foreach=False)
+    scaler_cls = fastopt.amp.GradScaler if scaler_kind == "fastopt" else torch.amp.GradScaler
+    ours_scaler, torch_scaler = scaler_cls("cpu", init_scale=512.0), torch.amp.GradScaler("cpu", init_scale=512.0)
+    for step in range(6):
+        ours.zero_grad()
+        ours_scaler.scale(loss_of("convnet", ours_model, step)).backward()
+        ours_scaler.step(ours)
+        ours_scaler.update()
+
+        theirs.zero_grad()
+        torch_scaler.scale(loss_of("convnet", torch_model, step)).backward()
+        torch_scaler.unscale_(theirs)
+        fastopt.adaptive_clip_grad_(torch_model.parameters(), clip_factor=0.01)
+        torch.nn.utils.clip_grad_norm_(torch_model.parameters(), 2.0, foreach=False)
+        torch_scaler.step(theirs)
+        torch_scaler.update()
+    assert_same_params(ours_model, torch_model)

@@ -240,6 +240,8 @@ class AdamW(torch.optim.Optimizer):
             inv_scale = grad_scale.double().reciprocal().float().reshape(())
             for device in devices:
                 flag = self._device_flag(found_inf_used, device, check_inf)
+                if flag is None:  # the scaler already checked: the op still wants a flag to set
+                    flag = torch.zeros((), device=device)
                 ops.unscale_and_check_(grads_by_device[device], inv_scale.to(device), flag)
                 self._merge_flag(found_inf_used, flag, check_inf)
             grad_scale, check_inf = None, False
