@@ -136,10 +136,37 @@ def make_cases(workload: Workload, device: torch.device, seed: int = 0) -> list[
         cases += [
             Case("adamw step", fastopt_step, torch_adamw.step),
             Case("clip + adamw step", fastopt_clip_step, torch_clip_step),
+            Case("AMP step (drop-ins)", *amp_steps(params, device)),
         ]
     for case in cases:
         case.tensors = [*params, *grads, found_inf]
     return cases
+
+
+def amp_steps(params, device) -> tuple[Callable[[], None], Callable[[], None]]:
+    """The full AMP step through the drop-ins: GradScaler + clip by norm + AdamW + scaler update.
+    torch: unscale_, clip_grad_norm_(foreach=True), fused AdamW; fastopt: its scaler and AdamW
+    with max_grad_norm. A scale of 1.0 that never grows keeps the grads stable across repeats."""
+
+    def scaler(cls):
+        s = cls(device.type, init_scale=1.0, growth_interval=2**30)
+        s.scale(torch.ones((), device=device))  # creates the scale tensor
+        return s
+
+    ours, ours_scaler = fastopt.optim.AdamW(params, lr=1e-3, max_grad_norm=1.0), scaler(fastopt.amp.GradScaler)
+    theirs, torch_scaler = torch.optim.AdamW(params, lr=1e-3, fused=True), scaler(torch.amp.GradScaler)
+
+    def fastopt_amp_step():
+        ours_scaler.step(ours)
+        ours_scaler.update()
+
+    def torch_amp_step():
+        torch_scaler.unscale_(theirs)
+        torch.nn.utils.clip_grad_norm_(params, 1.0, foreach=True)
+        torch_scaler.step(theirs)
+        torch_scaler.update()
+
+    return fastopt_amp_step, torch_amp_step
 
 
 def _median_ms(fn: Callable[[], object], min_run_time: float) -> float:

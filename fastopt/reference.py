@@ -214,6 +214,8 @@ def adamw_(
     for targets, values in outputs:
         if values is targets:
             continue
-        if skip is not None:
-            values = [torch.where(skip, old, new) for old, new in zip(targets, values)]
-        torch._foreach_copy_(targets, values)
+        if skip is None:
+            torch._foreach_copy_(targets, values)
+            continue
+        for old, new in zip(targets, values):  # the old value where skipping, in one pass
+            torch.where(skip, old, new.to(old.dtype), out=old)
