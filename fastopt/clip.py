@@ -12,7 +12,7 @@ from collections.abc import Iterable
 import torch
 from torch import Tensor
 
-from fastopt import ops
+from fastopt import distributed, ops
 
 __all__ = ["clip_grad_norm_", "clip_grad_value_", "adaptive_clip_grad_"]
 
@@ -40,17 +40,22 @@ def _check_grads_writable(groups) -> None:
     """Validate every device's grads before any is changed: a rejected call changes nothing."""
     for _, grads, labels in groups:
         ops.check_dense_floating(grads, labels)
-        ops.check_writable({labels: grads})
+        distributed.check_placements(grads, "grads")
+        ops.check_writable({labels: distributed.to_local(grads)})
 
 
 @torch.no_grad()
-def clip_grad_norm_(parameters, max_norm, norm_type=2.0, error_if_nonfinite: bool = False, foreach=None) -> Tensor:
+def clip_grad_norm_(
+    parameters, max_norm, norm_type=2.0, error_if_nonfinite: bool = False, foreach=None, *, process_group=None
+) -> Tensor:
     """torch.nn.utils.clip_grad_norm_, fused: one read of the grads for the norm, one
     read+write to scale them, no host sync.
 
     Returns the total norm of the grads before clipping, as a 0-d float32 tensor (torch returns
     it in the grads' dtype). ``foreach`` is accepted for compatibility and ignored: every
-    fastopt backend is multi-tensor.
+    fastopt backend is multi-tensor. With FSDP2 (DTensor grads) the norm is the global one, a
+    plain tensor equal on every rank (no ``.full_tensor()`` needed); ``process_group`` makes it
+    global over a ZeRO-style split of the params.
     """
     groups = _grads_by_device(parameters)
     max_norm = ops.check_real("max_norm", max_norm, minimum=0.0, finite=False)
@@ -60,9 +65,12 @@ def clip_grad_norm_(parameters, max_norm, norm_type=2.0, error_if_nonfinite: boo
         return torch.tensor(0.0)
     first_device = groups[0][1][0].device
     if len(groups) == 1:
-        total_norm = ops.multi_tensor_norm(groups[0][1], norm_type)
+        total_norm = ops.multi_tensor_norm(groups[0][1], norm_type, process_group=process_group)
     else:  # model parallel: combine the per-device norms on the first device, as torch does
-        device_norms = [ops.multi_tensor_norm(grads, norm_type).to(first_device) for _, grads, _ in groups]
+        device_norms = [
+            ops.multi_tensor_norm(grads, norm_type, process_group=process_group).to(first_device)
+            for _, grads, _ in groups
+        ]
         total_norm = torch.linalg.vector_norm(torch.stack(device_norms), norm_type)
     if error_if_nonfinite and not torch.isfinite(total_norm):
         raise RuntimeError(
@@ -104,6 +112,6 @@ def adaptive_clip_grad_(parameters, clip_factor=0.01, eps=1e-3, norm_type=2.0, *
     for params, grads, labels in groups:  # AGC reads the weights: they must be floating and not a grad
         param_labels = tuple(label.removesuffix(".grad") for label in labels)
         ops.check_dense_floating(params, param_labels)
-        ops.check_writable({labels: grads}, read_only={param_labels: params})
+        ops.check_writable({labels: distributed.to_local(grads)}, read_only={param_labels: distributed.to_local(params)})
     for params, grads, _ in groups:
         ops.adaptive_clip_(params, grads, clip_factor, eps, norm_type, unitwise=unitwise)

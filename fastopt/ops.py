@@ -15,7 +15,7 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
-from fastopt import backends
+from fastopt import backends, distributed
 
 __all__ = [
     "multi_tensor_norm",
@@ -69,6 +69,16 @@ def _tensor_lists(**named) -> dict[str, list[Tensor]]:
             out[name] = _tensor_list(value, name)
             check_dense_floating(out[name], name)
     return out
+
+
+def _localize(named: dict[str, list[Tensor]]) -> dict[str, list[Tensor]]:
+    """DTensors (FSDP2, tensor parallel) become their local shards, which the backends work on;
+    what makes a result global is in fastopt.distributed."""
+    if not distributed.any_dtensor(*named.values()):
+        return named
+    for name, tensors in named.items():
+        distributed.check_placements(tensors, name)
+    return {name: distributed.to_local(tensors) for name, tensors in named.items()}
 
 
 def _common_device(named: dict[str, list[Tensor]]) -> torch.device | None:
@@ -255,7 +265,7 @@ def _found_inf(value, device: torch.device | None) -> Tensor:
 
 
 @torch.no_grad()
-def multi_tensor_norm(tensors, norm_type=2.0, *, per_tensor: bool = False, found_inf=None):
+def multi_tensor_norm(tensors, norm_type=2.0, *, per_tensor: bool = False, found_inf=None, process_group=None):
     """The norm of all ``tensors`` taken together, as if concatenated: a 0-d float32 tensor.
 
     ``norm_type`` is any p > 0, or inf for the max-abs norm. With ``per_tensor=True`` returns
@@ -264,36 +274,53 @@ def multi_tensor_norm(tensors, norm_type=2.0, *, per_tensor: bool = False, found
     total inf or nan. The result is bit-identical from run to run for the same inputs.
     ``found_inf`` (optional, a 1-element float32 tensor) is set to 1.0 if any element is inf
     or nan, from the same read, and never cleared: the AMP overflow check for free.
+
+    Distributed: DTensor inputs (FSDP2) give the norms of the whole tensors, as plain tensors,
+    the same on every rank; ``process_group`` makes the total sum over the group's ranks (a
+    ZeRO-style split of the params). ``found_inf`` is then set on every rank if any rank saw an
+    inf or nan.
     """
-    named = _tensor_lists(tensors=tensors)
+    originals = _tensor_lists(tensors=tensors)
+    named = _localize(originals)
     p = check_norm_type(norm_type)
     device = _common_device(named)
     if found_inf is not None:
         found_inf = _found_inf(found_inf, device)
         check_writable({"found_inf": found_inf}, read_only=named)
     backend = backends.select(device or torch.device("cpu"))
-    if found_inf is None:  # backends that predate the flag keep working
-        return backend.multi_tensor_norm(named["tensors"], p, bool(per_tensor))
-    return backend.multi_tensor_norm(named["tensors"], p, bool(per_tensor), found_inf=found_inf)
+    if named is originals and process_group is None:
+        if found_inf is None:  # backends that predate the flag keep working
+            return backend.multi_tensor_norm(named["tensors"], p, bool(per_tensor))
+        return backend.multi_tensor_norm(named["tensors"], p, bool(per_tensor), found_inf=found_inf)
+    _, local_norms = backend.multi_tensor_norm(named["tensors"], p, True, found_inf=found_inf)
+    total, norms = distributed.global_norms(originals["tensors"], local_norms, p, process_group)
+    if found_inf is not None:
+        distributed.all_reduce_flag(found_inf, originals["tensors"], process_group)
+    return (total, norms) if per_tensor else total
 
 
 @torch.no_grad()
-def unscale_and_check_(tensors, inv_scale, found_inf) -> None:
+def unscale_and_check_(tensors, inv_scale, found_inf, *, process_group=None) -> None:
     """``t *= inv_scale`` for every tensor, in place, and set ``found_inf`` (a 1-element float32
     tensor) to 1.0 if any input element is inf or nan. ``found_inf`` is never cleared, so one
-    flag can collect several calls. ``inv_scale``: a float or a 1-element float32 tensor."""
-    named = _tensor_lists(tensors=tensors)
+    flag can collect several calls. ``inv_scale``: a float or a 1-element float32 tensor.
+    With DTensor inputs or a ``process_group``, the flag is set on every rank if any rank saw
+    an inf or nan."""
+    originals = _tensor_lists(tensors=tensors)
+    named = _localize(originals)
     device = _common_device(named)
     inv_scale = _scalar("inv_scale", inv_scale, device, float32_only=True)
     found_inf = _found_inf(found_inf, device)
     check_writable({**named, "found_inf": found_inf}, read_only={"inv_scale": inv_scale})
     backends.select(device or found_inf.device).unscale_and_check_(named["tensors"], inv_scale, found_inf)
+    if named is not originals or process_group is not None:
+        distributed.all_reduce_flag(found_inf, originals["tensors"], process_group)
 
 
 @torch.no_grad()
 def scale_(tensors, coef) -> None:
     """``t *= coef`` for every tensor, in place; ``coef`` a float or a 1-element tensor."""
-    named = _tensor_lists(tensors=tensors)
+    named = _localize(_tensor_lists(tensors=tensors))
     device = _common_device(named)
     coef = _scalar("coef", coef, device)
     check_writable(named, read_only={"coef": coef})
@@ -304,7 +331,7 @@ def scale_(tensors, coef) -> None:
 @torch.no_grad()
 def clamp_(tensors, clip_value) -> None:
     """Clamp every element to ``[-clip_value, clip_value]`` in place (nan stays nan)."""
-    named = _tensor_lists(tensors=tensors)
+    named = _localize(_tensor_lists(tensors=tensors))
     clip_value = check_real("clip_value", clip_value, minimum=0.0, finite=False)
     device = _common_device(named)
     check_writable(named)
@@ -320,15 +347,20 @@ def adaptive_clip_(params, grads, clip_factor=0.01, eps=1e-3, norm_type=2.0, *, 
     whole tensor if it is <=1-D or ``unitwise=False``): ``max_u = clip_factor * max(||W_u||, eps)``,
     and where ``||g_u|| > max_u``, ``g_u *= max_u / max(||g_u||, 1e-6)``. Grads change in place.
     """
-    named = _tensor_lists(params=params, grads=grads)
-    _check_lengths(named)
-    _check_shapes("params", named["params"], {"grads": named["grads"]})
+    originals = _tensor_lists(params=params, grads=grads)
+    _check_lengths(originals)
+    _check_shapes("params", originals["params"], {"grads": originals["grads"]})
+    named = _localize(originals)
     clip_factor = check_real("clip_factor", clip_factor, above=0.0)
     eps = check_real("eps", eps, minimum=0.0)
     p = check_norm_type(norm_type)
     device = _common_device(named)
     check_writable({"grads": named["grads"]}, read_only={"params": named["params"]})
-    if device is not None:
+    if device is None:
+        return
+    if named is not originals:  # sharded units need their norms reduced across ranks
+        distributed.adaptive_clip_(originals["params"], originals["grads"], clip_factor, eps, p, bool(unitwise))
+    else:
         backends.select(device).adaptive_clip_(named["params"], named["grads"], clip_factor, eps, p, bool(unitwise))
 
 
@@ -372,6 +404,7 @@ def adamw_(
     _check_lengths(named)
     shaped = {k: v for k, v in named.items() if k not in ("params", "steps")}
     _check_shapes("params", named["params"], shaped)
+    named = _localize(named)
     bad_step = next((i for i, s in enumerate(named["steps"]) if s.ndim != 0 or s.dtype not in (torch.float32, torch.float64)), None)
     if bad_step is not None:
         s = named["steps"][bad_step]

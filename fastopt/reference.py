@@ -122,13 +122,15 @@ def adaptive_clip_(
     pairs = [(p, g) for p, g in zip(params, grads) if g.numel() > 0]
     if not pairs:
         return
-    # AGC (Brock et al. 2021): a unit's grad may be at most clip_factor times its weight's norm,
-    # with the weight norm floored at eps so that zero-initialised weights can still move.
     for p, g in pairs:
-        max_norm = unit_norms(p, norm_type, unitwise).clamp_min(eps).mul_(clip_factor)
-        grad_norm = unit_norms(g, norm_type, unitwise)
-        coef = torch.where(grad_norm > max_norm, max_norm / grad_norm.clamp_min(NORM_EPS), 1.0)
-        g.mul_(coef)
+        g.mul_(agc_coef(unit_norms(p, norm_type, unitwise), unit_norms(g, norm_type, unitwise), clip_factor, eps))
+
+
+def agc_coef(weight_norm: Tensor, grad_norm: Tensor, clip_factor: float, eps: float) -> Tensor:
+    """AGC (Brock et al. 2021): a unit's grad may be at most clip_factor times its weight's norm,
+    with the weight norm floored at eps so that zero-initialised weights can still move."""
+    max_norm = weight_norm.clamp_min(eps) * clip_factor
+    return torch.where(grad_norm > max_norm, max_norm / grad_norm.clamp_min(NORM_EPS), 1.0)
 
 
 def adamw_(

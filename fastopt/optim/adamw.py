@@ -53,6 +53,9 @@ class AdamW(torch.optim.Optimizer):
       group: a group with ``"agc_clip_factor": None`` opts out (e.g. the classifier head).
     - ``state_dtype``: dtype of exp_avg / exp_avg_sq (default: the param's, as torch does);
       ``torch.float32`` keeps fp32 moments for bf16 / fp16 params.
+    - ``process_group``: for ZeRO-style sharding (each rank steps different params), the group
+      over which the grad norm and the overflow flag are global. FSDP2 (DTensor params) needs
+      nothing: its norms are global over the mesh already.
 
     ``optimizer.stats`` holds device tensors updated by every step, read by the host only when
     you log them: ``grad_norm`` (global 2-norm of the unscaled grads, before clipping),
@@ -86,6 +89,7 @@ class AdamW(torch.optim.Optimizer):
         agc_clip_factor: float | None = None,
         agc_eps: float = 1e-3,
         state_dtype: torch.dtype | None = None,
+        process_group=None,
     ):
         # torch.optim.AdamW's checks and messages.
         if isinstance(lr, Tensor):
@@ -128,6 +132,7 @@ class AdamW(torch.optim.Optimizer):
         super().__init__(params, defaults)
         self.max_grad_norm = max_grad_norm
         self.state_dtype = state_dtype
+        self.process_group = process_group
         self.stats: dict[str, Tensor] = {}
 
     def __setstate__(self, state):
@@ -144,6 +149,7 @@ class AdamW(torch.optim.Optimizer):
             group.setdefault("agc_eps", 1e-3)
         self.__dict__.setdefault("max_grad_norm", None)
         self.__dict__.setdefault("state_dtype", None)
+        self.__dict__.setdefault("process_group", None)
         self.__dict__.setdefault("stats", {})
 
     def load_state_dict(self, state_dict) -> None:
@@ -242,7 +248,9 @@ class AdamW(torch.optim.Optimizer):
                 flag = self._device_flag(found_inf_used, device, check_inf)
                 if flag is None:  # the scaler already checked: the op still wants a flag to set
                     flag = torch.zeros((), device=device)
-                ops.unscale_and_check_(grads_by_device[device], inv_scale.to(device), flag)
+                ops.unscale_and_check_(
+                    grads_by_device[device], inv_scale.to(device), flag, process_group=self.process_group
+                )
                 self._merge_flag(found_inf_used, flag, check_inf)
             grad_scale, check_inf = None, False
         for group, by_device in agc_groups:
@@ -253,7 +261,8 @@ class AdamW(torch.optim.Optimizer):
         device_norms = []
         for device in devices:
             flag = self._device_flag(found_inf_used, device, check_inf)
-            device_norms.append(ops.multi_tensor_norm(grads_by_device[device], 2.0, found_inf=flag).to(home))
+            norm = ops.multi_tensor_norm(grads_by_device[device], found_inf=flag, process_group=self.process_group)
+            device_norms.append(norm.to(home))
             self._merge_flag(found_inf_used, flag, check_inf)
         if check_inf and found_inf_used is not found_inf:  # hand the verdict back to the scaler's tensor
             found_inf.copy_(found_inf_used.reshape(found_inf.shape).to(found_inf.device))
