@@ -10,6 +10,7 @@ a CUDA graph; what happened is left in ``optimizer.stats`` as device tensors.
 from __future__ import annotations
 
 import dataclasses
+import itertools
 
 import torch
 from torch import Tensor
@@ -29,6 +30,7 @@ class _GroupLists:
     exp_avg_sqs: list[Tensor] = dataclasses.field(default_factory=list)
     max_exp_avg_sqs: list[Tensor] = dataclasses.field(default_factory=list)
     steps: list[Tensor] = dataclasses.field(default_factory=list)
+    indices: list[int] = dataclasses.field(default_factory=list)  # positions among all params
 
 
 def _scalar_on(t: Tensor, device: torch.device) -> Tensor:
@@ -57,10 +59,17 @@ class AdamW(torch.optim.Optimizer):
       over which the grad norm and the overflow flag are global. FSDP2 (DTensor params) needs
       nothing: its norms are global over the mesh already.
 
+    - ``spike_guard``: skip the update, on the device, when the grad norm exceeds this many times
+      its running average (an EMA with decay ``spike_ema_decay`` over accepted steps, after
+      ``spike_warmup`` of them), or is inf / nan: the loss spike that would otherwise blow the run
+      up. Counted in ``stats["spikes"]``; training goes on with the next batch.
+    - ``monitor``: a ``fastopt.monitor.TrainingMonitor`` that each step records into (grad-norm
+      history, clip rate, skipped steps, per-tensor grad norms from the same read), on the device.
+
     ``optimizer.stats`` holds device tensors updated by every step, read by the host only when
     you log them: ``grad_norm`` (global 2-norm of the unscaled grads, before clipping),
-    ``clip_coef`` (1.0 when not clipped), ``found_inf`` (non-zero when the step was skipped for
-    an inf/nan) and ``skipped_steps`` (cumulative).
+    ``clip_coef`` (1.0 when not clipped), ``found_inf`` (non-zero on an inf/nan overflow),
+    ``skipped_steps`` (cumulative, overflows and spikes) and ``spikes`` (cumulative).
 
     With ``torch.amp.GradScaler`` or ``fastopt.amp.GradScaler``, ``scaler.step(optimizer)``
     hands the step ``grad_scale`` / ``found_inf`` (``_step_supports_amp_scaling``): grads are
@@ -90,6 +99,10 @@ class AdamW(torch.optim.Optimizer):
         agc_eps: float = 1e-3,
         state_dtype: torch.dtype | None = None,
         process_group=None,
+        spike_guard: float | None = None,
+        spike_warmup: int = 20,
+        spike_ema_decay: float = 0.99,
+        monitor=None,
     ):
         # torch.optim.AdamW's checks and messages.
         if isinstance(lr, Tensor):
@@ -112,6 +125,11 @@ class AdamW(torch.optim.Optimizer):
         if agc_clip_factor is not None:
             ops.check_real("agc_clip_factor", agc_clip_factor, above=0.0)
         ops.check_real("agc_eps", agc_eps, minimum=0.0)
+        if spike_guard is not None:
+            ops.check_real("spike_guard", spike_guard, above=1.0)
+        ops.check_real("spike_ema_decay", spike_ema_decay, minimum=0.0, below=1.0)
+        if not isinstance(spike_warmup, int) or spike_warmup < 0:
+            raise ValueError(f"spike_warmup must be a non-negative int, got {spike_warmup!r}")
         if state_dtype is not None and state_dtype not in ops.FLOAT_DTYPES:
             raise TypeError(f"state_dtype must be a floating dtype, got {state_dtype}")
         defaults = dict(
@@ -133,6 +151,8 @@ class AdamW(torch.optim.Optimizer):
         self.max_grad_norm = max_grad_norm
         self.state_dtype = state_dtype
         self.process_group = process_group
+        self.spike_guard, self.spike_warmup, self.spike_ema_decay = spike_guard, spike_warmup, spike_ema_decay
+        self.monitor = monitor
         self.stats: dict[str, Tensor] = {}
 
     def __setstate__(self, state):
@@ -150,6 +170,8 @@ class AdamW(torch.optim.Optimizer):
         self.__dict__.setdefault("max_grad_norm", None)
         self.__dict__.setdefault("state_dtype", None)
         self.__dict__.setdefault("process_group", None)
+        for name, default in (("spike_guard", None), ("spike_warmup", 20), ("spike_ema_decay", 0.99), ("monitor", None)):
+            self.__dict__.setdefault(name, default)
         self.__dict__.setdefault("stats", {})
 
     def load_state_dict(self, state_dict) -> None:
@@ -184,10 +206,10 @@ class AdamW(torch.optim.Optimizer):
             state["max_exp_avg_sq"] = torch.zeros_like(state["exp_avg_sq"], memory_format=torch.preserve_format)
         return state
 
-    def _gather(self, group) -> dict[torch.device, _GroupLists]:
+    def _gather(self, group, first_index: int) -> dict[torch.device, _GroupLists]:
         """The group's params that have a grad, with their states, by device."""
         by_device: dict[torch.device, _GroupLists] = {}
-        for param in group["params"]:
+        for index, param in enumerate(group["params"], start=first_index):
             if param.grad is None:
                 continue
             if param.grad.is_sparse:
@@ -199,6 +221,7 @@ class AdamW(torch.optim.Optimizer):
             lists.exp_avgs.append(state["exp_avg"])
             lists.exp_avg_sqs.append(state["exp_avg_sq"])
             lists.steps.append(state["step"])
+            lists.indices.append(index)
             if group["amsgrad"]:
                 lists.max_exp_avg_sqs.append(state["max_exp_avg_sq"])
         return by_device
@@ -206,12 +229,13 @@ class AdamW(torch.optim.Optimizer):
     def _stats_on(self, device: torch.device) -> dict[str, Tensor]:
         if not self.stats or self.stats["grad_norm"].device != device:
             zeros = lambda dtype: torch.zeros((), dtype=dtype, device=device)  # noqa: E731
-            old_skipped = self.stats.get("skipped_steps")
+            old_skipped, old_spikes = self.stats.get("skipped_steps"), self.stats.get("spikes")
             self.stats = {
                 "grad_norm": zeros(torch.float32),
                 "clip_coef": zeros(torch.float32) + 1,
                 "found_inf": zeros(torch.float32),
                 "skipped_steps": zeros(torch.int64) if old_skipped is None else old_skipped.to(device),
+                "spikes": zeros(torch.int64) if old_spikes is None else old_spikes.to(device),
             }
         return self.stats
 
@@ -223,7 +247,8 @@ class AdamW(torch.optim.Optimizer):
             with torch.enable_grad():
                 loss = closure()
 
-        gathered = [(group, self._gather(group)) for group in self.param_groups]
+        firsts = itertools.accumulate((len(g["params"]) for g in self.param_groups[:-1]), initial=0)
+        gathered = [(group, self._gather(group, first)) for group, first in zip(self.param_groups, firsts)]
         devices = list(dict.fromkeys(d for _, by_device in gathered for d in by_device))
         if not devices:
             return loss
@@ -257,25 +282,40 @@ class AdamW(torch.optim.Optimizer):
             for lists in by_device.values():
                 ops.adaptive_clip_(lists.params, lists.grads, group["agc_clip_factor"], group["agc_eps"])
 
-        # Pass 1: one read of all grads for the global norm (and the inf check, if ours to do).
-        device_norms = []
+        # Pass 1: one read of all grads for the global norm (and the inf check, if ours to do),
+        # with the per-tensor norms from the same read when a monitor wants them.
+        per_tensor = self.monitor is not None
+        device_norms, tensor_norms = [], []
         for device in devices:
             flag = self._device_flag(found_inf_used, device, check_inf)
-            norm = ops.multi_tensor_norm(grads_by_device[device], found_inf=flag, process_group=self.process_group)
-            device_norms.append(norm.to(home))
+            norms = ops.multi_tensor_norm(
+                grads_by_device[device], per_tensor=per_tensor, found_inf=flag, process_group=self.process_group
+            )
+            device_norms.append((norms[0] if per_tensor else norms).to(home))
+            if per_tensor:
+                tensor_norms.append(norms[1].to(home))
             self._merge_flag(found_inf_used, flag, check_inf)
         if check_inf and found_inf_used is not found_inf:  # hand the verdict back to the scaler's tensor
             found_inf.copy_(found_inf_used.reshape(found_inf.shape).to(found_inf.device))
         total = device_norms[0] if len(device_norms) == 1 else torch.linalg.vector_norm(torch.stack(device_norms))
-        grad_norm = total if grad_scale is None else total / grad_scale.reshape(()).to(home)
-        stats["grad_norm"].copy_(grad_norm)
+        inv_scale = None if grad_scale is None else grad_scale.reshape(()).to(home).reciprocal()
+        grad_norm = total if inv_scale is None else total * inv_scale
         clip_coef = None
         if self.max_grad_norm is not None:
             # clip_grad_norm_'s formula, so results equal clipping before step() bit for bit.
             clip_coef = torch.clamp(self.max_grad_norm / (grad_norm + 1e-6), max=1.0)
+        overflow = found_inf_used if found_inf_used is not None else torch.zeros((), device=home)
+        skip = overflow if self.spike_guard is None else torch.maximum(overflow, self._spike(grad_norm, overflow))
+        stats["grad_norm"].copy_(grad_norm)
         stats["clip_coef"].copy_(clip_coef if clip_coef is not None else torch.ones((), device=home))
-        stats["found_inf"].copy_(found_inf_used if found_inf_used is not None else torch.zeros((), device=home))
-        stats["skipped_steps"].add_(stats["found_inf"] != 0)
+        stats["found_inf"].copy_(overflow)
+        stats["skipped_steps"].add_(skip != 0)
+        if self.monitor is not None:
+            norms = torch.cat(tensor_norms)
+            indices = [i for d in devices for _, by_device in gathered if d in by_device for i in by_device[d].indices]
+            self.monitor.record(
+                grad_norm, stats["clip_coef"], skip != 0, norms if inv_scale is None else norms * inv_scale, indices
+            )
 
         # Pass 2: the update, one call per group and device; a non-zero found_inf changes nothing.
         for group, by_device in gathered:
@@ -296,10 +336,34 @@ class AdamW(torch.optim.Optimizer):
                     maximize=group["maximize"],
                     max_exp_avg_sqs=lists.max_exp_avg_sqs if group["amsgrad"] else None,
                     grad_scale=on_device(grad_scale),
-                    found_inf=on_device(found_inf_used),
+                    found_inf=on_device(skip),
                     clip_coef=on_device(clip_coef),
                 )
         return loss
+
+    def _spike(self, grad_norm: Tensor, overflow: Tensor) -> Tensor:
+        """1.0 when the grad norm jumps above spike_guard times its running average, or is inf or
+        nan without a GradScaler having flagged it, else 0.0.
+
+        The average is an EMA of the norms of accepted steps (bias-corrected, so it is the mean
+        of the first steps too), kept on the device in ``state["spike_guard"]`` and saved with
+        the optimizer; the first ``spike_warmup`` accepted steps only feed it.
+        """
+        guard = self.state["spike_guard"]
+        if not guard or guard["ema"].device != grad_norm.device:
+            guard.update({k: v.to(grad_norm.device) for k, v in guard.items()} if guard else {
+                "ema": torch.zeros((), device=grad_norm.device),
+                "accepted": torch.zeros((), device=grad_norm.device),
+            })  # fmt: skip
+        decay = self.spike_ema_decay
+        average = guard["ema"] / (1 - torch.pow(decay, guard["accepted"]))  # nan before the first
+        jump = (guard["accepted"] >= self.spike_warmup) & (grad_norm > self.spike_guard * average)
+        spike = (overflow == 0) & (jump | ~torch.isfinite(grad_norm))  # an overflow is the scaler's to count
+        accept = (overflow == 0) & ~spike
+        guard["ema"].copy_(torch.where(accept, decay * guard["ema"] + (1 - decay) * grad_norm, guard["ema"]))
+        guard["accepted"].add_(accept)
+        self.stats["spikes"].add_(spike)
+        return spike.float()
 
     @staticmethod
     def _device_flag(found_inf: Tensor | None, device: torch.device, check_inf: bool) -> Tensor | None:
