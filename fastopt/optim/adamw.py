@@ -262,6 +262,7 @@ class AdamW(torch.optim.Optimizer):
         grad_scale = getattr(self, "grad_scale", None)
         found_inf = getattr(self, "found_inf", None)
         check_inf = getattr(self, "_fastopt_check_inf", False)  # fastopt's scaler: we do the check
+        verdict_is_ours = check_inf
         found_inf_used = None if found_inf is None else _scalar_on(found_inf, home)
 
         # AGC compares grads with weights, so it needs unscaled grads: unscale first (one extra
@@ -295,7 +296,7 @@ class AdamW(torch.optim.Optimizer):
             if per_tensor:
                 tensor_norms.append(norms[1].to(home))
             self._merge_flag(found_inf_used, flag, check_inf)
-        if check_inf and found_inf_used is not found_inf:  # hand the verdict back to the scaler's tensor
+        if verdict_is_ours and found_inf_used is not found_inf:  # hand the verdict back to the scaler's tensor
             found_inf.copy_(found_inf_used.reshape(found_inf.shape).to(found_inf.device))
         total = device_norms[0] if len(device_norms) == 1 else torch.linalg.vector_norm(torch.stack(device_norms))
         inv_scale = None if grad_scale is None else grad_scale.reshape(()).to(home).reciprocal()
