@@ -149,11 +149,12 @@ class Run:
         self.device = torch.device(args.device)
         torch.manual_seed(args.seed)
         self.model = GPT(data.vocab_size, args.context, args.width, args.layers, args.heads).to(self.device)
+        named_body = [(n, p) for n, p in self.model.named_parameters() if not n.startswith("head.")]
+        self.body = [p for _, p in named_body]
         head = list(self.model.head.parameters())
-        body = [p for p in self.model.parameters() if all(p is not h for h in head)]
-        groups = [{"params": body}, {"params": head, "agc_clip_factor": None}]  # NFNets: no AGC on the head
+        groups = [{"params": self.body}, {"params": head, "agc_clip_factor": None}]  # NFNets: no AGC on the head
         if pipeline == "fastopt":
-            names = [n for n, p in self.model.named_parameters() if all(p is not h for h in head)] + ["head.weight"]
+            names = [n for n, _ in named_body] + [f"head.{n}" for n, _ in self.model.head.named_parameters()]
             self.monitor = TrainingMonitor(history=max(args.steps, 1), names=names)
             self.optimizer = fastopt.optim.AdamW(
                 groups, lr=args.lr, weight_decay=args.weight_decay, betas=(0.9, 0.95),
@@ -179,6 +180,9 @@ class Run:
             "scheduler": self.scheduler.state_dict(),
             "scaler": self.scaler.state_dict(),
             "metrics": self.metrics,
+            # What the fastopt run logs: its counters and monitor, so curves continue on resume.
+            "stats": getattr(self.optimizer, "stats", None),
+            "monitor": self.monitor.state_dict() if self.monitor else None,
         }
 
     def load(self, state: dict) -> None:
@@ -188,6 +192,9 @@ class Run:
         self.scheduler.load_state_dict(state["scheduler"])
         self.scaler.load_state_dict(state["scaler"])
         self.metrics = state["metrics"]
+        if self.monitor is not None:
+            self.optimizer.stats = state["stats"]
+            self.monitor.load_state_dict(state["monitor"])
 
     def train_step(self) -> None:
         args = self.args
@@ -226,7 +233,7 @@ class Run:
             return self.optimizer.stats["grad_norm"]
         self.scaler.unscale_(self.optimizer)
         if args.clip == "agc":
-            agc_torch_loop(list(self.model.parameters())[:-1], args.agc_clip_factor)
+            agc_torch_loop(self.body, args.agc_clip_factor)
         norm_bound = args.max_grad_norm if args.clip == "norm" else math.inf
         grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), norm_bound)
         scale_before = self.scaler.get_scale() if self.scaler.is_enabled() else None

@@ -48,7 +48,9 @@ class GradScaler(torch.amp.GradScaler):
         found_inf_per_device = {}
         for device, grads in grads_by_device.items():
             flag = found_inf if found_inf.device == device else found_inf.to(device, copy=True)
-            ops.unscale_and_check_(grads, inv_scale.to(device), flag)
+            # A ZeRO-split optimizer names its group: the verdict must be the same on every rank.
+            group = getattr(optimizer, "process_group", None)
+            ops.unscale_and_check_(grads, inv_scale.to(device), flag, process_group=group)
             found_inf_per_device[device] = flag
         return found_inf_per_device
 
@@ -60,7 +62,7 @@ class GradScaler(torch.amp.GradScaler):
             return super().step(optimizer, *args, **kwargs)
         state = self._per_optimizer_states[id(optimizer)]
         fused_check = (
-            getattr(optimizer, "_fastopt_checks_inf", False)
+            getattr(optimizer, "_fastopt_can_check_inf", False)
             and state["stage"] is OptState.READY
             and "closure" not in kwargs
         )
@@ -71,11 +73,11 @@ class GradScaler(torch.amp.GradScaler):
             found_inf = torch.zeros((), dtype=torch.float32, device=self._scale.device)
             optimizer.grad_scale = self._scale * getattr(optimizer, "grad_scale", 1)
             optimizer.found_inf = found_inf
-            optimizer._fastopt_check_inf = True
+            optimizer._fastopt_scaler_defers_inf_check = True
             try:
                 retval = optimizer.step(*args, **kwargs)
             finally:
-                del optimizer.grad_scale, optimizer.found_inf, optimizer._fastopt_check_inf
+                del optimizer.grad_scale, optimizer.found_inf, optimizer._fastopt_scaler_defers_inf_check
             state["found_inf_per_device"] = {found_inf.device: found_inf}
             state["stage"] = OptState.STEPPED
         found = [f.to(self._scale.device) for f in state["found_inf_per_device"].values()]

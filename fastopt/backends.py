@@ -167,7 +167,7 @@ def use_backend(name: str):
     Raises ValueError for an unknown name and RuntimeError for a backend that cannot run here,
     on entry, before any op is called.
     """
-    backend = status(_spec(name).name)
+    backend = status(name)  # an unknown name raises ValueError
     if not backend.available:
         raise RuntimeError(f"fastopt backend {name!r} is unavailable: {backend.reason}")
     token = _forced.set(name)

@@ -36,12 +36,18 @@ def _grads_by_device(parameters) -> list[tuple[list[Tensor], list[Tensor], tuple
     return [(params, grads, tuple(labels)) for params, grads, labels in groups.values()]
 
 
-def _check_grads_writable(groups) -> None:
-    """Validate every device's grads before any is changed: a rejected call changes nothing."""
-    for _, grads, labels in groups:
+def _check_grads_writable(groups, *, params_are_read: bool = False) -> None:
+    """Validate every device's grads (and the params, when the op reads them) before any is
+    changed: a rejected call changes nothing."""
+    for params, grads, labels in groups:
         ops.check_dense_floating(grads, labels)
         distributed.check_placements(grads, "grads")
-        ops.check_writable({labels: distributed.to_local(grads)})
+        read_only = {}
+        if params_are_read:
+            param_labels = tuple(label.removesuffix(".grad") for label in labels)
+            ops.check_dense_floating(params, param_labels)
+            read_only = {param_labels: distributed.to_local(params)}
+        ops.check_writable({labels: distributed.to_local(grads)}, read_only=read_only)
 
 
 @torch.no_grad()
@@ -108,10 +114,6 @@ def adaptive_clip_grad_(parameters, clip_factor=0.01, eps=1e-3, norm_type=2.0, *
     clip_factor = ops.check_real("clip_factor", clip_factor, above=0.0)
     eps = ops.check_real("eps", eps, minimum=0.0)
     norm_type = ops.check_norm_type(norm_type)
-    _check_grads_writable(groups)
-    for params, grads, labels in groups:  # AGC reads the weights: they must be floating and not a grad
-        param_labels = tuple(label.removesuffix(".grad") for label in labels)
-        ops.check_dense_floating(params, param_labels)
-        ops.check_writable({labels: distributed.to_local(grads)}, read_only={param_labels: distributed.to_local(params)})
+    _check_grads_writable(groups, params_are_read=True)
     for params, grads, _ in groups:
         ops.adaptive_clip_(params, grads, clip_factor, eps, norm_type, unitwise=unitwise)

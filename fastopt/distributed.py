@@ -19,6 +19,7 @@ Collectives are issued on device tensors and never read back to the host (no syn
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 
 import torch
@@ -110,14 +111,27 @@ def global_norms(
         if dims:
             groups.setdefault(_ReduceKey(t.device_mesh, dims), []).append(i)
     for key, indices in groups.items():  # one collective per sharding layout, not per tensor
-        index = torch.tensor(indices, device=powers.device)
+        if len(indices) == len(tensors):  # FSDP2's usual case: every tensor laid out alike
+            _all_reduce_over(powers, key, op)
+            continue
+        index = _index_on(tuple(indices), powers.device)
         partial = powers.index_select(0, index)
         _all_reduce_over(partial, key, op)
         powers = powers.index_copy(0, index, partial)
-    total_power = powers.max() if math.isinf(norm_type) else powers.sum()
+    if not len(powers):
+        total_power = powers.new_zeros(())
+    else:
+        total_power = powers.max() if math.isinf(norm_type) else powers.sum()
     if process_group is not None:
         dist.all_reduce(total_power, op=op, group=process_group)
     return from_powers(total_power, norm_type), from_powers(powers, norm_type)
+
+
+@functools.lru_cache(maxsize=64)
+def _index_on(indices: tuple[int, ...], device: torch.device) -> Tensor:
+    """An index tensor on the device, made once per layout: building it from a Python list on
+    every call would copy from pageable memory, which waits for the device."""
+    return torch.tensor(indices, device=device)
 
 
 def all_reduce_flag(found_inf: Tensor, tensors: list[Tensor], process_group) -> None:
@@ -149,7 +163,7 @@ def adaptive_clip_(params, grads, clip_factor, eps, norm_type, unitwise) -> None
             partials.append(to_powers(norms, norm_type))
             keys.append(key)
     op = _reduce_op(norm_type)
-    for key in set(keys):  # one collective per sharding layout
+    for key in dict.fromkeys(keys):  # one collective per layout, in the same order on every rank
         if not key.mesh_dims:
             continue
         members = [i for i, k in enumerate(keys) if k == key]

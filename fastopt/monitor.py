@@ -2,8 +2,10 @@
 
 Attach one to ``fastopt.optim.AdamW(..., monitor=TrainingMonitor())``. Every step writes into
 device tensors: the global grad norm into a ring buffer, whether it was clipped and skipped,
-and the per-tensor (per-layer) grad norms, which come from the step's own read pass. Nothing is
-read back until you call ``summary()`` or ``history()``, typically when you log.
+and the per-tensor (per-layer) grad norms, which come from the step's own read pass. Even the
+ring's write position is a device tensor, so a step captured in a CUDA graph records correctly
+on every replay. Nothing is read back until you call ``summary()`` or ``history()``, typically
+when you log.
 """
 
 from __future__ import annotations
@@ -28,8 +30,8 @@ class TrainingMonitor:
             raise ValueError(f"history must be >= 1, got {history}")
         self.capacity = history
         self.names = names
-        self.steps = 0  # steps recorded: a host count of calls, not a device read
         self._buffers: dict[str, Tensor] = {}
+        self._per_tensor_indices: list[int] = []
 
     def _buffer(self, name: str, shape, dtype, device) -> Tensor:
         buffer = self._buffers.get(name)
@@ -49,37 +51,46 @@ class TrainingMonitor:
         """Called by the optimizer after its read pass; device tensors in, nothing read back.
         ``param_indices``: which params (in the optimizer's order) the per-tensor norms are of."""
         device = grad_norm.device
-        slot = self.steps % self.capacity
-        self._buffer("grad_norm", (self.capacity,), torch.float32, device)[slot] = grad_norm
-        self._buffer("skipped", (self.capacity,), torch.bool, device)[slot] = skipped
+        slot = self._buffer("position", (1,), torch.int64, device)
+        self._buffer("grad_norm", (self.capacity,), torch.float32, device).index_copy_(0, slot, grad_norm.reshape(1))
+        self._buffer("skipped", (self.capacity,), torch.bool, device).index_copy_(0, slot, skipped.reshape(1))
+        slot.add_(1).remainder_(self.capacity)
+        self._buffer("steps", (), torch.int64, device).add_(1)
         self._buffer("clipped_steps", (), torch.int64, device).add_(clip_coef < 1)
         self._buffer("skipped_steps", (), torch.int64, device).add_(skipped)
         if per_tensor_norms is not None:
             self._buffer("per_tensor", per_tensor_norms.shape, torch.float32, device).copy_(per_tensor_norms)
             self._per_tensor_indices = param_indices or list(range(per_tensor_norms.numel()))
-        self.steps += 1
+
+    @property
+    def steps(self) -> int:
+        """Steps recorded (this reads the device)."""
+        return int(self._buffers["steps"].item()) if "steps" in self._buffers else 0
 
     def history(self) -> dict[str, Tensor]:
         """The recorded window, oldest first, on the host (this reads the device)."""
-        if not self.steps:
+        steps = self.steps
+        if not steps:
             return {"grad_norm": torch.zeros(0), "skipped": torch.zeros(0, dtype=torch.bool)}
-        count = min(self.steps, self.capacity)
-        order = [(self.steps - count + i) % self.capacity for i in range(count)]
-        return {name: self._buffers[name][order].cpu() for name in ("grad_norm", "skipped")}
+        count = min(steps, self.capacity)
+        first = (int(self._buffers["position"].item()) - count) % self.capacity
+        order = [(first + i) % self.capacity for i in range(count)]
+        return {name: self._buffers[name].cpu()[order] for name in ("grad_norm", "skipped")}
 
     def summary(self, top: int = 5) -> dict:
         """Numbers for a log line (this reads the device): steps, the last and mean grad norm
         of the window, the fraction of steps clipped, steps skipped, and the largest per-tensor
         grad norms of the last step."""
-        if not self.steps:
+        steps = self.steps
+        if not steps:
             return {"steps": 0}
         window = self.history()
         finite = window["grad_norm"][torch.isfinite(window["grad_norm"])]
         out = {
-            "steps": self.steps,
+            "steps": steps,
             "grad_norm": window["grad_norm"][-1].item(),
             "grad_norm_mean": finite.mean().item() if finite.numel() else float("nan"),
-            "clip_rate": self._buffers["clipped_steps"].item() / self.steps,
+            "clip_rate": self._buffers["clipped_steps"].item() / steps,
             "skipped_steps": int(self._buffers["skipped_steps"].item()),
         }
         if "per_tensor" in self._buffers:
@@ -89,3 +100,13 @@ class TrainingMonitor:
             names = [self.names[i] if self.names else f"param{i}" for i in params]
             out["largest_grad_norms"] = dict(zip(names, values.tolist()))
         return out
+
+    def state_dict(self) -> dict:
+        return {"capacity": self.capacity, "buffers": {k: v.clone() for k, v in self._buffers.items()},
+                "per_tensor_indices": list(self._per_tensor_indices)}  # fmt: skip
+
+    def load_state_dict(self, state: dict) -> None:
+        if state["capacity"] != self.capacity:
+            raise ValueError(f"saved monitor keeps {state['capacity']} steps, this one {self.capacity}")
+        self._buffers = {k: v.clone() for k, v in state["buffers"].items()}
+        self._per_tensor_indices = list(state["per_tensor_indices"])

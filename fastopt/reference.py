@@ -64,13 +64,27 @@ def multi_tensor_norm(tensors: list[Tensor], norm_type: float, per_tensor: bool,
     return total, torch.stack([next(it) if t.numel() > 0 else zero for t in tensors])
 
 
-def _scalar_tensor(value: float | Tensor, tensors: list[Tensor]) -> Tensor:
-    """A Python factor as a 0-d tensor: torch._foreach_mul_ rounds a Python scalar to the
-    tensors' dtype (fp16 / bf16) before multiplying, while a tensor factor is applied in fp32."""
-    if isinstance(value, Tensor):
-        return value
-    dtype = torch.float64 if any(t.dtype == torch.float64 for t in tensors) else torch.float32
-    return torch.full((), value, dtype=dtype, device=tensors[0].device)
+def _multiply_(tensors: list[Tensor], factor: float | Tensor) -> None:
+    """t *= factor, the product formed in fp32 (fp64 for fp64 tensors) and rounded once.
+
+    torch._foreach_mul_ rounds a Python factor to the tensors' dtype (fp16 / bf16) first, and
+    on CUDA so does a tensor factor of another dtype; so the factor is a 0-d tensor, and
+    off the CPU the low-precision tensors are multiplied in a widened copy.
+    """
+    if not isinstance(factor, Tensor):
+        dtype = torch.float64 if any(t.dtype == torch.float64 for t in tensors) else torch.float32
+        factor = torch.full((), factor, dtype=dtype, device=tensors[0].device)
+    if tensors[0].device.type == "cpu":  # the CPU kernels read a 0-d factor at full precision
+        torch._foreach_mul_(tensors, factor)
+        return
+    same = [t for t in tensors if t.dtype == factor.dtype]
+    other = [t for t in tensors if t.dtype != factor.dtype]
+    if same:
+        torch._foreach_mul_(same, factor)
+    if other:
+        widened = [t.to(_accumulate_dtype(t.dtype), copy=True) for t in other]
+        torch._foreach_mul_(widened, factor)
+        torch._foreach_copy_(other, widened)
 
 
 def _flag_nonfinite(tensors: list[Tensor], found_inf: Tensor) -> None:
@@ -86,13 +100,13 @@ def unscale_and_check_(tensors: list[Tensor], inv_scale: float | Tensor, found_i
         return
     # Checked before scaling, as torch's _amp_foreach_non_finite_check_and_unscale_ does.
     _flag_nonfinite(nonempty, found_inf)
-    torch._foreach_mul_(nonempty, _scalar_tensor(inv_scale, nonempty))
+    _multiply_(nonempty, inv_scale)
 
 
 def scale_(tensors: list[Tensor], coef: float | Tensor) -> None:
     nonempty = _nonempty(tensors)
     if nonempty:
-        torch._foreach_mul_(nonempty, _scalar_tensor(coef, nonempty))
+        _multiply_(nonempty, coef)
 
 
 def clamp_(tensors: list[Tensor], clip_value: float) -> None:
@@ -119,10 +133,9 @@ def adaptive_clip_(
     norm_type: float,
     unitwise: bool,
 ) -> None:
-    pairs = [(p, g) for p, g in zip(params, grads) if g.numel() > 0]
-    if not pairs:
-        return
-    for p, g in pairs:
+    for p, g in zip(params, grads):
+        if g.numel() == 0:
+            continue
         g.mul_(agc_coef(unit_norms(p, norm_type, unitwise), unit_norms(g, norm_type, unitwise), clip_factor, eps))
 
 

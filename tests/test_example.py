@@ -35,6 +35,7 @@ def test_resume_gives_identical_losses(train_gpt, tmp_path):
     resumed = train_gpt.main(["--steps", "8", "--resume", str(checkpoint), "--out", str(tmp_path / "resumed"), *TINY])
     assert resumed["fastopt"]["loss"] == full["loss"]  # bit for bit: steps 0-3 restored, 4-7 recomputed
     assert resumed["fastopt"]["grad_norm"] == full["grad_norm"]
+    assert resumed["fastopt"]["skipped"] == full["skipped"]
 
 
 @pytest.mark.parametrize("clip", ["norm", "agc"])

@@ -13,6 +13,7 @@ import dataclasses
 import itertools
 
 import torch
+import torch.distributed as dist
 from torch import Tensor
 
 from fastopt import ops
@@ -33,9 +34,22 @@ class _GroupLists:
     indices: list[int] = dataclasses.field(default_factory=list)  # positions among all params
 
 
+def _zeros(device: torch.device, dtype: torch.dtype = torch.float32) -> Tensor:
+    """A 0-d zero of an explicit dtype (torch's default dtype may have been set to float64)."""
+    return torch.zeros((), dtype=dtype, device=device)
+
+
 def _scalar_on(t: Tensor, device: torch.device) -> Tensor:
     """A 1-element tensor as a 0-d tensor on ``device``: itself when it already is one."""
     return t if t.dim() == 0 and t.device == device else t.reshape(()).to(device)
+
+
+def _lr_on(lr: float | Tensor, device: torch.device) -> float | Tensor:
+    """A tensor lr on the params' device stays a tensor (graph-capturable); a CPU tensor lr for
+    device params is read on the host, which costs no device sync, rather than copied over."""
+    if not isinstance(lr, Tensor) or lr.device == device:
+        return lr
+    return lr.item() if lr.device.type == "cpu" else lr.to(device)
 
 
 def _widest(a: torch.dtype, b: torch.dtype) -> torch.dtype:
@@ -51,8 +65,10 @@ class AdamW(torch.optim.Optimizer):
     - ``max_grad_norm``: clip the global 2-norm of all grads (as ``clip_grad_norm_`` before
       ``step()`` would), computed in the step's read pass. Grads themselves are left unchanged.
     - ``agc_clip_factor`` / ``agc_eps``: adaptive gradient clipping (NFNets) of each param's grad
-      unit by unit before the update, in place (as timm's ``adaptive_clip_grad``). Per param
-      group: a group with ``"agc_clip_factor": None`` opts out (e.g. the classifier head).
+      unit by unit before the update, in place (as timm's ``adaptive_clip_grad``); under a loss
+      scale the grads are first unscaled in place, since AGC compares them with the weights.
+      Per param group: a group with ``"agc_clip_factor": None`` opts out (e.g. the classifier
+      head). With both, AGC comes first and ``max_grad_norm`` applies to the AGC'd grads.
     - ``state_dtype``: dtype of exp_avg / exp_avg_sq (default: the param's, as torch does);
       ``torch.float32`` keeps fp32 moments for bf16 / fp16 params.
     - ``process_group``: for ZeRO-style sharding (each rank steps different params), the group
@@ -67,7 +83,8 @@ class AdamW(torch.optim.Optimizer):
       history, clip rate, skipped steps, per-tensor grad norms from the same read), on the device.
 
     ``optimizer.stats`` holds device tensors updated by every step, read by the host only when
-    you log them: ``grad_norm`` (global 2-norm of the unscaled grads, before clipping),
+    you log them: ``grad_norm`` (global 2-norm of the unscaled grads, after AGC if any, before
+    clipping by norm: it costs one read of the grads, 4 bytes per fp32 param, on every step),
     ``clip_coef`` (1.0 when not clipped), ``found_inf`` (non-zero on an inf/nan overflow),
     ``skipped_steps`` (cumulative, overflows and spikes) and ``spikes`` (cumulative).
 
@@ -78,7 +95,7 @@ class AdamW(torch.optim.Optimizer):
     """
 
     _step_supports_amp_scaling = True  # GradScaler hands over grad_scale / found_inf, never unscales
-    _fastopt_checks_inf = True  # fastopt.amp.GradScaler may leave the inf/nan check to our read pass
+    _fastopt_can_check_inf = True  # fastopt.amp.GradScaler may leave the inf/nan check to our read pass
 
     def __init__(
         self,
@@ -153,31 +170,39 @@ class AdamW(torch.optim.Optimizer):
         self.process_group = process_group
         self.spike_guard, self.spike_warmup, self.spike_ema_decay = spike_guard, spike_warmup, spike_ema_decay
         self.monitor = monitor
+        self.spike_state: dict[str, Tensor] = {}  # the spike guard's EMA, on the device
         self.stats: dict[str, Tensor] = {}
 
     def __setstate__(self, state):
         super().__setstate__(state)
-        for group in self.param_groups:  # checkpoints from torch.optim.AdamW lack fastopt's keys
-            group.setdefault("amsgrad", False)
-            group.setdefault("maximize", False)
-            group.setdefault("foreach", None)
-            group.setdefault("capturable", False)
-            group.setdefault("differentiable", False)
-            group.setdefault("fused", None)
-            group.setdefault("decoupled_weight_decay", True)
-            group.setdefault("agc_clip_factor", None)
-            group.setdefault("agc_eps", 1e-3)
-        self.__dict__.setdefault("max_grad_norm", None)
-        self.__dict__.setdefault("state_dtype", None)
-        self.__dict__.setdefault("process_group", None)
-        for name, default in (("spike_guard", None), ("spike_warmup", 20), ("spike_ema_decay", 0.99), ("monitor", None)):
+        defaults = {"amsgrad": False, "maximize": False, "foreach": None, "capturable": False,
+                    "differentiable": False, "fused": None, "decoupled_weight_decay": True,
+                    "agc_clip_factor": None, "agc_eps": 1e-3, **self.defaults}  # fmt: skip
+        for group in self.param_groups:  # a torch.optim.AdamW checkpoint lacks fastopt's keys
+            for key, value in defaults.items():
+                group.setdefault(key, value)
+            for p in group["params"]:  # checkpoints from before torch 1.12 keep steps as numbers
+                p_state = self.state.get(p)
+                if p_state and not torch.is_tensor(p_state.get("step", torch.zeros(()))):
+                    p_state["step"] = torch.tensor(float(p_state["step"]), dtype=torch.float32, device=p.device)
+        attributes = {"max_grad_norm": None, "state_dtype": None, "process_group": None, "spike_guard": None,
+                      "spike_warmup": 20, "spike_ema_decay": 0.99, "monitor": None, "stats": {},
+                      "spike_state": {}}  # fmt: skip
+        for name, default in attributes.items():
             self.__dict__.setdefault(name, default)
-        self.__dict__.setdefault("stats", {})
+
+    def state_dict(self):
+        """torch's layout, plus the spike guard's average under a key of its own (loaders that
+        know only torch's ``state`` and ``param_groups`` ignore it)."""
+        state_dict = super().state_dict()
+        if self.spike_state:
+            state_dict["fastopt"] = {"spike_guard": dict(self.spike_state)}
+        return state_dict
 
     def load_state_dict(self, state_dict) -> None:
         """torch's loader, then two corrections: moments keep their saved dtype when it is wider
         than the param's (torch would round fp32 moments down to a bf16 param's dtype), and step
-        counters move to the param's device as float32 tensors (the step never syncs)."""
+        counters live on the param's device as float32 tensors (the step never syncs)."""
         saved_state = state_dict["state"]
         saved_ids = [i for group in state_dict["param_groups"] for i in group["params"]]
         super().load_state_dict(state_dict)
@@ -190,10 +215,13 @@ class AdamW(torch.optim.Optimizer):
                 if not isinstance(saved, Tensor):
                     continue
                 if key == "step":
-                    state[key] = saved.to(device=param.device, dtype=torch.float32, copy=True)
+                    state[key] = state[key].to(device=param.device, dtype=torch.float32)
                 elif saved.is_floating_point() and param.is_floating_point():
                     dtype = _widest(saved.dtype, param.dtype)
-                    state[key] = saved.to(device=param.device, dtype=dtype, copy=dtype != state[key].dtype)
+                    if dtype != state[key].dtype:
+                        state[key] = saved.to(device=param.device, dtype=dtype, copy=True)
+        saved_guard = state_dict.get("fastopt", {}).get("spike_guard")
+        self.spike_state = {k: v.clone() for k, v in saved_guard.items()} if saved_guard else {}
 
     def _init_state(self, param: Tensor, amsgrad: bool) -> dict:
         state = self.state[param]
@@ -228,14 +256,13 @@ class AdamW(torch.optim.Optimizer):
 
     def _stats_on(self, device: torch.device) -> dict[str, Tensor]:
         if not self.stats or self.stats["grad_norm"].device != device:
-            zeros = lambda dtype: torch.zeros((), dtype=dtype, device=device)  # noqa: E731
             old_skipped, old_spikes = self.stats.get("skipped_steps"), self.stats.get("spikes")
             self.stats = {
-                "grad_norm": zeros(torch.float32),
-                "clip_coef": zeros(torch.float32) + 1,
-                "found_inf": zeros(torch.float32),
-                "skipped_steps": zeros(torch.int64) if old_skipped is None else old_skipped.to(device),
-                "spikes": zeros(torch.int64) if old_spikes is None else old_spikes.to(device),
+                "grad_norm": _zeros(device),
+                "clip_coef": _zeros(device) + 1,
+                "found_inf": _zeros(device),
+                "skipped_steps": _zeros(device, torch.int64) if old_skipped is None else old_skipped.to(device),
+                "spikes": _zeros(device, torch.int64) if old_spikes is None else old_spikes.to(device),
             }
         return self.stats
 
@@ -247,6 +274,7 @@ class AdamW(torch.optim.Optimizer):
             with torch.enable_grad():
                 loss = closure()
 
+        self._check_param_groups()
         firsts = itertools.accumulate((len(g["params"]) for g in self.param_groups[:-1]), initial=0)
         gathered = [(group, self._gather(group, first)) for group, first in zip(self.param_groups, firsts)]
         devices = list(dict.fromkeys(d for _, by_device in gathered for d in by_device))
@@ -261,9 +289,12 @@ class AdamW(torch.optim.Optimizer):
         # What torch.amp.GradScaler / fastopt.amp.GradScaler hand over (attributes they set).
         grad_scale = getattr(self, "grad_scale", None)
         found_inf = getattr(self, "found_inf", None)
-        check_inf = getattr(self, "_fastopt_check_inf", False)  # fastopt's scaler: we do the check
+        check_inf = getattr(self, "_fastopt_scaler_defers_inf_check", False)  # fastopt's scaler: we do the check
         verdict_is_ours = check_inf
         found_inf_used = None if found_inf is None else _scalar_on(found_inf, home)
+        if found_inf_used is not None and not check_inf and self.process_group is not None:
+            # A verdict reached on this rank alone: every rank of a ZeRO split must skip together.
+            dist.all_reduce(found_inf_used, op=dist.ReduceOp.MAX, group=self.process_group)
 
         # AGC compares grads with weights, so it needs unscaled grads: unscale first (one extra
         # read+write pass, only with AGC under a loss scale). The inf check rides along.
@@ -273,7 +304,7 @@ class AdamW(torch.optim.Optimizer):
             for device in devices:
                 flag = self._device_flag(found_inf_used, device, check_inf)
                 if flag is None:  # the scaler already checked: the op still wants a flag to set
-                    flag = torch.zeros((), device=device)
+                    flag = _zeros(device)
                 ops.unscale_and_check_(
                     grads_by_device[device], inv_scale.to(device), flag, process_group=self.process_group
                 )
@@ -305,17 +336,22 @@ class AdamW(torch.optim.Optimizer):
         if self.max_grad_norm is not None:
             # clip_grad_norm_'s formula, so results equal clipping before step() bit for bit.
             clip_coef = torch.clamp(self.max_grad_norm / (grad_norm + 1e-6), max=1.0)
-        overflow = found_inf_used if found_inf_used is not None else torch.zeros((), device=home)
-        skip = overflow if self.spike_guard is None else torch.maximum(overflow, self._spike(grad_norm, overflow))
+        overflow = found_inf_used if found_inf_used is not None else _zeros(home)
+        # What the update pass skips on: None when nothing can skip it, which spares the
+        # reference backend its copy-and-select path.
+        skip = found_inf_used
+        if self.spike_guard is not None:
+            skip = torch.maximum(overflow, self._spike(grad_norm, overflow))
         stats["grad_norm"].copy_(grad_norm)
-        stats["clip_coef"].copy_(clip_coef if clip_coef is not None else torch.ones((), device=home))
+        stats["clip_coef"].copy_(clip_coef if clip_coef is not None else 1.0)
         stats["found_inf"].copy_(overflow)
-        stats["skipped_steps"].add_(skip != 0)
+        skipped = overflow != 0 if skip is None else skip != 0
+        stats["skipped_steps"].add_(skipped)
         if self.monitor is not None:
             norms = torch.cat(tensor_norms)
             indices = [i for d in devices for _, by_device in gathered if d in by_device for i in by_device[d].indices]
             self.monitor.record(
-                grad_norm, stats["clip_coef"], skip != 0, norms if inv_scale is None else norms * inv_scale, indices
+                grad_norm, stats["clip_coef"], skipped, norms if inv_scale is None else norms * inv_scale, indices
             )
 
         # Pass 2: the update, one call per group and device; a non-zero found_inf changes nothing.
@@ -329,7 +365,7 @@ class AdamW(torch.optim.Optimizer):
                     lists.exp_avgs,
                     lists.exp_avg_sqs,
                     lists.steps,
-                    lr=group["lr"].to(device) if isinstance(group["lr"], Tensor) else group["lr"],
+                    lr=_lr_on(group["lr"], device),
                     beta1=beta1,
                     beta2=beta2,
                     eps=group["eps"],
@@ -342,6 +378,21 @@ class AdamW(torch.optim.Optimizer):
                 )
         return loss
 
+    def _check_param_groups(self) -> None:
+        """Every group's hyperparameters, checked before anything changes: a group added or
+        edited since the constructor must not fail halfway through a step."""
+        for i, group in enumerate(self.param_groups):
+            where = f"param_groups[{i}]"
+            if not isinstance(group["lr"], Tensor):
+                ops.check_real(f"{where}['lr']", group["lr"], minimum=0.0)
+            for k, beta in enumerate(group["betas"]):
+                ops.check_real(f"{where}['betas'][{k}]", beta, minimum=0.0, below=1.0)
+            ops.check_real(f"{where}['eps']", group["eps"], minimum=0.0)
+            ops.check_real(f"{where}['weight_decay']", group["weight_decay"], minimum=0.0)
+            if group["agc_clip_factor"] is not None:
+                ops.check_real(f"{where}['agc_clip_factor']", group["agc_clip_factor"], above=0.0)
+                ops.check_real(f"{where}['agc_eps']", group["agc_eps"], minimum=0.0)
+
     def _spike(self, grad_norm: Tensor, overflow: Tensor) -> Tensor:
         """1.0 when the grad norm jumps above spike_guard times its running average, or is inf or
         nan without a GradScaler having flagged it, else 0.0.
@@ -350,12 +401,11 @@ class AdamW(torch.optim.Optimizer):
         of the first steps too), kept on the device in ``state["spike_guard"]`` and saved with
         the optimizer; the first ``spike_warmup`` accepted steps only feed it.
         """
-        guard = self.state["spike_guard"]
-        if not guard or guard["ema"].device != grad_norm.device:
-            guard.update({k: v.to(grad_norm.device) for k, v in guard.items()} if guard else {
-                "ema": torch.zeros((), device=grad_norm.device),
-                "accepted": torch.zeros((), device=grad_norm.device),
-            })  # fmt: skip
+        guard = self.spike_state
+        if not guard:
+            guard.update(ema=_zeros(grad_norm.device), accepted=_zeros(grad_norm.device))
+        elif guard["ema"].device != grad_norm.device:
+            guard.update({k: v.to(grad_norm.device) for k, v in guard.items()})
         decay = self.spike_ema_decay
         average = guard["ema"] / (1 - torch.pow(decay, guard["accepted"]))  # nan before the first
         jump = (guard["accepted"] >= self.spike_warmup) & (grad_norm > self.spike_guard * average)
@@ -371,7 +421,7 @@ class AdamW(torch.optim.Optimizer):
         """The flag a pass on ``device`` should set on inf/nan, when the check is ours to do."""
         if not check_inf:
             return None
-        return found_inf if found_inf.device == device else torch.zeros((), device=device)
+        return found_inf if found_inf.device == device else _zeros(device)
 
     @staticmethod
     def _merge_flag(found_inf: Tensor | None, flag: Tensor | None, check_inf: bool) -> None:
