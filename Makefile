@@ -8,13 +8,17 @@ STAMP := $(VENV)/.fastopt-installed
 # A python that already has torch (e.g. a GPU machine's) keeps it: the venv sees its packages.
 TORCH_SPEC ?= $(if $(shell command -v nvidia-smi 2>/dev/null),torch==2.14.1,torch==2.13.0)
 
-.PHONY: bench test info clean
+.PHONY: bench test test-triton info clean
 
 bench: $(STAMP)
 	$(PY) -m fastopt bench
 
 test: $(STAMP)
 	$(PY) -m pytest
+
+# The suite again on the Triton backend, its kernels run on CPU tensors by Triton's interpreter.
+test-triton: $(STAMP)
+	FASTOPT_BACKEND=triton TRITON_INTERPRET=1 $(PY) -m pytest
 
 info: $(STAMP)
 	$(PY) -m fastopt info

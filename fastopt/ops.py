@@ -289,8 +289,6 @@ def multi_tensor_norm(tensors, norm_type=2.0, *, per_tensor: bool = False, found
         check_writable({"found_inf": found_inf}, read_only=named)
     backend = backends.select(device or torch.device("cpu"))
     if named is originals and process_group is None:
-        if found_inf is None:  # backends that predate the flag keep working
-            return backend.multi_tensor_norm(named["tensors"], p, bool(per_tensor))
         return backend.multi_tensor_norm(named["tensors"], p, bool(per_tensor), found_inf=found_inf)
     _, local_norms = backend.multi_tensor_norm(named["tensors"], p, True, found_inf=found_inf)
     total, norms = distributed.global_norms(originals["tensors"], local_norms, p, process_group)

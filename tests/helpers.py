@@ -28,6 +28,25 @@ def describe_dtype(dtype: torch.dtype) -> str:
     return str(dtype).removeprefix("torch.")
 
 
+def active_backend() -> str:
+    """The backend this run of the suite is forced onto (``FASTOPT_BACKEND``), else "torch"."""
+    return os.environ.get("FASTOPT_BACKEND", "").strip() or "torch"
+
+
+def assert_matches_torch(actual: torch.Tensor, expected: torch.Tensor, msg: str = "", **close) -> None:
+    """``actual`` (fastopt's) against ``expected`` (torch's own function, same inputs).
+
+    Bit for bit on the torch backend, which runs torch's formulas in torch's order; that is a
+    property of the reference, not of the ops. Other backends (fused kernels: other evaluation
+    order, FMA contraction) must agree within fp32 rounding, or within ``close`` (rtol / atol /
+    equal_nan) where a test knows better."""
+    if active_backend() == "torch":
+        assert_bitwise_equal(actual, expected, msg)
+        return
+    close = {**tolerance(torch.float32), **close}
+    torch.testing.assert_close(actual, expected, msg=msg or None, **close)
+
+
 def devices() -> list:
     """Devices to parametrize over: FASTOPT_TEST_DEVICES (comma-separated), else cpu and cuda;
     cuda carries the `cuda` mark, so it is skipped cleanly without a GPU."""

@@ -8,6 +8,7 @@ import torch
 
 import fastopt
 from tests.helpers import (
+    active_backend,
     assert_bitwise_equal,
     clone_layout,
     describe_dtype,
@@ -97,6 +98,8 @@ def test_trajectory_matches_torch_adamw(device, weight_decay, amsgrad, maximize,
         # Same formula and evaluation order as torch: bit-identical with a float lr. torch reads a
         # tensor lr through other ops (its rounding differs by an ulp or so).
         close = dict(rtol=2e-6, atol=1e-7) if lr_tensor else dict(rtol=0, atol=0)
+        if active_backend() != "torch":  # fused kernels round differently: within fp32 rounding
+            close = tolerance(torch.float32)
         torch.testing.assert_close(state.params[i], p.detach(), **close)
         torch.testing.assert_close(state.exp_avgs[i], torch_state["exp_avg"], **close)
         torch.testing.assert_close(state.exp_avg_sqs[i], torch_state["exp_avg_sq"], **close)

@@ -8,9 +8,12 @@ import torch
 
 import fastopt
 from fastopt import backends, reference
+from tests.helpers import active_backend
 
 
 def test_torch_backend_is_always_available_and_chosen_for_cpu():
+    if active_backend() != "torch":  # e.g. the Triton interpreter lane, where triton runs on CPU too
+        pytest.skip(f"this run forces the {active_backend()!r} backend")
     assert "torch" in fastopt.available_backends()
     assert backends.select(torch.device("cpu")) is reference
 

@@ -1,0 +1,249 @@
+"""The Triton backend's ops: the same functions, signatures and meaning as ``fastopt.reference``.
+
+Each op looks up the cached chunk table of its tensor lists (``tables.py``) and launches one
+kernel per pass and dtype group (``kernels.py``), whatever the number of tensors:
+
+==========================  ======================================================
+op                          launches (for lists of one dtype combination)
+==========================  ======================================================
+``multi_tensor_norm``       2: per-chunk partials (and the inf/nan check, with
+                            ``found_inf``), then per-tensor norms and total
+``unscale_and_check_``      1
+``scale_``                  1
+``clamp_``                  1
+``adaptive_clip_``          3: per-chunk partials of params and grads, per-unit
+                            clip factors, then the scaling of the grads
+``adamw_``                  1
+==========================  ======================================================
+
+A list that mixes dtype combinations takes one launch per combination for each per-chunk pass.
+Non-contiguous tensors run on contiguous copies, which in-place ops copy back afterwards (a few
+extra torch launches for those tensors only). Arguments arrive validated by ``fastopt.ops``.
+"""
+
+from __future__ import annotations
+
+import collections
+import math
+
+import torch
+import triton.language as tl
+from torch import Tensor
+
+from fastopt.triton import kernels
+from fastopt.triton.tables import BLOCK_SIZE, ChunkTable, TableCache
+
+# Partials that one program of a reduction's second pass reads per step.
+PARTIALS_BLOCK = 256
+
+# The chunk tables of recent layouts, shared by every op (clip_grad_norm_'s norm and scale reuse one).
+TABLES = TableCache()
+# Kernel launches by kernel name, for tests and for anyone counting.
+LAUNCHES: collections.Counter[str] = collections.Counter()
+
+_TL_DTYPES = {
+    torch.float16: tl.float16,
+    torch.bfloat16: tl.bfloat16,
+    torch.float32: tl.float32,
+    torch.float64: tl.float64,
+}
+
+
+def _launch(kernel, num_programs: int, *args, **kwargs) -> None:
+    if num_programs == 0:  # a grid of zero programs is an error on the GPU
+        return
+    LAUNCHES[kernel.fn.__name__] += 1
+    kernel[(num_programs,)](*args, **kwargs)
+
+
+def _dense(tensors: list[Tensor]) -> tuple[list[Tensor], list[tuple[Tensor, Tensor]]]:
+    """The tensors as the kernels need them, contiguous, and the (original, contiguous copy)
+    pairs whose results an in-place op must copy back."""
+    if all(map(Tensor.is_contiguous, tensors)):
+        return tensors, []
+    dense = [t.contiguous() for t in tensors]
+    return dense, [(t, d) for t, d in zip(tensors, dense) if d is not t]
+
+
+def _write_back(copies: list[tuple[Tensor, Tensor]]) -> None:
+    if copies:
+        originals, results = zip(*copies)
+        torch._foreach_copy_(list(originals), list(results))
+
+
+def _scalar_args(value: float | Tensor) -> tuple[float, Tensor | None]:
+    """A kernel's (value, value_ptr) pair for a float or a 0-d device tensor."""
+    return (0.0, value) if isinstance(value, Tensor) else (float(value), None)
+
+
+def _norm_kind(norm_type: float) -> int:
+    if math.isinf(norm_type):
+        return kernels.MAX_ABS
+    return {1.0: kernels.SUM_ABS, 2.0: kernels.SUM_SQUARES}.get(norm_type, kernels.SUM_POWERS)
+
+
+def _inverse(norm_type: float) -> float:
+    return 0.0 if math.isinf(norm_type) else 1.0 / norm_type
+
+
+def _chunk_partials(table: ChunkTable, num_lists: int, norm_type: float, found_inf: Tensor | None = None) -> Tensor:
+    """Pass 1 of a norm: fp64 [lists, chunks], one partial per chunk of each list; found_inf
+    (if given) is set when the first list holds an inf or nan."""
+    partials = torch.empty((num_lists, table.num_chunks), dtype=torch.float64, device=table.addresses.device)
+    for group in table.groups:
+        _launch(
+            kernels.chunk_norm_partials_kernel, group.num_chunks,
+            table.addresses, table.num_tensors, table.chunks, table.num_chunks, group.first_chunk, partials,
+            0.0 if math.isinf(norm_type) else norm_type, found_inf,
+            FIRST_DTYPE=_TL_DTYPES[group.dtypes[0]],
+            SECOND_DTYPE=_TL_DTYPES[group.dtypes[1]] if num_lists == 2 else None,
+            KIND=_norm_kind(norm_type), BLOCK=BLOCK_SIZE,
+        )  # fmt: skip
+    return partials
+
+
+def multi_tensor_norm(tensors: list[Tensor], norm_type: float, per_tensor: bool, found_inf: Tensor | None = None):
+    device = tensors[0].device if tensors else torch.device("cpu")
+    total = torch.zeros((), dtype=torch.float32, device=device)
+    if not tensors:
+        return (total, torch.zeros(0, dtype=torch.float32, device=device)) if per_tensor else total
+    dense, _ = _dense(tensors)
+    table = TABLES.lookup([dense])
+    partials = _chunk_partials(table, 1, norm_type, found_inf)
+    # Without per-tensor norms only the total's program runs (it is program num_segments).
+    norms = torch.empty(len(tensors), dtype=torch.float32, device=device) if per_tensor else total
+    num_segments = table.num_segments if per_tensor else 0
+    _launch(
+        kernels.segment_norms_kernel, num_segments + 1,
+        partials, table.segments, num_segments, table.num_chunks, norms, total, _inverse(norm_type),
+        KIND=_norm_kind(norm_type), BLOCK=PARTIALS_BLOCK,
+    )  # fmt: skip
+    return (total, norms) if per_tensor else total
+
+
+def _scale(tensors: list[Tensor], factor: float | Tensor, found_inf: Tensor | None) -> None:
+    if not tensors:
+        return
+    dense, copies = _dense(tensors)
+    table = TABLES.lookup([dense])
+    value, value_ptr = _scalar_args(factor)
+    for group in table.groups:
+        _launch(
+            kernels.scale_kernel, group.num_chunks,
+            table.addresses, table.num_tensors, 0, table.chunks, table.num_chunks, group.first_chunk,
+            value, value_ptr, None, found_inf,
+            DTYPE=_TL_DTYPES[group.dtypes[0]], BLOCK=BLOCK_SIZE,
+        )  # fmt: skip
+    _write_back(copies)
+
+
+def unscale_and_check_(tensors: list[Tensor], inv_scale: float | Tensor, found_inf: Tensor) -> None:
+    _scale(tensors, inv_scale, found_inf)
+
+
+def scale_(tensors: list[Tensor], coef: float | Tensor) -> None:
+    _scale(tensors, coef, None)
+
+
+def clamp_(tensors: list[Tensor], clip_value: float) -> None:
+    if not tensors:
+        return
+    dense, copies = _dense(tensors)
+    table = TABLES.lookup([dense])
+    for group in table.groups:
+        _launch(
+            kernels.clamp_kernel, group.num_chunks,
+            table.addresses, table.num_tensors, table.chunks, table.num_chunks, group.first_chunk, clip_value,
+            DTYPE=_TL_DTYPES[group.dtypes[0]], BLOCK=BLOCK_SIZE,
+        )  # fmt: skip
+    _write_back(copies)
+
+
+def adaptive_clip_(
+    params: list[Tensor],
+    grads: list[Tensor],
+    clip_factor: float,
+    eps: float,
+    norm_type: float,
+    unitwise: bool,
+) -> None:
+    if not params:
+        return
+    dense_params, _ = _dense(params)
+    dense_grads, copies = _dense(grads)
+    # A unit is a slice along dim 0 of a >= 2-D tensor: a contiguous run of numel / shape[0].
+    units = [t.shape[0] if t.ndim >= 2 else 1 for t in params] if unitwise else None
+    table = TABLES.lookup([dense_params, dense_grads], units=units)
+    if table.num_chunks == 0:  # only empty grads: nothing to clip
+        return
+    partials = _chunk_partials(table, 2, norm_type)
+    coefficients = torch.empty(table.num_segments, dtype=torch.float64, device=partials.device)
+    _launch(
+        kernels.unit_clip_coefficients_kernel, table.num_segments,
+        partials, table.segments, table.num_segments, table.num_chunks, coefficients,
+        clip_factor, eps, _inverse(norm_type),
+        KIND=_norm_kind(norm_type), BLOCK=PARTIALS_BLOCK,
+    )  # fmt: skip
+    for group in table.groups:
+        _launch(
+            kernels.scale_kernel, group.num_chunks,
+            table.addresses, table.num_tensors, 1, table.chunks, table.num_chunks, group.first_chunk,
+            1.0, None, coefficients, None,
+            DTYPE=_TL_DTYPES[group.dtypes[1]], BLOCK=BLOCK_SIZE,
+        )  # fmt: skip
+    _write_back(copies)
+
+
+def _log2(beta: float) -> float:
+    """log2(beta) for beta ** step = 2 ** (step * log2(beta)); beta = 0 gives 0 for any step >= 1."""
+    return math.log2(beta) if beta > 0 else -math.inf
+
+
+def adamw_(
+    params: list[Tensor],
+    grads: list[Tensor],
+    exp_avgs: list[Tensor],
+    exp_avg_sqs: list[Tensor],
+    steps: list[Tensor],
+    *,
+    lr: float | Tensor,
+    beta1: float,
+    beta2: float,
+    eps: float,
+    weight_decay: float,
+    maximize: bool,
+    max_exp_avg_sqs: list[Tensor] | None,
+    grad_scale: float | Tensor | None,
+    found_inf: Tensor | None,
+    clip_coef: float | Tensor | None,
+) -> None:
+    if not params:
+        return
+    amsgrad = max_exp_avg_sqs is not None
+    dense_grads, _ = _dense(grads)
+    written = [params, exp_avgs, exp_avg_sqs] + ([max_exp_avg_sqs] if amsgrad else [])
+    dense_written, copies = [], []
+    for tensors in written:
+        dense, list_copies = _dense(tensors)
+        dense_written.append(dense)
+        copies += list_copies
+    dense_params, dense_exp_avgs, dense_exp_avg_sqs, *dense_max = dense_written
+    # Rows in the order of kernels.PARAMS .. kernels.MAX_EXP_AVG_SQS.
+    lists = [dense_params, dense_grads, dense_exp_avgs, dense_exp_avg_sqs, steps, *dense_max]
+    table = TABLES.lookup(lists, min_one_chunk=True, arrivals=True)
+    lr_value, lr_ptr = _scalar_args(lr)
+    grad_scale_value, grad_scale_ptr = _scalar_args(1.0 if grad_scale is None else grad_scale)
+    clip_coef_value, clip_coef_ptr = _scalar_args(1.0 if clip_coef is None else clip_coef)
+    for group in table.groups:
+        param, grad, exp_avg, exp_avg_sq, step, *max_exp_avg_sq = (_TL_DTYPES[d] for d in group.dtypes)
+        _launch(
+            kernels.adamw_kernel, group.num_chunks,
+            table.addresses, table.num_tensors, table.chunks, table.num_chunks, group.first_chunk,
+            table.segments, table.num_segments, table.arrivals,
+            lr_value, lr_ptr, beta1, beta2, _log2(beta1), _log2(beta2), eps, weight_decay,
+            grad_scale_value, grad_scale_ptr, clip_coef_value, clip_coef_ptr, found_inf,
+            PARAM_DTYPE=param, GRAD_DTYPE=grad, EXP_AVG_DTYPE=exp_avg, EXP_AVG_SQ_DTYPE=exp_avg_sq,
+            STEP_DTYPE=step, MAX_EXP_AVG_SQ_DTYPE=max_exp_avg_sq[0] if amsgrad else None,
+            MAXIMIZE=maximize, BLOCK=BLOCK_SIZE,
+        )  # fmt: skip
+    _write_back(copies)

@@ -1,0 +1,202 @@
+"""Device-resident metadata that lets one kernel launch walk any number of tensors.
+
+torch and apex pass tensor pointers by value in the kernel arguments (at most a few dozen per
+launch); here they live in device memory instead, in two tables per list of tensors:
+
+- the **address table**, int64 ``[lists, tensors]``: each tensor's ``data_ptr()``; a kernel loads
+  its tensor's address and casts it to a typed pointer (``.to(tl.pointer_type(tl.float32))``);
+- the **chunk table**, int64 ``[4, chunks]``: chunk c is elements ``[START, END)`` of tensor
+  ``TENSOR``, inside segment ``SEGMENT`` (the tensor itself, or for AGC one unit of it). A launch
+  runs one program per chunk, so it is one launch whatever the tensor count;
+- the **segment table**, int64 ``[3, segments]``: each segment's tensor, first chunk and chunk
+  count, which the second pass of a reduction reads to reduce a segment's partials in order.
+
+Tensors are ordered by their dtypes (one dtype per list: a *group*), so that each group's chunks
+form one range: one launch per group, with the element types as compile-time constants.
+
+The tables are built on the host with vectorised torch (no Python loop per tensor or chunk),
+copied to the device once, and cached while the tensors keep their sizes and dtypes. Only the
+address table is refreshed, in place, when the pointers change (grads re-allocated by
+``zero_grad(set_to_none=True)``, contiguous stand-ins of strided tensors).
+"""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+import itertools
+import operator
+
+import torch
+from torch import Tensor
+
+BLOCK_SIZE = 1024  # elements a program handles per vector step
+CHUNK_SIZE = 32 * BLOCK_SIZE  # elements per program: large tensors run as many programs
+
+_dtype_of = operator.attrgetter("dtype")
+
+
+@dataclasses.dataclass(frozen=True)
+class Group:
+    """Tensors whose lists have these dtypes, and the range of chunks that covers them."""
+
+    dtypes: tuple[torch.dtype, ...]  # one per list
+    first_chunk: int
+    num_chunks: int
+
+
+def dtype_signature(lists: list[list[Tensor]]) -> tuple:
+    """Per list: its one dtype, or the tuple of its tensors' dtypes when they differ."""
+    signature = []
+    for tensors in lists:
+        dtypes = set(map(_dtype_of, tensors))
+        signature.append(dtypes.pop() if len(dtypes) == 1 else tuple(map(_dtype_of, tensors)))
+    return tuple(signature)
+
+
+# Small integer codes for the dtypes that fastopt.ops admits, to group tensors with torch ops.
+_DTYPE_CODES = {torch.float16: 0, torch.bfloat16: 1, torch.float32: 2, torch.float64: 3}
+
+
+def _group_tensors(signature: tuple, num_tensors: int) -> list[tuple[tuple, Tensor | None]]:
+    """The dtype combinations present (in a fixed order), each with its tensors' indices (None
+    for a single combination: every tensor, in order)."""
+    if not any(isinstance(entry, tuple) for entry in signature):
+        return [(signature, None)]
+    columns = [entry if isinstance(entry, tuple) else (entry,) * num_tensors for entry in signature]
+    # One integer per tensor naming its combination: sum of code * 4**list.
+    keys = sum(torch.tensor([_DTYPE_CODES[d] for d in column]) * 4**i for i, column in enumerate(columns))
+
+    def key(combination: tuple) -> int:
+        return sum(_DTYPE_CODES[d] * 4**i for i, d in enumerate(combination))
+
+    combinations = sorted(set(zip(*columns)), key=key)
+    return [(combination, (keys == key(combination)).nonzero().squeeze(1)) for combination in combinations]
+
+
+def _first_of_each(counts: Tensor) -> Tensor:
+    """Exclusive prefix sum: where each run of ``counts`` starts."""
+    return torch.cumsum(counts, 0) - counts
+
+
+def _group_rows(tensor_ids: Tensor, numels: Tensor, units: Tensor, min_one_chunk: bool, chunk_offset: int,
+                segment_offset: int) -> tuple[Tensor, Tensor]:  # fmt: skip
+    """Chunk rows [4, chunks] and segment rows [3, segments] for one group's tensors."""
+    units = units[tensor_ids]
+    unit_length = numels[tensor_ids] // units.clamp_min(1)
+    # Segments: unit u of tensor t covers elements [u * length, (u + 1) * length).
+    segment_of = torch.repeat_interleave(torch.arange(len(tensor_ids)), units)
+    unit_index = torch.arange(len(segment_of)) - _first_of_each(units)[segment_of]
+    segment_tensor = tensor_ids[segment_of]
+    segment_length = unit_length[segment_of]
+    segment_start = unit_index * segment_length
+    chunk_counts = (segment_length + CHUNK_SIZE - 1) // CHUNK_SIZE
+    if min_one_chunk:  # a program per tensor even when empty (AdamW still counts its step)
+        chunk_counts = chunk_counts.clamp_min(1)
+    segment_first_chunk = _first_of_each(chunk_counts)
+    # Chunks: consecutive CHUNK_SIZE slices of each segment.
+    chunk_segment = torch.repeat_interleave(torch.arange(len(segment_of)), chunk_counts)
+    chunk_start = segment_start[chunk_segment] + (
+        torch.arange(len(chunk_segment)) - segment_first_chunk[chunk_segment]
+    ) * CHUNK_SIZE
+    segment_end = segment_start + segment_length
+    chunk_end = torch.minimum(chunk_start + CHUNK_SIZE, segment_end[chunk_segment])
+    chunks = torch.stack([segment_tensor[chunk_segment], chunk_segment + segment_offset, chunk_start, chunk_end])
+    segments = torch.stack([segment_tensor, segment_first_chunk + chunk_offset, chunk_counts])
+    return chunks, segments
+
+
+def _to_device(host: Tensor, device: torch.device) -> Tensor:
+    """Copy host metadata to the device without synchronising (pinned memory, async copy)."""
+    if device.type == "cuda":
+        return host.pin_memory().to(device, non_blocking=True)
+    return host.to(device)
+
+
+class ChunkTable:
+    """The address, chunk and segment tables of one layout of tensor lists (see module doc).
+
+    Attributes: ``addresses``, ``chunks``, ``segments`` (device tensors), ``num_tensors``,
+    ``num_chunks``, ``num_segments``, ``groups`` and, when built with ``arrivals=True``,
+    ``arrivals`` (int32 per segment, zero between launches, for kernels that must know which
+    program of a tensor finishes last). Tables are used on the stream of the calling op; the
+    address table is rewritten in place, stream-ordered after the launches that read it before.
+    """
+
+    def __init__(self, lists: list[list[Tensor]], signature: tuple, numels: list[int], units: list[int] | None,
+                 min_one_chunk: bool, arrivals: bool):  # fmt: skip
+        device = lists[0][0].device
+        self.num_tensors = len(numels)
+        numel_column = torch.tensor(numels, dtype=torch.int64)
+        unit_column = torch.ones_like(numel_column) if units is None else torch.tensor(units, dtype=torch.int64)
+        all_chunks, all_segments, self.groups = [], [], []
+        num_chunks = num_segments = 0
+        for dtypes, tensor_ids in _group_tensors(signature, self.num_tensors):
+            if tensor_ids is None:
+                tensor_ids = torch.arange(self.num_tensors)
+            chunks, segments = _group_rows(
+                tensor_ids, numel_column, unit_column, min_one_chunk, num_chunks, num_segments
+            )
+            self.groups.append(Group(dtypes, num_chunks, chunks.shape[1]))
+            all_chunks.append(chunks)
+            all_segments.append(segments)
+            num_chunks += chunks.shape[1]
+            num_segments += segments.shape[1]
+        self.num_chunks, self.num_segments = num_chunks, num_segments
+        self.chunks = _to_device(torch.cat(all_chunks, dim=1).contiguous(), device)
+        self.segments = _to_device(torch.cat(all_segments, dim=1).contiguous(), device)
+        self.arrivals = torch.zeros(num_segments, dtype=torch.int32, device=device) if arrivals else None
+        self._pointers: list[int] = []
+        self.addresses = torch.empty((len(lists), self.num_tensors), dtype=torch.int64, device=device)
+
+    def point_to(self, lists: list[list[Tensor]]) -> bool:
+        """Make the address table hold these tensors' pointers; True when it had to change."""
+        pointers = list(itertools.chain.from_iterable(map(Tensor.data_ptr, tensors) for tensors in lists))
+        if pointers == self._pointers:
+            return False
+        host = torch.tensor(pointers, dtype=torch.int64).view(self.addresses.shape)
+        if self.addresses.device.type == "cuda":
+            self.addresses.copy_(host.pin_memory(), non_blocking=True)
+        else:
+            self.addresses.copy_(host)
+        self._pointers = pointers
+        return True
+
+
+class TableCache:
+    """ChunkTables by layout (device, dtypes, sizes, units), least recently used dropped first.
+
+    ``hits``, ``misses`` and ``pointer_refreshes`` count what the lookups did.
+    """
+
+    def __init__(self, capacity: int = 64):
+        self.capacity = capacity
+        self._tables: collections.OrderedDict[tuple, ChunkTable] = collections.OrderedDict()
+        self.hits = self.misses = self.pointer_refreshes = 0
+
+    def lookup(self, lists: list[list[Tensor]], *, units: list[int] | None = None, min_one_chunk: bool = False,
+               arrivals: bool = False) -> ChunkTable:  # fmt: skip
+        """The table for these lists (all of one length, on one device, at least one tensor),
+        pointing at these tensors. ``units[i]``: how many equal segments tensor i splits into
+        (default 1); ``min_one_chunk``: give empty tensors a chunk too."""
+        signature = dtype_signature(lists)
+        numels = list(map(Tensor.numel, lists[0]))
+        units_key = None if units is None else tuple(units)
+        key = (lists[0][0].device, signature, tuple(numels), units_key, min_one_chunk, arrivals)
+        table = self._tables.get(key)
+        if table is None:
+            self.misses += 1
+            table = ChunkTable(lists, signature, numels, units, min_one_chunk, arrivals)
+            self._tables[key] = table
+            if len(self._tables) > self.capacity:
+                self._tables.popitem(last=False)
+        else:
+            self.hits += 1
+            self._tables.move_to_end(key)
+        if table.point_to(lists):
+            self.pointer_refreshes += 1
+        return table
+
+    def clear(self) -> None:
+        self._tables.clear()
+        self.hits = self.misses = self.pointer_refreshes = 0

@@ -1,0 +1,479 @@
+"""The Triton backend's machinery, which the op tests cannot see.
+
+The op tests (test_norm_scale, test_clip, test_adamw, test_fuzz, test_validation, ...) check the
+backend's results when the suite runs on it: ``make test-triton`` (``FASTOPT_BACKEND=triton
+TRITON_INTERPRET=1``, Triton's interpreter on CPU tensors). This file checks what they cannot: one
+launch per pass at any tensor count, the chunk-table cache and its pointer refresh, thousands of
+tensors, tensors and AGC units spanning several chunks, the torch custom ops (opcheck,
+torch.compile), that every launch the ops make compiles for a GPU, and, on a GPU, tensors of more
+than 2**31 elements.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import math
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import fastopt
+from fastopt import backends, ops, reference
+from tests.helpers import assert_bitwise_equal, float64_norm, random_tensors, tolerance
+
+INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
+DEVICE = "cpu" if INTERPRETED else "cuda"  # where the backend runs in this process
+TRITON_INSTALLED = importlib.util.find_spec("triton") is not None
+
+
+def runs_here(test):
+    """For tests of the backend's behaviour: they run where it runs, on CPU tensors under the
+    interpreter, else on a GPU (marked cuda), and skip where it is unavailable."""
+    backends.refresh()
+    available = "triton" in fastopt.available_backends()
+    test = pytest.mark.skipif(not available, reason="the triton backend is unavailable here (see `make info`)")(test)
+    return test if INTERPRETED else pytest.mark.cuda(test)
+
+
+if TRITON_INSTALLED:
+    from fastopt.triton import launch
+    from fastopt.triton.tables import CHUNK_SIZE
+
+
+@pytest.fixture
+def triton_backend():
+    """Force the triton backend; start with empty launch counts and table cache."""
+    launch.LAUNCHES.clear()
+    launch.TABLES.clear()
+    with fastopt.use_backend("triton"):
+        yield
+    launch.TABLES.clear()
+
+
+def launches() -> dict[str, int]:
+    counts = dict(launch.LAUNCHES)
+    launch.LAUNCHES.clear()
+    return counts
+
+
+HYPER = dict(lr=1e-2, beta1=0.9, beta2=0.99, eps=1e-8, weight_decay=0.1)
+
+
+def adamw_state(params, state_dtype=None):
+    gen = torch.Generator().manual_seed(7)
+    exp_avgs = [(torch.randn(p.shape, generator=gen) * 0.1).to(p.device, state_dtype or p.dtype) for p in params]
+    exp_avg_sqs = [(torch.rand(p.shape, generator=gen) * 0.01).to(p.device, state_dtype or p.dtype) for p in params]
+    steps = [torch.tensor(float(i % 5), device=p.device) for i, p in enumerate(params)]
+    return exp_avgs, exp_avg_sqs, steps
+
+
+def clone_all(tensors):
+    return [t.clone() for t in tensors]
+
+
+# --------------------------------------------------------------------------- one launch per pass
+
+
+@runs_here
+@pytest.mark.parametrize("num_tensors", [1, 60])
+@pytest.mark.usefixtures("triton_backend")
+def test_each_pass_is_one_launch_at_any_tensor_count(num_tensors):
+    shapes = [(i % 7 + 1, 3) if i % 2 else (i % 11 + 1,) for i in range(num_tensors)]
+    grads = random_tensors(shapes, device=DEVICE, seed=1)
+    params = random_tensors(shapes, device=DEVICE, seed=2)
+
+    fastopt.multi_tensor_norm(grads, per_tensor=True)
+    assert launches() == {"chunk_norm_partials_kernel": 1, "segment_norms_kernel": 1}
+    fastopt.multi_tensor_norm(grads, 3.0, found_inf=torch.zeros(1, device=DEVICE))
+    assert launches() == {"chunk_norm_partials_kernel": 1, "segment_norms_kernel": 1}
+    fastopt.unscale_and_check_(grads, torch.ones(1, device=DEVICE), torch.zeros(1, device=DEVICE))
+    assert launches() == {"scale_kernel": 1}
+    fastopt.scale_(grads, 0.5)
+    assert launches() == {"scale_kernel": 1}
+    ops.clamp_(grads, 1.0)
+    assert launches() == {"clamp_kernel": 1}
+    ops.adaptive_clip_(params, grads)
+    assert launches() == {"chunk_norm_partials_kernel": 1, "unit_clip_coefficients_kernel": 1, "scale_kernel": 1}
+    fastopt.adamw_(params, grads, *adamw_state(params), **HYPER, found_inf=torch.zeros(1, device=DEVICE))
+    assert launches() == {"adamw_kernel": 1}
+
+
+@runs_here
+@pytest.mark.usefixtures("triton_backend")
+def test_one_launch_per_dtype_combination():
+    dtypes = [torch.float32, torch.bfloat16, torch.float32, torch.float16, torch.bfloat16]
+    shapes = [(5, 4), (33,), (7,), (2, 9), ()]
+    tensors = [t.to(d) for t, d in zip(random_tensors(shapes, device=DEVICE, seed=3), dtypes)]
+    total, norms = fastopt.multi_tensor_norm(tensors, per_tensor=True)
+    assert launches() == {"chunk_norm_partials_kernel": 3, "segment_norms_kernel": 1}
+    expected_total, expected_norms = reference.multi_tensor_norm(tensors, 2.0, True)
+    torch.testing.assert_close(total, expected_total, **tolerance(torch.float32))
+    torch.testing.assert_close(norms, expected_norms, **tolerance(torch.float32))
+
+    # AdamW groups by the combination over all its lists: bf16 params with fp32 states, and fp32 throughout.
+    params = random_tensors([(4, 3), (9,), (2, 2), (5,)], device=DEVICE, seed=4)
+    params[1], params[3] = params[1].bfloat16(), params[3].bfloat16()
+    grads = [g.to(p.dtype) for g, p in zip(random_tensors([p.shape for p in params], device=DEVICE, seed=5), params)]
+    exp_avgs, exp_avg_sqs, steps = adamw_state(params, torch.float32)
+    expected = [clone_all(params), clone_all(exp_avgs), clone_all(exp_avg_sqs), clone_all(steps)]
+    fastopt.adamw_(params, grads, exp_avgs, exp_avg_sqs, steps, **HYPER)
+    assert launches() == {"adamw_kernel": 2}
+    reference.adamw_(*expected[:1], grads, *expected[1:], **HYPER, maximize=False, max_exp_avg_sqs=None,
+                     grad_scale=None, found_inf=None, clip_coef=None)  # fmt: skip
+    for actual, want in zip([params, exp_avgs, exp_avg_sqs, steps], expected):
+        for a, w in zip(actual, want):
+            torch.testing.assert_close(a, w, **tolerance(a.dtype))
+
+
+# --------------------------------------------------------------------------- the table cache
+
+
+@runs_here
+@pytest.mark.usefixtures("triton_backend")
+def test_tables_are_cached_and_only_the_pointers_refresh():
+    tables = launch.TABLES
+    grads = random_tensors([(5, 4), (0,), (), (70,)], device=DEVICE, seed=6)
+
+    total = fastopt.multi_tensor_norm(grads)
+    fastopt.scale_(grads, torch.clamp(1.0 / (total + 1e-6), max=1.0))  # clip_grad_norm_: one table for both passes
+    assert (tables.misses, tables.hits, tables.pointer_refreshes) == (1, 1, 1)
+    table = tables.lookup([grads])
+    addresses = table.addresses
+    assert (tables.misses, tables.hits, tables.pointer_refreshes) == (1, 2, 1)
+
+    # Re-allocated grads (zero_grad(set_to_none=True)): same table, its addresses rewritten in place.
+    new_grads = [g.clone() * 3 for g in grads]
+    before = clone_all(grads)
+    fastopt.scale_(new_grads, 0.5)
+    assert (tables.misses, tables.hits, tables.pointer_refreshes) == (1, 3, 2)
+    assert tables.lookup([new_grads]) is table and table.addresses is addresses
+    assert table.addresses[0].tolist() == [g.data_ptr() for g in new_grads]
+    for g, b, new in zip(grads, before, new_grads):
+        assert_bitwise_equal(g, b)  # the old tensors are not touched any more
+        torch.testing.assert_close(new, b * 1.5, rtol=0, atol=0)
+
+    # Another layout (a size or a dtype changed) is another table.
+    fastopt.scale_(new_grads[:3] + [torch.randn(71, device=DEVICE)], 0.5)
+    fastopt.scale_(new_grads[:3] + [new_grads[3].double()], 0.5)
+    assert tables.misses == 3
+
+
+@runs_here
+@pytest.mark.usefixtures("triton_backend")
+def test_adamw_with_grads_reallocated_every_step_matches_the_reference():
+    shapes = [(6, 5), (11,), (), (3, 2, 2)]
+    params = random_tensors(shapes, device=DEVICE, seed=8)
+    state = adamw_state(params)
+    expected_params, expected_state = clone_all(params), [clone_all(s) for s in state]
+    for step in range(3):
+        grads = random_tensors(shapes, device=DEVICE, seed=20 + step)  # new tensors, new pointers
+        lr = torch.tensor(1e-2 / (step + 1), device=DEVICE)
+        fastopt.adamw_(params, grads, *state, **{**HYPER, "lr": lr})
+        reference.adamw_(expected_params, grads, *expected_state, **{**HYPER, "lr": lr}, maximize=False,
+                         max_exp_avg_sqs=None, grad_scale=None, found_inf=None, clip_coef=None)  # fmt: skip
+    assert (launch.TABLES.misses, launch.TABLES.pointer_refreshes) == (1, 3)
+    for actual, want in zip([params, *state], [expected_params, *expected_state]):
+        for a, w in zip(actual, want):
+            torch.testing.assert_close(a, w, **tolerance(torch.float32))
+
+
+# --------------------------------------------------------------------------- many tensors, big tensors
+
+
+@runs_here
+@pytest.mark.usefixtures("triton_backend")
+def test_5000_small_tensors_in_one_launch_per_pass():
+    generator = torch.Generator().manual_seed(9)
+    sizes = torch.randint(0, 9, (5000,), generator=generator).tolist()
+    grads = [(torch.randn(n, generator=generator) * 2).to(DEVICE) for n in sizes]
+    expected_total, expected_norms = reference.multi_tensor_norm(grads, 2.0, True)
+
+    expected_grads = clone_all(grads)
+
+    total, norms = fastopt.multi_tensor_norm(grads, per_tensor=True)
+    clip_coef = torch.clamp(1.0 / (total + 1e-6), max=1.0)
+    fastopt.scale_(grads, clip_coef)
+
+    assert launches() == {"chunk_norm_partials_kernel": 1, "segment_norms_kernel": 1, "scale_kernel": 1}
+    torch.testing.assert_close(total, expected_total, **tolerance(torch.float32))
+    torch.testing.assert_close(norms, expected_norms, **tolerance(torch.float32))
+    reference.scale_(expected_grads, clip_coef)
+    torch.testing.assert_close(torch.cat(grads), torch.cat(expected_grads), rtol=0, atol=0)
+
+
+@pytest.mark.cuda
+@pytest.mark.usefixtures("triton_backend")
+def test_5000_small_tensors_adamw_on_gpu():
+    shapes = [(int(n),) for n in torch.randint(1, 65536, (5000,), generator=torch.Generator().manual_seed(10))]
+    params = random_tensors(shapes, device="cuda", seed=11)
+    grads = random_tensors(shapes, device="cuda", seed=12)
+    state = adamw_state(params)
+    expected_params, expected_state = clone_all(params), [clone_all(s) for s in state]
+    fastopt.adamw_(params, grads, *state, **HYPER)
+    assert launches() == {"adamw_kernel": 1}
+    reference.adamw_(expected_params, grads, *expected_state, **HYPER, maximize=False, max_exp_avg_sqs=None,
+                     grad_scale=None, found_inf=None, clip_coef=None)  # fmt: skip
+    for actual, want in zip([params, *state], [expected_params, *expected_state]):
+        for a, w in zip(actual, want):
+            torch.testing.assert_close(a, w, **tolerance(torch.float32))
+
+
+@runs_here
+@pytest.mark.usefixtures("triton_backend")
+def test_tensors_and_units_spanning_several_chunks():
+    # A tensor of 2.5 chunks, a unit (row) of 1.5 chunks, and small ones between them.
+    shapes = [(5 * CHUNK_SIZE // 2,), (3,), (2, 3 * CHUNK_SIZE // 2), (4, 5)]
+    grads = random_tensors(shapes, device=DEVICE, seed=13, scale=0.05)
+    params = random_tensors(shapes, device=DEVICE, seed=14)
+    grads[2][0] *= 100  # one unit clipped, the other not
+
+    for p in [2.0, math.inf]:
+        total, norms = fastopt.multi_tensor_norm(grads, p, per_tensor=True)
+        # Against float64: torch's own fp32 norm of the (2, 49152) tensor is off by 2.5e-5 here.
+        torch.testing.assert_close(total.double().cpu(), float64_norm(grads, p), **tolerance(torch.float32))
+        expected_norms = torch.stack([float64_norm([g], p) for g in grads])
+        torch.testing.assert_close(norms.double().cpu(), expected_norms, **tolerance(torch.float32))
+
+    expected = clone_all(grads)
+    ops.adaptive_clip_(params, grads)
+    reference.adaptive_clip_(params, expected, 0.01, 1e-3, 2.0, True)
+    for g, want in zip(grads, expected):
+        torch.testing.assert_close(g, want, **tolerance(torch.float32))
+
+    # AdamW: every chunk of a tensor reads the old step, and the step is written once; twice, so
+    # that the second launch shows the first one left its arrival counters at zero.
+    state = adamw_state(params)
+    expected_params, expected_state = clone_all(params), [clone_all(s) for s in state]
+    for _ in range(2):
+        fastopt.adamw_(params, grads, *state, **HYPER)
+        reference.adamw_(expected_params, grads, *expected_state, **HYPER, maximize=False, max_exp_avg_sqs=None,
+                         grad_scale=None, found_inf=None, clip_coef=None)  # fmt: skip
+    assert [s.item() for s in state[2]] == [s.item() for s in expected_state[2]] == [2.0, 3.0, 4.0, 5.0]
+    for actual, want in zip([params, *state], [expected_params, *expected_state]):
+        for a, w in zip(actual, want):
+            torch.testing.assert_close(a, w, **tolerance(torch.float32))
+
+
+@pytest.mark.cuda
+@pytest.mark.usefixtures("triton_backend")
+def test_more_than_2_to_the_31_elements():
+    numel = 2**31 + 3 * CHUNK_SIZE + 7
+    ones = torch.ones(numel, dtype=torch.float16, device="cuda")
+    _, norms = fastopt.multi_tensor_norm([torch.ones(5, device="cuda"), ones], per_tensor=True)
+    assert norms[1].item() == torch.tensor(math.sqrt(numel), dtype=torch.float32).item()  # fp32 sums of ones are exact
+    fastopt.scale_([ones], 0.5)
+    assert ones.eq(0.5).all()
+    del ones
+
+    # AdamW in bf16: the last elements, past 2**31, step as a short tensor with the same values does.
+    param, grad, exp_avg, exp_avg_sq = (torch.full((numel,), v, dtype=torch.bfloat16, device="cuda")
+                                        for v in (1.0, 0.5, 0.1, 0.01))  # fmt: skip
+    step = torch.zeros((), device="cuda")
+    fastopt.adamw_([param], [grad], [exp_avg], [exp_avg_sq], [step], **HYPER)
+    small = [torch.full((9,), v, dtype=torch.bfloat16, device="cuda") for v in (1.0, 0.5, 0.1, 0.01)]
+    fastopt.adamw_([small[0]], [small[1]], [small[2]], [small[3]], [torch.zeros((), device="cuda")], **HYPER)
+    assert step.item() == 1.0
+    for big, short in zip((param, exp_avg, exp_avg_sq), (small[0], small[2], small[3])):
+        assert_bitwise_equal(big[-9:], short)
+        assert_bitwise_equal(big[:9], short)
+
+
+# --------------------------------------------------------------------------- torch.library
+
+
+def custom_op_cases(device):
+    """(op, arguments) for each registered op, on fresh tensors."""
+    ts = random_tensors([(3, 5), (7,), ()], device=device, seed=15)
+
+    def copies(scale=1.0):
+        return [t.clone() * scale for t in ts]
+
+    def scalar(value, shape=()):
+        return torch.full(shape, value, device=device)
+
+    library = torch.ops.fastopt_triton
+    states = [[torch.zeros_like(t) for t in ts], [torch.rand_like(t) for t in ts], [torch.ones_like(t) for t in ts]]
+    steps = [scalar(0.0) for _ in ts]
+    flag = scalar(0.0, (1,))
+    return {
+        "multi_tensor_norm": (library.multi_tensor_norm.default, (ts, 2.0, True, None)),
+        "multi_tensor_norm-inf-found_inf": (library.multi_tensor_norm.default, (ts, math.inf, False, flag)),
+        "unscale_and_check_": (library.unscale_and_check_.default, (copies(), None, scalar(0.5, (1,)), flag)),
+        "scale_": (library.scale_.default, (copies(), 0.5, None)),
+        "clamp_": (library.clamp_.default, (copies(), 0.5)),
+        "adaptive_clip_": (library.adaptive_clip_.default, (copies(), copies(0.1), 0.01, 1e-3, 2.0, True)),
+        # lr as a tensor, AMSGrad, grad_scale as a float, found_inf, clip_coef as a tensor.
+        "adamw_": (library.adamw_.default, (copies(), copies(), states[0], states[1], steps, None, scalar(1e-3), 0.9,
+                                            0.999, 1e-8, 0.01, False, states[2], 2.0, None, flag.clone(), None,
+                                            scalar(0.5))),
+    }  # fmt: skip
+
+
+CUSTOM_OPS = list(custom_op_cases("cpu")) if TRITON_INSTALLED else []
+
+
+@runs_here
+@pytest.mark.parametrize("name", CUSTOM_OPS)
+def test_custom_ops_pass_opcheck(name):
+    op, args = custom_op_cases(DEVICE)[name]
+    torch.library.opcheck(op, args)
+
+
+@runs_here
+def test_compiled_step_calls_the_custom_ops():
+    """torch.compile keeps each op as one node (it never traces into the table building)."""
+    graphs = []
+
+    def record_graph(graph_module, example_inputs):
+        graphs.append(graph_module)
+        return graph_module.forward
+
+    def clip_step(grads):
+        total, _ = torch.ops.fastopt_triton.multi_tensor_norm(grads, 2.0, False, None)
+        torch.ops.fastopt_triton.scale_(grads, None, torch.clamp(1.0 / (total + 1e-6), max=1.0))
+        return total
+
+    grads = random_tensors([(4, 5), (9,)], device=DEVICE, seed=16, scale=3.0)
+    expected = clone_all(grads)
+    compiled_total = torch.compile(clip_step, backend=record_graph, fullgraph=True)(grads)
+    torch.testing.assert_close(compiled_total, clip_step(expected))  # (the eager call scales `expected`)
+    for g, e in zip(grads, expected):
+        torch.testing.assert_close(g, e)
+    targets = [str(node.target) for node in graphs[0].graph.nodes if node.op == "call_function"]
+    assert "fastopt_triton.multi_tensor_norm" in targets and "fastopt_triton.scale_" in targets
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not TRITON_INSTALLED, reason="needs triton")
+def test_inductor_compiles_a_clipped_adamw_step_through_the_public_api():
+    shapes = [(64, 32), (32,), (5, 64)]
+    params, grads = random_tensors(shapes, device="cuda", seed=17), random_tensors(shapes, device="cuda", seed=18)
+    state = adamw_state(params)
+    expected_params, expected_state = clone_all(params), [clone_all(s) for s in state]
+
+    def step(params, grads, exp_avgs, exp_avg_sqs, steps):
+        total = fastopt.multi_tensor_norm(grads)
+        clip_coef = torch.clamp(1.0 / (total + 1e-6), max=1.0)
+        fastopt.adamw_(params, grads, exp_avgs, exp_avg_sqs, steps, **HYPER, clip_coef=clip_coef)
+        return total
+
+    with fastopt.use_backend("triton"):
+        total = torch.compile(step)(params, grads, *state)
+        expected_total = step(expected_params, grads, *expected_state)
+    assert_bitwise_equal(total, expected_total)
+    for actual, want in zip([params, *state], [expected_params, *expected_state]):
+        for a, w in zip(actual, want):
+            assert_bitwise_equal(a, w)
+
+
+# --------------------------------------------------------------------------- compiled for a GPU
+
+_COMPILE_CHECK = """
+import sys
+import tests.test_triton_backend as t
+sys.exit(t.compile_every_launch_for_a_gpu())
+"""
+
+
+@pytest.mark.skipif(not TRITON_INSTALLED, reason="needs triton")
+@pytest.mark.skipif(INTERPRETED, reason="runs once, in the lane without the interpreter (`make test`)")
+def test_every_launch_compiles_for_a_gpu():
+    """What the interpreter cannot show: the kernels as the ops launch them compile to sm_90 code.
+    Runs without a GPU: the ops run on CPU tensors with launches recorded, then each distinct
+    launch signature is compiled with Triton's CUDA backend."""
+    env = {k: v for k, v in os.environ.items() if k not in ("TRITON_INTERPRET", "FASTOPT_BACKEND")}
+    result = subprocess.run([sys.executable, "-c", _COMPILE_CHECK], capture_output=True, text=True, env=env,
+                            timeout=600, cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # fmt: skip
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    assert "compiled" in result.stdout
+
+
+_SIGNATURE_DTYPES = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32", torch.float64: "fp64",
+                     torch.int32: "i32", torch.int64: "i64"}  # fmt: skip
+
+
+def _record_launches(calls) -> list:
+    """Run ``calls`` with every kernel launch recorded (kernel, arguments) instead of run."""
+    recorded = []
+
+    def record(kernel, num_programs, *args, **kwargs):
+        if num_programs:
+            recorded.append((kernel, args, kwargs))
+
+    real_launch, launch._launch = launch._launch, record
+    try:
+        for call in calls:
+            call()
+    finally:
+        launch._launch = real_launch
+    return recorded
+
+
+def _signature(kernel, args, kwargs) -> tuple[dict, dict]:
+    """Triton's (signature, constexprs) for a launch, as its launcher would specialise it."""
+    signature, constexprs = {}, {}
+    values = dict(zip(kernel.arg_names, args)) | kwargs
+    for param in kernel.params:
+        value = values[param.name]
+        if param.is_constexpr or value is None:
+            constexprs[param.name] = value
+        elif isinstance(value, torch.Tensor):
+            signature[param.name] = "*" + _SIGNATURE_DTYPES[value.dtype]
+        elif isinstance(value, float):
+            signature[param.name] = "fp64"
+        else:
+            signature[param.name] = "i32" if -(2**31) <= value < 2**31 else "i64"
+    return signature, constexprs
+
+
+def compile_every_launch_for_a_gpu(arch: int = 90) -> int:
+    """The launches of every op, over the dtype combinations and options they specialise on,
+    compiled for CUDA sm_``arch`` (no GPU needed). Returns a process exit status."""
+    from triton import compile as triton_compile
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    def adamw(dtypes, **options):
+        params = [torch.randn(4, 3).to(dtypes[0]), torch.randn(5).to(dtypes[0])]
+        grads = [p.to(dtypes[1]) for p in params]
+        states = [[torch.rand_like(p, dtype=dtypes[2]) for p in params] for _ in range(3)]
+        return lambda: launch.adamw_(
+            params, grads, states[0], states[1], [torch.zeros(()) for _ in params],
+            beta1=0.9, beta2=0.999, eps=1e-8, weight_decay=0.01, maximize=options.get("maximize", False),
+            max_exp_avg_sqs=states[2] if options.get("amsgrad") else None,
+            lr=options.get("lr", 1e-3), grad_scale=options.get("grad_scale"), found_inf=options.get("found_inf"),
+            clip_coef=options.get("clip_coef"),
+        )  # fmt: skip
+
+    flag, half = torch.zeros(1), torch.tensor(0.5)
+    calls = []
+    for dtype in (torch.float32, torch.bfloat16, torch.float16, torch.float64):
+        tensors = [torch.randn(5, 3).to(dtype), torch.randn(7).to(dtype)]
+        for p in (1.0, 2.0, 3.5, math.inf):
+            calls.append(lambda t=tensors, p=p: launch.multi_tensor_norm(t, p, True))
+        calls += [
+            lambda t=tensors: launch.multi_tensor_norm(t, 2.0, False, flag),
+            lambda t=tensors: launch.unscale_and_check_(t, half, flag),
+            lambda t=tensors: launch.scale_(t, 0.5),
+            lambda t=tensors: launch.clamp_(t, 0.5),
+            lambda t=tensors: launch.adaptive_clip_(t, [x * 0.1 for x in t], 0.01, 1e-3, 2.0, True),
+        ]
+    every_option = dict(amsgrad=True, maximize=True, lr=half, grad_scale=half, found_inf=flag, clip_coef=half)
+    mixed = [(torch.float32, torch.bfloat16, torch.float32), (torch.bfloat16, torch.bfloat16, torch.float32)]
+    for dtypes in [(torch.float32,) * 3, (torch.bfloat16,) * 3, (torch.float16,) * 3, (torch.float64,) * 3, *mixed]:
+        calls += [adamw(dtypes), adamw(dtypes, **every_option)]
+
+    distinct = {}
+    for kernel, args, kwargs in _record_launches(calls):
+        signature, constexprs = _signature(kernel, args, kwargs)
+        distinct[(kernel.fn.__name__, repr(sorted(signature.items())), repr(sorted(constexprs.items())))] = (
+            kernel, signature, constexprs)  # fmt: skip
+    target = GPUTarget("cuda", arch, 32)
+    for kernel, signature, constexprs in distinct.values():
+        full_signature = {**signature, **{name: "constexpr" for name in constexprs}}
+        triton_compile(ASTSource(kernel, signature=full_signature, constexprs=constexprs), target=target)
+    print(f"compiled {len(distinct)} distinct launches of {len({k[0] for k in distinct})} kernels for sm_{arch}")
+    return 0
