@@ -27,7 +27,7 @@ $(STAMP): pyproject.toml setup.py
 	$(PYTHON) -m venv --system-site-packages $(VENV)
 	$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install -q "$(TORCH_SPEC)"
 	$(PY) -m pip install -q "setuptools>=64" wheel
-	$(PY) -m pip install -v --no-build-isolation -e ".[test]" > $(VENV)/install.log 2>&1 \
+	$(PY) -m pip install -v --no-build-isolation -e ".[test,bench]" > $(VENV)/install.log 2>&1 \
 		|| { tail -n 40 $(VENV)/install.log; exit 1; }
 	@grep -m1 -o "fastopt: CUDA extension.*" $(VENV)/install.log || true
 	@touch $@

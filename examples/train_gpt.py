@@ -31,6 +31,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import fastopt
+from fastopt.benchmark.cases import agc_per_tensor_loop
 from fastopt.monitor import TrainingMonitor
 
 CORPUS_MODULES = [
@@ -114,19 +115,6 @@ class GPT(nn.Module):
 
 
 # --------------------------------------------------------------------------- training
-
-
-def agc_torch_loop(parameters, clip_factor: float, eps: float = 1e-3) -> None:
-    """timm's adaptive_clip_grad, a Python loop over tensors: the torch pipeline's AGC."""
-    for p in parameters:
-        if p.grad is None:
-            continue
-        dims = tuple(range(1, p.ndim)) if p.ndim > 1 else None
-        weight_norm = p.detach().norm(dim=dims, keepdim=p.ndim > 1).clamp_(min=eps)
-        grad_norm = p.grad.norm(dim=dims, keepdim=p.ndim > 1)
-        max_norm = weight_norm * clip_factor
-        clipped = p.grad * (max_norm / grad_norm.clamp(min=1e-6))
-        p.grad.copy_(torch.where(grad_norm < max_norm, p.grad, clipped))
 
 
 def make_scheduler(optimizer, args):
@@ -233,7 +221,7 @@ class Run:
             return self.optimizer.stats["grad_norm"]
         self.scaler.unscale_(self.optimizer)
         if args.clip == "agc":
-            agc_torch_loop(self.body, args.agc_clip_factor)
+            agc_per_tensor_loop(self.body, args.agc_clip_factor)  # AGC as torch users loop it today
         norm_bound = args.max_grad_norm if args.clip == "norm" else math.inf
         grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), norm_bound)
         scale_before = self.scaler.get_scale() if self.scaler.is_enabled() else None

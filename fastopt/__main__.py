@@ -3,28 +3,26 @@
 from __future__ import annotations
 
 import argparse
-import datetime
 import platform
+import shlex
 import sys
 
 import torch
 
 from fastopt import backends
+from fastopt.benchmark import workloads
 
 
 def _triton_version() -> str:
-    try:
-        import triton
-    except ImportError:
-        return "not installed"
-    return triton.__version__
+    from fastopt.benchmark.report import triton_version
+
+    return triton_version()
 
 
 def _device_description() -> str:
-    if torch.cuda.is_available():
-        names = [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())]
-        return f"cuda ({', '.join(names)})"
-    return f"cpu ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads); no CUDA GPU visible"
+    from fastopt.benchmark.report import device_description
+
+    return device_description()
 
 
 def info(_args: argparse.Namespace) -> int:
@@ -45,20 +43,66 @@ def info(_args: argparse.Namespace) -> int:
     return 0
 
 
-def bench(args: argparse.Namespace) -> int:
-    from fastopt import benchmark
+def _progress(quiet: bool):
+    """A progress bar on stderr (tqdm when installed; plain lines otherwise), or nothing."""
+    if quiet:
+        return None
+    try:
+        from tqdm import tqdm
+    except ImportError:
+        tqdm = None
+    bar = None
 
+    def report(done: int, total: int, description: str) -> None:
+        nonlocal bar
+        if tqdm is None:
+            if done < total:
+                print(f"  [{done + 1}/{total}] {description}", file=sys.stderr, flush=True)
+            return
+        if bar is None:
+            bar = tqdm(total=total, file=sys.stderr, unit="row", leave=False)
+        bar.set_description_str(description[:70])
+        bar.update(done - bar.n)
+        if done >= total:
+            bar.close()
+
+    return report
+
+
+def bench(args: argparse.Namespace) -> int:
+    import pathlib
+
+    from fastopt import benchmark
+    from fastopt.benchmark import report
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    names = args.backends or [n for n in backends.available_backends() if backends.status(n).runs_on(device)]
-    workloads = [w for w in benchmark.default_workloads(device) if not args.workload or w.name in args.workload]
-    progress = (lambda msg: print(f"  timing {msg}", file=sys.stderr)) if not args.quiet else None
-    rows = benchmark.run(workloads, device, names, min_run_time=args.min_run_time, progress=progress)
-    command = "python -m fastopt " + " ".join(args.command_line)
-    print(f"{datetime.date.today()}, {_device_description()}; torch {torch.__version__}, "
-          f"triton {_triton_version()}, python {platform.python_version()}; `{command}`; "
-          "median of torch.utils.benchmark blocked_autorange\n")  # fmt: skip
-    print(benchmark.markdown_table(rows))
-    return 0
+    workloads = benchmark.default_workloads(device, args.workloads, args.dtypes, args.size)
+    command = "python -m fastopt " + shlex.join(args.command_line)  # quoted, so it can be pasted back
+    env = report.environment(device, command)
+    print(report.header_line(env), flush=True)  # first line: date, device, versions, command
+    results = benchmark.run(
+        workloads,
+        device,
+        args.backends,
+        ops=args.ops,
+        peers=not args.no_peers,
+        compile=args.compile,
+        graphs=False if args.no_graphs else None,
+        min_run_time=args.min_run_time,
+        progress=_progress(args.quiet),
+    )
+    print()
+    print(report.how_to_read(results))
+    print("\n### Summary: torch's best path against fastopt's\n")
+    print(report.summary_table(results))
+    print("\n### Every row\n")
+    print(report.detail_tables(results))
+    print("\nSkipped:\n" + report.skipped_list(results))
+    written = report.write_all(results, env, pathlib.Path(args.out))
+    print("\nWrote " + "; ".join(f"{kind}: {path}" for kind, path in written.items()))
+    return 1 if any(row.error for row in results.rows if row.role == "fastopt") else 0
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -67,14 +111,45 @@ def main(argv: list[str] | None = None) -> int:
     commands.add_parser("info", help="versions, device, and which backends run here (and why not)").set_defaults(
         func=info
     )
-    bench_parser = commands.add_parser("bench", help="time fastopt against torch on this machine's device")
-    bench_parser.add_argument("--device", help="cpu or cuda (default: cuda when a GPU is visible)")
-    bench_parser.add_argument("--backends", nargs="+", help="fastopt backends to time (default: all that run)")
-    bench_parser.add_argument(
-        "--workload", nargs="+", choices=["gpt-like", "many-small"], help="workloads to run (default: all)"
+    bench_parser = commands.add_parser(
+        "bench", help="time fastopt against torch and peers on this machine's device; tables, JSON and a PNG"
     )
-    bench_parser.add_argument("--min-run-time", type=float, default=0.2, help="seconds of timing per measurement")
-    bench_parser.add_argument("--quiet", action="store_true", help="no progress lines")
+    bench_parser.add_argument("--device", help="cpu or cuda (default: cuda when a GPU is visible)")
+    bench_parser.add_argument(
+        "--workloads", "--workload", nargs="+", choices=workloads.FAMILIES, help="workloads to run (default: all)"
+    )
+    bench_parser.add_argument(
+        "--dtypes",
+        nargs="+",
+        choices=list(workloads.DTYPES),
+        help="fp32; bf16 (params and grads); bf16-grads (fp32 params, bf16 grads). Default: all",
+    )
+    bench_parser.add_argument("--ops", nargs="+", choices=workloads.ALL_OPS, help="ops to time (default: all)")
+    bench_parser.add_argument(
+        "--backends",
+        nargs="+",
+        choices=[spec.name for spec in backends.BACKENDS],
+        help="fastopt backends to time (default: all that run on the device)",
+    )
+    bench_parser.add_argument(
+        "--size",
+        choices=workloads.SIZES,
+        help="full: DESIGN.md's sizes (1.3 B params, ...); cpu: the same layouts scaled down; tiny: a smoke "
+        "test of the harness. Default: full on a GPU, cpu on a CPU",
+    )
+    bench_parser.add_argument(
+        "--compile", action="store_true", help="also time torch.compile of the step (slow: reported apart)"
+    )
+    bench_parser.add_argument("--no-peers", action="store_true", help="skip timm, DeepSpeed, TransformerEngine, ...")
+    bench_parser.add_argument("--no-graphs", action="store_true", help="GPU: skip the CUDA-graph replay timings")
+    bench_parser.add_argument("--min-run-time", type=float, default=0.2, help="seconds of timing per row")
+    bench_parser.add_argument(
+        "--threads", type=int, help="torch CPU threads (default: torch's); 1 resists other jobs sharing the cores"
+    )
+    bench_parser.add_argument(
+        "--out", default="bench-results", help="folder for the JSON, markdown and PNG (default: bench-results/)"
+    )
+    bench_parser.add_argument("--quiet", action="store_true", help="no progress bar")
     bench_parser.set_defaults(func=bench)
     argv = sys.argv[1:] if argv is None else argv
     args = parser.parse_args(argv)

@@ -1,0 +1,462 @@
+"""What is timed: each op and full step, done by torch, by each fastopt backend, and by peers.
+
+Every implementation of an op builds its step on a fresh ``TensorSet`` made from the same seed,
+so rows of one (workload, op) group do the same work on the same data.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import importlib
+import importlib.util
+from collections.abc import Callable
+
+import torch
+from torch import Tensor
+
+import fastopt
+from fastopt.benchmark.workloads import Workload
+
+# Hyper-parameters shared by every implementation (the values do not change the work).
+LR = 1e-3
+WEIGHT_DECAY = 0.01
+MAX_NORM = 1.0
+AGC_CLIP_FACTOR = 0.01
+AGC_EPS = 1e-3
+
+
+@dataclasses.dataclass(frozen=True)
+class Op:
+    name: str
+    # Element reads + writes the math cannot avoid, per element of (params, grads, optimizer states).
+    floor_accesses: tuple[int, int, int]
+    floor_reason: str
+    writes_grads: bool  # some implementation changes the grads: restore them (untimed) after each call
+    compares: str  # what the same-work check compares: "value", "grads" or "params"
+    description: str
+
+
+OPS = {
+    op.name: op
+    for op in [
+        Op("multi_tensor_norm", (0, 1, 0), "read the grads once", False, "value",
+           "global 2-norm of all grads"),
+        Op("unscale_and_check_", (0, 2, 0), "read + write the grads once; the inf/nan check rides on the read",
+           True, "grads", "AMP unscale of all grads (by 1.0) with the inf/nan check"),
+        Op("clip_grad_norm_", (0, 3, 0), "read the grads for the norm, then read + write them to scale", True,
+           "grads", "clip all grads to a global 2-norm of 1.0"),
+        Op("adaptive_clip_grad_", (1, 2, 0),
+           "read weights and grads once, write the grads (a unit stays on chip between its norms and its scaling)",
+           True, "grads", "AGC (clip factor 0.01, eps 1e-3) of every grad, unit-wise"),
+        Op("adamw step", (2, 1, 4), "read params, grads, exp_avg, exp_avg_sq; write params and both states",
+           False, "params", "one AdamW update of every param"),
+        Op("clip + adamw step", (2, 2, 4),
+           "read the grads for the norm, then one AdamW pass applying the clip coefficient on the fly", True,
+           "params", "clip to a global norm of 1.0, then AdamW"),
+        Op("AMP step", (2, 2, 4),
+           "as clip + adamw: unscale and the inf/nan check ride on the two passes; the scale update is a scalar",
+           True, "params", "GradScaler unscale (scale 1.0) + inf check, clip, AdamW, scaler update"),
+        Op("AGC + adamw step", (2, 1, 4),
+           "one AdamW pass: each unit's weight and grad norms come from the loads the update makes anyway", True,
+           "params", "AGC, then AdamW"),
+    ]
+}  # fmt: skip
+
+
+def floor_bytes(op: str, workload: Workload) -> int:
+    """Bytes the math of ``op`` must move over ``workload``: its memory floor at copy bandwidth."""
+    params, grads, states = OPS[op].floor_accesses
+    per_element = (
+        params * workload.param_dtype.itemsize
+        + grads * workload.grad_dtype.itemsize
+        + states * workload.state_dtype.itemsize
+    )
+    return workload.numel * per_element
+
+
+def bytes_touched(op: str, workload: Workload) -> int:
+    """Bytes of distinct data ``op`` reads or writes: what must not be left in cache by the call
+    before for the timing to be honest (see ``timing.copies_to_rotate``)."""
+    params, grads, states = (accesses > 0 for accesses in OPS[op].floor_accesses)
+    per_element = (
+        params * workload.param_dtype.itemsize
+        + grads * workload.grad_dtype.itemsize
+        + states * 2 * workload.state_dtype.itemsize  # exp_avg and exp_avg_sq
+    )
+    return workload.numel * per_element
+
+
+# --------------------------------------------------------------------------- tensors
+
+
+def mixed_grads_unsupported() -> str | None:
+    """Why this torch cannot hold bf16 grads on fp32 params, if it cannot."""
+    if not hasattr(torch.nn.Parameter(torch.zeros(1)), "grad_dtype"):
+        return f"torch {torch.__version__} has no Tensor.grad_dtype, so a param cannot hold a grad of another dtype"
+    return None
+
+
+def attach_grads(params: list[torch.nn.Parameter], grads: list[Tensor]) -> None:
+    for param, grad in zip(params, grads):
+        param.grad = None
+        if grad.dtype != param.dtype:
+            param.grad_dtype = grad.dtype  # lets an fp32 param hold its bf16 grad
+        param.grad = grad
+
+
+@dataclasses.dataclass
+class TensorSet:
+    """One copy of a workload's tensors: params with random grads attached, and (for ops that
+    change the grads) the grads' initial values, restored between timed calls."""
+
+    params: list[torch.nn.Parameter]
+    grads: list[Tensor]
+    initial_grads: list[Tensor] | None
+
+    @classmethod
+    def random(cls, workload: Workload, device: torch.device, seed: int, keep_initial_grads: bool = True):
+        generator = torch.Generator(device=device).manual_seed(seed)
+
+        def randn(shape, dtype):
+            return torch.randn(shape, generator=generator, device=device, dtype=dtype)
+
+        params = [torch.nn.Parameter(randn(shape, workload.param_dtype)) for shape in workload.shapes]
+        grads = [randn(shape, workload.grad_dtype) for shape in workload.shapes]
+        attach_grads(params, grads)
+        initial_grads = [g.clone() for g in grads] if keep_initial_grads else None
+        return cls(params, grads, initial_grads)
+
+    @property
+    def device(self) -> torch.device:
+        return self.params[0].device
+
+    def restore_grads(self) -> None:
+        torch._foreach_copy_(self.grads, self.initial_grads)
+
+
+# --------------------------------------------------------------------------- implementations
+
+Step = Callable[[], object]
+Builder = Callable[[Workload, TensorSet], Step]
+
+
+@dataclasses.dataclass(frozen=True)
+class Implementation:
+    name: str  # as in the tables: "torch fused", "fastopt[torch]", "DeepSpeed FusedAdam", ...
+    role: str  # "torch" (torch's eager paths: the baselines), "torch.compile", "fastopt" or "peer"
+    op: str
+    build: Builder
+    backend: str | None = None  # the fastopt backend forced around every call
+    one_copy: bool = False  # torch.compile: a new copy of the tensors would compile anew
+    plotted: bool = True  # the chart shows torch's best and each backend's main entry point
+    notes: str = ""
+
+
+def _unit_scaler(scaler_class, device: torch.device):
+    """A GradScaler whose scale stays 1.0, so the grads stay the same from call to call (the work
+    does not depend on the scale's value)."""
+    scaler = scaler_class(device.type, init_scale=1.0, growth_interval=2**30)
+    scaler.scale(torch.ones((), device=device))  # creates the scale tensor, as the first backward does
+    return scaler
+
+
+def agc_per_tensor_loop(params, clip_factor: float = AGC_CLIP_FACTOR, eps: float = AGC_EPS) -> None:
+    """AGC as torch users write it today (and as timm's ``adaptive_clip_grad`` does, whose formula
+    this follows): a Python loop issuing a few torch ops per tensor; torch has no AGC of its own."""
+    for p in params:
+        if p.grad is None:
+            continue
+        unit_dims = tuple(range(1, p.ndim)) if p.ndim > 1 else None
+        weight_norm = torch.linalg.vector_norm(p.detach(), dim=unit_dims, keepdim=p.ndim > 1)
+        grad_norm = torch.linalg.vector_norm(p.grad, dim=unit_dims, keepdim=p.ndim > 1)
+        limit = weight_norm.clamp(min=eps) * clip_factor
+        p.grad.mul_(torch.where(grad_norm > limit, limit / grad_norm.clamp(min=1e-6), 1.0))
+
+
+def _cast_grads_for_torch(workload: Workload, tensors: TensorSet) -> Callable[[], None]:
+    """torch's optimizers want grads in the params' dtype: with bf16 grads on fp32 params a torch
+    user casts them into fp32 buffers first. That cast is part of the timed step."""
+    if workload.grad_dtype == workload.param_dtype:
+        return lambda: None
+    buffers = [torch.empty_like(p) for p in tensors.params]
+    for param, buffer in zip(tensors.params, buffers):
+        param.grad = None
+        param.grad_dtype = param.dtype
+        param.grad = buffer
+    return lambda: torch._foreach_copy_(buffers, tensors.grads)
+
+
+def _torch_adamw(flavor: str) -> Callable[[list], torch.optim.Optimizer]:
+    def make(params):
+        device = params[0].device
+        # fused on CUDA keeps its step counters on the device anyway; capturable lets the
+        # CUDA-graph row capture it. foreach stays torch's eager default.
+        capturable = flavor == "fused" and device.type == "cuda"
+        return torch.optim.AdamW(params, lr=LR, weight_decay=WEIGHT_DECAY, capturable=capturable, **{flavor: True})
+
+    return make
+
+
+def _step_with(op: str, make_optimizer: Callable[[list], object], agc: Callable[[list], None] | None = None) -> Builder:
+    """A full step done the torch way, around any torch.optim-style optimizer: torch's clip and
+    GradScaler, AGC by the given per-tensor function."""
+
+    def build(workload: Workload, tensors: TensorSet) -> Step:
+        cast = _cast_grads_for_torch(workload, tensors)
+        params = tensors.params
+        optimizer = make_optimizer(params)
+        clip = functools.partial(torch.nn.utils.clip_grad_norm_, params, MAX_NORM, foreach=True)
+        if op == "adamw step":
+
+            def step():
+                cast()
+                optimizer.step()
+
+        elif op == "clip + adamw step":
+
+            def step():
+                cast()
+                clip()
+                optimizer.step()
+
+        elif op == "AMP step":
+            scaler = _unit_scaler(torch.amp.GradScaler, tensors.device)
+
+            def step():
+                cast()
+                scaler.unscale_(optimizer)
+                clip()
+                scaler.step(optimizer)
+                scaler.update()
+
+        elif op == "AGC + adamw step":
+
+            def step():
+                cast()
+                agc(params)
+                optimizer.step()
+
+        else:
+            raise ValueError(f"{op!r} is not a full step")
+        return step
+
+    return build
+
+
+def _compiled(builder: Builder) -> Builder:
+    def build(workload: Workload, tensors: TensorSet) -> Step:
+        return torch.compile(builder(workload, tensors))
+
+    return build
+
+
+def _torch_op(op: str) -> Builder:
+    def build(workload: Workload, tensors: TensorSet) -> Step:
+        grads, params = tensors.grads, tensors.params
+        if op == "multi_tensor_norm":  # what clip_grad_norm_(foreach=True) does for its norm
+            return lambda: torch.linalg.vector_norm(torch.stack(torch._foreach_norm(grads)))
+        if op == "unscale_and_check_":
+            found_inf = torch.zeros(1, device=tensors.device)
+            inv_scale = torch.ones(1, device=tensors.device)
+            return lambda: torch._amp_foreach_non_finite_check_and_unscale_(grads, found_inf, inv_scale)
+        if op == "clip_grad_norm_":
+            return lambda: torch.nn.utils.clip_grad_norm_(params, MAX_NORM, foreach=True)
+        if op == "adaptive_clip_grad_":
+            return lambda: agc_per_tensor_loop(params)
+        raise ValueError(f"torch has no single call for {op!r}")
+
+    return build
+
+
+def _fastopt(op: str) -> Builder:
+    """fastopt through what users call: the functional ops, and the drop-in AdamW / GradScaler
+    for the steps (clipping and AGC inside the optimizer's step)."""
+
+    def build(workload: Workload, tensors: TensorSet) -> Step:
+        grads, params, device = tensors.grads, tensors.params, tensors.device
+        if op == "multi_tensor_norm":
+            return lambda: fastopt.multi_tensor_norm(grads)
+        if op == "unscale_and_check_":
+            found_inf = torch.zeros(1, device=device)
+            inv_scale = torch.ones(1, device=device)
+            return lambda: fastopt.unscale_and_check_(grads, inv_scale, found_inf)
+        if op == "clip_grad_norm_":
+            return lambda: fastopt.clip_grad_norm_(params, MAX_NORM)
+        if op == "adaptive_clip_grad_":
+            return lambda: fastopt.adaptive_clip_grad_(params, AGC_CLIP_FACTOR, AGC_EPS)
+        adamw = functools.partial(fastopt.optim.AdamW, params, lr=LR, weight_decay=WEIGHT_DECAY)
+        if op == "adamw step":
+            return adamw().step
+        if op == "clip + adamw step":
+            return adamw(max_grad_norm=MAX_NORM).step
+        if op == "AGC + adamw step":
+            return adamw(agc_clip_factor=AGC_CLIP_FACTOR, agc_eps=AGC_EPS).step
+        if op == "AMP step":
+            optimizer = adamw(max_grad_norm=MAX_NORM)
+            scaler = _unit_scaler(fastopt.amp.GradScaler, device)
+
+            def step():
+                scaler.step(optimizer)
+                scaler.update()
+
+            return step
+        raise ValueError(f"unknown op {op!r}")
+
+    return build
+
+
+def _fastopt_functional_adamw(workload: Workload, tensors: TensorSet) -> Step:
+    """The functional ``adamw_`` under the drop-in: the same update without the optimizer's
+    per-step Python (gathering lists, stats)."""
+    params, grads = tensors.params, tensors.grads
+    exp_avgs = [torch.zeros_like(p, dtype=workload.state_dtype) for p in params]
+    exp_avg_sqs = [torch.zeros_like(p, dtype=workload.state_dtype) for p in params]
+    steps = [torch.zeros((), device=tensors.device) for _ in params]
+    return lambda: fastopt.adamw_(
+        params, grads, exp_avgs, exp_avg_sqs, steps, lr=LR, beta1=0.9, beta2=0.999, eps=1e-8, weight_decay=WEIGHT_DECAY
+    )
+
+
+# --------------------------------------------------------------------------- peers
+
+
+@dataclasses.dataclass(frozen=True)
+class Peer:
+    name: str
+    package: str  # the top-level module whose presence is detected (never installed by us)
+    optimizer_class: Callable[[], type]
+    cuda_only: bool
+    options: dict = dataclasses.field(default_factory=dict)
+
+
+def _class_from(module: str, name: str) -> Callable[[], type]:
+    return lambda: getattr(importlib.import_module(module), name)
+
+
+def _torchao_adamw() -> type:
+    try:
+        return importlib.import_module("torchao.optim").AdamW
+    except (ImportError, AttributeError):  # releases before torchao.optim kept it in the prototype
+        return importlib.import_module("torchao.prototype.low_bit_optim").AdamW
+
+
+ADAMW_MODE = {"adam_w_mode": True}  # the fused Adams of apex lineage do AdamW with this flag
+PEERS = (
+    Peer("DeepSpeed FusedAdam", "deepspeed", _class_from("deepspeed.ops.adam", "FusedAdam"), True, ADAMW_MODE),
+    Peer(
+        "TransformerEngine FusedAdam",
+        "transformer_engine",
+        _class_from("transformer_engine.pytorch.optimizers", "FusedAdam"),
+        True,
+        ADAMW_MODE,
+    ),
+    Peer("apex FusedAdam", "apex", _class_from("apex.optimizers", "FusedAdam"), True, ADAMW_MODE),
+    Peer("torchao AdamW", "torchao", _torchao_adamw, False),
+)
+PEER_OPS = ("adamw step", "clip + adamw step")
+
+
+@functools.cache
+def peer_unavailable(name: str, device_type: str) -> str | None:
+    """Why a peer cannot run here, or None. Detection only: peers are never installed by us."""
+    if name == "timm":
+        if importlib.util.find_spec("timm") is None:
+            return "timm is not installed"
+        try:
+            importlib.import_module("timm.utils.agc")
+        except Exception as exc:  # noqa: BLE001 - any failure to import is a reason to report
+            return f"importing timm.utils.agc failed: {type(exc).__name__}: {exc}"
+        return None
+    peer = next(p for p in PEERS if p.name == name)
+    if importlib.util.find_spec(peer.package) is None:
+        return f"{peer.package} is not installed"
+    if peer.cuda_only and device_type != "cuda":
+        return f"{peer.name} runs on CUDA tensors only"
+    try:
+        peer.optimizer_class()
+    except Exception as exc:  # noqa: BLE001
+        return f"importing it failed: {type(exc).__name__}: {exc}"
+    return None
+
+
+def _peer_optimizer(peer: Peer) -> Callable[[list], object]:
+    def make(params):
+        return peer.optimizer_class()(params, lr=LR, weight_decay=WEIGHT_DECAY, **peer.options)
+
+    return make
+
+
+def _timm_agc(params) -> None:
+    from timm.utils.agc import adaptive_clip_grad
+
+    adaptive_clip_grad(params, clip_factor=AGC_CLIP_FACTOR, eps=AGC_EPS)
+
+
+# --------------------------------------------------------------------------- the registry
+
+
+@dataclasses.dataclass(frozen=True)
+class Skipped:
+    implementation: str
+    ops: tuple[str, ...]
+    reason: str
+
+
+COMPILE_OPT_IN = "opt-in: pass --compile (compiling the step takes about a minute per workload on a CPU)"
+
+
+def implementations(
+    device: torch.device, backend_names: list[str], *, peers: bool = True, compile: bool = False
+) -> tuple[list[Implementation], list[Skipped]]:
+    """Every implementation of every op that can run here, and those that cannot, with why."""
+    found: list[Implementation] = []
+    skipped: list[Skipped] = []
+    step_ops = ("adamw step", "clip + adamw step", "AMP step")
+
+    # torch's own paths: foreach (torch's default) and fused, the baselines of every ratio.
+    for op in ("multi_tensor_norm", "unscale_and_check_", "clip_grad_norm_"):
+        found.append(Implementation("torch foreach", "torch", op, _torch_op(op)))
+    agc = "adaptive_clip_grad_"
+    found.append(Implementation("torch loop (timm AGC)", "torch", agc, _torch_op(agc)))
+    for flavor in ("foreach", "fused"):
+        for op in step_ops:
+            found.append(Implementation(f"torch {flavor}", "torch", op, _step_with(op, _torch_adamw(flavor))))
+        found.append(
+            Implementation(f"torch loop (timm AGC) + {flavor}", "torch", "AGC + adamw step",
+                           _step_with("AGC + adamw step", _torch_adamw(flavor), agc=agc_per_tensor_loop))
+        )  # fmt: skip
+
+    for op in ("adamw step", "clip + adamw step"):
+        if compile:
+            found.append(Implementation("torch.compile foreach", "torch.compile", op,
+                                        _compiled(_step_with(op, _torch_adamw("foreach"))), one_copy=True))  # fmt: skip
+    if not compile:
+        skipped.append(Skipped("torch.compile foreach", ("adamw step", "clip + adamw step"), COMPILE_OPT_IN))
+
+    for backend in backend_names:
+        label = f"fastopt[{backend}]"
+        for op in OPS:
+            found.append(Implementation(label, "fastopt", op, _fastopt(op), backend=backend))
+        found.append(Implementation(f"{label} adamw_", "fastopt", "adamw step", _fastopt_functional_adamw,
+                                    backend=backend, plotted=False))  # fmt: skip
+
+    if not peers:
+        return found, skipped + [Skipped(p.name, PEER_OPS, "peers not requested (--no-peers)") for p in PEERS]
+    reason = peer_unavailable("timm", device.type)
+    timm_ops = ("adaptive_clip_grad_", "AGC + adamw step")
+    if reason:
+        skipped.append(Skipped("timm adaptive_clip_grad", timm_ops, reason))
+    else:
+        found.append(Implementation("timm", "peer", "adaptive_clip_grad_", lambda w, t: lambda: _timm_agc(t.params)))
+        found.append(Implementation("timm + torch fused", "peer", "AGC + adamw step",
+                                    _step_with("AGC + adamw step", _torch_adamw("fused"), agc=_timm_agc)))  # fmt: skip
+    for peer in PEERS:
+        reason = peer_unavailable(peer.name, device.type)
+        if reason:
+            skipped.append(Skipped(peer.name, PEER_OPS, reason))
+            continue
+        for op in PEER_OPS:
+            found.append(Implementation(peer.name, "peer", op, _step_with(op, _peer_optimizer(peer)),
+                                        notes="clip by torch" if op != "adamw step" else ""))  # fmt: skip
+    return found, skipped

@@ -1,0 +1,321 @@
+"""Results as a reader gets them: markdown tables, JSON, and a PNG bar chart, each naming the
+date, device, versions and the exact command that produced it."""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime
+import json
+import math
+import pathlib
+import platform
+
+import torch
+
+from fastopt.benchmark.cases import OPS, Skipped
+from fastopt.benchmark.runner import Results, Row
+from fastopt.benchmark.workloads import ALL_OPS
+
+
+def triton_version() -> str:
+    try:
+        import triton
+    except ImportError:
+        return "not installed"
+    return triton.__version__
+
+
+def device_description(device: torch.device | None = None) -> str:
+    if (device is None or device.type == "cuda") and torch.cuda.is_available():
+        names = [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())]
+        return f"cuda ({', '.join(names)})"
+    where = "no CUDA GPU visible" if not torch.cuda.is_available() else "CUDA GPU not used"
+    return f"cpu ({_cpu_model()}, {torch.get_num_threads()} threads); {where}"
+
+
+def _cpu_model() -> str:
+    try:
+        with open("/proc/cpuinfo") as cpuinfo:
+            for line in cpuinfo:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def environment(device: torch.device, command: str) -> dict:
+    import fastopt
+
+    return {
+        "date": datetime.datetime.now().isoformat(timespec="seconds"),
+        "device": device_description(device),
+        "torch": torch.__version__,
+        "cuda": torch.version.cuda,
+        "triton": triton_version(),
+        "python": platform.python_version(),
+        "fastopt": fastopt.__version__,
+        "command": command,
+    }
+
+
+def header_line(env: dict) -> str:
+    timer = "CUDA events" if env["device"].startswith("cuda") else "wall time per call"
+    return (
+        f"{env['date'][:10]}, {env['device']}; torch {env['torch']}, triton {env['triton']}, "
+        f"python {env['python']}; `{env['command']}`; median of timed calls after warm-up ({timer})"
+    )
+
+
+def _ms(value: float | None) -> str:
+    if value is None:
+        return "—"
+    if value >= 100:
+        return f"{value:.0f}"
+    if value >= 10:
+        return f"{value:.1f}"
+    if value >= 1:
+        return f"{value:.2f}"
+    return f"{value:.3f}"
+
+
+def _ratio(value: float | None) -> str:
+    return "—" if value is None else f"{value:.2f}x"
+
+
+def _percent(value: float | None) -> str:
+    if value is None:
+        return "—"
+    return f"{100 * value:.1f}%" if value < 0.1 else f"{100 * value:.0f}%"
+
+
+def _op_order(op: str) -> int:
+    return ALL_OPS.index(op) if op in ALL_OPS else len(ALL_OPS)
+
+
+def _groups(results: Results) -> dict[tuple[str, str], list[Row]]:
+    """Rows by (workload, op), in the order they were measured."""
+    groups: dict[tuple[str, str], list[Row]] = {}
+    for row in results.rows:
+        groups.setdefault((row.workload, row.op), []).append(row)
+    return groups
+
+
+def best(rows: list[Row], role: str) -> Row | None:
+    candidates = [r for r in rows if r.role == role and r.median_ms is not None and (role != "fastopt" or r.plotted)]
+    return min(candidates, key=lambda r: r.median_ms, default=None)
+
+
+def summary_table(results: Results) -> str:
+    """One line per (workload, op): torch's best eager path against fastopt's best backend."""
+    lines = [
+        "| workload | op | torch best | ms | fastopt | ms | fastopt vs torch | floor ms | fastopt at floor |",
+        "|---|---|---|---:|---|---:|---:|---:|---:|",
+    ]
+    for (workload, op), rows in _groups(results).items():
+        torch_row, fastopt_row = best(rows, "torch"), best(rows, "fastopt")
+        lines.append(
+            f"| {workload} | {op} | {torch_row.implementation if torch_row else '—'} "
+            f"| {_ms(torch_row.median_ms if torch_row else None)} "
+            f"| {fastopt_row.implementation if fastopt_row else '—'} "
+            f"| {_ms(fastopt_row.median_ms if fastopt_row else None)} "
+            f"| {_ratio(fastopt_row.vs_torch_best if fastopt_row else None)} | {_ms(rows[0].floor_ms)} "
+            f"| {_percent(fastopt_row.floor_fraction if fastopt_row else None)} |"
+        )
+    return "\n".join(lines)
+
+
+def detail_tables(results: Results) -> str:
+    """Every row, one table per workload."""
+    on_gpu = results.device == "cuda"
+    unit = results.rows[0].launch_unit if results.rows else "launches"
+    columns = ["op", "implementation", "median ms", "vs torch best", "floor ms", "floor reached", "host ms", unit]
+    columns += ["graph ms"] if on_gpu else []
+    columns += ["notes"]
+    sections = []
+    by_workload: dict[str, list[Row]] = {}
+    for row in results.rows:
+        by_workload.setdefault(row.workload, []).append(row)
+    for workload, rows in by_workload.items():
+        fewest, most = min(r.copies for r in rows), max(r.copies for r in rows)
+        copies = f"{fewest}" if fewest == most else f"{fewest} to {most} (by the bytes each op touches)"
+        lines = [
+            f"#### {rows[0].workload_description}; tensor sets rotated: {copies}",
+            "",
+            "| " + " | ".join(columns) + " |",
+            "|" + "|".join("---" if c in ("op", "implementation", "notes") else "---:" for c in columns) + "|",
+        ]
+        for row in sorted(rows, key=lambda r: _op_order(r.op)):
+            notes = [row.notes] if row.notes else []
+            if row.error:
+                notes.append(f"failed: {row.error}")
+            if row.compile_s is not None:
+                notes.append(f"compile {row.compile_s:.0f} s")
+            if on_gpu and row.graph_note:
+                notes.append(row.graph_note)
+            cells = [
+                row.op,
+                row.implementation,
+                _ms(row.median_ms),
+                _ratio(row.vs_torch_best),
+                _ms(row.floor_ms),
+                _percent(row.floor_fraction),
+                _ms(row.host_ms),
+                "—" if row.launches is None else str(row.launches),
+            ]
+            cells += [_ms(row.graph_ms)] if on_gpu else []
+            cells += ["; ".join(notes).replace("|", "/")]
+            lines.append("| " + " | ".join(cells) + " |")
+        sections.append("\n".join(lines))
+    return "\n\n".join(sections)
+
+
+def skipped_list(results: Results) -> str:
+    lines = [f"- {s.implementation} ({', '.join(s.ops)}): {s.reason}" for s in results.skipped]
+    return "\n".join(lines) if lines else "- nothing"
+
+
+def how_to_read(results: Results) -> str:
+    on_gpu = results.device == "cuda"
+    launches = (
+        "kernels: GPU activities per step in torch.profiler (kernels, memcpy, memset)"
+        if on_gpu
+        else "aten ops: top-level aten calls per step in torch.profiler (a foreach call counts once)"
+    )
+    host = "wall time of the Python call, started with the GPU idle" if on_gpu else "the same as the median on a CPU"
+    lines = [
+        f"Copy bandwidth measured in this run: {results.copy_bandwidth / 1e9:.1f} GB/s (a large tensor copy, "
+        "read + write). floor ms: the bytes an op's math must move over that bandwidth; floor reached: floor / median "
+        "(it can pass 100% where an op reads more than it writes, or works in place: a copy also pays for its target).",
+        f"vs torch best: torch's fastest eager path's median over this row's (above 1 is faster). host ms: {host}. "
+        f"{launches}."
+        + (" graph ms: CUDA-graph replay of the captured step." if on_gpu else " CUDA-graph replay: GPU only."),
+        "Inputs are random; calls rotate over the tensor sets shown, so caches do not flatter; grads that an op "
+        "changes are restored (untimed) after each call.",
+    ]
+    if results.cpu_contention is not None:
+        lines.append(
+            f"The run took {results.wall_s:.0f} s; during {100 * results.cpu_contention:.0f}% of it some task waited "
+            "for a CPU (/proc/pressure/cpu): other jobs on these cores, whose share makes CPU figures noisy."
+        )
+    return "\n".join(lines)
+
+
+def markdown(results: Results, env: dict) -> str:
+    return "\n\n".join(
+        [
+            header_line(env),
+            how_to_read(results),
+            "### Summary: torch's best path against fastopt's",
+            summary_table(results),
+            "### Every row",
+            detail_tables(results),
+            "Skipped:\n" + skipped_list(results),
+        ]
+    )
+
+
+def write_json(results: Results, env: dict, path: pathlib.Path) -> None:
+    payload = {"environment": env, **results.to_dict()}
+    path.write_text(json.dumps(payload, indent=1, default=str) + "\n")
+
+
+def read_json(path: pathlib.Path) -> tuple[Results, dict]:
+    """A run written by ``write_json``, back as (results, environment): to render its tables or
+    chart again without measuring again."""
+    payload = json.loads(pathlib.Path(path).read_text())
+    row_fields = {f.name for f in dataclasses.fields(Row)}
+    rows = [Row(**{k: v for k, v in row.items() if k in row_fields}) for row in payload["rows"]]
+    skipped = [Skipped(s["implementation"], tuple(s["ops"]), s["reason"]) for s in payload["skipped"]]
+    results = Results(
+        payload["device"],
+        payload["copy_bandwidth_GBps"] * 1e9,
+        payload["cache_bytes"],
+        rows,
+        skipped,
+        payload["settings"],
+        payload.get("wall_s", 0.0),
+        payload.get("cpu_contention"),
+    )
+    return results, payload["environment"]
+
+
+def plot(results: Results, env: dict, path: pathlib.Path) -> None:
+    """A bar chart per op: torch's best eager path and each fastopt backend per workload (log ms),
+    each fastopt bar labelled with its speed vs torch, the memory floor a black line per group."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from matplotlib.lines import Line2D
+    from matplotlib.patches import Patch
+
+    groups = _groups(results)
+    ops = sorted({op for _, op in groups}, key=_op_order)
+    fastopt_names = sorted({r.implementation for r in results.rows if r.role == "fastopt" and r.plotted})
+    series = ["torch best"] + fastopt_names
+    colors = dict(zip(series, ["#8c8c8c", "#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd"]))
+    columns = 2 if len(ops) > 1 else 1
+    panel_rows = math.ceil(len(ops) / columns)
+    figure, axes = plt.subplots(panel_rows, columns, figsize=(8 * columns, 3.4 * panel_rows + 1.2), squeeze=False)
+    width = 0.8 / len(series)
+    for panel, op in zip(axes.flat, ops):
+        workloads = [w for (w, o) in groups if o == op]
+        heights = []
+        for x, workload in enumerate(workloads):
+            rows = groups[(workload, op)]
+            bars = {"torch best": best(rows, "torch")}
+            bars.update({r.implementation: r for r in rows if r.role == "fastopt" and r.plotted})
+            for i, name in enumerate(series):
+                row = bars.get(name)
+                if row is None or row.median_ms is None:
+                    continue
+                center = x - 0.4 + (i + 0.5) * width
+                panel.bar(center, row.median_ms, width, color=colors[name])
+                heights.append(row.median_ms)
+                if name != "torch best" and row.vs_torch_best is not None:
+                    panel.annotate(f"{row.vs_torch_best:.2f}x", (center, row.median_ms), ha="center", va="bottom",
+                                   fontsize=7, xytext=(0, 1), textcoords="offset points")  # fmt: skip
+            panel.hlines(rows[0].floor_ms, x - 0.45, x + 0.45, colors="black", linewidth=2)
+            heights.append(rows[0].floor_ms)
+        panel.set_yscale("log")
+        if heights:  # room above the tallest bar for its label, below the floor for the line
+            panel.set_ylim(min(heights) / 2, max(heights) * 2.5)
+        panel.set_xticks(range(len(workloads)))
+        panel.set_xticklabels(workloads, fontsize=8)
+        panel.set_ylabel("ms per call (log)", fontsize=8)
+        panel.set_title(f"{op}: {OPS[op].description}" if op in OPS else op, fontsize=9)
+        panel.grid(axis="y", which="major", alpha=0.3)
+    for panel in list(axes.flat)[len(ops) :]:
+        panel.set_visible(False)
+    handles = [Patch(color=colors[name], label=name) for name in series]
+    handles.append(Line2D([], [], color="black", linewidth=2, label="memory floor (bytes / copy bandwidth)"))
+    figure.legend(handles=handles, loc="upper center", ncol=len(handles), fontsize=8, bbox_to_anchor=(0.5, 0.965))
+    figure.suptitle(
+        f"fastopt vs torch's best eager path: {env['device']}, {env['date'][:10]}, torch {env['torch']}; "
+        f"labels: speed vs torch (above 1x is faster)\n`{env['command']}`",
+        fontsize=9,
+        y=0.995,
+    )
+    figure.tight_layout(rect=(0, 0, 1, 0.95))
+    figure.savefig(path, dpi=110)
+    plt.close(figure)
+
+
+def write_all(results: Results, env: dict, out_dir: pathlib.Path) -> dict[str, pathlib.Path | str]:
+    """JSON, markdown and PNG into ``out_dir``; the PNG is skipped, with the reason, without matplotlib."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    stem = f"bench-{results.device}-{env['date'].replace(':', '')}"
+    written: dict[str, pathlib.Path | str] = {}
+    written["json"] = out_dir / f"{stem}.json"
+    write_json(results, env, written["json"])
+    written["markdown"] = out_dir / f"{stem}.md"
+    written["markdown"].write_text(markdown(results, env) + "\n")
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError:
+        written["png"] = "not written: matplotlib is not installed (pip install 'fastopt[bench]')"
+    else:
+        written["png"] = out_dir / f"{stem}.png"
+        plot(results, env, written["png"])
+    return written
