@@ -23,4 +23,6 @@ __all__ = [
     "adamw_",
     "available_backends",
     "use_backend",
+    "amp",
+    "optim",
 ]
