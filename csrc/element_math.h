@@ -1,0 +1,154 @@
+// Per-element and per-tensor math of every fastopt op, as small __host__ __device__ functions.
+//
+// The kernels call these on each element; the host unit tests (csrc/tests, ctest) call the same
+// functions and compare them with fastopt/reference.py's formulas. No CUDA header is needed here,
+// so a plain C++ compiler builds the tests. `A` is the accumulation type: float for fp16 / bf16 /
+// fp32 tensors, double for fp64 (fastopt accumulates in fp32, fp64 keeps its precision).
+#pragma once
+
+#include <cmath>
+#include <cstdint>
+
+#if defined(__CUDACC__)
+#define FASTOPT_HD __host__ __device__ __forceinline__
+#else
+#define FASTOPT_HD inline
+#endif
+
+namespace fastopt {
+
+// Element types of tensors, as stored in the device-side tables.
+enum DType : int64_t { kFloat16 = 0, kBFloat16 = 1, kFloat32 = 2, kFloat64 = 3 };
+
+// What a norm pass accumulates per element.
+enum NormKind : int32_t {
+  kNoNorm = 0,      // only the inf/nan check (and the unscale)
+  kSumAbs = 1,      // p = 1
+  kSumSquares = 2,  // p = 2
+  kSumPowers = 3,   // any other finite p
+  kMaxAbs = 4,      // p = inf
+};
+
+FASTOPT_HD NormKind norm_kind(double p) {
+  if (std::isinf(p)) return kMaxAbs;
+  if (p == 1.0) return kSumAbs;
+  if (p == 2.0) return kSumSquares;
+  return kSumPowers;
+}
+
+FASTOPT_HD bool is_finite(double x) { return !std::isnan(x) && !std::isinf(x); }
+
+// max that propagates nan from either side (fmax would drop it: a nan grad must show in the norm).
+template <typename A>
+FASTOPT_HD A max_propagating_nan(A a, A b) {
+  return (std::isnan(a) || a > b) ? a : b;
+}
+
+// One element's contribution to a norm: |x|, x^2, |x|^p or |x| (max).
+template <typename A>
+FASTOPT_HD A norm_contribution(A x, NormKind kind, A p) {
+  switch (kind) {
+    case kSumAbs:
+    case kMaxAbs:
+      return std::fabs(x);
+    case kSumSquares:
+      return x * x;
+    case kSumPowers:
+      return std::pow(std::fabs(x), p);
+    default:
+      return A(0);
+  }
+}
+
+// Combine two partial results of one norm kind (a sum, or a nan-propagating max).
+template <typename A>
+FASTOPT_HD A norm_combine(A a, A b, NormKind kind) {
+  return kind == kMaxAbs ? max_propagating_nan(a, b) : a + b;
+}
+
+// The norm from its accumulated partial: the p-th root of a sum, or the max itself.
+template <typename A>
+FASTOPT_HD A norm_finish(A accumulated, NormKind kind, A p) {
+  switch (kind) {
+    case kSumSquares:
+      return std::sqrt(accumulated);
+    case kSumPowers:
+      return std::pow(accumulated, A(1) / p);
+    default:
+      return accumulated;
+  }
+}
+
+// clamp to [-limit, limit]; nan stays nan (comparisons with nan are false), as torch.clamp.
+template <typename A>
+FASTOPT_HD A clamp_symmetric(A x, A limit) {
+  return x < -limit ? -limit : (x > limit ? limit : x);
+}
+
+// AGC (Brock et al. 2021): a unit's grad norm may be at most clip_factor * max(||W_u||, eps);
+// above that the grad is scaled down to it (the norm floored at 1e-6, as timm and torch do).
+template <typename A>
+FASTOPT_HD A agc_coefficient(A weight_norm, A grad_norm, A clip_factor, A eps) {
+  const A max_norm = (weight_norm > eps ? weight_norm : eps) * clip_factor;
+  const A floored = grad_norm > A(1e-6) ? grad_norm : A(1e-6);
+  return grad_norm > max_norm ? max_norm / floored : A(1);
+}
+
+// torch.lerp's formula (exact at both ends): m + w (g - m), evaluated from the nearer end.
+template <typename A>
+FASTOPT_HD A lerp(A start, A end, A weight) {
+  return weight < A(0.5) ? start + weight * (end - start) : end - (end - start) * (A(1) - weight);
+}
+
+// The per-tensor constants of one AdamW step, formed once per chunk from the device-side step
+// count and learning rate. Bias corrections are taken in double, as torch forms them on the host.
+template <typename A>
+struct AdamWConstants {
+  A decay_factor;           // 1 - lr * weight_decay
+  A one_minus_beta1;        // the lerp weight of exp_avg towards g
+  A beta2;
+  A one_minus_beta2;
+  A bias_correction2_sqrt;  // sqrt(1 - beta2^step)
+  A eps;
+  A neg_step_size;          // -lr / (1 - beta1^step)
+};
+
+template <typename A>
+FASTOPT_HD AdamWConstants<A> adamw_constants(double lr, double beta1, double beta2, double eps,
+                                             double weight_decay, double step) {
+  AdamWConstants<A> c;
+  c.decay_factor = A(1.0 - lr * weight_decay);
+  c.one_minus_beta1 = A(1.0 - beta1);
+  c.beta2 = A(beta2);
+  c.one_minus_beta2 = A(1.0 - beta2);
+  c.bias_correction2_sqrt = A(std::sqrt(1.0 - std::pow(beta2, step)));
+  c.eps = A(eps);
+  c.neg_step_size = A(-lr / (1.0 - std::pow(beta1, step)));
+  return c;
+}
+
+// The gradient as the update uses it: g / grad_scale * clip_coef, negated when maximizing.
+template <typename A>
+FASTOPT_HD A effective_grad(A g, A grad_scale, A clip_coef, bool maximize) {
+  const A value = g / grad_scale * clip_coef;
+  return maximize ? -value : value;
+}
+
+// One element of torch.optim.AdamW's update (decoupled weight decay), in the reference's order.
+// max_exp_avg_sq is null without AMSGrad.
+template <typename A>
+FASTOPT_HD void adamw_update(A& param, A grad, A& exp_avg, A& exp_avg_sq, A* max_exp_avg_sq,
+                             const AdamWConstants<A>& c) {
+  param *= c.decay_factor;
+  exp_avg = lerp(exp_avg, grad, c.one_minus_beta1);
+  exp_avg_sq = exp_avg_sq * c.beta2 + c.one_minus_beta2 * grad * grad;
+  A second_moment = exp_avg_sq;
+  if (max_exp_avg_sq != nullptr) {
+    *max_exp_avg_sq = max_propagating_nan(*max_exp_avg_sq, exp_avg_sq);
+    second_moment = *max_exp_avg_sq;
+  }
+  const A denom = std::sqrt(second_moment) / c.bias_correction2_sqrt + c.eps;
+  param += (c.neg_step_size * exp_avg) / denom;
+}
+
+}  // namespace fastopt

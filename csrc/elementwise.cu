@@ -1,0 +1,65 @@
+// In-place element-wise passes over one list: scale (by a scalar, or by a per-segment factor for
+// AGC's final pass) and symmetric clamp (clip_grad_value_). One read and one write per element.
+#include "multi_tensor.cuh"
+
+namespace fastopt {
+namespace {
+
+// x = op(x) for every element of list `list` in the range's chunks, math in the accumulation
+// type; op(x, chunk) so that it may depend on the chunk (its segment).
+template <typename Op>
+__device__ __forceinline__ void transform_chunks(const DeviceTable& table, const LaunchRange& range,
+                                                 int64_t list, Op&& op) {
+  for_each_chunk(range, [&](int64_t c) {
+    const int64_t tensor = table.chunk_tensor[c];
+    const int64_t start = table.chunk_start[c], end = table.chunk_end[c];
+    dispatch_dtype(table.dtype(list, tensor), [&](auto tag) {
+      using T = decltype(tag);
+      using A = typename Accumulate<T>::type;
+      constexpr int N = pack_width<T>();
+      T* data = table.pointer<T>(list, tensor);
+      for_chunk_elements<N>(
+          start, end, pack_aligned<N>(data + start),
+          [&](int64_t i) {
+            A values[N];
+            load_pack<N>(data + i, values);
+#pragma unroll
+            for (int k = 0; k < N; ++k) values[k] = op(values[k], c);
+            store_pack<N>(data + i, values);
+          },
+          [&](int64_t i) { data[i] = from_acc<T>(op(to_acc<A>(data[i]), c)); });
+    });
+  });
+}
+
+__global__ void __launch_bounds__(kThreads)
+    scale_kernel(DeviceTable table, LaunchRange range, int64_t list, ScalarArg factor_arg,
+                 const double* segment_factors) {
+  const double factor = read_scalar(factor_arg);
+  transform_chunks(table, range, list, [&](auto x, int64_t c) {
+    using A = decltype(x);
+    return x * static_cast<A>(segment_factors != nullptr ? segment_factors[table.chunk_segment[c]] : factor);
+  });
+}
+
+__global__ void __launch_bounds__(kThreads) clamp_kernel(DeviceTable table, LaunchRange range, double limit) {
+  transform_chunks(table, range, 0, [&](auto x, int64_t) {
+    using A = decltype(x);
+    return clamp_symmetric(x, static_cast<A>(limit));
+  });
+}
+
+}  // namespace
+
+void launch_scale(const DeviceTable& table, LaunchRange range, int64_t list, ScalarArg factor,
+                  const double* segment_factors, cudaStream_t stream) {
+  if (range.num_chunks == 0) return;
+  scale_kernel<<<range.blocks, kThreads, 0, stream>>>(table, range, list, factor, segment_factors);
+}
+
+void launch_clamp(const DeviceTable& table, LaunchRange range, double limit, cudaStream_t stream) {
+  if (range.num_chunks == 0) return;
+  clamp_kernel<<<range.blocks, kThreads, 0, stream>>>(table, range, limit);
+}
+
+}  // namespace fastopt

@@ -1,0 +1,110 @@
+// The interface between the torch side (ops.cpp) and the kernels (*.cu): plain structs of raw
+// device pointers and one launcher per kernel. No torch here, so the .cu files that include it
+// compile with CUDA headers only (seconds, not minutes).
+#pragma once
+
+#include <cstdint>
+
+#include <cuda_runtime_api.h>
+
+#include "element_math.h"
+
+namespace fastopt {
+
+// Per-tensor metadata in device memory (one int64 buffer, see ops.cpp's TableCache), so that one
+// launch covers any number of tensors: only these few pointers travel in the kernel arguments.
+struct DeviceTable {
+  const int64_t* addresses;  // [num_lists][num_tensors] data pointers (the column refreshed per call)
+  const int64_t* dtypes;     // [num_lists][num_tensors] DType codes
+  const int64_t* numels;     // [num_tensors]
+  const int64_t* chunk_tensor;
+  const int64_t* chunk_segment;
+  const int64_t* chunk_start;
+  const int64_t* chunk_end;  // [num_chunks] each
+  const int64_t* segment_tensor;
+  const int64_t* segment_first_chunk;
+  const int64_t* segment_num_chunks;  // [num_segments] each
+  int64_t num_lists, num_tensors, num_chunks, num_segments;
+
+  template <typename T>
+  FASTOPT_HD T* pointer(int64_t list, int64_t tensor) const {
+    return reinterpret_cast<T*>(addresses[list * num_tensors + tensor]);
+  }
+  FASTOPT_HD DType dtype(int64_t list, int64_t tensor) const {
+    return static_cast<DType>(dtypes[list * num_tensors + tensor]);
+  }
+};
+
+// A float argument that is either a host value or a device scalar (read by the kernel, so the
+// host never waits for it). dtype: the DType of *pointer.
+struct ScalarArg {
+  double value;
+  const void* pointer;  // null: use value
+  int64_t dtype;
+};
+
+// A range of chunks for one launch and how many blocks to run over it (a persistent grid: each
+// block walks chunks first_chunk + blockIdx.x, + gridDim.x, ...).
+struct LaunchRange {
+  int64_t first_chunk;
+  int64_t num_chunks;
+  int blocks;
+};
+
+// Pass 1 of every norm, the inf/nan check and the unscale, from one read of list 0:
+// partials[c] = the accumulated norm contribution of chunk c (kind != kNoNorm; then partials
+// may be null); *found_inf = 1 when an element is inf/nan (found_inf may be null); with
+// `unscale`, each element is multiplied by `inv_scale` in place (the check sees it before) and
+// the norm accumulates the unscaled value.
+void launch_norm_partials(const DeviceTable& table, LaunchRange range, int64_t list, NormKind kind,
+                          double p, double* partials, float* found_inf, bool unscale,
+                          ScalarArg inv_scale, cudaStream_t stream);
+
+// Pass 2 of a norm, one block: norms[s] for every segment (when norms is non-null) and the
+// total over all chunks, both from the partials in a fixed order (deterministic).
+void launch_norm_finish(const DeviceTable& table, const double* partials, NormKind kind, double p,
+                        float* norms, float* total, cudaStream_t stream);
+
+// t *= factor (a scalar, or segment_factors[segment of the element] when non-null) in list `list`.
+void launch_scale(const DeviceTable& table, LaunchRange range, int64_t list, ScalarArg factor,
+                  const double* segment_factors, cudaStream_t stream);
+
+// t = clamp(t, -limit, limit) in list 0.
+void launch_clamp(const DeviceTable& table, LaunchRange range, double limit, cudaStream_t stream);
+
+// AGC pass 1: partials[c] and partials[num_chunks + c] for lists 0 (params) and 1 (grads).
+void launch_pair_norm_partials(const DeviceTable& table, LaunchRange range, NormKind kind, double p,
+                               double* partials, cudaStream_t stream);
+
+// AGC pass 2: coefficients[s] = agc_coefficient of segment s's param and grad norms.
+void launch_agc_coefficients(const DeviceTable& table, const double* partials, NormKind kind,
+                             double p, double clip_factor, double eps, double* coefficients,
+                             cudaStream_t stream);
+
+// The AdamW update over lists (params, grads, exp_avgs, exp_avg_sqs, steps[, max_exp_avg_sqs]),
+// all tensors of the range having the dtypes (param, grad, state); steps are 0-d tensors,
+// incremented by the last block to finish each tensor (arrivals: one zeroed int32 per segment,
+// left zeroed). Nothing changes when *found_inf != 0.
+struct AdamWArgs {
+  ScalarArg lr, grad_scale, clip_coef;
+  const float* found_inf;  // may be null
+  double beta1, beta2, eps, weight_decay;
+  bool maximize, amsgrad;
+  int* arrivals;
+};
+bool adamw_supports(DType param, DType grad, DType state);
+void launch_adamw(const DeviceTable& table, LaunchRange range, DType param, DType grad, DType state,
+                  const AdamWArgs& args, cudaStream_t stream);
+
+// Threads per block of the chunk kernels, and elements per chunk (64 per thread).
+constexpr int kThreads = 512;
+constexpr int64_t kChunkSize = 32768;
+
+// Blocks for a persistent launch over `num_chunks` chunks: enough to fill the device a few times
+// over, so that a block's next chunk hides the tail of its last one.
+inline int persistent_blocks(int64_t num_chunks, int multiprocessors) {
+  const int64_t most = static_cast<int64_t>(multiprocessors) * 4;
+  return static_cast<int>(num_chunks < most ? num_chunks : most);
+}
+
+}  // namespace fastopt

@@ -1,0 +1,99 @@
+// The norm pass: per-chunk partials of sum |g|^p (or max |g|), the inf/nan check and, for
+// unscale_and_check_, the in-place unscale, all from one read of the tensors; then one block
+// that folds the partials, in a fixed order, into per-tensor norms and the total. No float
+// atomics anywhere: the result is bit-identical from run to run.
+#include "multi_tensor.cuh"
+
+namespace fastopt {
+namespace {
+
+__global__ void __launch_bounds__(kThreads)
+    norm_partials_kernel(DeviceTable table, LaunchRange range, int64_t list, NormKind kind, double p,
+                         double* partials, float* found_inf, bool unscale, ScalarArg inv_scale_arg) {
+  __shared__ double scratch[32];
+  const double inv_scale = unscale ? read_scalar(inv_scale_arg) : 1.0;
+  const auto combine = [kind](double a, double b) { return norm_combine(a, b, kind); };
+  for_each_chunk(range, [&](int64_t c) {
+    const int64_t tensor = table.chunk_tensor[c];
+    const int64_t start = table.chunk_start[c], end = table.chunk_end[c];
+    double partial = 0.0;
+    bool nonfinite = false;
+    dispatch_dtype(table.dtype(list, tensor), [&](auto tag) {
+      using T = decltype(tag);
+      using A = typename Accumulate<T>::type;
+      constexpr int N = pack_width<T>();
+      T* data = table.pointer<T>(list, tensor);
+      const A factor = static_cast<A>(inv_scale), power = static_cast<A>(p);
+      A accumulated = A(0);
+      // Checked before the unscale, as torch's _amp_foreach_non_finite_check_and_unscale_; the
+      // norm sees the value as stored after it.
+      const auto visit = [&](A& x) {
+        nonfinite |= !is_finite(x);
+        if (unscale) x = to_acc<A>(from_acc<T>(x * factor));
+        if (kind != kNoNorm) accumulated = norm_combine(accumulated, norm_contribution(x, kind, power), kind);
+      };
+      for_chunk_elements<N>(
+          start, end, pack_aligned<N>(data + start),
+          [&](int64_t i) {
+            A values[N];
+            load_pack<N>(data + i, values);
+#pragma unroll
+            for (int k = 0; k < N; ++k) visit(values[k]);
+            if (unscale) store_pack<N>(data + i, values);
+          },
+          [&](int64_t i) {
+            A x = to_acc<A>(data[i]);
+            visit(x);
+            if (unscale) data[i] = from_acc<T>(x);
+          });
+      partial = static_cast<double>(accumulated);
+    });
+    // A plain store of the same value from any block: no atomic needed, never cleared.
+    if (__syncthreads_or(nonfinite) && threadIdx.x == 0 && found_inf != nullptr) *found_inf = 1.0f;
+    if (kind != kNoNorm) {
+      const double total = block_reduce(partial, 0.0, scratch, combine);
+      if (threadIdx.x == 0) partials[c] = total;
+    }
+  });
+}
+
+constexpr int kFinishThreads = 1024;
+
+__global__ void __launch_bounds__(kFinishThreads)
+    norm_finish_kernel(DeviceTable table, const double* partials, NormKind kind, double p, float* norms,
+                       float* total) {
+  __shared__ double scratch[32];
+  const auto combine = [kind](double a, double b) { return norm_combine(a, b, kind); };
+  const int lane = threadIdx.x % 32, warp = threadIdx.x / 32, num_warps = blockDim.x / 32;
+  if (norms != nullptr) {  // a warp per segment
+    for (int64_t s = warp; s < table.num_segments; s += num_warps) {
+      const int64_t first = table.segment_first_chunk[s], count = table.segment_num_chunks[s];
+      double accumulated = 0.0;
+      for (int64_t i = lane; i < count; i += 32) accumulated = combine(accumulated, partials[first + i]);
+      accumulated = warp_reduce(accumulated, combine);
+      if (lane == 0) norms[s] = static_cast<float>(norm_finish(accumulated, kind, p));
+    }
+  }
+  // The total from every chunk's partial (more exact than the norm of the rounded norms).
+  double accumulated = 0.0;
+  for (int64_t c = threadIdx.x; c < table.num_chunks; c += blockDim.x) accumulated = combine(accumulated, partials[c]);
+  accumulated = block_reduce(accumulated, 0.0, scratch, combine);
+  if (threadIdx.x == 0) *total = static_cast<float>(norm_finish(accumulated, kind, p));
+}
+
+}  // namespace
+
+void launch_norm_partials(const DeviceTable& table, LaunchRange range, int64_t list, NormKind kind,
+                          double p, double* partials, float* found_inf, bool unscale,
+                          ScalarArg inv_scale, cudaStream_t stream) {
+  if (range.num_chunks == 0) return;
+  norm_partials_kernel<<<range.blocks, kThreads, 0, stream>>>(table, range, list, kind, p, partials,
+                                                              found_inf, unscale, inv_scale);
+}
+
+void launch_norm_finish(const DeviceTable& table, const double* partials, NormKind kind, double p,
+                        float* norms, float* total, cudaStream_t stream) {
+  norm_finish_kernel<<<1, kFinishThreads, 0, stream>>>(table, partials, kind, p, norms, total);
+}
+
+}  // namespace fastopt

@@ -1,0 +1,501 @@
+// The torch side of the CUDA backend, and the only file that includes torch: op schemas
+// (TORCH_LIBRARY(fastopt)), their CUDA implementations, and the cache of device-side tables.
+// Fake (meta) implementations are registered in Python (fastopt/cuda.py). The kernels behind
+// the launchers are in the .cu files (CUDA headers only, see kernels.h).
+#include <Python.h>  // only for the module init below: `import fastopt._C` registers the ops
+
+#include <ATen/ATen.h>
+#include <c10/cuda/CUDAException.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
+#include <c10/util/Exception.h>
+#include <torch/library.h>
+
+#include <cmath>
+#include <list>
+#include <memory>
+#include <mutex>
+#include <optional>
+#include <unordered_map>
+#include <utility>
+#include <vector>
+
+#include "chunk_plan.h"
+#include "kernels.h"
+
+namespace fastopt {
+namespace {
+
+using TensorList = std::vector<at::Tensor>;
+
+// --------------------------------------------------------------------------- input checks
+// fastopt.ops validates every call before it reaches an op; these checks guard direct callers of
+// torch.ops.fastopt.* and run before any tensor is touched.
+
+DType dtype_code(const at::Tensor& t, const char* name) {
+  switch (t.scalar_type()) {
+    case at::kHalf: return kFloat16;
+    case at::kBFloat16: return kBFloat16;
+    case at::kFloat: return kFloat32;
+    case at::kDouble: return kFloat64;
+    default: TORCH_CHECK(false, "fastopt: ", name, " must be float16, bfloat16, float32 or float64, got ", t.scalar_type());
+  }
+}
+
+void check_lists(const std::vector<std::pair<const char*, const TensorList*>>& lists) {
+  const TensorList& first = *lists.front().second;
+  TORCH_CHECK(!first.empty(), "fastopt: ", lists.front().first, " must not be empty");
+  const at::Device device = first.front().device();
+  TORCH_CHECK(device.is_cuda(), "fastopt: the CUDA backend needs CUDA tensors, got ", device);
+  for (const auto& [name, tensors] : lists) {
+    TORCH_CHECK(tensors->size() == first.size(), "fastopt: ", name, " has ", tensors->size(), " tensors but ",
+                lists.front().first, " has ", first.size());
+    for (size_t i = 0; i < tensors->size(); ++i) {
+      const at::Tensor& t = (*tensors)[i];
+      TORCH_CHECK(t.defined(), "fastopt: ", name, "[", i, "] is undefined");
+      TORCH_CHECK(t.device() == device, "fastopt: ", name, "[", i, "] is on ", t.device(), " but ",
+                  lists.front().first, "[0] is on ", device);
+      TORCH_CHECK(t.layout() == at::kStrided, "fastopt: ", name, "[", i, "] must be a dense tensor");
+      dtype_code(t, name);
+    }
+  }
+}
+
+void check_same_numels(const char* name, const TensorList& tensors, const char* reference_name,
+                       const TensorList& reference) {
+  for (size_t i = 0; i < tensors.size(); ++i)
+    TORCH_CHECK(tensors[i].numel() == reference[i].numel(), "fastopt: ", name, "[", i, "] has ",
+                tensors[i].numel(), " elements but ", reference_name, "[", i, "] has ", reference[i].numel());
+}
+
+ScalarArg scalar_arg(double value, const std::optional<at::Tensor>& tensor, const at::Device& device,
+                     const char* name) {
+  if (!tensor.has_value()) return {value, nullptr, kFloat32};
+  TORCH_CHECK(tensor->numel() == 1, "fastopt: ", name, " must hold one element, got shape ", tensor->sizes());
+  TORCH_CHECK(tensor->device() == device, "fastopt: ", name, " is on ", tensor->device(),
+              " but the tensors are on ", device);
+  return {0.0, tensor->data_ptr(), dtype_code(*tensor, name)};
+}
+
+float* found_inf_pointer(const std::optional<at::Tensor>& found_inf, const at::Device& device) {
+  if (!found_inf.has_value()) return nullptr;
+  TORCH_CHECK(found_inf->numel() == 1 && found_inf->scalar_type() == at::kFloat,
+              "fastopt: found_inf must be a 1-element float32 tensor");
+  TORCH_CHECK(found_inf->device() == device, "fastopt: found_inf is on ", found_inf->device(),
+              " but the tensors are on ", device);
+  return found_inf->data_ptr<float>();
+}
+
+// --------------------------------------------------------------------------- dense stand-ins
+
+// The kernels walk flat memory: a strided tensor runs on a contiguous copy, which an in-place op
+// copies back afterwards (only those tensors pay for it).
+struct DenseLists {
+  std::vector<TensorList> lists;
+  std::vector<std::pair<at::Tensor, at::Tensor>> write_back;  // (original, contiguous copy)
+
+  void add(const TensorList& tensors, bool written) {
+    TensorList dense;
+    dense.reserve(tensors.size());
+    for (const at::Tensor& t : tensors) {
+      if (t.is_contiguous()) {
+        dense.push_back(t);
+      } else {
+        dense.push_back(t.contiguous());
+        if (written) write_back.emplace_back(t, dense.back());
+      }
+    }
+    lists.push_back(std::move(dense));
+  }
+
+  void finish() {
+    for (auto& [original, copy] : write_back) original.copy_(copy);
+  }
+};
+
+// --------------------------------------------------------------------------- the table cache
+
+// How tensors split into segments and groups; part of a table's identity.
+enum class Segments : int64_t { kTensors = 0, kUnits = 1 };
+enum class Grouping : int64_t { kNone = 0, kAdamW = 1 };
+
+int multiprocessor_count(int device) {
+  static std::mutex mutex;
+  static std::unordered_map<int, int> counts;
+  std::lock_guard<std::mutex> lock(mutex);
+  auto found = counts.find(device);
+  if (found != counts.end()) return found->second;
+  int count = 0;
+  C10_CUDA_CHECK(cudaDeviceGetAttribute(&count, cudaDevAttrMultiProcessorCount, device));
+  counts[device] = count;
+  return count;
+}
+
+// The device-side table of one layout of tensor lists (dtypes, sizes, segmentation): built once
+// on the host from a ChunkPlan, uploaded in one async copy from pinned memory, and reused while
+// the tensors keep their layout. Only the address column is rewritten when pointers change
+// (grads re-allocated by zero_grad(set_to_none=True)).
+struct Table {
+  at::Tensor buffer;    // int64, device: addresses | dtypes | numels | chunk rows | segment rows
+  at::Tensor arrivals;  // int32 per segment, zero between launches (AdamW's step counts)
+  DeviceTable view{};
+  std::vector<ChunkGroup> groups;
+  std::vector<int64_t> addresses;  // what the device copy of the address column holds
+  int multiprocessors = 0;
+
+  LaunchRange range(int64_t first_chunk, int64_t num_chunks) const {
+    return {first_chunk, num_chunks, persistent_blocks(num_chunks, multiprocessors)};
+  }
+  LaunchRange all_chunks() const { return range(0, view.num_chunks); }
+};
+
+void upload(const at::Tensor& destination, const std::vector<int64_t>& values) {
+  at::Tensor pinned = at::empty({static_cast<int64_t>(values.size())},
+                                at::TensorOptions().dtype(at::kLong).pinned_memory(true));
+  std::copy(values.begin(), values.end(), pinned.data_ptr<int64_t>());
+  destination.copy_(pinned, /*non_blocking=*/true);  // stream-ordered; the pinned block is kept until done
+}
+
+struct KeyHash {
+  size_t operator()(const std::vector<int64_t>& key) const {
+    size_t hash = key.size();
+    for (int64_t value : key) hash ^= std::hash<int64_t>()(value) + 0x9e3779b97f4a7c15ULL + (hash << 6) + (hash >> 2);
+    return hash;
+  }
+};
+
+class TableCache {
+ public:
+  // The table for these (dense) lists, pointing at their tensors. `units` (Segments::kUnits):
+  // dim-0 slices of >= 2-D tensors of list 0 are segments; `min_one_chunk` as in plan_chunks.
+  std::shared_ptr<Table> lookup(const std::vector<TensorList>& lists, Segments segments, Grouping grouping,
+                                bool min_one_chunk) {
+    const TensorList& first = lists.front();
+    const int64_t num_tensors = static_cast<int64_t>(first.size());
+    std::vector<int64_t> key;
+    key.reserve(3 + lists.size() * num_tensors + num_tensors * (segments == Segments::kUnits ? 2 : 1) + 3);
+    key.insert(key.end(), {first.front().device().index(), static_cast<int64_t>(lists.size()),
+                           static_cast<int64_t>(segments), static_cast<int64_t>(grouping), min_one_chunk});
+    for (const TensorList& tensors : lists)
+      for (const at::Tensor& t : tensors) key.push_back(dtype_code(t, "tensor"));
+    for (const at::Tensor& t : first) {
+      key.push_back(t.numel());
+      if (segments == Segments::kUnits) key.push_back(t.dim() >= 2 ? t.size(0) : 1);
+    }
+
+    std::lock_guard<std::mutex> lock(mutex_);
+    auto found = tables_.find(key);
+    std::shared_ptr<Table> table;
+    if (found == tables_.end()) {
+      recent_.push_front(key);
+      table = std::make_shared<Table>(build(lists, segments, grouping, min_one_chunk));
+      tables_.emplace(std::move(key), Entry{table, recent_.begin()});
+      if (tables_.size() > kCapacity) {  // the least recently used goes (callers may still hold it)
+        tables_.erase(recent_.back());
+        recent_.pop_back();
+      }
+    } else {
+      recent_.splice(recent_.begin(), recent_, found->second.position);
+      table = found->second.table;
+    }
+    point_to(*table, lists);
+    return table;
+  }
+
+ private:
+  static constexpr size_t kCapacity = 64;
+  struct Entry {
+    std::shared_ptr<Table> table;
+    std::list<std::vector<int64_t>>::iterator position;
+  };
+
+  static Table build(const std::vector<TensorList>& lists, Segments segments, Grouping grouping, bool min_one_chunk) {
+    const TensorList& first = lists.front();
+    const int64_t num_lists = static_cast<int64_t>(lists.size()), num_tensors = static_cast<int64_t>(first.size());
+    std::vector<int64_t> numels(num_tensors), units, group_keys;
+    for (int64_t i = 0; i < num_tensors; ++i) numels[i] = first[i].numel();
+    if (segments == Segments::kUnits) {
+      units.resize(num_tensors);
+      for (int64_t i = 0; i < num_tensors; ++i) units[i] = first[i].dim() >= 2 ? first[i].size(0) : 1;
+    }
+    if (grouping == Grouping::kAdamW) {  // (param, grad, state) dtypes, state being exp_avg's
+      group_keys.resize(num_tensors);
+      for (int64_t i = 0; i < num_tensors; ++i)
+        group_keys[i] = dtype_code(lists[0][i], "params") * 16 + dtype_code(lists[1][i], "grads") * 4 +
+                        dtype_code(lists[2][i], "exp_avgs");
+    }
+    const ChunkPlan plan = plan_chunks(numels, units, group_keys, kChunkSize, min_one_chunk);
+    const int64_t num_chunks = plan.num_chunks(), num_segments = plan.num_segments();
+
+    // One host buffer, one upload: addresses (filled by point_to) | dtypes | numels | chunks | segments.
+    std::vector<int64_t> host(2 * num_lists * num_tensors);
+    for (int64_t l = 0; l < num_lists; ++l)
+      for (int64_t i = 0; i < num_tensors; ++i) host[(num_lists + l) * num_tensors + i] = dtype_code(lists[l][i], "tensor");
+    host.insert(host.end(), numels.begin(), numels.end());
+    for (const auto* column : {&plan.chunk_tensor, &plan.chunk_segment, &plan.chunk_start, &plan.chunk_end,
+                               &plan.segment_tensor, &plan.segment_first_chunk, &plan.segment_num_chunks})
+      host.insert(host.end(), column->begin(), column->end());
+
+    Table table;
+    const at::Device device = first.front().device();
+    table.buffer = at::empty({static_cast<int64_t>(host.size())}, at::TensorOptions().dtype(at::kLong).device(device));
+    upload(table.buffer, host);
+    table.arrivals = at::zeros({std::max<int64_t>(num_segments, 1)}, at::TensorOptions().dtype(at::kInt).device(device));
+    table.groups = plan.groups;
+    table.multiprocessors = multiprocessor_count(device.index());
+
+    const int64_t* base = table.buffer.data_ptr<int64_t>();
+    DeviceTable& view = table.view;
+    view.addresses = base;
+    view.dtypes = base + num_lists * num_tensors;
+    view.numels = base + 2 * num_lists * num_tensors;
+    view.chunk_tensor = view.numels + num_tensors;
+    view.chunk_segment = view.chunk_tensor + num_chunks;
+    view.chunk_start = view.chunk_segment + num_chunks;
+    view.chunk_end = view.chunk_start + num_chunks;
+    view.segment_tensor = view.chunk_end + num_chunks;
+    view.segment_first_chunk = view.segment_tensor + num_segments;
+    view.segment_num_chunks = view.segment_first_chunk + num_segments;
+    view.num_lists = num_lists;
+    view.num_tensors = num_tensors;
+    view.num_chunks = num_chunks;
+    view.num_segments = num_segments;
+    return table;
+  }
+
+  // Refresh the device address column when any pointer changed (stream-ordered after earlier
+  // launches that read it).
+  static void point_to(Table& table, const std::vector<TensorList>& lists) {
+    std::vector<int64_t> addresses;
+    addresses.reserve(table.view.num_lists * table.view.num_tensors);
+    for (const TensorList& tensors : lists)
+      for (const at::Tensor& t : tensors) addresses.push_back(reinterpret_cast<int64_t>(t.data_ptr()));
+    if (addresses == table.addresses) return;
+    upload(table.buffer.narrow(0, 0, static_cast<int64_t>(addresses.size())), addresses);
+    table.addresses = std::move(addresses);
+  }
+
+  std::mutex mutex_;
+  std::unordered_map<std::vector<int64_t>, Entry, KeyHash> tables_;
+  std::list<std::vector<int64_t>> recent_;  // most recently used first
+};
+
+TableCache& tables() {
+  static TableCache cache;
+  return cache;
+}
+
+cudaStream_t current_stream() { return c10::cuda::getCurrentCUDAStream().stream(); }
+
+at::TensorOptions float32_on(const at::Tensor& like) { return like.options().dtype(at::kFloat); }
+
+// --------------------------------------------------------------------------- the ops
+
+std::tuple<at::Tensor, at::Tensor> multi_tensor_norm(const TensorList& tensors, double norm_type, bool per_tensor,
+                                                     const std::optional<at::Tensor>& found_inf) {
+  check_lists({{"tensors", &tensors}});
+  TORCH_CHECK(norm_type > 0, "fastopt: norm_type must be positive or inf, got ", norm_type);
+  const at::Device device = tensors.front().device();
+  c10::cuda::CUDAGuard guard(device);
+  float* found_inf_data = found_inf_pointer(found_inf, device);
+  DenseLists dense;
+  dense.add(tensors, /*written=*/false);
+  const std::shared_ptr<Table> table_ptr = tables().lookup(dense.lists, Segments::kTensors, Grouping::kNone, false);
+  const Table& table = *table_ptr;
+  const NormKind kind = norm_kind(norm_type);
+  const at::Tensor partials = at::empty({table.view.num_chunks}, tensors.front().options().dtype(at::kDouble));
+  at::Tensor total = at::empty({}, float32_on(tensors.front()));
+  at::Tensor norms = at::empty({per_tensor ? table.view.num_tensors : 0}, float32_on(tensors.front()));
+  const cudaStream_t stream = current_stream();
+  launch_norm_partials(table.view, table.all_chunks(), 0, kind, norm_type, partials.data_ptr<double>(), found_inf_data,
+                       false, {1.0, nullptr, kFloat32}, stream);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  launch_norm_finish(table.view, partials.data_ptr<double>(), kind, norm_type,
+                     per_tensor ? norms.data_ptr<float>() : nullptr, total.data_ptr<float>(), stream);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  return {total, norms};
+}
+
+// The in-place unscale with the inf/nan check; with norm_type, also the norm of the unscaled
+// tensors (total, and per tensor when asked) from the same read: the AMP step's first pass.
+std::tuple<at::Tensor, at::Tensor> unscale_and_check_(const TensorList& tensors, double inv_scale,
+                                                      const std::optional<at::Tensor>& inv_scale_tensor,
+                                                      const at::Tensor& found_inf, std::optional<double> norm_type,
+                                                      bool per_tensor) {
+  check_lists({{"tensors", &tensors}});
+  TORCH_CHECK(!norm_type.has_value() || *norm_type > 0, "fastopt: norm_type must be positive or inf, got ", *norm_type);
+  const at::Device device = tensors.front().device();
+  c10::cuda::CUDAGuard guard(device);
+  const ScalarArg factor = scalar_arg(inv_scale, inv_scale_tensor, device, "inv_scale");
+  float* found_inf_data = found_inf_pointer(found_inf, device);
+  DenseLists dense;
+  dense.add(tensors, /*written=*/true);
+  const std::shared_ptr<Table> table_ptr = tables().lookup(dense.lists, Segments::kTensors, Grouping::kNone, false);
+  const Table& table = *table_ptr;
+  const NormKind kind = norm_type.has_value() ? norm_kind(*norm_type) : kNoNorm;
+  const double p = norm_type.value_or(2.0);
+  const at::Tensor partials =
+      at::empty({kind == kNoNorm ? 0 : table.view.num_chunks}, tensors.front().options().dtype(at::kDouble));
+  at::Tensor total = kind == kNoNorm ? at::empty({0}, float32_on(tensors.front())) : at::empty({}, float32_on(tensors.front()));
+  at::Tensor norms = at::empty({kind != kNoNorm && per_tensor ? table.view.num_tensors : 0}, float32_on(tensors.front()));
+  const cudaStream_t stream = current_stream();
+  launch_norm_partials(table.view, table.all_chunks(), 0, kind, p, kind == kNoNorm ? nullptr : partials.data_ptr<double>(),
+                       found_inf_data, true, factor, stream);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  if (kind != kNoNorm) {
+    launch_norm_finish(table.view, partials.data_ptr<double>(), kind, p, per_tensor ? norms.data_ptr<float>() : nullptr,
+                       total.data_ptr<float>(), stream);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  }
+  dense.finish();
+  return {total, norms};
+}
+
+void scale_(const TensorList& tensors, double coef, const std::optional<at::Tensor>& coef_tensor) {
+  check_lists({{"tensors", &tensors}});
+  const at::Device device = tensors.front().device();
+  c10::cuda::CUDAGuard guard(device);
+  const ScalarArg factor = scalar_arg(coef, coef_tensor, device, "coef");
+  DenseLists dense;
+  dense.add(tensors, /*written=*/true);
+  const std::shared_ptr<Table> table_ptr = tables().lookup(dense.lists, Segments::kTensors, Grouping::kNone, false);
+  const Table& table = *table_ptr;
+  launch_scale(table.view, table.all_chunks(), 0, factor, nullptr, current_stream());
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  dense.finish();
+}
+
+void clamp_(const TensorList& tensors, double clip_value) {
+  check_lists({{"tensors", &tensors}});
+  TORCH_CHECK(clip_value >= 0, "fastopt: clip_value must be >= 0, got ", clip_value);
+  const at::Device device = tensors.front().device();
+  c10::cuda::CUDAGuard guard(device);
+  DenseLists dense;
+  dense.add(tensors, /*written=*/true);
+  const std::shared_ptr<Table> table_ptr = tables().lookup(dense.lists, Segments::kTensors, Grouping::kNone, false);
+  const Table& table = *table_ptr;
+  launch_clamp(table.view, table.all_chunks(), clip_value, current_stream());
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  dense.finish();
+}
+
+void adaptive_clip_(const TensorList& params, const TensorList& grads, double clip_factor, double eps, double norm_type,
+                    bool unitwise) {
+  check_lists({{"params", &params}, {"grads", &grads}});
+  check_same_numels("grads", grads, "params", params);
+  TORCH_CHECK(norm_type > 0, "fastopt: norm_type must be positive or inf, got ", norm_type);
+  const at::Device device = params.front().device();
+  c10::cuda::CUDAGuard guard(device);
+  DenseLists dense;
+  dense.add(params, /*written=*/false);
+  dense.add(grads, /*written=*/true);
+  const std::shared_ptr<Table> table_ptr = tables().lookup(dense.lists, unitwise ? Segments::kUnits : Segments::kTensors, Grouping::kNone, false);
+  const Table& table = *table_ptr;
+  if (table.view.num_chunks == 0) return;  // only empty grads
+  const NormKind kind = norm_kind(norm_type);
+  const at::TensorOptions doubles = params.front().options().dtype(at::kDouble);
+  const at::Tensor partials = at::empty({2 * table.view.num_chunks}, doubles);
+  const at::Tensor coefficients = at::empty({table.view.num_segments}, doubles);
+  const cudaStream_t stream = current_stream();
+  launch_pair_norm_partials(table.view, table.all_chunks(), kind, norm_type, partials.data_ptr<double>(), stream);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  launch_agc_coefficients(table.view, partials.data_ptr<double>(), kind, norm_type, clip_factor, eps,
+                          coefficients.data_ptr<double>(), stream);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  launch_scale(table.view, table.all_chunks(), 1, {1.0, nullptr, kFloat32}, coefficients.data_ptr<double>(), stream);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  dense.finish();
+}
+
+void adamw_(const TensorList& params, const TensorList& grads, const TensorList& exp_avgs, const TensorList& exp_avg_sqs,
+            const TensorList& steps, double lr, const std::optional<at::Tensor>& lr_tensor, double beta1, double beta2,
+            double eps, double weight_decay, bool maximize, const TensorList& max_exp_avg_sqs, double grad_scale,
+            const std::optional<at::Tensor>& grad_scale_tensor, const std::optional<at::Tensor>& found_inf,
+            double clip_coef, const std::optional<at::Tensor>& clip_coef_tensor) {
+  const bool amsgrad = !max_exp_avg_sqs.empty();
+  std::vector<std::pair<const char*, const TensorList*>> named = {
+      {"params", &params}, {"grads", &grads}, {"exp_avgs", &exp_avgs}, {"exp_avg_sqs", &exp_avg_sqs}, {"steps", &steps}};
+  if (amsgrad) named.emplace_back("max_exp_avg_sqs", &max_exp_avg_sqs);
+  check_lists(named);
+  for (const auto& [name, tensors] : named)
+    if (tensors != &steps && tensors != &params) check_same_numels(name, *tensors, "params", params);
+  for (size_t i = 0; i < steps.size(); ++i)
+    TORCH_CHECK(steps[i].numel() == 1 && (steps[i].scalar_type() == at::kFloat || steps[i].scalar_type() == at::kDouble),
+                "fastopt: steps[", i, "] must be a 1-element float32 or float64 tensor");
+  const at::Device device = params.front().device();
+  c10::cuda::CUDAGuard guard(device);
+  AdamWArgs args{};
+  args.lr = scalar_arg(lr, lr_tensor, device, "lr");
+  args.grad_scale = scalar_arg(grad_scale, grad_scale_tensor, device, "grad_scale");
+  args.clip_coef = scalar_arg(clip_coef, clip_coef_tensor, device, "clip_coef");
+  args.found_inf = found_inf_pointer(found_inf, device);
+  args.beta1 = beta1;
+  args.beta2 = beta2;
+  args.eps = eps;
+  args.weight_decay = weight_decay;
+  args.maximize = maximize;
+  args.amsgrad = amsgrad;
+  // Every state of a param shares one dtype in the compiled combinations; checked before any write.
+  for (size_t i = 0; i < params.size(); ++i) {
+    const DType state = dtype_code(exp_avgs[i], "exp_avgs");
+    const bool same_states = dtype_code(exp_avg_sqs[i], "exp_avg_sqs") == state &&
+                             (!amsgrad || dtype_code(max_exp_avg_sqs[i], "max_exp_avg_sqs") == state);
+    TORCH_CHECK_NOT_IMPLEMENTED(
+        same_states && adamw_supports(dtype_code(params[i], "params"), dtype_code(grads[i], "grads"), state),
+        "fastopt: the CUDA AdamW kernel has no build for params ", params[i].scalar_type(), ", grads ",
+        grads[i].scalar_type(), ", exp_avgs ", exp_avgs[i].scalar_type(), ", exp_avg_sqs ",
+        exp_avg_sqs[i].scalar_type(), " (tensor ", i, ")");
+  }
+  DenseLists dense;
+  dense.add(params, true);
+  dense.add(grads, false);
+  dense.add(exp_avgs, true);
+  dense.add(exp_avg_sqs, true);
+  dense.add(steps, true);
+  if (amsgrad) dense.add(max_exp_avg_sqs, true);
+  const std::shared_ptr<Table> table_ptr = tables().lookup(dense.lists, Segments::kTensors, Grouping::kAdamW, /*min_one_chunk=*/true);
+  const Table& table = *table_ptr;
+  args.arrivals = table.arrivals.data_ptr<int>();
+  const cudaStream_t stream = current_stream();
+  for (const ChunkGroup& group : table.groups) {
+    const auto param = static_cast<DType>(group.key / 16), grad = static_cast<DType>(group.key / 4 % 4),
+               state = static_cast<DType>(group.key % 4);
+    launch_adamw(table.view, table.range(group.first_chunk, group.num_chunks), param, grad, state, args, stream);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  }
+  dense.finish();
+}
+
+}  // namespace
+}  // namespace fastopt
+
+// Schemas: lists that an op writes carry (x!) annotations; nothing written is returned. A
+// "float or device scalar" argument is a float plus an optional tensor that wins when given.
+TORCH_LIBRARY(fastopt, m) {
+  m.def("multi_tensor_norm(Tensor[] tensors, float norm_type, bool per_tensor, Tensor(a!)? found_inf) -> (Tensor, Tensor)");
+  m.def(
+      "unscale_and_check_(Tensor(a!)[] tensors, float inv_scale, Tensor? inv_scale_tensor, Tensor(b!) found_inf, "
+      "float? norm_type=None, bool per_tensor=False) -> (Tensor, Tensor)");
+  m.def("scale_(Tensor(a!)[] tensors, float coef, Tensor? coef_tensor) -> ()");
+  m.def("clamp_(Tensor(a!)[] tensors, float clip_value) -> ()");
+  m.def("adaptive_clip_(Tensor[] params, Tensor(a!)[] grads, float clip_factor, float eps, float norm_type, bool unitwise) -> ()");
+  m.def(
+      "adamw_(Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] exp_avgs, Tensor(c!)[] exp_avg_sqs, Tensor(d!)[] steps, "
+      "float lr, Tensor? lr_tensor, float beta1, float beta2, float eps, float weight_decay, bool maximize, "
+      "Tensor(e!)[] max_exp_avg_sqs, float grad_scale, Tensor? grad_scale_tensor, Tensor? found_inf, "
+      "float clip_coef, Tensor? clip_coef_tensor) -> ()");
+}
+
+TORCH_LIBRARY_IMPL(fastopt, CUDA, m) {
+  m.impl("multi_tensor_norm", &fastopt::multi_tensor_norm);
+  m.impl("unscale_and_check_", &fastopt::unscale_and_check_);
+  m.impl("scale_", &fastopt::scale_);
+  m.impl("clamp_", &fastopt::clamp_);
+  m.impl("adaptive_clip_", &fastopt::adaptive_clip_);
+  m.impl("adamw_", &fastopt::adamw_);
+}
+
+// `import fastopt._C` loads this library, and with it the registrations above.
+static PyModuleDef fastopt_module = {PyModuleDef_HEAD_INIT, "fastopt._C",
+                                     "fastopt's CUDA kernels, registered as torch.ops.fastopt.*", -1, nullptr};
+PyMODINIT_FUNC PyInit__C(void) { return PyModule_Create(&fastopt_module); }
