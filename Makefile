@@ -8,7 +8,7 @@ STAMP := $(VENV)/.fastopt-installed
 # A python that already has torch (e.g. a GPU machine's) keeps it: the venv sees its packages.
 TORCH_SPEC ?= $(if $(shell command -v nvidia-smi 2>/dev/null),torch==2.14.1,torch==2.13.0)
 
-.PHONY: bench test test-triton info clean
+.PHONY: bench test test-triton test-cuda-build ctest info clean
 
 bench: $(STAMP)
 	$(PY) -m fastopt bench
@@ -19,6 +19,32 @@ test: $(STAMP)
 # The suite again on the Triton backend, its kernels run on CPU tensors by Triton's interpreter.
 test-triton: $(STAMP)
 	FASTOPT_BACKEND=triton TRITON_INTERPRET=1 $(PY) -m pytest
+
+# The CUDA extension on a machine without a GPU: compiled against torch's CUDA build with the
+# local nvcc (CUDA_HOME), loaded, its schemas, fake implementations and opcheck checked on meta
+# tensors; then the host unit tests of csrc/ (ctest). The kernels run in `make gpu-check`.
+CUDA_VENV ?= .venv-cuda
+CUDA_PY := $(CUDA_VENV)/bin/python
+CUDA_STAMP := $(CUDA_VENV)/.fastopt-installed
+CUDA_TORCH_SPEC ?= torch==2.14.1
+CUDA_HOME ?= /usr/local/cuda
+
+test-cuda-build: $(CUDA_STAMP) ctest
+	CUDA_HOME=$(CUDA_HOME) FASTOPT_FORCE_CUDA_BUILD=1 MAX_JOBS=$${MAX_JOBS:-2} \
+		$(CUDA_PY) -m pip install -v --no-build-isolation --no-deps -e . > $(CUDA_VENV)/build.log 2>&1 \
+		|| { tail -n 60 $(CUDA_VENV)/build.log; exit 1; }
+	@grep -m1 -o "fastopt: building the CUDA extension.*" $(CUDA_VENV)/build.log
+	$(CUDA_PY) -m pytest tests/test_cuda_extension.py
+
+$(CUDA_STAMP):
+	$(PYTHON) -m venv $(CUDA_VENV)
+	$(CUDA_PY) -m pip install -q "$(CUDA_TORCH_SPEC)" pytest expecttest "setuptools>=64" wheel ninja
+	@touch $@
+
+ctest:
+	cmake -S . -B build/cmake -DCMAKE_BUILD_TYPE=Release > /dev/null
+	cmake --build build/cmake -j 2
+	ctest --test-dir build/cmake --output-on-failure
 
 info: $(STAMP)
 	$(PY) -m fastopt info
@@ -33,4 +59,4 @@ $(STAMP): pyproject.toml setup.py
 	@touch $@
 
 clean:
-	rm -rf $(VENV) build *.egg-info fastopt/_C*.so .pytest_cache .hypothesis .benchmarks
+	rm -rf $(VENV) $(CUDA_VENV) build fastopt/_build_info.py *.egg-info fastopt/_C*.so .pytest_cache .hypothesis .benchmarks

@@ -43,11 +43,33 @@ def cuda_extension_kwargs():
         return {}
     from torch.utils.cpp_extension import BuildExtension, CUDAExtension
 
+    import torch
+
+    # Ampere (A100) and Hopper (H100 / H200) unless the builder says otherwise.
     os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "8.0;9.0")
     sources = sorted(glob.glob(os.path.join("csrc", "*.cu")) + glob.glob(os.path.join("csrc", "*.cpp")))
-    print(f"fastopt: building the CUDA extension for sm {os.environ['TORCH_CUDA_ARCH_LIST']}", file=sys.stderr)
-    extension = CUDAExtension("fastopt._C", sources, extra_compile_args={"cxx": ["-O3"], "nvcc": ["-O3"]})
+    print(
+        f"fastopt: building the CUDA extension for sm {os.environ['TORCH_CUDA_ARCH_LIST']} against torch"
+        f" {torch.__version__}",
+        file=sys.stderr,
+    )
+    write_build_info(torch.__version__, torch.version.cuda)
+    # -lineinfo: compute-sanitizer and ncu name source lines; it does not change the code.
+    extension = CUDAExtension(
+        "fastopt._C", sources, extra_compile_args={"cxx": ["-O3"], "nvcc": ["-O3", "-lineinfo"]}
+    )
     return {"ext_modules": [extension], "cmdclass": {"build_ext": BuildExtension}}
+
+
+def write_build_info(torch_version, cuda_version):
+    """fastopt/_build_info.py: the torch the extension is built against, so that fastopt can
+    refuse (and say why) an extension that a later torch upgrade made incompatible, instead of
+    loading it."""
+    with open(os.path.join(HERE, "fastopt", "_build_info.py"), "w") as out:
+        out.write(
+            '"""Written by setup.py when it builds fastopt._C: what the extension was built against."""\n\n'
+            f"TORCH_VERSION = {torch_version!r}\nCUDA_VERSION = {cuda_version!r}\n"
+        )
 
 
 setup(**cuda_extension_kwargs())

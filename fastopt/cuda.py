@@ -1,0 +1,169 @@
+"""The ``cuda`` backend: fastopt's CUDA kernels (``csrc/``, the extension ``fastopt._C``).
+
+The extension registers the ops as ``torch.ops.fastopt.*`` with CUDA implementations; this
+module loads it, registers their fake (meta) implementations so that ``torch.compile`` and
+``torch.library.opcheck`` can trace them, and maps the backend interface of
+``fastopt.reference`` onto them. Each pass of an op is one kernel launch whatever the number of
+tensors: the per-tensor metadata lives in device memory, cached by the extension per layout.
+
+A missing extension, or one built against another torch, is logged once and leaves this backend
+unavailable with the reason (``python -m fastopt info``); the ops then run on Triton or torch.
+"""
+
+from __future__ import annotations
+
+import importlib
+import logging
+
+import torch
+from torch import Tensor
+
+from fastopt import reference
+
+DEVICE_TYPES = ("cuda",)
+
+_log = logging.getLogger("fastopt")
+
+
+def _torch_release(version: str) -> str:
+    """'2.14.1+cu130' -> '2.14': the part of torch's version its C++ ABI follows."""
+    return ".".join(version.split("+")[0].split(".")[:2])
+
+
+def _load_extension() -> str | None:
+    """Import fastopt._C (which registers the ops); the reason it cannot be used, or None.
+    A broken or incompatible extension is logged: it is there, so the user expects it to run."""
+    reason = _extension_problem()
+    if reason is not None and "not built" not in reason:
+        _log.warning("fastopt: the CUDA backend is unavailable: %s; using Triton or torch instead", reason)
+    return reason
+
+
+def _extension_problem() -> str | None:
+    try:
+        build_info = importlib.import_module("fastopt._build_info")
+    except ImportError:
+        build_info = None
+    if build_info is not None and _torch_release(build_info.TORCH_VERSION) != _torch_release(torch.__version__):
+        return (
+            f"fastopt._C was built against torch {build_info.TORCH_VERSION} but torch {torch.__version__} is"
+            " running; rebuild it (pip install --no-build-isolation -e .)"
+        )
+    try:
+        importlib.import_module("fastopt._C")
+    except ImportError as exc:
+        if exc.name == "fastopt._C":
+            return "the CUDA extension fastopt._C is not built (see csrc/README.md)"
+        return f"fastopt._C failed to load: {exc}"
+    except OSError as exc:
+        return f"fastopt._C failed to load: {exc}"
+    return None
+
+
+LOAD_ERROR = _load_extension()
+
+
+def unavailable_reason() -> str | None:
+    if LOAD_ERROR is not None:
+        return LOAD_ERROR
+    if not torch.cuda.is_available():
+        return "no CUDA GPU is visible"
+    return None
+
+
+# --------------------------------------------------------------------------- fake implementations
+# Shapes and dtypes of what each op returns; the in-place ops return nothing.
+
+
+def _register_fakes() -> None:
+    def multi_tensor_norm(tensors, norm_type, per_tensor, found_inf):
+        total = tensors[0].new_empty((), dtype=torch.float32)
+        return total, tensors[0].new_empty(len(tensors) if per_tensor else 0, dtype=torch.float32)
+
+    def unscale_and_check_(tensors, inv_scale, inv_scale_tensor, found_inf, norm_type=None, per_tensor=False):
+        total = tensors[0].new_empty(() if norm_type is not None else (0,), dtype=torch.float32)
+        num_norms = len(tensors) if norm_type is not None and per_tensor else 0
+        return total, tensors[0].new_empty(num_norms, dtype=torch.float32)
+
+    def returns_nothing(*args, **kwargs):
+        return None
+
+    torch.library.register_fake("fastopt::multi_tensor_norm", multi_tensor_norm)
+    torch.library.register_fake("fastopt::unscale_and_check_", unscale_and_check_)
+    for name in ("scale_", "clamp_", "adaptive_clip_", "adamw_"):
+        torch.library.register_fake(f"fastopt::{name}", returns_nothing)
+
+
+if LOAD_ERROR is None:
+    _register_fakes()
+
+
+# --------------------------------------------------------------------------- the backend's ops
+
+
+def _split(value: float | Tensor | None, default: float = 1.0) -> tuple[float, Tensor | None]:
+    """A "float or device scalar" argument as the schemas take it: (value, None) or (0, tensor)."""
+    if isinstance(value, Tensor):
+        return 0.0, value
+    return (default if value is None else float(value)), None
+
+
+def multi_tensor_norm(tensors: list[Tensor], norm_type: float, per_tensor: bool, found_inf: Tensor | None = None):
+    if not tensors:
+        return reference.multi_tensor_norm(tensors, norm_type, per_tensor, found_inf)
+    total, norms = torch.ops.fastopt.multi_tensor_norm(tensors, norm_type, per_tensor, found_inf)
+    return (total, norms) if per_tensor else total
+
+
+def unscale_and_check_(tensors: list[Tensor], inv_scale: float | Tensor, found_inf: Tensor) -> None:
+    if tensors:
+        torch.ops.fastopt.unscale_and_check_(tensors, *_split(inv_scale), found_inf)
+
+
+def scale_(tensors: list[Tensor], coef: float | Tensor) -> None:
+    if tensors:
+        torch.ops.fastopt.scale_(tensors, *_split(coef))
+
+
+def clamp_(tensors: list[Tensor], clip_value: float) -> None:
+    if tensors:
+        torch.ops.fastopt.clamp_(tensors, clip_value)
+
+
+def adaptive_clip_(params, grads, clip_factor: float, eps: float, norm_type: float, unitwise: bool) -> None:
+    if params:
+        torch.ops.fastopt.adaptive_clip_(params, grads, clip_factor, eps, norm_type, unitwise)
+
+
+def adamw_(
+    params: list[Tensor],
+    grads: list[Tensor],
+    exp_avgs: list[Tensor],
+    exp_avg_sqs: list[Tensor],
+    steps: list[Tensor],
+    *,
+    lr: float | Tensor,
+    beta1: float,
+    beta2: float,
+    eps: float,
+    weight_decay: float,
+    maximize: bool,
+    max_exp_avg_sqs: list[Tensor] | None,
+    grad_scale: float | Tensor | None,
+    found_inf: Tensor | None,
+    clip_coef: float | Tensor | None,
+) -> None:
+    if not params:
+        return
+    try:
+        torch.ops.fastopt.adamw_(
+            params, grads, exp_avgs, exp_avg_sqs, steps, *_split(lr), beta1, beta2, eps, weight_decay, maximize,
+            max_exp_avg_sqs or [], *_split(grad_scale), found_inf, *_split(clip_coef),
+        )  # fmt: skip
+    except NotImplementedError:
+        # A dtype combination the kernel is not compiled for (raised before any write).
+        reference.adamw_(
+            params, grads, exp_avgs, exp_avg_sqs, steps, lr=lr, beta1=beta1, beta2=beta2, eps=eps,
+            weight_decay=weight_decay, maximize=maximize, max_exp_avg_sqs=max_exp_avg_sqs, grad_scale=grad_scale,
+            found_inf=found_inf, clip_coef=clip_coef,
+        )  # fmt: skip
