@@ -6,6 +6,7 @@
 
 #include <ATen/ATen.h>
 #include <c10/cuda/CUDAException.h>
+#include <c10/cuda/CUDAGraphsC10Utils.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
 #include <c10/util/Exception.h>
@@ -135,6 +136,11 @@ int multiprocessor_count(int device) {
 // on the host from a ChunkPlan, uploaded in one async copy from pinned memory, and reused while
 // the tensors keep their layout. Only the address column is rewritten when pointers change
 // (grads re-allocated by zero_grad(set_to_none=True)).
+//
+// CUDA graphs: a table used while a stream is captured is frozen: the graph replays launches
+// that read it, so its addresses must never change again, and the pinned host copies that a
+// captured upload reads on every replay are kept with it. A later call with other pointers gets
+// a new table; frozen ones live as long as the process (a graph may be replayed at any time).
 struct Table {
   at::Tensor buffer;    // int64, device: addresses | dtypes | numels | chunk rows | segment rows
   at::Tensor arrivals;  // int32 per segment, zero between launches (AdamW's step counts)
@@ -142,6 +148,8 @@ struct Table {
   std::vector<ChunkGroup> groups;
   std::vector<int64_t> addresses;  // what the device copy of the address column holds
   int multiprocessors = 0;
+  bool frozen = false;
+  std::vector<at::Tensor> uploads;  // pinned sources of the latest uploads (see above)
 
   LaunchRange range(int64_t first_chunk, int64_t num_chunks) const {
     return {first_chunk, num_chunks, persistent_blocks(num_chunks, multiprocessors)};
@@ -149,12 +157,17 @@ struct Table {
   LaunchRange all_chunks() const { return range(0, view.num_chunks); }
 };
 
-void upload(const at::Tensor& destination, const std::vector<int64_t>& values) {
+// One async copy from pinned memory, stream-ordered after the launches that read the destination
+// before; the pinned block goes back to torch's host allocator once the copy is done.
+at::Tensor upload(const at::Tensor& destination, const std::vector<int64_t>& values) {
   at::Tensor pinned = at::empty({static_cast<int64_t>(values.size())},
                                 at::TensorOptions().dtype(at::kLong).pinned_memory(true));
   std::copy(values.begin(), values.end(), pinned.data_ptr<int64_t>());
-  destination.copy_(pinned, /*non_blocking=*/true);  // stream-ordered; the pinned block is kept until done
+  destination.copy_(pinned, /*non_blocking=*/true);
+  return pinned;
 }
+
+bool capturing() { return c10::cuda::currentStreamCaptureStatusMayInitCtx() != c10::cuda::CaptureStatus::None; }
 
 struct KeyHash {
   size_t operator()(const std::vector<int64_t>& key) const {
@@ -185,12 +198,19 @@ class TableCache {
 
     std::lock_guard<std::mutex> lock(mutex_);
     auto found = tables_.find(key);
+    if (found != tables_.end() && found->second.table->frozen && !points_to(*found->second.table, lists)) {
+      frozen_.push_back(found->second.table);  // a graph still reads it: replace it, keep it alive
+      recent_.erase(found->second.position);
+      tables_.erase(found);
+      found = tables_.end();
+    }
     std::shared_ptr<Table> table;
     if (found == tables_.end()) {
       recent_.push_front(key);
       table = std::make_shared<Table>(build(lists, segments, grouping, min_one_chunk));
       tables_.emplace(std::move(key), Entry{table, recent_.begin()});
       if (tables_.size() > kCapacity) {  // the least recently used goes (callers may still hold it)
+        if (tables_.at(recent_.back()).table->frozen) frozen_.push_back(tables_.at(recent_.back()).table);
         tables_.erase(recent_.back());
         recent_.pop_back();
       }
@@ -199,6 +219,7 @@ class TableCache {
       table = found->second.table;
     }
     point_to(*table, lists);
+    if (capturing()) table->frozen = true;
     return table;
   }
 
@@ -239,7 +260,7 @@ class TableCache {
     Table table;
     const at::Device device = first.front().device();
     table.buffer = at::empty({static_cast<int64_t>(host.size())}, at::TensorOptions().dtype(at::kLong).device(device));
-    upload(table.buffer, host);
+    table.uploads = {upload(table.buffer, host)};
     table.arrivals = at::zeros({std::max<int64_t>(num_segments, 1)}, at::TensorOptions().dtype(at::kInt).device(device));
     table.groups = plan.groups;
     table.multiprocessors = multiprocessor_count(device.index());
@@ -263,21 +284,35 @@ class TableCache {
     return table;
   }
 
-  // Refresh the device address column when any pointer changed (stream-ordered after earlier
-  // launches that read it).
-  static void point_to(Table& table, const std::vector<TensorList>& lists) {
+  static std::vector<int64_t> addresses_of(const std::vector<TensorList>& lists) {
     std::vector<int64_t> addresses;
-    addresses.reserve(table.view.num_lists * table.view.num_tensors);
+    addresses.reserve(lists.size() * lists.front().size());
     for (const TensorList& tensors : lists)
       for (const at::Tensor& t : tensors) addresses.push_back(reinterpret_cast<int64_t>(t.data_ptr()));
+    return addresses;
+  }
+
+  static bool points_to(const Table& table, const std::vector<TensorList>& lists) {
+    return addresses_of(lists) == table.addresses;
+  }
+
+  // Refresh the device address column when any pointer changed.
+  static void point_to(Table& table, const std::vector<TensorList>& lists) {
+    std::vector<int64_t> addresses = addresses_of(lists);
     if (addresses == table.addresses) return;
-    upload(table.buffer.narrow(0, 0, static_cast<int64_t>(addresses.size())), addresses);
+    at::Tensor pinned = upload(table.buffer.narrow(0, 0, static_cast<int64_t>(addresses.size())), addresses);
+    if (capturing()) {
+      table.uploads.push_back(std::move(pinned));  // replayed by the graph: keep it
+    } else {
+      table.uploads.resize(1);  // the build's upload stays (it may have been captured)
+    }
     table.addresses = std::move(addresses);
   }
 
   std::mutex mutex_;
   std::unordered_map<std::vector<int64_t>, Entry, KeyHash> tables_;
   std::list<std::vector<int64_t>> recent_;  // most recently used first
+  std::vector<std::shared_ptr<Table>> frozen_;  // replaced or evicted tables that a graph reads
 };
 
 TableCache& tables() {
