@@ -22,6 +22,7 @@ __global__ void __launch_bounds__(kThreads) adamw_kernel(DeviceTable table, Laun
   const A grad_scale = static_cast<A>(read_scalar(args.grad_scale));
   const A clip_coef = static_cast<A>(read_scalar(args.clip_coef));
   __shared__ double new_step;
+  __shared__ AdamWConstants<A> constants;  // formed once per chunk by thread 0 (two fp64 pows)
 
   for_each_chunk(range, [&](int64_t c) {
     const int64_t tensor = table.chunk_tensor[c];
@@ -30,10 +31,9 @@ __global__ void __launch_bounds__(kThreads) adamw_kernel(DeviceTable table, Laun
     if (threadIdx.x == 0) {
       new_step = step_is_double ? *table.pointer<double>(kSteps, tensor) + 1.0
                                 : static_cast<double>(*table.pointer<float>(kSteps, tensor) + 1.0f);
+      constants = adamw_constants<A>(lr, args.beta1, args.beta2, args.eps, args.weight_decay, new_step);
     }
     __syncthreads();
-    const AdamWConstants<A> constants =
-        adamw_constants<A>(lr, args.beta1, args.beta2, args.eps, args.weight_decay, new_step);
 
     P* param = table.pointer<P>(kParams, tensor);
     const G* grad = table.pointer<G>(kGrads, tensor);
@@ -94,7 +94,8 @@ __global__ void __launch_bounds__(kThreads) adamw_kernel(DeviceTable table, Laun
 
 template <typename P, typename G, typename S>
 void launch(const DeviceTable& table, LaunchRange range, const AdamWArgs& args, cudaStream_t stream) {
-  adamw_kernel<P, G, S><<<range.blocks, kThreads, 0, stream>>>(table, range, args);
+  static const int per_multiprocessor = resident_blocks_per_multiprocessor(adamw_kernel<P, G, S>, kThreads);
+  adamw_kernel<P, G, S><<<persistent_grid(per_multiprocessor, range), kThreads, 0, stream>>>(table, range, args);
 }
 
 using Launcher = void (*)(const DeviceTable&, LaunchRange, const AdamWArgs&, cudaStream_t);

@@ -83,7 +83,9 @@ __global__ void __launch_bounds__(kCoefficientThreads)
 void launch_pair_norm_partials(const DeviceTable& table, LaunchRange range, NormKind kind, double p,
                                double* partials, cudaStream_t stream) {
   if (range.num_chunks == 0) return;
-  pair_norm_partials_kernel<<<range.blocks, kThreads, 0, stream>>>(table, range, kind, p, partials);
+  static const int per_multiprocessor = resident_blocks_per_multiprocessor(pair_norm_partials_kernel, kThreads);
+  pair_norm_partials_kernel<<<persistent_grid(per_multiprocessor, range), kThreads, 0, stream>>>(table, range, kind,
+                                                                                              p, partials);
 }
 
 void launch_agc_coefficients(const DeviceTable& table, const double* partials, NormKind kind,

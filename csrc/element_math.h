@@ -89,8 +89,9 @@ FASTOPT_HD A clamp_symmetric(A x, A limit) {
 // above that the grad is scaled down to it (the norm floored at 1e-6, as timm and torch do).
 template <typename A>
 FASTOPT_HD A agc_coefficient(A weight_norm, A grad_norm, A clip_factor, A eps) {
-  const A max_norm = (weight_norm > eps ? weight_norm : eps) * clip_factor;
-  const A floored = grad_norm > A(1e-6) ? grad_norm : A(1e-6);
+  // Written so that a nan norm stays nan (as torch's clamp_min keeps it): then no clipping.
+  const A max_norm = (weight_norm < eps ? eps : weight_norm) * clip_factor;
+  const A floored = grad_norm < A(1e-6) ? A(1e-6) : grad_norm;
   return grad_norm > max_norm ? max_norm / floored : A(1);
 }
 

@@ -6,13 +6,14 @@ namespace fastopt {
 namespace {
 
 // x = op(x) for every element of list `list` in the range's chunks, math in the accumulation
-// type; op(x, chunk) so that it may depend on the chunk (its segment).
-template <typename Op>
+// type; make_op(c) gives chunk c's op, so that what it reads per chunk is read once.
+template <typename MakeOp>
 __device__ __forceinline__ void transform_chunks(const DeviceTable& table, const LaunchRange& range,
-                                                 int64_t list, Op&& op) {
+                                                 int64_t list, MakeOp&& make_op) {
   for_each_chunk(range, [&](int64_t c) {
     const int64_t tensor = table.chunk_tensor[c];
     const int64_t start = table.chunk_start[c], end = table.chunk_end[c];
+    const auto op = make_op(c);
     dispatch_dtype(table.dtype(list, tensor), [&](auto tag) {
       using T = decltype(tag);
       using A = typename Accumulate<T>::type;
@@ -24,10 +25,10 @@ __device__ __forceinline__ void transform_chunks(const DeviceTable& table, const
             A values[N];
             load_pack<N>(data + i, values);
 #pragma unroll
-            for (int k = 0; k < N; ++k) values[k] = op(values[k], c);
+            for (int k = 0; k < N; ++k) values[k] = op(values[k]);
             store_pack<N>(data + i, values);
           },
-          [&](int64_t i) { data[i] = from_acc<T>(op(to_acc<A>(data[i]), c)); });
+          [&](int64_t i) { data[i] = from_acc<T>(op(to_acc<A>(data[i]))); });
     });
   });
 }
@@ -35,17 +36,16 @@ __device__ __forceinline__ void transform_chunks(const DeviceTable& table, const
 __global__ void __launch_bounds__(kThreads)
     scale_kernel(DeviceTable table, LaunchRange range, int64_t list, ScalarArg factor_arg,
                  const double* segment_factors) {
-  const double factor = read_scalar(factor_arg);
-  transform_chunks(table, range, list, [&](auto x, int64_t c) {
-    using A = decltype(x);
-    return x * static_cast<A>(segment_factors != nullptr ? segment_factors[table.chunk_segment[c]] : factor);
+  const double scalar = read_scalar(factor_arg);
+  transform_chunks(table, range, list, [&](int64_t c) {
+    const double factor = segment_factors != nullptr ? segment_factors[table.chunk_segment[c]] : scalar;
+    return [factor](auto x) { return x * static_cast<decltype(x)>(factor); };
   });
 }
 
 __global__ void __launch_bounds__(kThreads) clamp_kernel(DeviceTable table, LaunchRange range, double limit) {
-  transform_chunks(table, range, 0, [&](auto x, int64_t) {
-    using A = decltype(x);
-    return clamp_symmetric(x, static_cast<A>(limit));
+  transform_chunks(table, range, 0, [limit](int64_t) {
+    return [limit](auto x) { return clamp_symmetric(x, static_cast<decltype(x)>(limit)); };
   });
 }
 
@@ -54,12 +54,15 @@ __global__ void __launch_bounds__(kThreads) clamp_kernel(DeviceTable table, Laun
 void launch_scale(const DeviceTable& table, LaunchRange range, int64_t list, ScalarArg factor,
                   const double* segment_factors, cudaStream_t stream) {
   if (range.num_chunks == 0) return;
-  scale_kernel<<<range.blocks, kThreads, 0, stream>>>(table, range, list, factor, segment_factors);
+  static const int per_multiprocessor = resident_blocks_per_multiprocessor(scale_kernel, kThreads);
+  scale_kernel<<<persistent_grid(per_multiprocessor, range), kThreads, 0, stream>>>(table, range, list, factor,
+                                                                                 segment_factors);
 }
 
 void launch_clamp(const DeviceTable& table, LaunchRange range, double limit, cudaStream_t stream) {
   if (range.num_chunks == 0) return;
-  clamp_kernel<<<range.blocks, kThreads, 0, stream>>>(table, range, limit);
+  static const int per_multiprocessor = resident_blocks_per_multiprocessor(clamp_kernel, kThreads);
+  clamp_kernel<<<persistent_grid(per_multiprocessor, range), kThreads, 0, stream>>>(table, range, limit);
 }
 
 }  // namespace fastopt

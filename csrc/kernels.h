@@ -43,12 +43,13 @@ struct ScalarArg {
   int64_t dtype;
 };
 
-// A range of chunks for one launch and how many blocks to run over it (a persistent grid: each
-// block walks chunks first_chunk + blockIdx.x, + gridDim.x, ...).
+// A range of chunks for one launch. The grid is persistent: as many blocks as the device holds
+// at once (each kernel's occupancy times the multiprocessors), each walking chunks
+// first_chunk + blockIdx.x, + gridDim.x, ...
 struct LaunchRange {
   int64_t first_chunk;
   int64_t num_chunks;
-  int blocks;
+  int multiprocessors;
 };
 
 // Pass 1 of every norm, the inf/nan check and the unscale, from one read of list 0:
@@ -60,10 +61,14 @@ void launch_norm_partials(const DeviceTable& table, LaunchRange range, int64_t l
                           double p, double* partials, float* found_inf, bool unscale,
                           ScalarArg inv_scale, cudaStream_t stream);
 
-// Pass 2 of a norm, one block: norms[s] for every segment (when norms is non-null) and the
-// total over all chunks, both from the partials in a fixed order (deterministic).
+// Pass 2 of a norm: norms[s] for every segment (when norms is non-null; a warp per segment) and
+// the total over all chunks (each block folds a fixed range of chunks into block_totals, the last
+// block to finish folds those), all in a fixed order: deterministic. block_totals: at least
+// kMaxFinishBlocks doubles; arrival: one int, zero before and after.
+constexpr int kMaxFinishBlocks = 256;
 void launch_norm_finish(const DeviceTable& table, const double* partials, NormKind kind, double p,
-                        float* norms, float* total, cudaStream_t stream);
+                        float* norms, float* total, double* block_totals, int* arrival,
+                        int multiprocessors, cudaStream_t stream);
 
 // t *= factor (a scalar, or segment_factors[segment of the element] when non-null) in list `list`.
 void launch_scale(const DeviceTable& table, LaunchRange range, int64_t list, ScalarArg factor,
@@ -99,12 +104,5 @@ void launch_adamw(const DeviceTable& table, LaunchRange range, DType param, DTyp
 // Threads per block of the chunk kernels, and elements per chunk (64 per thread).
 constexpr int kThreads = 512;
 constexpr int64_t kChunkSize = 32768;
-
-// Blocks for a persistent launch over `num_chunks` chunks: enough to fill the device a few times
-// over, so that a block's next chunk hides the tail of its last one.
-inline int persistent_blocks(int64_t num_chunks, int multiprocessors) {
-  const int64_t most = static_cast<int64_t>(multiprocessors) * 4;
-  return static_cast<int>(num_chunks < most ? num_chunks : most);
-}
 
 }  // namespace fastopt

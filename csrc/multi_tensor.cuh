@@ -111,6 +111,8 @@ __device__ __forceinline__ void for_chunk_elements(int64_t start, int64_t end, b
   if (vectorized) {
     const int64_t stride = static_cast<int64_t>(blockDim.x) * N;
     const int64_t packed_end = start + (end - start) / N * N;
+    // Unrolled so that several independent loads are in flight per thread.
+#pragma unroll 4
     for (int64_t j = start + static_cast<int64_t>(threadIdx.x) * N; j < packed_end; j += stride) packed(j);
     i = packed_end;  // the scalar tail
   }
@@ -148,6 +150,23 @@ __device__ __forceinline__ A block_reduce(A value, A identity, A* scratch, Combi
   }
   __syncthreads();
   return result;
+}
+
+// Blocks of `kernel` (at `threads` per block) that one multiprocessor holds at once.
+template <typename Kernel>
+int resident_blocks_per_multiprocessor(Kernel kernel, int threads) {
+  int blocks = 0;
+  if (cudaOccupancyMaxActiveBlocksPerMultiprocessor(&blocks, kernel, threads, 0) != cudaSuccess) {
+    (void)cudaGetLastError();  // clear it: the launch itself reports real problems
+    blocks = 1;
+  }
+  return blocks > 0 ? blocks : 1;
+}
+
+// A persistent grid: one wave of resident blocks, or fewer when there are fewer chunks.
+inline int persistent_grid(int blocks_per_multiprocessor, const LaunchRange& range) {
+  const int64_t resident = static_cast<int64_t>(blocks_per_multiprocessor) * range.multiprocessors;
+  return static_cast<int>(range.num_chunks < resident ? range.num_chunks : resident);
 }
 
 }  // namespace fastopt

@@ -57,16 +57,19 @@ __global__ void __launch_bounds__(kThreads)
   });
 }
 
-constexpr int kFinishThreads = 1024;
+constexpr int kFinishThreads = 512;
 
 __global__ void __launch_bounds__(kFinishThreads)
     norm_finish_kernel(DeviceTable table, const double* partials, NormKind kind, double p, float* norms,
-                       float* total) {
+                       float* total, double* block_totals, int* arrival) {
   __shared__ double scratch[32];
+  __shared__ bool last_block;
   const auto combine = [kind](double a, double b) { return norm_combine(a, b, kind); };
-  const int lane = threadIdx.x % 32, warp = threadIdx.x / 32, num_warps = blockDim.x / 32;
-  if (norms != nullptr) {  // a warp per segment
-    for (int64_t s = warp; s < table.num_segments; s += num_warps) {
+  const int lane = threadIdx.x % 32;
+  if (norms != nullptr) {  // a warp per segment, over the whole grid
+    const int64_t warps = static_cast<int64_t>(gridDim.x) * (blockDim.x / 32);
+    for (int64_t s = (static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x) / 32; s < table.num_segments;
+         s += warps) {
       const int64_t first = table.segment_first_chunk[s], count = table.segment_num_chunks[s];
       double accumulated = 0.0;
       for (int64_t i = lane; i < count; i += 32) accumulated = combine(accumulated, partials[first + i]);
@@ -74,11 +77,27 @@ __global__ void __launch_bounds__(kFinishThreads)
       if (lane == 0) norms[s] = static_cast<float>(norm_finish(accumulated, kind, p));
     }
   }
-  // The total from every chunk's partial (more exact than the norm of the rounded norms).
+  // The total from every chunk's partial (more exact than the norm of the rounded norms): block b
+  // folds its fixed share of the chunks, then the last block to arrive folds the blocks' results.
+  const int64_t begin = table.num_chunks * blockIdx.x / gridDim.x;
+  const int64_t end = table.num_chunks * (blockIdx.x + 1) / gridDim.x;
   double accumulated = 0.0;
-  for (int64_t c = threadIdx.x; c < table.num_chunks; c += blockDim.x) accumulated = combine(accumulated, partials[c]);
+  for (int64_t c = begin + threadIdx.x; c < end; c += blockDim.x) accumulated = combine(accumulated, partials[c]);
   accumulated = block_reduce(accumulated, 0.0, scratch, combine);
-  if (threadIdx.x == 0) *total = static_cast<float>(norm_finish(accumulated, kind, p));
+  if (threadIdx.x == 0) {
+    block_totals[blockIdx.x] = accumulated;
+    __threadfence();  // the result is visible before the arrival that lets the last block read it
+    last_block = atomicAdd(arrival, 1) == static_cast<int>(gridDim.x) - 1;
+  }
+  __syncthreads();
+  if (!last_block) return;
+  accumulated = 0.0;
+  for (int64_t b = threadIdx.x; b < gridDim.x; b += blockDim.x) accumulated = combine(accumulated, __ldcg(&block_totals[b]));
+  accumulated = block_reduce(accumulated, 0.0, scratch, combine);
+  if (threadIdx.x == 0) {
+    *total = static_cast<float>(norm_finish(accumulated, kind, p));
+    *arrival = 0;  // ready for the next call
+  }
 }
 
 }  // namespace
@@ -87,13 +106,23 @@ void launch_norm_partials(const DeviceTable& table, LaunchRange range, int64_t l
                           double p, double* partials, float* found_inf, bool unscale,
                           ScalarArg inv_scale, cudaStream_t stream) {
   if (range.num_chunks == 0) return;
-  norm_partials_kernel<<<range.blocks, kThreads, 0, stream>>>(table, range, list, kind, p, partials,
-                                                              found_inf, unscale, inv_scale);
+  static const int per_multiprocessor = resident_blocks_per_multiprocessor(norm_partials_kernel, kThreads);
+  norm_partials_kernel<<<persistent_grid(per_multiprocessor, range), kThreads, 0, stream>>>(
+      table, range, list, kind, p, partials, found_inf, unscale, inv_scale);
 }
 
 void launch_norm_finish(const DeviceTable& table, const double* partials, NormKind kind, double p,
-                        float* norms, float* total, cudaStream_t stream) {
-  norm_finish_kernel<<<1, kFinishThreads, 0, stream>>>(table, partials, kind, p, norms, total);
+                        float* norms, float* total, double* block_totals, int* arrival,
+                        int multiprocessors, cudaStream_t stream) {
+  // Enough blocks that neither the chunks per block nor the segments per warp run long; the
+  // count depends only on the layout and the device, so the fold order (and result) is fixed.
+  const int64_t warps_per_block = kFinishThreads / 32;
+  int64_t blocks = table.num_chunks / 4096;
+  if (norms != nullptr) blocks = blocks > table.num_segments / (4 * warps_per_block) ? blocks : table.num_segments / (4 * warps_per_block);
+  const int64_t most = multiprocessors < kMaxFinishBlocks ? multiprocessors : kMaxFinishBlocks;
+  blocks = blocks < 1 ? 1 : (blocks > most ? most : blocks);
+  norm_finish_kernel<<<static_cast<int>(blocks), kFinishThreads, 0, stream>>>(table, partials, kind, p, norms, total,
+                                                                              block_totals, arrival);
 }
 
 }  // namespace fastopt

@@ -13,6 +13,7 @@
 #include <torch/library.h>
 
 #include <cmath>
+#include <algorithm>
 #include <list>
 #include <memory>
 #include <mutex>
@@ -139,8 +140,13 @@ int multiprocessor_count(int device) {
 //
 // CUDA graphs: a table used while a stream is captured is frozen: the graph replays launches
 // that read it, so its addresses must never change again, and the pinned host copies that a
-// captured upload reads on every replay are kept with it. A later call with other pointers gets
-// a new table; frozen ones live as long as the process (a graph may be replayed at any time).
+// captured upload reads on every replay are kept with it. A table whose upload was captured
+// holds valid contents only once the graph has run, so it serves no other call; a frozen table
+// is replaced when a call needs other pointers. Frozen tables live as long as the process (a
+// graph may be replayed at any time).
+//
+// Streams: the table's memory belongs to the stream it was allocated on; a call on another
+// stream records that stream on it, so that the allocator never reuses it under a kernel.
 struct Table {
   at::Tensor buffer;    // int64, device: addresses | dtypes | numels | chunk rows | segment rows
   at::Tensor arrivals;  // int32 per segment, zero between launches (AdamW's step counts)
@@ -149,10 +155,12 @@ struct Table {
   std::vector<int64_t> addresses;  // what the device copy of the address column holds
   int multiprocessors = 0;
   bool frozen = false;
+  bool captured_upload = false;
   std::vector<at::Tensor> uploads;  // pinned sources of the latest uploads (see above)
+  std::vector<cudaStream_t> streams;  // the streams that have used it
 
   LaunchRange range(int64_t first_chunk, int64_t num_chunks) const {
-    return {first_chunk, num_chunks, persistent_blocks(num_chunks, multiprocessors)};
+    return {first_chunk, num_chunks, multiprocessors};
   }
   LaunchRange all_chunks() const { return range(0, view.num_chunks); }
 };
@@ -198,7 +206,8 @@ class TableCache {
 
     std::lock_guard<std::mutex> lock(mutex_);
     auto found = tables_.find(key);
-    if (found != tables_.end() && found->second.table->frozen && !points_to(*found->second.table, lists)) {
+    if (found != tables_.end() && found->second.table->frozen &&
+        (found->second.table->captured_upload || !points_to(*found->second.table, lists))) {
       frozen_.push_back(found->second.table);  // a graph still reads it: replace it, keep it alive
       recent_.erase(found->second.position);
       tables_.erase(found);
@@ -220,6 +229,7 @@ class TableCache {
     }
     point_to(*table, lists);
     if (capturing()) table->frozen = true;
+    use_on_current_stream(*table);
     return table;
   }
 
@@ -261,6 +271,7 @@ class TableCache {
     const at::Device device = first.front().device();
     table.buffer = at::empty({static_cast<int64_t>(host.size())}, at::TensorOptions().dtype(at::kLong).device(device));
     table.uploads = {upload(table.buffer, host)};
+    table.captured_upload = capturing();
     table.arrivals = at::zeros({std::max<int64_t>(num_segments, 1)}, at::TensorOptions().dtype(at::kInt).device(device));
     table.groups = plan.groups;
     table.multiprocessors = multiprocessor_count(device.index());
@@ -284,6 +295,16 @@ class TableCache {
     return table;
   }
 
+  static void use_on_current_stream(Table& table) {
+    const c10::cuda::CUDAStream stream = c10::cuda::getCurrentCUDAStream();
+    if (std::find(table.streams.begin(), table.streams.end(), stream.stream()) != table.streams.end()) return;
+    if (!table.streams.empty()) {
+      table.buffer.record_stream(stream);
+      table.arrivals.record_stream(stream);
+    }
+    table.streams.push_back(stream.stream());
+  }
+
   static std::vector<int64_t> addresses_of(const std::vector<TensorList>& lists) {
     std::vector<int64_t> addresses;
     addresses.reserve(lists.size() * lists.front().size());
@@ -303,6 +324,7 @@ class TableCache {
     at::Tensor pinned = upload(table.buffer.narrow(0, 0, static_cast<int64_t>(addresses.size())), addresses);
     if (capturing()) {
       table.uploads.push_back(std::move(pinned));  // replayed by the graph: keep it
+      table.captured_upload = true;
     } else {
       table.uploads.resize(1);  // the build's upload stays (it may have been captured)
     }
@@ -322,9 +344,32 @@ TableCache& tables() {
 
 cudaStream_t current_stream() { return c10::cuda::getCurrentCUDAStream().stream(); }
 
-at::TensorOptions float32_on(const at::Tensor& like) { return like.options().dtype(at::kFloat); }
-
 // --------------------------------------------------------------------------- the ops
+
+// The norm pass over a table's list 0: per-chunk partials (with the inf/nan check into found_inf
+// and, with `unscale`, the in-place unscale), then the fold into the total and per-tensor norms.
+// kind == kNoNorm: the check and unscale alone (one launch); returns empty tensors then.
+std::tuple<at::Tensor, at::Tensor> run_norm_pass(const Table& table, const at::Tensor& like, NormKind kind, double p,
+                                                 bool per_tensor, float* found_inf, bool unscale, ScalarArg inv_scale) {
+  const at::TensorOptions floats = like.options().dtype(at::kFloat);
+  const bool with_norm = kind != kNoNorm;
+  // The chunks' partials, then the fold's per-block totals.
+  const at::Tensor scratch =
+      at::empty({with_norm ? table.view.num_chunks + kMaxFinishBlocks : 0}, like.options().dtype(at::kDouble));
+  double* partials = with_norm ? scratch.data_ptr<double>() : nullptr;
+  at::Tensor total = with_norm ? at::empty({}, floats) : at::empty({0}, floats);
+  at::Tensor norms = at::empty({with_norm && per_tensor ? table.view.num_tensors : 0}, floats);
+  const cudaStream_t stream = current_stream();
+  launch_norm_partials(table.view, table.all_chunks(), 0, kind, p, partials, found_inf, unscale, inv_scale, stream);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  if (with_norm) {
+    launch_norm_finish(table.view, partials, kind, p, per_tensor ? norms.data_ptr<float>() : nullptr,
+                       total.data_ptr<float>(), partials + table.view.num_chunks, table.arrivals.data_ptr<int>(),
+                       table.multiprocessors, stream);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  }
+  return {total, norms};
+}
 
 std::tuple<at::Tensor, at::Tensor> multi_tensor_norm(const TensorList& tensors, double norm_type, bool per_tensor,
                                                      const std::optional<at::Tensor>& found_inf) {
@@ -335,20 +380,9 @@ std::tuple<at::Tensor, at::Tensor> multi_tensor_norm(const TensorList& tensors, 
   float* found_inf_data = found_inf_pointer(found_inf, device);
   DenseLists dense;
   dense.add(tensors, /*written=*/false);
-  const std::shared_ptr<Table> table_ptr = tables().lookup(dense.lists, Segments::kTensors, Grouping::kNone, false);
-  const Table& table = *table_ptr;
-  const NormKind kind = norm_kind(norm_type);
-  const at::Tensor partials = at::empty({table.view.num_chunks}, tensors.front().options().dtype(at::kDouble));
-  at::Tensor total = at::empty({}, float32_on(tensors.front()));
-  at::Tensor norms = at::empty({per_tensor ? table.view.num_tensors : 0}, float32_on(tensors.front()));
-  const cudaStream_t stream = current_stream();
-  launch_norm_partials(table.view, table.all_chunks(), 0, kind, norm_type, partials.data_ptr<double>(), found_inf_data,
-                       false, {1.0, nullptr, kFloat32}, stream);
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
-  launch_norm_finish(table.view, partials.data_ptr<double>(), kind, norm_type,
-                     per_tensor ? norms.data_ptr<float>() : nullptr, total.data_ptr<float>(), stream);
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
-  return {total, norms};
+  const std::shared_ptr<Table> table = tables().lookup(dense.lists, Segments::kTensors, Grouping::kNone, false);
+  return run_norm_pass(*table, tensors.front(), norm_kind(norm_type), norm_type, per_tensor, found_inf_data, false,
+                       {1.0, nullptr, kFloat32});
 }
 
 // The in-place unscale with the inf/nan check; with norm_type, also the norm of the unscaled
@@ -365,25 +399,11 @@ std::tuple<at::Tensor, at::Tensor> unscale_and_check_(const TensorList& tensors,
   float* found_inf_data = found_inf_pointer(found_inf, device);
   DenseLists dense;
   dense.add(tensors, /*written=*/true);
-  const std::shared_ptr<Table> table_ptr = tables().lookup(dense.lists, Segments::kTensors, Grouping::kNone, false);
-  const Table& table = *table_ptr;
-  const NormKind kind = norm_type.has_value() ? norm_kind(*norm_type) : kNoNorm;
-  const double p = norm_type.value_or(2.0);
-  const at::Tensor partials =
-      at::empty({kind == kNoNorm ? 0 : table.view.num_chunks}, tensors.front().options().dtype(at::kDouble));
-  at::Tensor total = kind == kNoNorm ? at::empty({0}, float32_on(tensors.front())) : at::empty({}, float32_on(tensors.front()));
-  at::Tensor norms = at::empty({kind != kNoNorm && per_tensor ? table.view.num_tensors : 0}, float32_on(tensors.front()));
-  const cudaStream_t stream = current_stream();
-  launch_norm_partials(table.view, table.all_chunks(), 0, kind, p, kind == kNoNorm ? nullptr : partials.data_ptr<double>(),
-                       found_inf_data, true, factor, stream);
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
-  if (kind != kNoNorm) {
-    launch_norm_finish(table.view, partials.data_ptr<double>(), kind, p, per_tensor ? norms.data_ptr<float>() : nullptr,
-                       total.data_ptr<float>(), stream);
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
-  }
+  const std::shared_ptr<Table> table = tables().lookup(dense.lists, Segments::kTensors, Grouping::kNone, false);
+  auto result = run_norm_pass(*table, tensors.front(), norm_type.has_value() ? norm_kind(*norm_type) : kNoNorm,
+                              norm_type.value_or(2.0), per_tensor, found_inf_data, true, factor);
   dense.finish();
-  return {total, norms};
+  return result;
 }
 
 void scale_(const TensorList& tensors, double coef, const std::optional<at::Tensor>& coef_tensor) {
@@ -393,9 +413,8 @@ void scale_(const TensorList& tensors, double coef, const std::optional<at::Tens
   const ScalarArg factor = scalar_arg(coef, coef_tensor, device, "coef");
   DenseLists dense;
   dense.add(tensors, /*written=*/true);
-  const std::shared_ptr<Table> table_ptr = tables().lookup(dense.lists, Segments::kTensors, Grouping::kNone, false);
-  const Table& table = *table_ptr;
-  launch_scale(table.view, table.all_chunks(), 0, factor, nullptr, current_stream());
+  const std::shared_ptr<Table> table = tables().lookup(dense.lists, Segments::kTensors, Grouping::kNone, false);
+  launch_scale(table->view, table->all_chunks(), 0, factor, nullptr, current_stream());
   C10_CUDA_KERNEL_LAUNCH_CHECK();
   dense.finish();
 }
@@ -407,9 +426,8 @@ void clamp_(const TensorList& tensors, double clip_value) {
   c10::cuda::CUDAGuard guard(device);
   DenseLists dense;
   dense.add(tensors, /*written=*/true);
-  const std::shared_ptr<Table> table_ptr = tables().lookup(dense.lists, Segments::kTensors, Grouping::kNone, false);
-  const Table& table = *table_ptr;
-  launch_clamp(table.view, table.all_chunks(), clip_value, current_stream());
+  const std::shared_ptr<Table> table = tables().lookup(dense.lists, Segments::kTensors, Grouping::kNone, false);
+  launch_clamp(table->view, table->all_chunks(), clip_value, current_stream());
   C10_CUDA_KERNEL_LAUNCH_CHECK();
   dense.finish();
 }
@@ -424,20 +442,19 @@ void adaptive_clip_(const TensorList& params, const TensorList& grads, double cl
   DenseLists dense;
   dense.add(params, /*written=*/false);
   dense.add(grads, /*written=*/true);
-  const std::shared_ptr<Table> table_ptr = tables().lookup(dense.lists, unitwise ? Segments::kUnits : Segments::kTensors, Grouping::kNone, false);
-  const Table& table = *table_ptr;
-  if (table.view.num_chunks == 0) return;  // only empty grads
+  const std::shared_ptr<Table> table = tables().lookup(dense.lists, unitwise ? Segments::kUnits : Segments::kTensors, Grouping::kNone, false);
+  if (table->view.num_chunks == 0) return;  // only empty grads
   const NormKind kind = norm_kind(norm_type);
   const at::TensorOptions doubles = params.front().options().dtype(at::kDouble);
-  const at::Tensor partials = at::empty({2 * table.view.num_chunks}, doubles);
-  const at::Tensor coefficients = at::empty({table.view.num_segments}, doubles);
+  const at::Tensor partials = at::empty({2 * table->view.num_chunks}, doubles);
+  const at::Tensor coefficients = at::empty({table->view.num_segments}, doubles);
   const cudaStream_t stream = current_stream();
-  launch_pair_norm_partials(table.view, table.all_chunks(), kind, norm_type, partials.data_ptr<double>(), stream);
+  launch_pair_norm_partials(table->view, table->all_chunks(), kind, norm_type, partials.data_ptr<double>(), stream);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
-  launch_agc_coefficients(table.view, partials.data_ptr<double>(), kind, norm_type, clip_factor, eps,
+  launch_agc_coefficients(table->view, partials.data_ptr<double>(), kind, norm_type, clip_factor, eps,
                           coefficients.data_ptr<double>(), stream);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
-  launch_scale(table.view, table.all_chunks(), 1, {1.0, nullptr, kFloat32}, coefficients.data_ptr<double>(), stream);
+  launch_scale(table->view, table->all_chunks(), 1, {1.0, nullptr, kFloat32}, coefficients.data_ptr<double>(), stream);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
   dense.finish();
 }
@@ -488,14 +505,13 @@ void adamw_(const TensorList& params, const TensorList& grads, const TensorList&
   dense.add(exp_avg_sqs, true);
   dense.add(steps, true);
   if (amsgrad) dense.add(max_exp_avg_sqs, true);
-  const std::shared_ptr<Table> table_ptr = tables().lookup(dense.lists, Segments::kTensors, Grouping::kAdamW, /*min_one_chunk=*/true);
-  const Table& table = *table_ptr;
-  args.arrivals = table.arrivals.data_ptr<int>();
+  const std::shared_ptr<Table> table = tables().lookup(dense.lists, Segments::kTensors, Grouping::kAdamW, /*min_one_chunk=*/true);
+  args.arrivals = table->arrivals.data_ptr<int>();
   const cudaStream_t stream = current_stream();
-  for (const ChunkGroup& group : table.groups) {
+  for (const ChunkGroup& group : table->groups) {
     const auto param = static_cast<DType>(group.key / 16), grad = static_cast<DType>(group.key / 4 % 4),
                state = static_cast<DType>(group.key % 4);
-    launch_adamw(table.view, table.range(group.first_chunk, group.num_chunks), param, grad, state, args, stream);
+    launch_adamw(table->view, table->range(group.first_chunk, group.num_chunks), param, grad, state, args, stream);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   }
   dense.finish();

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import importlib
 import logging
+import operator
 
 import torch
 from torch import Tensor
@@ -108,6 +109,36 @@ def _split(value: float | Tensor | None, default: float = 1.0) -> tuple[float, T
     return (default if value is None else float(value)), None
 
 
+# The (param, grad, state) dtypes the AdamW kernel is compiled for (csrc/adamw.cu, find_launcher).
+_f64, _f32, _bf16, _f16 = torch.float64, torch.float32, torch.bfloat16, torch.float16
+ADAMW_BUILDS = frozenset(
+    [(_f64, _f64, _f64), (_f32, _f32, _f32), (_f32, _bf16, _f32), (_f32, _f16, _f32)]
+    + [(low, grad, state) for low in (_bf16, _f16) for grad in (low, _f32) for state in (low, _f32)]
+)
+
+
+def _adamw_builds_cover(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs) -> bool:
+    dtype = operator.attrgetter("dtype")
+    states = [exp_avg_sqs] + ([max_exp_avg_sqs] if max_exp_avg_sqs else [])
+    same_states = all(list(map(dtype, s)) == list(map(dtype, exp_avgs)) for s in states)
+    return same_states and set(zip(map(dtype, params), map(dtype, grads), map(dtype, exp_avgs))) <= ADAMW_BUILDS
+
+
+# The (param, grad, state) dtypes the AdamW kernel is compiled for (csrc/adamw.cu, find_launcher).
+_f64, _f32, _bf16, _f16 = torch.float64, torch.float32, torch.bfloat16, torch.float16
+ADAMW_BUILDS = frozenset(
+    [(_f64, _f64, _f64), (_f32, _f32, _f32), (_f32, _bf16, _f32), (_f32, _f16, _f32)]
+    + [(low, grad, state) for low in (_bf16, _f16) for grad in (low, _f32) for state in (low, _f32)]
+)
+
+
+def _adamw_builds_cover(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs) -> bool:
+    dtype = operator.attrgetter("dtype")
+    states = [exp_avg_sqs] + ([max_exp_avg_sqs] if max_exp_avg_sqs else [])
+    same_states = all(list(map(dtype, s)) == list(map(dtype, exp_avgs)) for s in states)
+    return same_states and set(zip(map(dtype, params), map(dtype, grads), map(dtype, exp_avgs))) <= ADAMW_BUILDS
+
+
 def multi_tensor_norm(tensors: list[Tensor], norm_type: float, per_tensor: bool, found_inf: Tensor | None = None):
     if not tensors:
         return reference.multi_tensor_norm(tensors, norm_type, per_tensor, found_inf)
@@ -155,6 +186,13 @@ def adamw_(
 ) -> None:
     if not params:
         return
+    if torch.compiler.is_compiling() and not _adamw_builds_cover(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs):
+        # Traced through the fake, the op cannot say NotImplementedError until the graph runs.
+        return reference.adamw_(
+            params, grads, exp_avgs, exp_avg_sqs, steps, lr=lr, beta1=beta1, beta2=beta2, eps=eps,
+            weight_decay=weight_decay, maximize=maximize, max_exp_avg_sqs=max_exp_avg_sqs, grad_scale=grad_scale,
+            found_inf=found_inf, clip_coef=clip_coef,
+        )  # fmt: skip
     try:
         torch.ops.fastopt.adamw_(
             params, grads, exp_avgs, exp_avg_sqs, steps, *_split(lr), beta1, beta2, eps, weight_decay, maximize,

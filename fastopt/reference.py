@@ -136,7 +136,11 @@ def adaptive_clip_(
     for p, g in zip(params, grads):
         if g.numel() == 0:
             continue
-        g.mul_(agc_coef(unit_norms(p, norm_type, unitwise), unit_norms(g, norm_type, unitwise), clip_factor, eps))
+        coef = agc_coef(unit_norms(p, norm_type, unitwise), unit_norms(g, norm_type, unitwise), clip_factor, eps)
+        if coef.ndim == 0:  # a whole-tensor factor: multiplied in fp32, not first rounded to g's dtype
+            _multiply_([g], coef)
+        else:  # per-unit factors broadcast: torch multiplies in their (fp32) precision
+            g.mul_(coef)
 
 
 def agc_coef(weight_norm: Tensor, grad_norm: Tensor, clip_factor: float, eps: float) -> Tensor:

@@ -155,3 +155,16 @@ def test_a_broken_extension_is_logged_and_the_ops_fall_back(monkeypatch, caplog)
     grads = [torch.randn(4, 3), torch.randn(5)]
     expected = torch.linalg.vector_norm(torch.cat([g.flatten() for g in grads]))
     torch.testing.assert_close(fastopt.multi_tensor_norm(grads), expected)
+
+
+def test_python_knows_which_adamw_combinations_the_kernel_builds():
+    """Under torch.compile the fallback is decided in Python (fastopt.cuda.ADAMW_BUILDS), so that
+    set must be exactly the kernel's list of compiled combinations."""
+    import pathlib
+    import re
+
+    source = (pathlib.Path(__file__).parents[1] / "csrc" / "adamw.cu").read_text()
+    codes = {"kFloat64": torch.float64, "kFloat32": torch.float32, "kBFloat16": torch.bfloat16, "kFloat16": torch.float16}
+    cases = re.findall(r"FASTOPT_ADAMW_CASE\((k\w+), (k\w+), (k\w+),", source)
+    assert len(cases) >= 4
+    assert {tuple(codes[c] for c in case) for case in cases} == cuda.ADAMW_BUILDS

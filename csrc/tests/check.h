@@ -1,9 +1,10 @@
 // A tiny assertion helper for the host unit tests (plain C++17, no test framework).
 //
 // CHECK(cond, what...) and CHECK_CLOSE(actual, expected, tolerance, what...) record a failure with
-// its file, line and a message built from `what...` (streamed), and go on; a test's main returns
-// check::finish("name"), which prints a summary and exits non-zero when any check failed.
-// CHECK_THROWS(expr, Exception, what...) checks that `expr` throws `Exception`.
+// its file, line and a message built from `what...` (streamed, only when the check fails), and go
+// on; CHECK returns whether it held. CHECK_THROWS(expr, Exception, what...) checks that `expr`
+// throws `Exception`. A test's main returns check::finish("name"), which prints a summary and
+// exits non-zero when any check failed. Pass at least one `what` argument (C++17 needs one).
 #pragma once
 
 #include <cmath>
@@ -41,15 +42,19 @@ std::string message(const What&... what) {
   return out.str();
 }
 
-inline bool record(bool ok, const char* file, int line, const char* expression, const std::string& what) {
+// `describe` (a callable returning the message) runs only on failure: passing checks cost nothing.
+template <typename Describe>
+bool record(bool ok, const char* file, int line, const char* expression, const Describe& describe) {
   if (ok) {
     ++counts().passed;
     return true;
   }
   ++counts().failed;
   // Print every failure, but stop flooding the log after many.
-  if (counts().failed <= 50)
+  if (counts().failed <= 50) {
+    const std::string what = describe();
     std::cerr << file << ":" << line << ": FAILED: " << expression << (what.empty() ? "" : " -- ") << what << "\n";
+  }
   return false;
 }
 
@@ -60,12 +65,6 @@ inline bool close(double actual, double expected, double tolerance) {
   return std::fabs(actual - expected) <= tolerance;
 }
 
-// Bitwise-identical values (nan == nan; +0 and -0 differ).
-inline bool same(double a, double b) {
-  if (std::isnan(a) || std::isnan(b)) return std::isnan(a) && std::isnan(b);
-  return a == b && std::signbit(a) == std::signbit(b);
-}
-
 inline int finish(const char* name) {
   const Counts& c = counts();
   std::cout << name << ": " << c.passed << " checks passed, " << c.failed << " failed\n";
@@ -74,7 +73,9 @@ inline int finish(const char* name) {
 
 }  // namespace check
 
-#define CHECK(cond, ...) ::check::record(static_cast<bool>(cond), __FILE__, __LINE__, #cond, ::check::message(__VA_ARGS__))
+#define CHECK(cond, ...)                                             \
+  ::check::record(static_cast<bool>(cond), __FILE__, __LINE__, #cond, \
+                  [&]() { return ::check::message(__VA_ARGS__); })
 
 #define CHECK_CLOSE(actual, expected, tolerance, ...)                                                          \
   do {                                                                                                          \
@@ -82,9 +83,10 @@ inline int finish(const char* name) {
     const double check_expected_ = static_cast<double>(expected);                                               \
     const double check_tolerance_ = static_cast<double>(tolerance);                                             \
     ::check::record(::check::close(check_actual_, check_expected_, check_tolerance_), __FILE__, __LINE__,       \
-                    #actual " ~= " #expected,                                                                   \
-                    ::check::message("actual ", check_actual_, ", expected ", check_expected_, ", tolerance ", \
-                                     check_tolerance_, "; ", __VA_ARGS__));                                     \
+                    #actual " ~= " #expected, [&]() {                                                           \
+                      return ::check::message("actual ", check_actual_, ", expected ", check_expected_,       \
+                                              ", tolerance ", check_tolerance_, "; ", __VA_ARGS__);           \
+                    });                                                                                         \
   } while (0)
 
 #define CHECK_THROWS(expr, Exception, ...)                                                                    \
@@ -96,5 +98,6 @@ inline int finish(const char* name) {
       check_threw_ = true;                                                                                    \
     } catch (...) {                                                                                           \
     }                                                                                                         \
-    ::check::record(check_threw_, __FILE__, __LINE__, #expr " throws " #Exception, ::check::message(__VA_ARGS__)); \
+    ::check::record(check_threw_, __FILE__, __LINE__, #expr " throws " #Exception,                          \
+                    [&]() { return ::check::message(__VA_ARGS__); });                                       \
   } while (0)
