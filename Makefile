@@ -49,6 +49,13 @@ ctest:
 info: $(STAMP)
 	$(PY) -m fastopt info
 
+# On the GPU machine (no venv, nothing downloaded): build the CUDA extension, the GPU tests,
+# compute-sanitizer and the GPU benchmark in one ~10-minute command; logs and results in $$OUT or
+# gpu-check-results/, a short table last (scripts/gpu_check.sh says what each step does).
+.PHONY: gpu-check
+gpu-check:
+	PYTHON="$(PYTHON)" bash scripts/gpu_check.sh
+
 $(STAMP): pyproject.toml setup.py
 	$(PYTHON) -m venv --system-site-packages $(VENV)
 	$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install -q "$(TORCH_SPEC)"

@@ -97,11 +97,17 @@ def bench(args: argparse.Namespace) -> int:
     print(report.how_to_read(results))
     print("\n### Summary: torch's best path against fastopt's\n")
     print(report.summary_table(results))
+    if results.device == "cuda":
+        print("\n### Targets\n")
+        print(report.targets_table(results))
     print("\n### Every row\n")
     print(report.detail_tables(results))
     print("\nSkipped:\n" + report.skipped_list(results))
     written = report.write_all(results, env, pathlib.Path(args.out))
     print("\nWrote " + "; ".join(f"{kind}: {path}" for kind, path in written.items()))
+    if results.settings.get("interrupted"):
+        print(f"\nIncomplete: {results.settings['interrupted']}", file=sys.stderr)
+        return 1
     return 1 if any(row.error for row in results.rows if row.role == "fastopt") else 0
 
 

@@ -124,21 +124,6 @@ def _adamw_builds_cover(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs) -
     return same_states and set(zip(map(dtype, params), map(dtype, grads), map(dtype, exp_avgs))) <= ADAMW_BUILDS
 
 
-# The (param, grad, state) dtypes the AdamW kernel is compiled for (csrc/adamw.cu, find_launcher).
-_f64, _f32, _bf16, _f16 = torch.float64, torch.float32, torch.bfloat16, torch.float16
-ADAMW_BUILDS = frozenset(
-    [(_f64, _f64, _f64), (_f32, _f32, _f32), (_f32, _bf16, _f32), (_f32, _f16, _f32)]
-    + [(low, grad, state) for low in (_bf16, _f16) for grad in (low, _f32) for state in (low, _f32)]
-)
-
-
-def _adamw_builds_cover(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs) -> bool:
-    dtype = operator.attrgetter("dtype")
-    states = [exp_avg_sqs] + ([max_exp_avg_sqs] if max_exp_avg_sqs else [])
-    same_states = all(list(map(dtype, s)) == list(map(dtype, exp_avgs)) for s in states)
-    return same_states and set(zip(map(dtype, params), map(dtype, grads), map(dtype, exp_avgs))) <= ADAMW_BUILDS
-
-
 def multi_tensor_norm(tensors: list[Tensor], norm_type: float, per_tensor: bool, found_inf: Tensor | None = None):
     if not tensors:
         return reference.multi_tensor_norm(tensors, norm_type, per_tensor, found_inf)

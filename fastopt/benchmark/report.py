@@ -125,6 +125,80 @@ def summary_table(results: Results) -> str:
     return "\n".join(lines)
 
 
+# The issue's speed goals for the fused backends on a GPU, on the full-size fp32 workloads.
+STEP_FLOOR_GOALS = (("gpt-like/fp32", 1.05), ("many-small/fp32", 1.3))  # AMP step time / floor, at most
+NORM_READ_GOAL = 0.9  # multi_tensor_norm: fraction of the read bandwidth, at least
+HOST_GOAL_MS = ("many-small/fp32", 0.3)  # AMP step: host ms per step, at most
+LAUNCH_WORKLOADS = ("gpt-like/fp32", "many-small/fp32")  # launches per step must not grow with the tensor count
+PASSES = {"multi_tensor_norm": 1, "unscale_and_check_": 1, "clip_grad_norm_": 2, "adamw step": 1,
+          "clip + adamw step": 2, "AMP step": 2}  # fmt: skip
+
+
+def _verdict(met: bool | None) -> str:
+    return "not measured" if met is None else ("met" if met else "missed")
+
+
+def targets(results: Results) -> list[dict]:
+    """Each speed goal, per fastopt backend: what was measured and whether it is met.
+    Dicts with ``goal``, ``implementation``, ``measured``, ``value`` and ``met`` (None: no data)."""
+    rows = [r for r in results.rows if r.role == "fastopt" and r.plotted]
+    names = sorted({r.implementation for r in rows})
+
+    def find(name: str, workload: str, op: str) -> Row | None:
+        return next((r for r in rows if (r.implementation, r.workload, r.op) == (name, workload, op)), None)
+
+    out = []
+    for name in names:
+        for workload, goal in STEP_FLOOR_GOALS:
+            row = find(name, workload, "AMP step")
+            value = row.median_ms / row.floor_ms if row and row.median_ms else None
+            measured = (row.error if row else None) or "—"
+            if value is not None:
+                measured = (f"{_ms(row.median_ms)} ms, floor {_ms(row.floor_ms)} ms: {value:.2f}x floor; "
+                            f"{_ratio(row.vs_torch_best)} vs torch best")  # fmt: skip
+            out.append({"goal": f"AMP step (unscale + clip + AdamW), {workload}: time <= {goal}x the floor",
+                        "implementation": name, "measured": measured, "value": value,
+                        "met": None if value is None else value <= goal})  # fmt: skip
+        read_bw = results.read_bandwidth or results.copy_bandwidth
+        yardstick = "read" if results.read_bandwidth else "copy"
+        for workload in LAUNCH_WORKLOADS:
+            row = find(name, workload, "multi_tensor_norm")
+            value = row.floor_bytes / (row.median_ms * 1e-3) / read_bw if row and row.median_ms else None
+            measured = (row.error if row else None) or "—"
+            if value is not None:
+                measured = (f"{row.floor_bytes / (row.median_ms * 1e-3) / 1e9:.0f} GB/s of {read_bw / 1e9:.0f} GB/s "
+                            f"({yardstick} bandwidth): {_percent(value)}")  # fmt: skip
+            out.append({"goal": f"multi_tensor_norm, {workload}: >= {NORM_READ_GOAL:.0%} of the read bandwidth",
+                        "implementation": name, "measured": measured, "value": value,
+                        "met": None if value is None else value >= NORM_READ_GOAL})  # fmt: skip
+        counts = {op: [getattr(find(name, w, op), "launches", None) for w in LAUNCH_WORKLOADS] for op in PASSES}
+        measured_ops = {op: c for op, c in counts.items() if None not in c}
+        met = None if not measured_ops else all(len(set(c)) == 1 for c in measured_ops.values())
+        out.append({
+            "goal": f"kernels per step the same at {' and '.join(LAUNCH_WORKLOADS)} (one launch per pass)",
+            "implementation": name,
+            "measured": "; ".join(f"{op} {' -> '.join(map(str, c))} ({PASSES[op]} pass{'es' * (PASSES[op] > 1)})"
+                                  for op, c in measured_ops.items()) or "—",
+            "value": None, "met": met,
+        })  # fmt: skip
+        workload, goal = HOST_GOAL_MS
+        row = find(name, workload, "AMP step")
+        value = row.host_ms if row else None
+        out.append({"goal": f"AMP step, {workload}: host time <= {goal} ms per step", "implementation": name,
+                    "measured": "—" if value is None else f"{_ms(value)} ms", "value": value,
+                    "met": None if value is None else value <= goal})  # fmt: skip
+    return out
+
+
+def targets_table(results: Results) -> str:
+    """The speed goals as a markdown table (GPU runs; the goals are for the fused backends)."""
+    lines = ["| goal | fastopt | measured | verdict |", "|---|---|---|---|"]
+    for t in targets(results):
+        measured = t["measured"].replace("|", "/")
+        lines.append(f"| {t['goal']} | {t['implementation']} | {measured} | {_verdict(t['met'])} |")
+    return "\n".join(lines) if len(lines) > 2 else "- no fastopt rows measured"
+
+
 def detail_tables(results: Results) -> str:
     """Every row, one table per workload."""
     on_gpu = results.device == "cuda"
@@ -193,6 +267,13 @@ def how_to_read(results: Results) -> str:
         "Inputs are random; calls rotate over the tensor sets shown, so caches do not flatter; grads that an op "
         "changes are restored (untimed) after each call.",
     ]
+    if on_gpu and results.read_bandwidth:
+        lines.append(
+            f"Read bandwidth measured in this run: {results.read_bandwidth / 1e9:.1f} GB/s (torch.sum of 1 GiB): the "
+            "yardstick of multi_tensor_norm in the targets."
+        )
+    if results.settings.get("interrupted"):
+        lines.append(f"This run was cut short ({results.settings['interrupted']}): the rows below are those measured.")
     if results.cpu_contention is not None:
         lines.append(
             f"The run took {results.wall_s:.0f} s; during {100 * results.cpu_contention:.0f}% of it some task waited "
@@ -208,6 +289,7 @@ def markdown(results: Results, env: dict) -> str:
             how_to_read(results),
             "### Summary: torch's best path against fastopt's",
             summary_table(results),
+            *(["### Targets", targets_table(results)] if results.device == "cuda" else []),
             "### Every row",
             detail_tables(results),
             "Skipped:\n" + skipped_list(results),
@@ -236,6 +318,7 @@ def read_json(path: pathlib.Path) -> tuple[Results, dict]:
         payload["settings"],
         payload.get("wall_s", 0.0),
         payload.get("cpu_contention"),
+        None if payload.get("read_bandwidth_GBps") is None else payload["read_bandwidth_GBps"] * 1e9,
     )
     return results, payload["environment"]
 

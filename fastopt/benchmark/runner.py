@@ -81,11 +81,13 @@ class Results:
     settings: dict
     wall_s: float = 0.0  # the whole run
     cpu_contention: float | None = None  # fraction of the run during which some task waited for a CPU
+    read_bandwidth: float | None = None  # bytes / s of a large reduction (GPU runs), the norm's yardstick
 
     def to_dict(self) -> dict:
         return {
             "device": self.device,
             "copy_bandwidth_GBps": self.copy_bandwidth / 1e9,
+            "read_bandwidth_GBps": None if self.read_bandwidth is None else self.read_bandwidth / 1e9,
             "cache_bytes": self.cache_bytes,
             "wall_s": self.wall_s,
             "cpu_contention": self.cpu_contention,
@@ -255,24 +257,34 @@ def run(
     min_run_time: float = 0.2,
     progress: Callable[[int, int, str], None] | None = None,
 ) -> Results:
-    """Measure every planned row. ``progress(done, total, description)`` is called before each."""
+    """Measure every planned row. ``progress(done, total, description)`` is called before each.
+    Interrupted (Ctrl-C, or ``timeout -s INT``), it keeps the rows measured so far and says so in
+    ``settings["interrupted"]``: a run cut short by a time limit still reports what it has."""
     graphs = device.type == "cuda" if graphs is None else graphs
     items, skipped = plan(workloads, device, backend_names, ops=ops, peers=peers, compile=compile)
     started, stalled_before = time.perf_counter(), timing.cpu_stall_us()
     bandwidth = timing.copy_bandwidth(device, min_run_time=min_run_time)
+    read_bandwidth = timing.read_bandwidth(device, min_run_time=min_run_time) if device.type == "cuda" else None
     cache = timing.cache_bytes(device)
     rows = []
+    interrupted = None
     for done, item in enumerate(items):
         if progress is not None:
             progress(done, len(items), item.describe())
-        rows.append(measure(item, device, bandwidth, cache, min_run_time=min_run_time, graphs=graphs))
+        try:
+            rows.append(measure(item, device, bandwidth, cache, min_run_time=min_run_time, graphs=graphs))
+        except KeyboardInterrupt:
+            interrupted = f"interrupted after {done} of {len(items)} rows, during {item.describe()}"
+            break
     if progress is not None:
-        progress(len(items), len(items), "done")
+        progress(len(items), len(items), "done" if interrupted is None else "interrupted")
     fill_ratios(rows)
     settings = {"min_run_time_s": min_run_time, "compile": compile, "peers": peers, "cuda_graphs": graphs}
+    if interrupted is not None:
+        settings["interrupted"] = interrupted
     stalled_after, wall_s = timing.cpu_stall_us(), time.perf_counter() - started
     # Other jobs on the same cores make CPU timings noisy: say how much they were there.
     contention = None
     if stalled_before is not None and stalled_after is not None:
         contention = (stalled_after - stalled_before) / (wall_s * 1e6)
-    return Results(device.type, bandwidth, cache, rows, skipped, settings, wall_s, contention)
+    return Results(device.type, bandwidth, cache, rows, skipped, settings, wall_s, contention, read_bandwidth)

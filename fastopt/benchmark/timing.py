@@ -249,3 +249,12 @@ def copy_bandwidth(device: torch.device, nbytes: int | None = None, min_run_time
     target = torch.empty_like(source)
     timing = time_steps([lambda: target.copy_(source)], None, device, min_run_time, min_reps=5)
     return 2 * nbytes / (timing.median_ms * 1e-3)
+
+
+def read_bandwidth(device: torch.device, nbytes: int | None = None, min_run_time: float = 0.2) -> float:
+    """Bytes per second of a large reduction (``torch.sum`` of 1 GiB on a GPU): what a pass
+    that only reads moves, the yardstick of ``multi_tensor_norm``."""
+    nbytes = nbytes or (1 << 30 if device.type == "cuda" else 256 << 20)
+    source = torch.empty(nbytes // 4, dtype=torch.float32, device=device).uniform_()
+    timing = time_steps([lambda: source.sum()], None, device, min_run_time, min_reps=5)
+    return nbytes / (timing.median_ms * 1e-3)
