@@ -66,6 +66,7 @@ inline ChunkPlan plan_chunks(const std::vector<int64_t>& numels, const std::vect
 
     const int64_t numel = numels[tensor];
     if (numel < 0) throw std::invalid_argument("numels must be non-negative");
+    if (!units.empty() && units[tensor] < 0) throw std::invalid_argument("units must be non-negative");
     const int64_t unit_count = units.empty() ? 1 : std::max<int64_t>(units[tensor], 1);
     if (numel % unit_count != 0) throw std::invalid_argument("units must divide the tensor's numel");
     const int64_t unit_length = numel / unit_count;

@@ -470,23 +470,9 @@ void test_random_layouts() {
   CHECK(thrown == tried && tried > 200, "perturbed layouts: ", thrown, " of ", tried, " threw");
 }
 
-// Inputs the header accepts without a documented meaning: reported, not failed (see the final
-// report of the test). FASTOPT_STRICT_KNOWN_ISSUES=1 makes them fail.
-void test_undocumented_inputs() {
-  bool threw = false;
-  try {
-    plan_chunks({6}, {-2}, {}, 4, false);
-  } catch (const std::invalid_argument&) {
-    threw = true;
-  }
-  if (!threw) {
-    const char* strict = std::getenv("FASTOPT_STRICT_KNOWN_ISSUES");
-    if (strict != nullptr && std::string(strict) == "1")
-      CHECK(threw, "known issue: negative units do not throw");
-    else
-      std::cout << "KNOWN ISSUE (not counted as a failure): plan_chunks({6}, {-2}, {}, 4, false) does not throw; a "
-                   "negative unit count is silently taken as 1 (the whole tensor)\n";
-  }
+// A negative unit count has no meaning: refused, like a negative numel.
+void test_negative_units() {
+  CHECK_THROWS(plan_chunks({6}, {-2}, {}, 4, false), std::invalid_argument, "negative units");
 }
 
 }  // namespace
@@ -499,6 +485,6 @@ int main() {
   test_large();
   test_invalid_arguments();
   test_random_layouts();
-  test_undocumented_inputs();
+  test_negative_units();
   return check::finish("test_chunk_plan");
 }

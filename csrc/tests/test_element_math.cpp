@@ -379,8 +379,9 @@ void test_lerp(uint32_t seed) {
     // Exact at both ends.
     CHECK(fastopt::lerp(start, end, A(0)) == start, t, " weight 0: ", start, " -> ", end);
     CHECK(fastopt::lerp(start, end, A(1)) == end, t, " weight 1: ", start, " -> ", end);
-    // Inside: start + w (end - start) up to rounding. The exact value in long double, and the
-    // naive formula in A, both within two ulps of the larger endpoint.
+    // Inside: start + w (end - start) up to rounding: within two ulps (of the larger endpoint) of
+    // the exact value in long double (seen: one), and within four of the naive formula in A
+    // (which itself may be 2.5 ulps off).
     A weight = static_cast<A>(weights(rng));
     if (i % 10 == 0) weight = A(0.5);
     const A actual = fastopt::lerp(start, end, weight);
@@ -389,7 +390,7 @@ void test_lerp(uint32_t seed) {
     const A naive = start + weight * (end - start);
     const double tolerance = 2.0 * static_cast<double>(ulp(std::max(std::fabs(start), std::fabs(end))));
     CHECK_CLOSE(actual, static_cast<double>(exact), tolerance, t, " lerp(", start, ", ", end, ", ", weight, ")");
-    CHECK_CLOSE(actual, naive, tolerance, t, " naive lerp(", start, ", ", end, ", ", weight, ")");
+    CHECK_CLOSE(actual, naive, 2 * tolerance, t, " naive lerp(", start, ", ", end, ", ", weight, ")");
     // Between the ends.
     CHECK(actual >= std::min(start, end) && actual <= std::max(start, end), t, " lerp(", start, ", ", end, ", ", weight,
           ") = ", actual, " between the ends");
@@ -556,7 +557,7 @@ void compare_adamw(uint32_t seed, const Hyper& h, bool amsgrad, bool fresh, doub
                     " max_exp_avg_sq");
         max_seen_above_v += ref.max_exp_avg_sq > ref.exp_avg_sq;
       }
-      // The param moved against the (effective) grad's running mean, beyond the weight decay.
+      // Random, non-zero data stays finite through every step.
       CHECK(std::isfinite(actual_params[i]), where, " finite");
     }
   }
@@ -567,7 +568,12 @@ template <typename A>
 void test_adamw_update(uint32_t seed) {
   const std::string t = type_name<A>();
   const bool is_float = sizeof(A) == sizeof(float);
-  const double rtol_same = is_float ? 1e-6 : 1e-13;  // the reference in the same precision
+  // Relative to the size of the terms each value is made of (Reference::scale_*). The reference
+  // in the same precision rounds differently (beta1 * m + (1 - beta1) * g vs lerp, step_size *
+  // (m / denom) vs (-step_size * m) / denom), and the differences of 12 steps add up: seen at
+  // most 6.8e-7 (float) and 8e-16 (double) here, so 2e-6 leaves room for another standard
+  // library's random draws. Against the reference in double, float's whole rounding: seen 8.7e-7.
+  const double rtol_same = is_float ? 2e-6 : 1e-13;
   const Hyper hypers[] = {{1e-3, 0.9, 0.999, 1e-8, 1e-2}, {5e-2, 0.8, 0.95, 1e-6, 0.1}, {1e-2, 0.5, 0.9, 1e-3, 0.0}};
   uint32_t run = 0;
   for (const Hyper& h : hypers) {
@@ -578,7 +584,7 @@ void test_adamw_update(uint32_t seed) {
                                                  fresh ? " fresh" : " resumed");
         compare_adamw<A, A>(seed + run, h, amsgrad, fresh, first_step, 12, rtol_same, label);
         // Against the reference in double as well (float: the whole trajectory's rounding).
-        compare_adamw<A, double>(seed + run, h, amsgrad, fresh, first_step, 12, is_float ? 2e-5 : 1e-13,
+        compare_adamw<A, double>(seed + run, h, amsgrad, fresh, first_step, 12, is_float ? 4e-6 : 1e-13,
                                  label + " vs double");
         ++run;
       }
