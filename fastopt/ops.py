@@ -118,6 +118,30 @@ def _check_shapes(reference_name: str, reference: list[Tensor], named: dict[str,
             )
 
 
+def check_replacement(name: str, tensors: list[Tensor], shapes: list[tuple], device: torch.device,
+                      written_pointers: frozenset[int]) -> None:
+    """Check a list that replaces one already validated with the same layout (grads, re-made by
+    every backward, against the validated params and states): dense floating tensors of the
+    same shapes, on ``device``, none starting where a tensor the call writes starts. A few passes
+    of C-level ``map`` instead of the full checks, so a training step stays cheap on the host."""
+    if len(tensors) != len(shapes):
+        raise ValueError(f"{name} has {len(tensors)} tensors but {len(shapes)} were expected")
+    check_dense_floating(tensors, name)
+    if list(map(tuple, map(Tensor.size, tensors))) != shapes:
+        i = next(i for i, (t, s) in enumerate(zip(tensors, shapes)) if tuple(t.size()) != s)
+        raise ValueError(f"{name}[{i}] has shape {tuple(tensors[i].shape)} but its param has shape {shapes[i]}")
+    if set(map(_device_of, tensors)) != {device}:
+        i = next(i for i, t in enumerate(tensors) if t.device != device)
+        raise ValueError(f"{name}[{i}] is on {tensors[i].device} but its param is on {device}")
+    if not written_pointers.isdisjoint(map(Tensor.data_ptr, tensors)):
+        i = next(i for i, t in enumerate(tensors) if t.data_ptr() in written_pointers)
+        raise ValueError(f"{name}[{i}] shares memory with a param or state that this call updates in place")
+
+
+def _device_of(t: Tensor) -> torch.device:
+    return t.device
+
+
 class _MemorySpans:
     """Where each tensor of some named values lies in memory: first byte and one-past-last byte
     as int64 tensors, flat over all values. Values are lists, single tensors, or anything else
@@ -287,14 +311,30 @@ def multi_tensor_norm(tensors, norm_type=2.0, *, per_tensor: bool = False, found
     if found_inf is not None:
         found_inf = _found_inf(found_inf, device)
         check_writable({"found_inf": found_inf}, read_only=named)
+    return _norm_dispatch(originals["tensors"], named["tensors"], device, p, bool(per_tensor), found_inf, process_group)
+
+
+def _norm_dispatch(originals: list[Tensor], local: list[Tensor], device: torch.device | None, p: float,
+                   per_tensor: bool, found_inf: Tensor | None, process_group) -> Tensor | tuple[Tensor, Tensor]:
     backend = backends.select(device or torch.device("cpu"))
-    if named is originals and process_group is None:
-        return backend.multi_tensor_norm(named["tensors"], p, bool(per_tensor), found_inf=found_inf)
-    _, local_norms = backend.multi_tensor_norm(named["tensors"], p, True, found_inf=found_inf)
-    total, norms = distributed.global_norms(originals["tensors"], local_norms, p, process_group)
+    if local is originals and process_group is None:
+        return backend.multi_tensor_norm(local, p, per_tensor, found_inf=found_inf)
+    _, local_norms = backend.multi_tensor_norm(local, p, True, found_inf=found_inf)
+    total, norms = distributed.global_norms(originals, local_norms, p, process_group)
     if found_inf is not None:
-        distributed.all_reduce_flag(found_inf, originals["tensors"], process_group)
+        distributed.all_reduce_flag(found_inf, originals, process_group)
     return (total, norms) if per_tensor else total
+
+
+@torch.no_grad()
+def multi_tensor_norm_prechecked(tensors: list[Tensor], device: torch.device, norm_type=2.0, *, per_tensor: bool = False,
+                                 found_inf=None, process_group=None):
+    """``multi_tensor_norm`` of a list of plain (not DTensor) tensors on ``device`` that the caller
+    has validated (fastopt.optim.AdamW's cached step, through ``check_replacement``); only
+    ``found_inf`` is checked here."""
+    if found_inf is not None:
+        found_inf = _found_inf(found_inf, device)
+    return _norm_dispatch(tensors, tensors, device, check_norm_type(norm_type), bool(per_tensor), found_inf, process_group)
 
 
 @torch.no_grad()
@@ -408,33 +448,46 @@ def adamw_(
         s = named["steps"][bad_step]
         raise ValueError(f"steps[{bad_step}] must be a 0-d float32 (or float64) tensor, got shape {tuple(s.shape)} and dtype {s.dtype}")
     device = _common_device(named)
-    lr = _scalar("lr", lr, device, minimum=0.0)
-    beta1 = check_real("beta1", beta1, minimum=0.0, below=1.0)
-    beta2 = check_real("beta2", beta2, minimum=0.0, below=1.0)
-    eps = check_real("eps", eps, minimum=0.0)
-    weight_decay = check_real("weight_decay", weight_decay, minimum=0.0)
-    grad_scale = None if grad_scale is None else _scalar("grad_scale", grad_scale, device, above=0.0)
-    clip_coef = None if clip_coef is None else _scalar("clip_coef", clip_coef, device, minimum=0.0)
-    found_inf = None if found_inf is None else _found_inf(found_inf, device)
+    scalars = _adamw_scalars(device, lr, beta1, beta2, eps, weight_decay, grad_scale, found_inf, clip_coef)
     written = {k: v for k, v in named.items() if k != "grads"}
-    read = {"grads": named["grads"], "lr": lr, "grad_scale": grad_scale, "clip_coef": clip_coef, "found_inf": found_inf}
+    read = {"grads": named["grads"], **{k: scalars[k] for k in ("lr", "grad_scale", "clip_coef", "found_inf")}}
     check_writable(written, read_only=read)
-    if device is None:
-        return
+    if device is not None:
+        _adamw_dispatch(named, device, bool(maximize), scalars)
+
+
+def _adamw_scalars(device, lr, beta1, beta2, eps, weight_decay, grad_scale, found_inf, clip_coef) -> dict:
+    return {
+        "lr": _scalar("lr", lr, device, minimum=0.0),
+        "beta1": check_real("beta1", beta1, minimum=0.0, below=1.0),
+        "beta2": check_real("beta2", beta2, minimum=0.0, below=1.0),
+        "eps": check_real("eps", eps, minimum=0.0),
+        "weight_decay": check_real("weight_decay", weight_decay, minimum=0.0),
+        "grad_scale": None if grad_scale is None else _scalar("grad_scale", grad_scale, device, above=0.0),
+        "clip_coef": None if clip_coef is None else _scalar("clip_coef", clip_coef, device, minimum=0.0),
+        "found_inf": None if found_inf is None else _found_inf(found_inf, device),
+    }
+
+
+def _adamw_dispatch(named: dict[str, list[Tensor]], device: torch.device, maximize: bool, scalars: dict) -> None:
     backends.select(device).adamw_(
         named["params"],
         named["grads"],
         named["exp_avgs"],
         named["exp_avg_sqs"],
         named["steps"],
-        lr=lr,
-        beta1=beta1,
-        beta2=beta2,
-        eps=eps,
-        weight_decay=weight_decay,
-        maximize=bool(maximize),
+        maximize=maximize,
         max_exp_avg_sqs=named.get("max_exp_avg_sqs"),
-        grad_scale=grad_scale,
-        found_inf=found_inf,
-        clip_coef=clip_coef,
+        **scalars,
     )
+
+
+@torch.no_grad()
+def adamw_prechecked_(lists: dict[str, list[Tensor]], device: torch.device, *, lr, beta1, beta2, eps, weight_decay,
+                      maximize: bool = False, grad_scale=None, found_inf=None, clip_coef=None) -> None:  # fmt: skip
+    """``adamw_`` on plain (not DTensor) lists on ``device`` that ``adamw_`` has validated before
+    and that keep their layout (fastopt.optim.AdamW's cached step; grads re-checked with
+    ``check_replacement``): ``lists`` holds params, grads, exp_avgs, exp_avg_sqs, steps and
+    optionally max_exp_avg_sqs. The scalars are checked here, as ``adamw_`` checks them."""
+    scalars = _adamw_scalars(device, lr, beta1, beta2, eps, weight_decay, grad_scale, found_inf, clip_coef)
+    _adamw_dispatch(lists, device, bool(maximize), scalars)

@@ -511,3 +511,100 @@ def test_agc_under_grad_scaler_equals_unscale_then_agc_then_step(scaler_kind):
         torch_scaler.step(theirs)
         torch_scaler.update()
     assert_same_params(ours_model, torch_model)
+
+
+# --------------------------------------------------------------------------- the cached step plan
+# After one step, later steps with the same params having grads reuse the validated lists and
+# check only the new grads (host cost; DESIGN.md section 1). These tests hold it to the same
+# results and the same refusals as the full path.
+
+
+def snapshot(optimizer: AdamW) -> list[torch.Tensor]:
+    params = [p for g in optimizer.param_groups for p in g["params"]]
+    states = [t for p in params for t in optimizer.state.get(p, {}).values() if isinstance(t, torch.Tensor)]
+    return [t.detach().clone() for t in params + states]
+
+
+def test_later_steps_skip_the_full_validation_and_still_equal_torch(monkeypatch):
+    from fastopt import ops
+
+    full_checks = []
+    real_check_writable = ops.check_writable
+    monkeypatch.setattr(ops, "check_writable", lambda *a, **k: full_checks.append(1) or real_check_writable(*a, **k))
+    ours_model = make_model("mlp")
+    torch_model = twin(ours_model)
+    ours = AdamW(ours_model.parameters(), lr=3e-3, max_grad_norm=0.5)
+    theirs = torch.optim.AdamW(torch_model.parameters(), lr=3e-3, foreach=False)
+
+    def clip(model, optimizer):
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 0.5)
+
+    train("mlp", ours_model, ours, 1)
+    checks_of_first_step = len(full_checks)
+    assert checks_of_first_step > 0
+    train("mlp", ours_model, ours, STEPS - 1, start=1)
+    assert len(full_checks) == checks_of_first_step  # the plan was reused: no full validation again
+    train("mlp", torch_model, theirs, STEPS, before_step=clip)
+    assert_same_params(ours_model, torch_model)
+    assert_same_states(ours, theirs)
+
+
+@pytest.mark.parametrize(
+    "bad_grad, error, match",
+    [
+        ("wrong-shape", ValueError, r"grads\[\d+\] has shape \(3,\) but its param has shape"),
+        ("integer", TypeError, r"grads\[\d+\] has dtype torch.int64"),
+        ("aliases-its-param", ValueError, r"grads\[\d+\] shares memory with a param or state"),
+        ("sparse", RuntimeError, "AdamW does not support sparse gradients"),
+    ],
+)
+def test_a_bad_grad_on_a_later_step_is_refused_and_changes_nothing(bad_grad, error, match):
+    model = make_model("mlp")
+    optimizer = AdamW(model.parameters(), lr=1e-2, max_grad_norm=1.0)
+    train("mlp", model, optimizer, 2)  # the plan is in place
+    loss_of("mlp", model, 2).backward()
+    target = model[2].bias
+    # torch's .grad setter refuses a wrong shape or dtype; .grad.data = ... does not.
+    if bad_grad == "wrong-shape":
+        target.grad.data = torch.randn(3)
+    elif bad_grad == "integer":
+        target.grad.data = torch.ones_like(target, dtype=torch.int64)
+    elif bad_grad == "aliases-its-param":
+        target.grad = target.detach()
+    else:
+        target.grad = torch.randn_like(target).to_sparse()
+    before = snapshot(optimizer)
+    with pytest.raises(error, match=match):
+        optimizer.step()
+    for old, new in zip(before, snapshot(optimizer)):
+        assert_bitwise_equal(new, old)
+
+
+def test_params_gaining_and_losing_grads_and_a_reload_between_steps_track_torch():
+    """Freezing and unfreezing a layer changes which params have grads (a new plan), and a
+    checkpoint load replaces every state tensor (the plan must not update the old ones)."""
+    ours_model = make_model("mlp")
+    torch_model = twin(ours_model)
+    ours = AdamW(ours_model.parameters(), lr=3e-3, amsgrad=True)
+    theirs = torch.optim.AdamW(torch_model.parameters(), lr=3e-3, amsgrad=True, foreach=False)
+
+    def drop_first_layer_grads(model, optimizer):
+        for p in model[0].parameters():
+            p.grad = None
+
+    for model, optimizer in ((ours_model, ours), (torch_model, theirs)):
+        train("mlp", model, optimizer, 3)
+        train("mlp", model, optimizer, 3, start=3, before_step=drop_first_layer_grads)
+        train("mlp", model, optimizer, 2, start=6)
+    buffer = io.BytesIO()
+    torch.save(ours.state_dict(), buffer)
+    buffer.seek(0)
+    replaced = [s["exp_avg"] for s in ours.state.values()]
+    replaced_values = [t.clone() for t in replaced]
+    ours.load_state_dict(torch.load(buffer))
+    for model, optimizer in ((ours_model, ours), (torch_model, theirs)):
+        train("mlp", model, optimizer, 4, start=8)
+    assert_same_params(ours_model, torch_model)
+    assert_same_states(ours, theirs)
+    for old, value in zip(replaced, replaced_values):  # the states from before the load are left alone
+        assert_bitwise_equal(old, value)

@@ -16,7 +16,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from fastopt import ops
+from fastopt import distributed, ops
 
 __all__ = ["AdamW"]
 
@@ -32,6 +32,43 @@ class _GroupLists:
     max_exp_avg_sqs: list[Tensor] = dataclasses.field(default_factory=list)
     steps: list[Tensor] = dataclasses.field(default_factory=list)
     indices: list[int] = dataclasses.field(default_factory=list)  # positions among all params
+
+    def as_op_lists(self, amsgrad: bool) -> dict[str, list[Tensor]]:
+        lists = {"params": self.params, "grads": self.grads, "exp_avgs": self.exp_avgs,
+                 "exp_avg_sqs": self.exp_avg_sqs, "steps": self.steps}  # fmt: skip
+        if amsgrad:
+            lists["max_exp_avg_sqs"] = self.max_exp_avg_sqs
+        return lists
+
+
+@dataclasses.dataclass
+class _StepPlan:
+    """What a successful step gathered, reused while the same params have grads: their states
+    and lists, which the ops validated in full then. A step with the plan re-checks only the new
+    grads (``ops.check_replacement``) and calls the ops' prechecked entries: the host cost of a
+    step no longer grows with several validations per tensor (DESIGN.md section 1)."""
+
+    key: tuple
+    gathered: list  # [(group, {device: _GroupLists})]
+    shapes: dict[int, list[tuple]]  # id(_GroupLists) -> the params' shapes
+    written_pointers: frozenset[int]  # where every param and state starts (empty tensors left out)
+
+    @classmethod
+    def of(cls, key: tuple, gathered: list) -> "_StepPlan | None":
+        lists = [lists for _, by_device in gathered for lists in by_device.values()]
+        params = [p for group_lists in lists for p in group_lists.params]
+        if distributed.any_dtensor(params):  # sharded params keep the full path (fastopt.distributed)
+            return None
+        written = itertools.chain.from_iterable(
+            itertools.chain(g.params, g.exp_avgs, g.exp_avg_sqs, g.max_exp_avg_sqs, g.steps) for g in lists
+        )
+        pointers = frozenset(map(Tensor.data_ptr, written)) - {0}
+        shapes = {id(g): [tuple(p.size()) for p in g.params] for g in lists}
+        return cls(key, gathered, shapes, pointers)
+
+
+def _is_sparse(t: Tensor) -> bool:
+    return t.is_sparse
 
 
 def _zeros(device: torch.device, dtype: torch.dtype = torch.float32) -> Tensor:
@@ -172,6 +209,12 @@ class AdamW(torch.optim.Optimizer):
         self.monitor = monitor
         self.spike_state: dict[str, Tensor] = {}  # the spike guard's EMA, on the device
         self.stats: dict[str, Tensor] = {}
+        self._step_plan: _StepPlan | None = None
+        self._layout_version = 0  # bumped when params or states are replaced: plans of before are void
+
+    def add_param_group(self, param_group) -> None:
+        super().add_param_group(param_group)
+        self._layout_version = getattr(self, "_layout_version", 0) + 1
 
     def __setstate__(self, state):
         super().__setstate__(state)
@@ -187,7 +230,7 @@ class AdamW(torch.optim.Optimizer):
                     p_state["step"] = torch.tensor(float(p_state["step"]), dtype=torch.float32, device=p.device)
         attributes = {"max_grad_norm": None, "state_dtype": None, "process_group": None, "spike_guard": None,
                       "spike_warmup": 20, "spike_ema_decay": 0.99, "monitor": None, "stats": {},
-                      "spike_state": {}}  # fmt: skip
+                      "spike_state": {}, "_step_plan": None, "_layout_version": 0}  # fmt: skip
         for name, default in attributes.items():
             self.__dict__.setdefault(name, default)
 
@@ -220,6 +263,7 @@ class AdamW(torch.optim.Optimizer):
                     dtype = _widest(saved.dtype, param.dtype)
                     if dtype != state[key].dtype:
                         state[key] = saved.to(device=param.device, dtype=dtype, copy=True)
+        self._layout_version += 1  # new state tensors
         saved_guard = state_dict.get("fastopt", {}).get("spike_guard")
         self.spike_state = {k: v.clone() for k, v in saved_guard.items()} if saved_guard else {}
 
@@ -275,8 +319,8 @@ class AdamW(torch.optim.Optimizer):
                 loss = closure()
 
         self._check_param_groups()
-        firsts = itertools.accumulate((len(g["params"]) for g in self.param_groups[:-1]), initial=0)
-        gathered = [(group, self._gather(group, first)) for group, first in zip(self.param_groups, firsts)]
+        gathered, plan = self._gather_step()
+        prechecked = plan is self._step_plan  # the lists were validated by an earlier step
         devices = list(dict.fromkeys(d for _, by_device in gathered for d in by_device))
         if not devices:
             return loss
@@ -320,9 +364,15 @@ class AdamW(torch.optim.Optimizer):
         device_norms, tensor_norms = [], []
         for device in devices:
             flag = self._device_flag(found_inf_used, device, check_inf)
-            norms = ops.multi_tensor_norm(
-                grads_by_device[device], per_tensor=per_tensor, found_inf=flag, process_group=self.process_group
-            )
+            if prechecked:
+                norms = ops.multi_tensor_norm_prechecked(
+                    grads_by_device[device], device, per_tensor=per_tensor, found_inf=flag,
+                    process_group=self.process_group,
+                )  # fmt: skip
+            else:
+                norms = ops.multi_tensor_norm(
+                    grads_by_device[device], per_tensor=per_tensor, found_inf=flag, process_group=self.process_group
+                )
             device_norms.append((norms[0] if per_tensor else norms).to(home))
             if per_tensor:
                 tensor_norms.append(norms[1].to(home))
@@ -359,24 +409,43 @@ class AdamW(torch.optim.Optimizer):
             beta1, beta2 = group["betas"]
             for device, lists in by_device.items():
                 on_device = lambda t: None if t is None else t.to(device)  # noqa: E731
-                ops.adamw_(
-                    lists.params,
-                    lists.grads,
-                    lists.exp_avgs,
-                    lists.exp_avg_sqs,
-                    lists.steps,
-                    lr=_lr_on(group["lr"], device),
-                    beta1=beta1,
-                    beta2=beta2,
-                    eps=group["eps"],
-                    weight_decay=group["weight_decay"],
-                    maximize=group["maximize"],
-                    max_exp_avg_sqs=lists.max_exp_avg_sqs if group["amsgrad"] else None,
-                    grad_scale=on_device(grad_scale),
-                    found_inf=on_device(skip),
-                    clip_coef=on_device(clip_coef),
-                )
+                hyper = dict(
+                    lr=_lr_on(group["lr"], device), beta1=beta1, beta2=beta2, eps=group["eps"],
+                    weight_decay=group["weight_decay"], maximize=group["maximize"], grad_scale=on_device(grad_scale),
+                    found_inf=on_device(skip), clip_coef=on_device(clip_coef),
+                )  # fmt: skip
+                if prechecked:
+                    ops.adamw_prechecked_(lists.as_op_lists(group["amsgrad"]), device, **hyper)
+                else:
+                    ops.adamw_(
+                        lists.params, lists.grads, lists.exp_avgs, lists.exp_avg_sqs, lists.steps,
+                        max_exp_avg_sqs=lists.max_exp_avg_sqs if group["amsgrad"] else None, **hyper,
+                    )  # fmt: skip
+        self._step_plan = plan  # every op accepted these lists: later steps may reuse them
         return loss
+
+    def _gather_step(self) -> tuple[list, _StepPlan | None]:
+        """The params with grads and their states, by group and device, and the plan they form.
+        While the same params have grads (the usual training loop), the last step's plan is
+        reused with the new grads put in and checked against it."""
+        with_grads = [[p for p in group["params"] if p.grad is not None] for group in self.param_groups]
+        key = (
+            self._layout_version,
+            tuple(tuple(map(id, params)) for params in with_grads),
+            tuple(group["amsgrad"] for group in self.param_groups),
+        )
+        plan = self._step_plan
+        if plan is not None and plan.key == key:
+            for _, by_device in plan.gathered:
+                for device, lists in by_device.items():
+                    lists.grads = [p.grad for p in lists.params]
+                    if any(map(_is_sparse, lists.grads)):
+                        raise RuntimeError("AdamW does not support sparse gradients")
+                    ops.check_replacement("grads", lists.grads, plan.shapes[id(lists)], device, plan.written_pointers)
+            return plan.gathered, plan
+        firsts = itertools.accumulate((len(g["params"]) for g in self.param_groups[:-1]), initial=0)
+        gathered = [(group, self._gather(group, first)) for group, first in zip(self.param_groups, firsts)]
+        return gathered, _StepPlan.of(key, gathered)
 
     def _check_param_groups(self) -> None:
         """Every group's hyperparameters, checked before anything changes: a group added or
