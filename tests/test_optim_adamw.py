@@ -519,7 +519,7 @@ def test_agc_under_grad_scaler_equals_unscale_then_agc_then_step(scaler_kind):
 # results and the same refusals as the full path.
 
 
-def snapshot(optimizer: AdamW) -> list[torch.Tensor]:
+def params_and_states_copy(optimizer: AdamW) -> list[torch.Tensor]:
     params = [p for g in optimizer.param_groups for p in g["params"]]
     states = [t for p in params for t in optimizer.state.get(p, {}).values() if isinstance(t, torch.Tensor)]
     return [t.detach().clone() for t in params + states]
@@ -573,10 +573,10 @@ def test_a_bad_grad_on_a_later_step_is_refused_and_changes_nothing(bad_grad, err
         target.grad = target.detach()
     else:
         target.grad = torch.randn_like(target).to_sparse()
-    before = snapshot(optimizer)
+    before = params_and_states_copy(optimizer)
     with pytest.raises(error, match=match):
         optimizer.step()
-    for old, new in zip(before, snapshot(optimizer)):
+    for old, new in zip(before, params_and_states_copy(optimizer)):
         assert_bitwise_equal(new, old)
 
 
@@ -608,3 +608,20 @@ def test_params_gaining_and_losing_grads_and_a_reload_between_steps_track_torch(
     assert_same_states(ours, theirs)
     for old, value in zip(replaced, replaced_values):  # the states from before the load are left alone
         assert_bitwise_equal(old, value)
+
+
+def test_states_reset_by_hand_between_steps_are_noticed():
+    """Some training scripts reset the moments of some params (optimizer.state[p] = {} or a new
+    tensor): the reused plan must not keep updating the old tensors."""
+    ours_model = make_model("mlp")
+    torch_model = twin(ours_model)
+    ours = AdamW(ours_model.parameters(), lr=3e-3)
+    theirs = torch.optim.AdamW(torch_model.parameters(), lr=3e-3, foreach=False)
+    for model, optimizer in ((ours_model, ours), (torch_model, theirs)):
+        train("mlp", model, optimizer, 3)
+        first, second = list(model.parameters())[:2]
+        del optimizer.state[first]  # starts over from step 0
+        optimizer.state[second]["exp_avg"] = torch.zeros_like(second)  # a new tensor
+        train("mlp", model, optimizer, 3, start=3)
+    assert_same_params(ours_model, torch_model)
+    assert_same_states(ours, theirs)

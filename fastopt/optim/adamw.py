@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import itertools
+import operator
 
 import torch
 import torch.distributed as dist
@@ -52,6 +53,20 @@ class _StepPlan:
     gathered: list  # [(group, {device: _GroupLists})]
     shapes: dict[int, list[tuple]]  # id(_GroupLists) -> the params' shapes
     written_pointers: frozenset[int]  # where every param and state starts (empty tensors left out)
+
+    def states_unchanged(self, state: dict) -> bool:
+        """Whether every param still has the very state tensors the plan holds (a user may have
+        replaced or reset some: then the plan is void). Identity checks in C-level maps."""
+        for _, by_device in self.gathered:
+            for lists in by_device.values():
+                dicts = list(map(state.get, lists.params))
+                if None in dicts:
+                    return False
+                for key, tensors in (("exp_avg", lists.exp_avgs), ("exp_avg_sq", lists.exp_avg_sqs),
+                                     ("step", lists.steps), ("max_exp_avg_sq", lists.max_exp_avg_sqs)):  # fmt: skip
+                    if tensors and not all(map(operator.is_, map(operator.methodcaller("get", key), dicts), tensors)):
+                        return False
+        return True
 
     @classmethod
     def of(cls, key: tuple, gathered: list) -> "_StepPlan | None":
@@ -319,8 +334,7 @@ class AdamW(torch.optim.Optimizer):
                 loss = closure()
 
         self._check_param_groups()
-        gathered, plan = self._gather_step()
-        prechecked = plan is self._step_plan  # the lists were validated by an earlier step
+        gathered, plan, prechecked = self._gather_step()  # prechecked: validated by an earlier step
         devices = list(dict.fromkeys(d for _, by_device in gathered for d in by_device))
         if not devices:
             return loss
@@ -424,10 +438,10 @@ class AdamW(torch.optim.Optimizer):
         self._step_plan = plan  # every op accepted these lists: later steps may reuse them
         return loss
 
-    def _gather_step(self) -> tuple[list, _StepPlan | None]:
-        """The params with grads and their states, by group and device, and the plan they form.
-        While the same params have grads (the usual training loop), the last step's plan is
-        reused with the new grads put in and checked against it."""
+    def _gather_step(self) -> tuple[list, _StepPlan | None, bool]:
+        """The params with grads and their states, by group and device; the plan they form; and
+        whether it is the last step's plan, reused (the usual training loop: the same params
+        have grads), with the new grads put in and checked against it."""
         with_grads = [[p for p in group["params"] if p.grad is not None] for group in self.param_groups]
         key = (
             self._layout_version,
@@ -435,17 +449,17 @@ class AdamW(torch.optim.Optimizer):
             tuple(group["amsgrad"] for group in self.param_groups),
         )
         plan = self._step_plan
-        if plan is not None and plan.key == key:
+        if plan is not None and plan.key == key and plan.states_unchanged(self.state):
             for _, by_device in plan.gathered:
                 for device, lists in by_device.items():
                     lists.grads = [p.grad for p in lists.params]
                     if any(map(_is_sparse, lists.grads)):
                         raise RuntimeError("AdamW does not support sparse gradients")
                     ops.check_replacement("grads", lists.grads, plan.shapes[id(lists)], device, plan.written_pointers)
-            return plan.gathered, plan
+            return plan.gathered, plan, True
         firsts = itertools.accumulate((len(g["params"]) for g in self.param_groups[:-1]), initial=0)
         gathered = [(group, self._gather(group, first)) for group, first in zip(self.param_groups, firsts)]
-        return gathered, _StepPlan.of(key, gathered)
+        return gathered, _StepPlan.of(key, gathered), False
 
     def _check_param_groups(self) -> None:
         """Every group's hyperparameters, checked before anything changes: a group added or
