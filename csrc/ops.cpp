@@ -258,8 +258,9 @@ class TableCache {
     const ChunkPlan plan = plan_chunks(numels, units, group_keys, kChunkSize, min_one_chunk);
     const int64_t num_chunks = plan.num_chunks(), num_segments = plan.num_segments();
 
-    // One host buffer, one upload: addresses (filled by point_to) | dtypes | numels | chunks | segments.
-    std::vector<int64_t> host(2 * num_lists * num_tensors);
+    // One host buffer, one upload: addresses | dtypes | numels | chunks | segments.
+    std::vector<int64_t> host = addresses_of(lists);
+    host.resize(2 * num_lists * num_tensors);
     for (int64_t l = 0; l < num_lists; ++l)
       for (int64_t i = 0; i < num_tensors; ++i) host[(num_lists + l) * num_tensors + i] = dtype_code(lists[l][i], "tensor");
     host.insert(host.end(), numels.begin(), numels.end());
@@ -268,6 +269,7 @@ class TableCache {
       host.insert(host.end(), column->begin(), column->end());
 
     Table table;
+    table.addresses.assign(host.begin(), host.begin() + num_lists * num_tensors);
     const at::Device device = first.front().device();
     table.buffer = at::empty({static_cast<int64_t>(host.size())}, at::TensorOptions().dtype(at::kLong).device(device));
     table.uploads = {upload(table.buffer, host)};
