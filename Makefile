@@ -38,7 +38,7 @@ test-cuda-build: $(CUDA_STAMP) ctest
 
 $(CUDA_STAMP):
 	$(PYTHON) -m venv $(CUDA_VENV)
-	$(CUDA_PY) -m pip install -q "$(CUDA_TORCH_SPEC)" pytest expecttest "setuptools>=64" wheel ninja
+	$(CUDA_PY) -m pip install -q "$(CUDA_TORCH_SPEC)" numpy pytest expecttest "setuptools>=64" wheel ninja
 	@touch $@
 
 ctest:

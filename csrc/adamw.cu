@@ -43,7 +43,7 @@ __global__ void __launch_bounds__(kThreads) adamw_kernel(DeviceTable table, Laun
     const bool vectorized = pack_aligned<N>(param + start) && pack_aligned<N>(grad + start) &&
                             pack_aligned<N>(exp_avg + start) && pack_aligned<N>(exp_avg_sq + start) &&
                             (!args.amsgrad || pack_aligned<N>(max_exp_avg_sq + start));
-    for_chunk_elements<N>(
+    for_chunk_elements<N, 1>(
         start, end, vectorized,
         [&](int64_t i) {
           A p[N], g[N], m[N], v[N], v_max[N];

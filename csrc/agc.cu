@@ -9,28 +9,14 @@ namespace {
 // This block's share of chunk c's norm contribution in list `list` (the block's sum, not reduced).
 __device__ __forceinline__ double chunk_contribution(const DeviceTable& table, int64_t list, int64_t c,
                                                      NormKind kind, double p) {
-  const int64_t tensor = table.chunk_tensor[c];
-  const int64_t start = table.chunk_start[c], end = table.chunk_end[c];
   double partial = 0.0;
-  dispatch_dtype(table.dtype(list, tensor), [&](auto tag) {
-    using T = decltype(tag);
-    using A = typename Accumulate<T>::type;
-    constexpr int N = pack_width<T>();
-    const T* data = table.pointer<T>(list, tensor);
+  with_chunk(table, list, c, [&](auto* data, int64_t start, int64_t end) {
+    using A = typename Accumulate<ElementOf<decltype(data)>>::type;
     const A power = static_cast<A>(p);
     A accumulated = A(0);
-    for_chunk_elements<N>(
-        start, end, pack_aligned<N>(data + start),
-        [&](int64_t i) {
-          A values[N];
-          load_pack<N>(data + i, values);
-#pragma unroll
-          for (int k = 0; k < N; ++k)
-            accumulated = norm_combine(accumulated, norm_contribution(values[k], kind, power), kind);
-        },
-        [&](int64_t i) {
-          accumulated = norm_combine(accumulated, norm_contribution(to_acc<A>(data[i]), kind, power), kind);
-        });
+    for_chunk_values<false>(data, start, end, [&](A& x) {
+      accumulated = norm_combine(accumulated, norm_contribution(x, kind, power), kind);
+    });
     partial = static_cast<double>(accumulated);
   });
   return partial;

@@ -11,24 +11,9 @@ template <typename MakeOp>
 __device__ __forceinline__ void transform_chunks(const DeviceTable& table, const LaunchRange& range,
                                                  int64_t list, MakeOp&& make_op) {
   for_each_chunk(range, [&](int64_t c) {
-    const int64_t tensor = table.chunk_tensor[c];
-    const int64_t start = table.chunk_start[c], end = table.chunk_end[c];
     const auto op = make_op(c);
-    dispatch_dtype(table.dtype(list, tensor), [&](auto tag) {
-      using T = decltype(tag);
-      using A = typename Accumulate<T>::type;
-      constexpr int N = pack_width<T>();
-      T* data = table.pointer<T>(list, tensor);
-      for_chunk_elements<N>(
-          start, end, pack_aligned<N>(data + start),
-          [&](int64_t i) {
-            A values[N];
-            load_pack<N>(data + i, values);
-#pragma unroll
-            for (int k = 0; k < N; ++k) values[k] = op(values[k]);
-            store_pack<N>(data + i, values);
-          },
-          [&](int64_t i) { data[i] = from_acc<T>(op(to_acc<A>(data[i]))); });
+    with_chunk(table, list, c, [&](auto* data, int64_t start, int64_t end) {
+      for_chunk_values<true>(data, start, end, [&](auto& x) { x = op(x); });
     });
   });
 }

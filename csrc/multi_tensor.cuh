@@ -9,6 +9,7 @@
 #include <cuda_runtime.h>
 
 #include <cstdint>
+#include <type_traits>
 
 #include "kernels.h"
 
@@ -103,21 +104,57 @@ __host__ __device__ constexpr int pack_width() { return 16 / static_cast<int>(si
 
 // Visits the elements [start, end) of a chunk, `N` consecutive elements per thread and step:
 // packed(i) handles elements i .. i + N - 1 when `vectorized`, else single(i) handles element i.
-// Indices are 64-bit (tensors of more than 2^31 elements).
-template <int N, typename Packed, typename Single>
+// Indices are 64-bit (tensors of more than 2^31 elements). `Unroll` packed steps are unrolled so
+// that their loads are in flight together (1 for bodies that already load several lists).
+template <int N, int Unroll = 4, typename Packed, typename Single>
 __device__ __forceinline__ void for_chunk_elements(int64_t start, int64_t end, bool vectorized,
                                                    Packed&& packed, Single&& single) {
   int64_t i = start;
   if (vectorized) {
     const int64_t stride = static_cast<int64_t>(blockDim.x) * N;
     const int64_t packed_end = start + (end - start) / N * N;
-    // Unrolled so that several independent loads are in flight per thread.
-#pragma unroll 4
+#pragma unroll Unroll
     for (int64_t j = start + static_cast<int64_t>(threadIdx.x) * N; j < packed_end; j += stride) packed(j);
     i = packed_end;  // the scalar tail
   }
   for (int64_t j = i + threadIdx.x; j < end; j += blockDim.x) single(j);
 }
+
+// Every element of data[start, end) in the accumulation type, N per 16-byte access where the
+// chunk is aligned: visit(x) with x by reference; with `Write`, x is stored back afterwards.
+template <bool Write, typename T, typename Visit>
+__device__ __forceinline__ void for_chunk_values(T* data, int64_t start, int64_t end, Visit&& visit) {
+  using A = typename Accumulate<T>::type;
+  constexpr int N = pack_width<T>();
+  for_chunk_elements<N>(
+      start, end, pack_aligned<N>(data + start),
+      [&](int64_t i) {
+        A values[N];
+        load_pack<N>(data + i, values);
+#pragma unroll
+        for (int k = 0; k < N; ++k) visit(values[k]);
+        if constexpr (Write) store_pack<N>(data + i, values);
+      },
+      [&](int64_t i) {
+        A x = to_acc<A>(data[i]);
+        visit(x);
+        if constexpr (Write) data[i] = from_acc<T>(x);
+      });
+}
+
+// body(data, start, end) for chunk c of list `list`: its tensor's data, typed by the tensor's
+// dtype, and the chunk's elements [start, end).
+template <typename Body>
+__device__ __forceinline__ void with_chunk(const DeviceTable& table, int64_t list, int64_t c, Body&& body) {
+  const int64_t tensor = table.chunk_tensor[c];
+  dispatch_dtype(table.dtype(list, tensor), [&](auto tag) {
+    body(table.pointer<decltype(tag)>(list, tensor), table.chunk_start[c], table.chunk_end[c]);
+  });
+}
+
+// The element type behind a data pointer given to a with_chunk body.
+template <typename Pointer>
+using ElementOf = std::remove_pointer_t<Pointer>;
 
 // The chunks of a launch range, block by block (persistent grid).
 template <typename Body>

@@ -14,15 +14,11 @@ __global__ void __launch_bounds__(kThreads)
   const double inv_scale = unscale ? read_scalar(inv_scale_arg) : 1.0;
   const auto combine = [kind](double a, double b) { return norm_combine(a, b, kind); };
   for_each_chunk(range, [&](int64_t c) {
-    const int64_t tensor = table.chunk_tensor[c];
-    const int64_t start = table.chunk_start[c], end = table.chunk_end[c];
     double partial = 0.0;
     bool nonfinite = false;
-    dispatch_dtype(table.dtype(list, tensor), [&](auto tag) {
-      using T = decltype(tag);
+    with_chunk(table, list, c, [&](auto* data, int64_t start, int64_t end) {
+      using T = ElementOf<decltype(data)>;
       using A = typename Accumulate<T>::type;
-      constexpr int N = pack_width<T>();
-      T* data = table.pointer<T>(list, tensor);
       const A factor = static_cast<A>(inv_scale), power = static_cast<A>(p);
       A accumulated = A(0);
       // Checked before the unscale, as torch's _amp_foreach_non_finite_check_and_unscale_; the
@@ -32,20 +28,11 @@ __global__ void __launch_bounds__(kThreads)
         if (unscale) x = to_acc<A>(from_acc<T>(x * factor));
         if (kind != kNoNorm) accumulated = norm_combine(accumulated, norm_contribution(x, kind, power), kind);
       };
-      for_chunk_elements<N>(
-          start, end, pack_aligned<N>(data + start),
-          [&](int64_t i) {
-            A values[N];
-            load_pack<N>(data + i, values);
-#pragma unroll
-            for (int k = 0; k < N; ++k) visit(values[k]);
-            if (unscale) store_pack<N>(data + i, values);
-          },
-          [&](int64_t i) {
-            A x = to_acc<A>(data[i]);
-            visit(x);
-            if (unscale) data[i] = from_acc<T>(x);
-          });
+      if (unscale) {
+        for_chunk_values<true>(data, start, end, visit);
+      } else {
+        for_chunk_values<false>(data, start, end, visit);
+      }
       partial = static_cast<double>(accumulated);
     });
     // A plain store of the same value from any block: no atomic needed, never cleared.
