@@ -1,0 +1,886 @@
+"""The CUDA backend (kernels in csrc/, extension fastopt._C, wrapper fastopt/cuda.py) on a GPU.
+
+Every op runs under ``fastopt.use_backend("cuda")`` on CUDA tensors and is compared with
+``fastopt.reference`` (the oracle) run on copies of the same inputs, within the per-dtype
+tolerances of tests/helpers.py, on random data. Tensors live inside larger buffers filled with a
+sentinel before, between and after them (nan around what an op only reads, so that a stray read
+poisons the result; 123.0 around what it writes, so that a stray write shows), at storage offsets
+of every alignment, contiguous and not; the sentinels are checked after each op.
+
+Covered: every op and AdamW dtype combination (incl. one without a kernel build, which falls back
+to the reference); mixed, odd and zero-element shapes; lists of 5,000 tensors; tensors of more
+than 2**31 elements; inf / nan; bit-identical norms from run to run; one kernel launch per pass
+(torch.profiler); the device-side table cache (pointer refresh, other layouts); no host sync
+(``torch.cuda.set_sync_debug_mode("error")``) and CUDA graph capture of an optimizer step;
+``torch.library.opcheck`` of every ``torch.ops.fastopt`` op and ``torch.compile``; the norm that
+``torch.ops.fastopt.unscale_and_check_`` returns.
+
+``make gpu-check`` runs this file on a GPU machine. Without a GPU every test is skipped (the
+``cuda`` mark, tests/conftest.py); with a GPU but without the backend (extension not built) each
+test skips with the backend's reason.
+"""
+
+from __future__ import annotations
+
+import copy
+import gc
+import math
+
+import pytest
+import torch
+from torch.autograd import DeviceType
+from torch.profiler import ProfilerActivity, profile
+
+import fastopt
+from fastopt import backends, ops, reference
+from tests.helpers import MIXED_SHAPES, assert_bitwise_equal, inject_nonfinite, tolerance
+
+DEVICE = "cuda"
+F32, BF16, F16, F64 = torch.float32, torch.bfloat16, torch.float16, torch.float64
+DTYPES = [F32, BF16, F16, F64]
+NORM_TYPES = [1.0, 2.0, 3.0, 0.5, math.inf]
+INF, NAN = math.inf, math.nan
+
+READ_SENTINEL = NAN  # around tensors an op only reads: a read out of bounds makes the result nan
+WRITTEN_SENTINEL = 123.0  # around tensors an op writes: a write out of bounds changes it
+# Where each tensor starts in its buffer: at least one sentinel after the previous tensor, then
+# the next multiple of ALIGN elements (16 bytes or more for every dtype) plus a shift, cycled over
+# the tensors: 0 and 8 keep 16-byte alignment (the vectorised path), odd shifts break it.
+ALIGN = 16
+SHIFTS = (0, 1, 0, 3, 8, 5)
+TRAILING_GAP = 7
+
+# MIXED_SHAPES (0-d, zero-element, 1, 7, 129, 33x17, a conv weight, ...) and tensors of more than
+# one chunk (32768 elements), odd sizes included, so that scalar tails and multi-chunk tensors meet.
+EDGE_SHAPES = [*MIXED_SHAPES, (40000,), (3, 32771), (5, 33), (64,), (16, 16)]
+
+HYPER = {"lr": 1e-2, "beta1": 0.9, "beta2": 0.99, "eps": 1e-8, "weight_decay": 0.1}
+
+pytestmark = [pytest.mark.cuda, pytest.mark.usefixtures("cuda_backend")]
+
+
+@pytest.fixture
+def cuda_backend():
+    """Force the cuda backend, or skip with the reason it is unavailable."""
+    reason = backends.unavailable_backends().get("cuda")
+    if reason is not None:
+        pytest.skip(f"the cuda backend is unavailable: {reason}")
+    with fastopt.use_backend("cuda"):
+        yield
+
+
+@pytest.fixture
+def release_gpu_memory():
+    """For the tests with tensors of several GB: hand the cached blocks back afterwards."""
+    yield
+    gc.collect()
+    torch.cuda.empty_cache()
+
+
+# --------------------------------------------------------------------------- helpers
+
+
+def on_reference(op, *args, **kwargs):
+    """The same public op on the torch backend (fastopt.reference): the oracle."""
+    with fastopt.use_backend("torch"):
+        return op(*args, **kwargs)
+
+
+def generator(seed: int) -> torch.Generator:
+    return torch.Generator(device=DEVICE).manual_seed(seed)
+
+
+def random_values(shapes, dtype=F32, *, seed: int, scale: float = 1.0, positive: bool = False) -> list[torch.Tensor]:
+    """Random normal tensors (absolute values when positive), drawn in fp32 and rounded to dtype."""
+    gen = generator(seed)
+    values = []
+    for shape in shapes:
+        t = torch.randn(shape, generator=gen, device=DEVICE) * scale
+        values.append((t.abs() if positive else t).to(dtype))
+    return values
+
+
+def _view(region: torch.Tensor, shape, non_contiguous: bool) -> torch.Tensor:
+    if non_contiguous and len(shape) >= 2:
+        return region.view(*reversed(shape)).permute(*reversed(range(len(shape))))
+    if non_contiguous and len(shape) == 1:
+        return region[::2]
+    return region.view(shape)
+
+
+def _starts(spans) -> tuple[list[int], int]:
+    """Start offsets of tensors of these spans in a guarded buffer, and the buffer's length."""
+    starts, end = [], 0
+    for i, span in enumerate(spans):
+        starts.append((end + ALIGN) // ALIGN * ALIGN + SHIFTS[i % len(SHIFTS)])  # (end + 1) rounded up, shifted
+        end = starts[-1] + span
+    return starts, end + TRAILING_GAP
+
+
+def in_guarded_buffer(values, sentinel: float, *, non_contiguous: bool = False) -> list[torch.Tensor]:
+    """Copies of ``values``, each a view into one buffer per dtype filled with ``sentinel``, before,
+    between and after them, at storage offsets of varying alignment (see SHIFTS). non_contiguous:
+    >= 2-D tensors are permuted views and 1-D tensors every other element (the elements between
+    them are sentinels too). assert_sentinels_intact checks the sentinels afterwards."""
+    dtypes = {v.dtype for v in values}
+    if len(dtypes) > 1:
+        views = [None] * len(values)
+        for dtype in dtypes:
+            indices = [i for i, v in enumerate(values) if v.dtype == dtype]
+            same = in_guarded_buffer([values[i] for i in indices], sentinel, non_contiguous=non_contiguous)
+            for i, view in zip(indices, same):
+                views[i] = view
+        return views
+    spans = [2 * v.numel() if non_contiguous and v.ndim == 1 else v.numel() for v in values]
+    starts, length = _starts(spans)
+    buffer = torch.full((length,), sentinel, dtype=values[0].dtype, device=DEVICE)
+    views = []
+    for value, start, span in zip(values, starts, spans):
+        view = _view(buffer[start : start + span], value.shape, non_contiguous)
+        view.copy_(value)
+        views.append(view)
+    return views
+
+
+def assert_sentinels_intact(tensors, sentinel: float) -> None:
+    """Every element of the tensors' buffers that belongs to none of them still holds the
+    sentinel, bit for bit: nothing was written out of bounds."""
+    bases = {id(t._base): t._base for t in tensors}
+    assert None not in bases.values(), "assert_sentinels_intact takes views made by in_guarded_buffer"
+    for base in bases.values():
+        outside = torch.ones(base.numel(), dtype=torch.bool, device=base.device)
+        for t in tensors:
+            if t._base is base:
+                outside.as_strided(t.size(), t.stride(), t.storage_offset()).fill_(False)
+        untouched = base[outside]
+        assert_bitwise_equal(
+            untouched, torch.full_like(untouched, sentinel), "a write out of bounds changed a sentinel"
+        )
+
+
+def clone_all(tensors) -> list[torch.Tensor]:
+    return [t.clone() for t in tensors]
+
+
+def assert_lists_close(actual, expected, what: str, **close) -> None:
+    """Each tensor close to its expected one within its dtype's tolerance. Compared per dtype all
+    at once (lists of thousands of tensors); on a mismatch, the first bad tensor is named."""
+    assert len(actual) == len(expected), what
+    for dtype in {a.dtype for a in actual}:
+        indices = [i for i, a in enumerate(actual) if a.dtype == dtype]
+        options = {**tolerance(dtype), **close}
+        try:
+            torch.testing.assert_close(
+                torch.cat([actual[i].reshape(-1) for i in indices]),
+                torch.cat([expected[i].reshape(-1) for i in indices]),
+                **options,
+            )
+        except AssertionError:
+            for i in indices:
+                torch.testing.assert_close(
+                    actual[i], expected[i], **options,
+                    msg=lambda m, i=i, dtype=dtype: f"{what}[{i}] (shape {tuple(actual[i].shape)}, {dtype}): {m}",
+                )  # fmt: skip
+            raise
+
+
+def reference_norm(tensors, norm_type: float, per_tensor: bool):
+    """fastopt.reference's norm of float64 copies: the norms as exactly as float32 can hold them
+    (an fp32 accumulation over many elements is itself off by more than fp32's tolerance)."""
+    return reference.multi_tensor_norm([t.double() for t in tensors], norm_type, per_tensor)
+
+
+def float64_norm_in_slices(t: torch.Tensor, norm_type: float, slice_numel: int = 2**28) -> torch.Tensor:
+    """torch.linalg.vector_norm of a huge 1-D tensor in float64, a slice at a time."""
+    parts = [torch.linalg.vector_norm(part, norm_type, dtype=F64) for part in t.split(slice_numel)]
+    return torch.linalg.vector_norm(torch.stack(parts), norm_type)
+
+
+def many_shapes(count: int = 5000, max_numel: int = 65536, seed: int = 0) -> list[tuple[int]]:
+    """1-D shapes of random sizes in [0, max_numel] (some zero-element, most odd)."""
+    sizes = torch.randint(0, max_numel + 1, (count,), generator=torch.Generator().manual_seed(seed))
+    return [(n,) for n in sizes.tolist()]
+
+
+# --------------------------------------------------------------------------- AdamW inputs
+
+# (params, grads, states) dtypes, per tensor (cycled over the shapes).
+ADAMW_COMBOS = {
+    "fp32": [(F32, F32, F32)],
+    "bf16": [(BF16, BF16, BF16)],
+    "fp16": [(F16, F16, F16)],
+    "fp32_params_bf16_grads": [(F32, BF16, F32)],
+    "bf16_params_fp32_states": [(BF16, BF16, F32)],
+    "fp64": [(F64, F64, F64)],
+    # No kernel build (ops.cpp raises NotImplementedError): fastopt/cuda.py runs the reference.
+    "unsupported_fp16_params_bf16_grads": [(F16, BF16, F16)],
+    "one_unsupported_tensor_in_a_mixed_list": [(F32, F32, F32), (BF16, BF16, F32), (F16, BF16, F16)],
+}
+
+
+def adamw_inputs(shapes, combos, *, seed: int, amsgrad=False, steps_dtype=F32, non_contiguous=False) -> dict:
+    """adamw_'s lists by name, in guarded buffers: random params and grads, non-zero states
+    (as after some steps), step counts 0..4."""
+    combos = [combos[i % len(combos)] for i in range(len(shapes))]
+
+    def values(k, position, **kwargs):
+        return [v.to(c[position]) for v, c in zip(random_values(shapes, seed=seed + k, **kwargs), combos)]
+
+    lists = {
+        "params": in_guarded_buffer(values(0, 0), WRITTEN_SENTINEL, non_contiguous=non_contiguous),
+        "grads": in_guarded_buffer(values(1, 1), READ_SENTINEL, non_contiguous=non_contiguous),
+        "exp_avgs": in_guarded_buffer(values(2, 2, scale=0.1), WRITTEN_SENTINEL, non_contiguous=non_contiguous),
+        "exp_avg_sqs": in_guarded_buffer(
+            values(3, 2, scale=0.01, positive=True), WRITTEN_SENTINEL, non_contiguous=non_contiguous
+        ),
+        "steps": in_guarded_buffer(
+            [torch.tensor(float(i % 5), dtype=steps_dtype, device=DEVICE) for i in range(len(shapes))],
+            WRITTEN_SENTINEL,
+        ),
+    }
+    if amsgrad:
+        lists["max_exp_avg_sqs"] = in_guarded_buffer(
+            values(4, 2, scale=0.01, positive=True), WRITTEN_SENTINEL, non_contiguous=non_contiguous
+        )
+    return lists
+
+
+def run_adamw(lists: dict, **options) -> None:
+    fastopt.adamw_(
+        lists["params"], lists["grads"], lists["exp_avgs"], lists["exp_avg_sqs"], lists["steps"],
+        max_exp_avg_sqs=lists.get("max_exp_avg_sqs"), **options,
+    )  # fmt: skip
+
+
+def clone_lists(lists: dict) -> dict:
+    return {name: clone_all(tensors) for name, tensors in lists.items()}
+
+
+def assert_adamw_sentinels_intact(lists: dict) -> None:
+    for name, tensors in lists.items():
+        assert_sentinels_intact(tensors, READ_SENTINEL if name == "grads" else WRITTEN_SENTINEL)
+
+
+class DeviceScalar(float):
+    """A hyperparameter passed as a 0-d float32 GPU tensor (made when the test runs)."""
+
+
+def on_device(options: dict) -> dict:
+    return {k: torch.tensor(float(v), device=DEVICE) if isinstance(v, DeviceScalar) else v for k, v in options.items()}
+
+
+# name: (adamw_inputs options, adamw_ options on top of HYPER)
+ADAMW_CASES = {
+    "defaults": ({}, {}),
+    "amsgrad_maximize_tensor_lr": ({"amsgrad": True}, {"maximize": True, "lr": DeviceScalar(1e-2)}),
+    "tensor_grad_scale_and_clip_coef_found_inf_0_float64_steps_non_contiguous": (
+        {"steps_dtype": F64, "non_contiguous": True},
+        {"grad_scale": DeviceScalar(1024.0), "clip_coef": DeviceScalar(0.3), "found_inf": DeviceScalar(0.0)},
+    ),
+    "float_grad_scale_and_clip_coef_amsgrad_no_weight_decay_float64_steps": (
+        {"amsgrad": True, "steps_dtype": F64},
+        {"grad_scale": 8.0, "clip_coef": 0.5, "weight_decay": 0.0, "lr": 3e-3},
+    ),
+}
+
+
+# --------------------------------------------------------------------------- every op
+
+
+@pytest.mark.parametrize("non_contiguous", [False, True], ids=["contiguous", "non_contiguous"])
+@pytest.mark.parametrize("per_tensor", [False, True], ids=["total", "per_tensor"])
+@pytest.mark.parametrize("norm_type", NORM_TYPES)
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_multi_tensor_norm_matches_reference(dtype, norm_type, per_tensor, non_contiguous):
+    tensors = in_guarded_buffer(random_values(EDGE_SHAPES, dtype, seed=1), READ_SENTINEL, non_contiguous=non_contiguous)
+    found_inf = torch.zeros(1, device=DEVICE)
+    result = fastopt.multi_tensor_norm(tensors, norm_type, per_tensor=per_tensor, found_inf=found_inf)
+    expected = reference_norm(tensors, norm_type, per_tensor)
+    if per_tensor:
+        (total, norms), (expected_total, expected_norms) = result, expected
+        assert norms.shape == (len(tensors),) and norms.dtype == F32
+        torch.testing.assert_close(norms, expected_norms, **tolerance(F32))
+    else:
+        total, expected_total = result, expected
+    assert total.shape == () and total.dtype == F32
+    torch.testing.assert_close(total, expected_total, **tolerance(F32))
+    assert found_inf.item() == 0.0
+    assert_sentinels_intact(tensors, READ_SENTINEL)
+
+
+@pytest.mark.parametrize("non_contiguous", [False, True], ids=["contiguous", "non_contiguous"])
+@pytest.mark.parametrize("inv_scale_kind", ["float", "tensor"])
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_unscale_and_check_matches_reference(dtype, inv_scale_kind, non_contiguous):
+    tensors = in_guarded_buffer(
+        random_values(EDGE_SHAPES, dtype, seed=2, scale=1024.0), WRITTEN_SENTINEL, non_contiguous=non_contiguous
+    )
+    expected = clone_all(tensors)
+    inv_scale = 0.37 / 1024 if inv_scale_kind == "float" else torch.full((1,), 0.37 / 1024, device=DEVICE)
+    found_inf, expected_found_inf = torch.zeros(1, device=DEVICE), torch.zeros(1, device=DEVICE)
+    fastopt.unscale_and_check_(tensors, inv_scale, found_inf)
+    on_reference(fastopt.unscale_and_check_, expected, inv_scale, expected_found_inf)
+    assert_lists_close(tensors, expected, "tensors")
+    assert found_inf.item() == expected_found_inf.item() == 0.0
+    assert_sentinels_intact(tensors, WRITTEN_SENTINEL)
+
+
+@pytest.mark.parametrize("non_contiguous", [False, True], ids=["contiguous", "non_contiguous"])
+@pytest.mark.parametrize("coef_kind", ["float", "tensor"])
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_scale_matches_reference(dtype, coef_kind, non_contiguous):
+    tensors = in_guarded_buffer(
+        random_values(EDGE_SHAPES, dtype, seed=3), WRITTEN_SENTINEL, non_contiguous=non_contiguous
+    )
+    expected = clone_all(tensors)
+    coef = 0.37 if coef_kind == "float" else torch.tensor(0.37, device=DEVICE)
+    fastopt.scale_(tensors, coef)
+    on_reference(fastopt.scale_, expected, coef)
+    assert_lists_close(tensors, expected, "tensors")
+    assert_sentinels_intact(tensors, WRITTEN_SENTINEL)
+
+
+@pytest.mark.parametrize("non_contiguous", [False, True], ids=["contiguous", "non_contiguous"])
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_clamp_matches_reference(dtype, non_contiguous):
+    tensors = in_guarded_buffer(
+        random_values(EDGE_SHAPES, dtype, seed=4), WRITTEN_SENTINEL, non_contiguous=non_contiguous
+    )
+    expected = clone_all(tensors)
+    ops.clamp_(tensors, 0.5)
+    on_reference(ops.clamp_, expected, 0.5)
+    assert_lists_close(tensors, expected, "tensors")
+    assert_sentinels_intact(tensors, WRITTEN_SENTINEL)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_clip_grad_value_matches_torch(dtype):
+    grads = in_guarded_buffer(random_values(EDGE_SHAPES, dtype, seed=5), WRITTEN_SENTINEL)
+    params = [torch.nn.Parameter(torch.empty(g.shape, dtype=dtype, device=DEVICE)) for g in grads]
+    twins = [torch.nn.Parameter(p.detach().clone()) for p in params]
+    for p, twin, g in zip(params, twins, grads):
+        p.grad, twin.grad = g, g.clone()
+    fastopt.clip_grad_value_(params, 0.5)
+    torch.nn.utils.clip_grad_value_(twins, 0.5)
+    assert_lists_close(grads, [t.grad for t in twins], "grads")
+    assert_sentinels_intact(grads, WRITTEN_SENTINEL)
+
+
+# 1-D, 2-D and conv weights, rows longer than a chunk, zero-element ones, and two zero-initialised
+# weights (the last two), whose limit comes from eps.
+AGC_SHAPES = [(), (7,), (129,), (33, 17), (16, 8, 3, 3), (4, 40000), (0,), (2, 0, 3), (5, 3), (6,)]
+AGC_ZERO_WEIGHTS = (8, 9)
+
+
+@pytest.mark.parametrize("norm_type", [2.0, math.inf])
+@pytest.mark.parametrize("unitwise", [True, False], ids=["unitwise", "whole_tensor"])
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_adaptive_clip_matches_reference(dtype, unitwise, norm_type):
+    weights = random_values(AGC_SHAPES, dtype, seed=6, scale=100.0)
+    for i in AGC_ZERO_WEIGHTS:
+        weights[i].zero_()
+    grad_values = random_values(AGC_SHAPES, dtype, seed=7, scale=0.1)
+    for g in grad_values:  # one unit far over its limit (x100), the others mostly under theirs
+        if g.ndim and g.numel():
+            g[0] *= 100
+    params = in_guarded_buffer(weights, READ_SENTINEL)
+    grads = in_guarded_buffer(grad_values, WRITTEN_SENTINEL)
+    # eps = 10: zero-initialised units may move up to clip_factor * eps = 0.1.
+    expected = [g.double() for g in grads]
+    reference.adaptive_clip_([p.double() for p in params], expected, 0.01, 10.0, norm_type, unitwise)
+    ops.adaptive_clip_(params, grads, 0.01, 10.0, norm_type, unitwise=unitwise)
+    assert_lists_close(grads, [e.to(dtype) for e in expected], "grads")
+    assert_sentinels_intact(params, READ_SENTINEL)
+    assert_sentinels_intact(grads, WRITTEN_SENTINEL)
+
+
+@pytest.mark.parametrize("case", list(ADAMW_CASES))
+@pytest.mark.parametrize("combo", list(ADAMW_COMBOS))
+def test_adamw_matches_reference(combo, case):
+    build, options = ADAMW_CASES[case]
+    options = {**HYPER, **on_device(options)}
+    lists = adamw_inputs(EDGE_SHAPES, ADAMW_COMBOS[combo], seed=10, **build)
+    expected = clone_lists(lists)
+    for _ in range(2):  # the second call reuses the cached table (and AdamW's per-tensor arrival counters)
+        run_adamw(lists, **options)
+        on_reference(run_adamw, expected, **options)
+    for name in lists:
+        assert_lists_close(lists[name], expected[name], name)
+    assert_adamw_sentinels_intact(lists)
+
+
+@pytest.mark.parametrize("found_inf, steps_dtype", [(1.0, F32), (2.0, F64)])  # torch sums flags over devices: 2
+@pytest.mark.parametrize("combo", list(ADAMW_COMBOS))
+def test_adamw_changes_nothing_when_found_inf_is_set(combo, found_inf, steps_dtype):
+    lists = adamw_inputs(EDGE_SHAPES, ADAMW_COMBOS[combo], seed=20, amsgrad=True, steps_dtype=steps_dtype)
+    before = clone_lists(lists)
+    options = on_device(
+        {"lr": DeviceScalar(1e-2), "clip_coef": DeviceScalar(0.5), "found_inf": DeviceScalar(found_inf)}
+    )
+    run_adamw(lists, **{**HYPER, **options, "grad_scale": 8.0})
+    for name in lists:
+        for i, (after, old) in enumerate(zip(lists[name], before[name])):
+            assert_bitwise_equal(after, old, f"{name}[{i}] changed on a skipped step")
+    assert_adamw_sentinels_intact(lists)
+
+
+# --------------------------------------------------------------------------- 5,000 tensors
+
+
+@pytest.mark.parametrize("dtype", [F32, BF16])
+def test_5000_tensors_norm_unscale_and_scale_match_reference(dtype):
+    tensors = in_guarded_buffer(random_values(many_shapes(seed=30), dtype, seed=31), WRITTEN_SENTINEL)
+
+    total, norms = fastopt.multi_tensor_norm(tensors, per_tensor=True)
+    expected_total, expected_norms = reference_norm(tensors, 2.0, True)
+    torch.testing.assert_close(total, expected_total, **tolerance(F32))
+    torch.testing.assert_close(norms, expected_norms, **tolerance(F32))
+
+    expected = clone_all(tensors)
+    found_inf, expected_found_inf = torch.zeros(1, device=DEVICE), torch.zeros(1, device=DEVICE)
+    fastopt.unscale_and_check_(tensors, 0.37, found_inf)
+    on_reference(fastopt.unscale_and_check_, expected, 0.37, expected_found_inf)
+    assert_lists_close(tensors, expected, "unscaled")
+    assert found_inf.item() == expected_found_inf.item() == 0.0
+
+    coef = torch.tensor(0.37, device=DEVICE)
+    fastopt.scale_(tensors, coef)
+    on_reference(fastopt.scale_, expected, coef)
+    assert_lists_close(tensors, expected, "scaled")
+    assert_sentinels_intact(tensors, WRITTEN_SENTINEL)
+
+
+@pytest.mark.parametrize("combo", ["fp32", "bf16_params_fp32_states"])
+def test_5000_tensors_adamw_matches_reference(combo):
+    lists = adamw_inputs(many_shapes(seed=32), ADAMW_COMBOS[combo], seed=33)
+    expected = clone_lists(lists)
+    options = {**HYPER, **on_device({"lr": DeviceScalar(1e-2), "found_inf": DeviceScalar(0.0)}), "clip_coef": 0.5}
+    run_adamw(lists, **options)
+    on_reference(run_adamw, expected, **options)
+    for name in lists:
+        assert_lists_close(lists[name], expected[name], name)
+    assert_adamw_sentinels_intact(lists)
+
+
+# --------------------------------------------------------------------------- more than 2**31 elements
+
+BIG_NUMEL = 2**31 + 5
+# (start, length) of the stretches of a big tensor checked element by element: the start, the
+# middle, both sides of 2**31 (up to the end: the last, partial chunk).
+BIG_WINDOWS = [(0, 8), (2**30 - 3, 8), (2**31 - 8, 8), (2**31, BIG_NUMEL - 2**31)]
+
+
+def big_tensor(dtype, seed: int, *, mean=0.0, std=1.0, uniform_to=None) -> torch.Tensor:
+    """A random 1-D tensor of BIG_NUMEL elements, drawn in place (no temporary of its size)."""
+    t = torch.empty(BIG_NUMEL, dtype=dtype, device=DEVICE)
+    if uniform_to is not None:
+        return t.uniform_(0.0, uniform_to, generator=generator(seed))
+    return t.normal_(mean, std, generator=generator(seed))
+
+
+@pytest.mark.slow
+@pytest.mark.usefixtures("release_gpu_memory")
+@pytest.mark.parametrize("dtype", [BF16, F32])
+def test_norm_of_more_than_2_to_the_31_elements(dtype):
+    small = random_values([(7,)], dtype, seed=40)[0]
+    big = big_tensor(dtype, seed=41)
+    found_inf = torch.zeros(1, device=DEVICE)
+    for norm_type in (2.0, math.inf):
+        total, norms = fastopt.multi_tensor_norm([small, big], norm_type, per_tensor=True, found_inf=found_inf)
+        expected_big = float64_norm_in_slices(big, norm_type)
+        expected_small = torch.linalg.vector_norm(small, norm_type, dtype=F64)
+        expected_total = torch.linalg.vector_norm(torch.stack([expected_small, expected_big]), norm_type)
+        torch.testing.assert_close(norms.double(), torch.stack([expected_small, expected_big]), **tolerance(F32))
+        torch.testing.assert_close(total.double(), expected_total, **tolerance(F32))
+    assert found_inf.item() == 0.0
+
+
+@pytest.mark.slow
+@pytest.mark.usefixtures("release_gpu_memory")
+def test_scale_of_more_than_2_to_the_31_elements():
+    big = big_tensor(BF16, seed=42)
+    before = big.clone()
+    fastopt.scale_([big], 0.37)
+    for after, old in zip(big.split(2**28), before.split(2**28)):  # every element, a slice at a time
+        expected = old.clone()
+        on_reference(fastopt.scale_, [expected], 0.37)
+        torch.testing.assert_close(after, expected, **tolerance(BF16))
+
+
+@pytest.mark.slow
+@pytest.mark.usefixtures("release_gpu_memory")
+def test_adamw_on_more_than_2_to_the_31_elements():
+    lists = {
+        "params": [big_tensor(BF16, seed=43)],
+        "grads": [big_tensor(BF16, seed=44)],
+        "exp_avgs": [big_tensor(BF16, seed=45, std=0.1)],
+        "exp_avg_sqs": [big_tensor(BF16, seed=46, uniform_to=0.01)],
+        "steps": [torch.tensor(3.0, device=DEVICE)],
+    }
+    # The same elements as short tensors, stepped by the reference from the same step count.
+    windows = [
+        {name: [t[0][start : start + length].clone() if name != "steps" else t[0].clone()] for name, t in lists.items()}
+        for start, length in BIG_WINDOWS
+    ]
+    run_adamw(lists, **HYPER)
+    assert lists["steps"][0].item() == 4.0
+    for (start, length), expected in zip(BIG_WINDOWS, windows):
+        on_reference(run_adamw, expected, **HYPER)
+        for name in ("params", "exp_avgs", "exp_avg_sqs"):
+            torch.testing.assert_close(
+                lists[name][0][start : start + length], expected[name][0], **tolerance(BF16),
+                msg=lambda m, name=name, start=start: f"{name}[{start}:]: {m}",
+            )  # fmt: skip
+
+
+# --------------------------------------------------------------------------- inf and nan
+
+NONFINITE = {"inf": (INF, -INF), "nan": (NAN,), "inf_and_nan": (INF, -INF, NAN)}
+
+
+@pytest.mark.parametrize("norm_type", [1.0, 2.0, math.inf])
+@pytest.mark.parametrize("kind", list(NONFINITE))
+@pytest.mark.parametrize("dtype", [F32, BF16, F16])
+def test_norm_with_inf_or_nan_matches_reference_and_sets_found_inf(dtype, kind, norm_type):
+    tensors = in_guarded_buffer(random_values(EDGE_SHAPES, dtype, seed=50), READ_SENTINEL)
+    inject_nonfinite(tensors, seed=51, count=3, values=NONFINITE[kind])
+    found_inf = torch.zeros(1, device=DEVICE)
+    total, norms = fastopt.multi_tensor_norm(tensors, norm_type, per_tensor=True, found_inf=found_inf)
+    expected_total, expected_norms = reference_norm(tensors, norm_type, True)
+    assert found_inf.item() == 1.0
+    assert not torch.isfinite(total).item()
+    torch.testing.assert_close(total, expected_total, equal_nan=True, **tolerance(F32))
+    torch.testing.assert_close(norms, expected_norms, equal_nan=True, **tolerance(F32))
+
+
+@pytest.mark.parametrize("kind", list(NONFINITE))
+@pytest.mark.parametrize("dtype", [F32, BF16, F16])
+def test_unscale_with_inf_or_nan_sets_found_inf_and_still_writes(dtype, kind):
+    tensors = in_guarded_buffer(random_values(EDGE_SHAPES, dtype, seed=52, scale=1024.0), WRITTEN_SENTINEL)
+    inject_nonfinite(tensors, seed=53, count=3, values=NONFINITE[kind])
+    expected = clone_all(tensors)
+    found_inf, expected_found_inf = torch.zeros(1, device=DEVICE), torch.zeros(1, device=DEVICE)
+    fastopt.unscale_and_check_(tensors, 1.0 / 1024, found_inf)
+    on_reference(fastopt.unscale_and_check_, expected, 1.0 / 1024, expected_found_inf)
+    assert found_inf.item() == expected_found_inf.item() == 1.0
+    assert_lists_close(tensors, expected, "tensors", equal_nan=True)  # the finite elements are unscaled all the same
+    assert_sentinels_intact(tensors, WRITTEN_SENTINEL)
+
+
+@pytest.mark.parametrize("kind", list(NONFINITE))
+def test_adamw_skips_when_the_norm_pass_finds_inf_or_nan(kind):
+    lists = adamw_inputs(EDGE_SHAPES, ADAMW_COMBOS["fp32_params_bf16_grads"], seed=54, amsgrad=True)
+    inject_nonfinite(lists["grads"], seed=55, count=3, values=NONFINITE[kind])
+    before = clone_lists(lists)
+    found_inf = torch.zeros(1, device=DEVICE)
+    total = fastopt.multi_tensor_norm(lists["grads"], found_inf=found_inf)
+    run_adamw(lists, **HYPER, found_inf=found_inf, clip_coef=torch.clamp(1.0 / (total + 1e-6), max=1.0))
+    assert found_inf.item() == 1.0
+    for name in lists:
+        for i, (after, old) in enumerate(zip(lists[name], before[name])):
+            assert_bitwise_equal(after, old, f"{name}[{i}] changed on a skipped step")
+
+
+# --------------------------------------------------------------------------- determinism, launches, tables
+
+
+@pytest.mark.parametrize("norm_type", NORM_TYPES)
+def test_norm_is_bit_identical_from_run_to_run(norm_type):
+    tensors = random_values(many_shapes(count=1000, seed=60) + [(3_000_000,)], F32, seed=61)
+    first_total, first_norms = fastopt.multi_tensor_norm(tensors, norm_type, per_tensor=True)
+    for _ in range(3):
+        total, norms = fastopt.multi_tensor_norm(tensors, norm_type, per_tensor=True)
+        assert_bitwise_equal(total, first_total)
+        assert_bitwise_equal(norms, first_norms)
+
+
+def fastopt_kernel_launches(call) -> int:
+    """How many fastopt kernels one call launches, once a first call has built its tables."""
+    call()
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as profiler:
+        call()
+        torch.cuda.synchronize()
+    return sum(1 for e in profiler.events() if e.device_type == DeviceType.CUDA and "fastopt" in e.name)
+
+
+def test_one_launch_per_pass_at_5000_tensors():
+    shapes = many_shapes(seed=70)
+    grads = random_values(shapes, seed=71)
+    params = random_values(shapes, seed=72)
+    exp_avgs = random_values(shapes, seed=73, scale=0.1)
+    exp_avg_sqs = random_values(shapes, seed=74, scale=0.01, positive=True)
+    steps = [torch.zeros((), device=DEVICE) for _ in shapes]
+    found_inf = torch.zeros(1, device=DEVICE)
+    calls = {  # name: (call, launches: one per pass)
+        "multi_tensor_norm": (lambda: fastopt.multi_tensor_norm(grads, per_tensor=True, found_inf=found_inf), 2),
+        "unscale_and_check_": (lambda: fastopt.unscale_and_check_(grads, 1.0, found_inf), 1),
+        "scale_": (lambda: fastopt.scale_(grads, 1.0), 1),
+        "clamp_": (lambda: ops.clamp_(grads, 10.0), 1),
+        "adaptive_clip_": (lambda: ops.adaptive_clip_(params, grads), 3),
+        "adamw_": (lambda: fastopt.adamw_(params, grads, exp_avgs, exp_avg_sqs, steps, **HYPER), 1),
+    }
+    launches = {name: fastopt_kernel_launches(call) for name, (call, _) in calls.items()}
+    assert launches == {name: expected for name, (_, expected) in calls.items()}
+
+
+def test_table_cache_refreshes_pointers_and_tells_layouts_apart():
+    """adamw_ and the norm with new grads at every call (zero_grad(set_to_none=True)): the same
+    layout reuses its table with the address column refreshed; another layout (a sub-list) gets
+    its own; then the first layout again."""
+    lists = adamw_inputs(EDGE_SHAPES, ADAMW_COMBOS["fp32"], seed=80)
+    expected = clone_lists(lists)
+    kept = []  # every call's grads stay alive, so each call's grads get new addresses
+    for call, subset in enumerate([slice(None), slice(None), slice(2, None), slice(None)]):
+        grads = in_guarded_buffer(random_values(EDGE_SHAPES[subset], seed=81 + call), READ_SENTINEL)
+        assert grads[0].data_ptr() not in {old[0].data_ptr() for old in kept}
+        kept.append(grads)
+
+        total = fastopt.multi_tensor_norm(grads)
+        torch.testing.assert_close(total, reference_norm(grads, 2.0, False), **tolerance(F32))
+
+        actual = {**{name: tensors[subset] for name, tensors in lists.items()}, "grads": grads}
+        want = {**{name: tensors[subset] for name, tensors in expected.items()}, "grads": grads}
+        run_adamw(actual, **HYPER)
+        on_reference(run_adamw, want, **HYPER)
+        for name in lists:
+            assert_lists_close(lists[name], expected[name], f"{name} after call {call}")
+    assert_adamw_sentinels_intact(lists)
+
+
+# --------------------------------------------------------------------------- no host sync, CUDA graphs
+
+SYNC_FREE_OPS = [
+    "multi_tensor_norm",
+    "unscale_and_check_",
+    "unscale_and_check_op_with_norm",
+    "scale_",
+    "clamp_",
+    "adaptive_clip_",
+    "adamw_",
+    "adamw_fallback",
+]
+
+
+def sync_free_calls() -> dict:
+    """Every op, with device scalars wherever the API allows them."""
+    grads = random_values(EDGE_SHAPES, BF16, seed=90)
+    params = random_values(EDGE_SHAPES, seed=91)
+    flag = torch.zeros(1, device=DEVICE)
+    half = torch.tensor(0.5, device=DEVICE)
+    adamw_options = {
+        **HYPER,
+        "lr": torch.tensor(1e-2, device=DEVICE),
+        "grad_scale": torch.tensor(2.0, device=DEVICE),
+        "clip_coef": half,
+        "found_inf": flag,
+    }
+    supported = adamw_inputs(EDGE_SHAPES, ADAMW_COMBOS["fp32_params_bf16_grads"], seed=92, amsgrad=True)
+    unsupported = adamw_inputs(EDGE_SHAPES, ADAMW_COMBOS["unsupported_fp16_params_bf16_grads"], seed=93)
+    return {
+        "multi_tensor_norm": lambda: fastopt.multi_tensor_norm(grads, per_tensor=True, found_inf=flag),
+        "unscale_and_check_": lambda: fastopt.unscale_and_check_(grads, torch.ones(1, device=DEVICE), flag),
+        "unscale_and_check_op_with_norm": lambda: torch.ops.fastopt.unscale_and_check_(
+            grads, 1.0, None, flag, 2.0, True
+        ),
+        "scale_": lambda: fastopt.scale_(grads, half),
+        "clamp_": lambda: ops.clamp_(grads, 1.0),
+        "adaptive_clip_": lambda: ops.adaptive_clip_(params, grads),
+        "adamw_": lambda: run_adamw(supported, **adamw_options),
+        "adamw_fallback": lambda: run_adamw(unsupported, **adamw_options),
+    }
+
+
+@pytest.mark.parametrize("name", SYNC_FREE_OPS)
+def test_ops_do_not_sync(name):
+    call = sync_free_calls()[name]
+    call()  # the first call builds the tables
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        call()
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+
+
+def small_model() -> torch.nn.Module:
+    torch.manual_seed(0)
+    return torch.nn.Sequential(torch.nn.Linear(20, 64), torch.nn.ReLU(), torch.nn.Linear(64, 5)).to(DEVICE)
+
+
+def test_optimizer_step_with_grad_scaler_does_not_sync():
+    model = small_model()
+    optimizer = fastopt.optim.AdamW(model.parameters(), lr=torch.tensor(1e-3, device=DEVICE), max_grad_norm=1.0)
+    scaler = fastopt.amp.GradScaler("cuda", init_scale=1024.0)
+    inputs, targets = torch.randn(16, 20, device=DEVICE), torch.randint(0, 5, (16,), device=DEVICE)
+    for step in range(3):
+        optimizer.zero_grad()  # set_to_none: new grads, at new addresses, at every step
+        scaler.scale(torch.nn.functional.cross_entropy(model(inputs), targets)).backward()
+        if step == 2:
+            torch.cuda.synchronize()
+            torch.cuda.set_sync_debug_mode("error")
+        try:
+            scaler.step(optimizer)
+            scaler.update()
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+    assert not scaler.step_skipped.item()
+    assert torch.isfinite(optimizer.stats["grad_norm"]).item()
+
+
+def test_optimizer_step_captured_in_a_cuda_graph_matches_eager():
+    eager_model = small_model()
+    graph_model = copy.deepcopy(eager_model)
+    initial = [p.detach().clone() for p in eager_model.parameters()]
+    grads = random_values([p.shape for p in initial], seed=100)  # static, as a graph needs them
+    optimizers = []
+    for model in (eager_model, graph_model):
+        for p, g in zip(model.parameters(), grads):
+            p.grad = g.clone()
+        lr = torch.tensor(1e-3, device=DEVICE)
+        optimizers.append(fastopt.optim.AdamW(model.parameters(), lr=lr, max_grad_norm=1.0))
+    eager, captured = optimizers
+
+    side = torch.cuda.Stream()  # warm up on a side stream, as capture requires
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for _ in range(3):
+            captured.step()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        captured.step()
+    for _ in range(2):
+        graph.replay()
+    for _ in range(5):
+        eager.step()
+    torch.cuda.synchronize()
+
+    for i, (p, q) in enumerate(zip(eager_model.parameters(), graph_model.parameters())):
+        assert not torch.equal(p, initial[i])  # (the steps did move the params)
+        assert_bitwise_equal(q.detach(), p.detach(), f"param {i}")
+        for key in ("exp_avg", "exp_avg_sq", "step"):
+            assert_bitwise_equal(captured.state[q][key], eager.state[p][key], f"param {i} {key}")
+
+
+# --------------------------------------------------------------------------- torch.library, torch.compile
+
+CUSTOM_OP_CASES = [
+    "multi_tensor_norm",
+    "multi_tensor_norm-inf-found_inf",
+    "unscale_and_check_",
+    "unscale_and_check_-norm-per_tensor",
+    "scale_",
+    "scale_-tensor_coef",
+    "clamp_",
+    "adaptive_clip_",
+    "adamw_",
+    "adamw_-amsgrad-device_scalars",
+]
+
+
+def custom_op_cases() -> dict:
+    """(op, arguments) per case, on fresh GPU tensors. Schemas: the bottom of csrc/ops.cpp; a
+    "float or tensor" argument is a float plus an optional tensor that wins when given."""
+    ts = random_values([(3, 5), (7,), ()], seed=110)
+
+    def copies(scale=1.0):
+        return [t.clone() * scale for t in ts]
+
+    def positive():
+        return [t.abs() * 0.01 for t in ts]
+
+    def scalar(value, shape=()):
+        return torch.full(shape, value, device=DEVICE)
+
+    def steps():
+        return [scalar(float(i)) for i in range(len(ts))]
+
+    lib = torch.ops.fastopt
+    return {
+        "multi_tensor_norm": (lib.multi_tensor_norm.default, (ts, 2.0, True, None)),
+        "multi_tensor_norm-inf-found_inf": (lib.multi_tensor_norm.default, (ts, math.inf, False, scalar(0.0, (1,)))),
+        "unscale_and_check_": (lib.unscale_and_check_.default, (copies(), 1.0, scalar(0.5, (1,)), scalar(0.0, (1,)))),
+        "unscale_and_check_-norm-per_tensor": (
+            lib.unscale_and_check_.default, (copies(), 0.5, None, scalar(0.0, (1,)), 2.0, True)),
+        "scale_": (lib.scale_.default, (copies(), 0.5, None)),
+        "scale_-tensor_coef": (lib.scale_.default, (copies(), 1.0, scalar(0.5))),
+        "clamp_": (lib.clamp_.default, (copies(), 0.5)),
+        "adaptive_clip_": (lib.adaptive_clip_.default, (copies(), copies(0.1), 0.01, 1e-3, 2.0, True)),
+        # lr, grad_scale and clip_coef as floats; no AMSGrad (an empty list); no found_inf.
+        "adamw_": (lib.adamw_.default, (copies(), copies(), copies(0.1), positive(), steps(), 1e-3, None, 0.9, 0.999,
+                                        1e-8, 0.01, False, [], 1.0, None, None, 1.0, None)),
+        # lr, grad_scale, clip_coef and found_inf as device tensors; AMSGrad; maximize.
+        "adamw_-amsgrad-device_scalars": (
+            lib.adamw_.default, (copies(), copies(), copies(0.1), positive(), steps(), 0.0, scalar(1e-3), 0.9, 0.999,
+                                 1e-8, 0.01, True, positive(), 1.0, scalar(2.0), scalar(0.0, (1,)), 1.0, scalar(0.5))),
+    }  # fmt: skip
+
+
+@pytest.mark.parametrize("name", CUSTOM_OP_CASES)
+def test_custom_ops_pass_opcheck(name):
+    op, args = custom_op_cases()[name]
+    torch.library.opcheck(op, args)
+
+
+def clipped_adamw_ops(params, grads, exp_avgs, exp_avg_sqs, steps):
+    """A clipped AdamW step written with the registered ops themselves."""
+    total, _ = torch.ops.fastopt.multi_tensor_norm(grads, 2.0, False, None)
+    clip_coef = torch.clamp(1.0 / (total + 1e-6), max=1.0)
+    torch.ops.fastopt.adamw_(params, grads, exp_avgs, exp_avg_sqs, steps, 1e-2, None, 0.9, 0.99, 1e-8, 0.1, False,
+                             [], 1.0, None, None, 1.0, clip_coef)  # fmt: skip
+    return total
+
+
+def clipped_adamw_public(params, grads, exp_avgs, exp_avg_sqs, steps):
+    """The same step through the public API."""
+    total = fastopt.multi_tensor_norm(grads)
+    clip_coef = torch.clamp(1.0 / (total + 1e-6), max=1.0)
+    fastopt.adamw_(params, grads, exp_avgs, exp_avg_sqs, steps, **HYPER, clip_coef=clip_coef)
+    return total
+
+
+COMPILE_SHAPES = [(64, 32), (32,), (5, 64), (7,)]
+ADAMW_ARGUMENTS = ("params", "grads", "exp_avgs", "exp_avg_sqs", "steps")
+
+
+@pytest.mark.parametrize(
+    "step, fullgraph",
+    # fullgraph through the public API would also need fastopt.ops and fastopt.backends to be
+    # traceable (backend selection reads a ContextVar, the overlap check reads data_ptr()).
+    [(clipped_adamw_ops, True), (clipped_adamw_public, False)],
+    ids=["torch_ops_fullgraph", "public_api"],
+)
+def test_compiled_clipped_adamw_matches_eager(step, fullgraph):
+    # Plain tensors (clones): views into one buffer would be aliased graph inputs.
+    lists = clone_lists(adamw_inputs(COMPILE_SHAPES, ADAMW_COMBOS["fp32"], seed=120))
+    expected = clone_lists(lists)
+    total = torch.compile(step, fullgraph=fullgraph)(*(lists[name] for name in ADAMW_ARGUMENTS))
+    expected_total = step(*(expected[name] for name in ADAMW_ARGUMENTS))
+    torch.testing.assert_close(total, expected_total, **tolerance(F32))
+    for name in ADAMW_ARGUMENTS:
+        assert_lists_close(lists[name], expected[name], name)
+
+
+@pytest.mark.parametrize("per_tensor", [False, True], ids=["total", "per_tensor"])
+@pytest.mark.parametrize("dtype", [F32, BF16, F16])
+def test_unscale_and_check_op_returns_the_norm_of_the_unscaled_tensors(dtype, per_tensor):
+    tensors = in_guarded_buffer(random_values(EDGE_SHAPES, dtype, seed=130, scale=1024.0), WRITTEN_SENTINEL)
+    expected = clone_all(tensors)
+    found_inf = torch.zeros(1, device=DEVICE)
+    total, norms = torch.ops.fastopt.unscale_and_check_(tensors, 1.0 / 1024, None, found_inf, 2.0, per_tensor)
+    assert total.shape == () and total.dtype == F32
+    assert norms.shape == ((len(tensors),) if per_tensor else (0,))
+    on_reference(fastopt.unscale_and_check_, expected, 1.0 / 1024, torch.zeros(1, device=DEVICE))
+    assert_lists_close(tensors, expected, "tensors")
+    assert found_inf.item() == 0.0
+    # The norm of the unscaled values as stored: what the norm pass over the result gives.
+    result_total, result_norms = fastopt.multi_tensor_norm(tensors, 2.0, per_tensor=True)
+    torch.testing.assert_close(total, result_total, **tolerance(F32))
+    if per_tensor:
+        torch.testing.assert_close(norms, result_norms, **tolerance(F32))
+
+    # Without norm_type: nothing to return but empty tensors.
+    total, norms = torch.ops.fastopt.unscale_and_check_(tensors, 1.0, None, found_inf)
+    assert total.shape == (0,) and norms.shape == (0,)
+    assert_sentinels_intact(tensors, WRITTEN_SENTINEL)
