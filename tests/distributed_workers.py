@@ -9,6 +9,7 @@ from __future__ import annotations
 import copy
 import datetime
 import os
+import sys
 import tempfile
 
 import torch
@@ -41,6 +42,12 @@ def _entry(rank, worker, world_size, init, args):
     # Every rank done before any tears down: gloo aborts a rank whose peer left mid-teardown.
     dist.barrier()
     dist.destroy_process_group()
+    # And no interpreter teardown: a rank sometimes aborted there ("terminate called without an
+    # active exception": a gloo thread still joinable when its owner was destroyed), after its
+    # work had passed. The worker's result is in already: a failure raised above.
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
 
 
 def _assert_close(actual, expected, what, **tol):
