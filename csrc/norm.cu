@@ -1,18 +1,20 @@
 // The norm pass: per-chunk partials of sum |g|^p (or max |g|), the inf/nan check and, for
-// unscale_and_check_, the in-place unscale, all from one read of the tensors; then one block
-// that folds the partials, in a fixed order, into per-tensor norms and the total. No float
-// atomics anywhere: the result is bit-identical from run to run.
+// unscale_and_check_, the in-place unscale, all from one read of the tensors; then a fold that
+// turns the partials, in a fixed order, into per-tensor norms and the total. No float atomics
+// anywhere: the result is bit-identical from run to run.
 #include "multi_tensor.cuh"
 
 namespace fastopt {
 namespace {
 
+// Compiled per norm kind and with / without the unscale, so the per-element loop has no branch.
+template <NormKind kind, bool unscale>
 __global__ void __launch_bounds__(kThreads)
-    norm_partials_kernel(DeviceTable table, LaunchRange range, int64_t list, NormKind kind, double p,
-                         double* partials, float* found_inf, bool unscale, ScalarArg inv_scale_arg) {
+    norm_partials_kernel(DeviceTable table, LaunchRange range, int64_t list, double p, double* partials,
+                         float* found_inf, ScalarArg inv_scale_arg) {
   __shared__ double scratch[32];
   const double inv_scale = unscale ? read_scalar(inv_scale_arg) : 1.0;
-  const auto combine = [kind](double a, double b) { return norm_combine(a, b, kind); };
+  const auto combine = [](double a, double b) { return norm_combine(a, b, kind); };
   for_each_chunk(range, [&](int64_t c) {
     double partial = 0.0;
     bool nonfinite = false;
@@ -25,19 +27,15 @@ __global__ void __launch_bounds__(kThreads)
       // norm sees the value as stored after it.
       const auto visit = [&](A& x) {
         nonfinite |= !is_finite(x);
-        if (unscale) x = to_acc<A>(from_acc<T>(x * factor));
-        if (kind != kNoNorm) accumulated = norm_combine(accumulated, norm_contribution(x, kind, power), kind);
+        if constexpr (unscale) x = to_acc<A>(from_acc<T>(x * factor));
+        if constexpr (kind != kNoNorm) accumulated = norm_combine(accumulated, norm_contribution(x, kind, power), kind);
       };
-      if (unscale) {
-        for_chunk_values<true>(data, start, end, visit);
-      } else {
-        for_chunk_values<false>(data, start, end, visit);
-      }
+      for_chunk_values<unscale>(data, start, end, visit);
       partial = static_cast<double>(accumulated);
     });
     // A plain store of the same value from any block: no atomic needed, never cleared.
     if (__syncthreads_or(nonfinite) && threadIdx.x == 0 && found_inf != nullptr) *found_inf = 1.0f;
-    if (kind != kNoNorm) {
+    if constexpr (kind != kNoNorm) {
       const double total = block_reduce(partial, 0.0, scratch, combine);
       if (threadIdx.x == 0) partials[c] = total;
     }
@@ -87,15 +85,40 @@ __global__ void __launch_bounds__(kFinishThreads)
   }
 }
 
+template <NormKind kind, bool unscale>
+void launch_partials(const DeviceTable& table, LaunchRange range, int64_t list, double p, double* partials,
+                     float* found_inf, ScalarArg inv_scale, cudaStream_t stream) {
+  static const int per_multiprocessor =
+      resident_blocks_per_multiprocessor(norm_partials_kernel<kind, unscale>, kThreads);
+  norm_partials_kernel<kind, unscale><<<persistent_grid(per_multiprocessor, range), kThreads, 0, stream>>>(
+      table, range, list, p, partials, found_inf, inv_scale);
+}
+
+template <NormKind kind>
+void launch_partials(const DeviceTable& table, LaunchRange range, int64_t list, double p, double* partials,
+                     float* found_inf, bool unscale, ScalarArg inv_scale, cudaStream_t stream) {
+  if (unscale) {
+    launch_partials<kind, true>(table, range, list, p, partials, found_inf, inv_scale, stream);
+  } else {
+    launch_partials<kind, false>(table, range, list, p, partials, found_inf, inv_scale, stream);
+  }
+}
+
 }  // namespace
 
 void launch_norm_partials(const DeviceTable& table, LaunchRange range, int64_t list, NormKind kind,
                           double p, double* partials, float* found_inf, bool unscale,
                           ScalarArg inv_scale, cudaStream_t stream) {
   if (range.num_chunks == 0) return;
-  static const int per_multiprocessor = resident_blocks_per_multiprocessor(norm_partials_kernel, kThreads);
-  norm_partials_kernel<<<persistent_grid(per_multiprocessor, range), kThreads, 0, stream>>>(
-      table, range, list, kind, p, partials, found_inf, unscale, inv_scale);
+  switch (kind) {
+    case kNoNorm: return launch_partials<kNoNorm>(table, range, list, p, partials, found_inf, unscale, inv_scale, stream);
+    case kSumAbs: return launch_partials<kSumAbs>(table, range, list, p, partials, found_inf, unscale, inv_scale, stream);
+    case kSumSquares:
+      return launch_partials<kSumSquares>(table, range, list, p, partials, found_inf, unscale, inv_scale, stream);
+    case kSumPowers:
+      return launch_partials<kSumPowers>(table, range, list, p, partials, found_inf, unscale, inv_scale, stream);
+    case kMaxAbs: return launch_partials<kMaxAbs>(table, range, list, p, partials, found_inf, unscale, inv_scale, stream);
+  }
 }
 
 void launch_norm_finish(const DeviceTable& table, const double* partials, NormKind kind, double p,
