@@ -36,7 +36,11 @@ FASTOPT_HD NormKind norm_kind(double p) {
   return kSumPowers;
 }
 
-FASTOPT_HD bool is_finite(double x) { return !std::isnan(x) && !std::isinf(x); }
+// In the element's own precision (no widening to double on the device per element).
+template <typename A>
+FASTOPT_HD bool is_finite(A x) {
+  return !std::isnan(x) && !std::isinf(x);
+}
 
 // max that propagates nan from either side (fmax would drop it: a nan grad must show in the norm).
 template <typename A>

@@ -69,6 +69,12 @@ void test_is_finite() {
   CHECK(!fastopt::is_finite(-kInf), "-inf");
   CHECK(!fastopt::is_finite(kNaN), "nan");
   CHECK(!fastopt::is_finite(static_cast<double>(std::numeric_limits<float>::infinity())), "float inf");
+  // In float itself, as the kernels call it.
+  CHECK(fastopt::is_finite(std::numeric_limits<float>::max()), "float max (float)");
+  CHECK(fastopt::is_finite(std::numeric_limits<float>::denorm_min()), "float denormal (float)");
+  CHECK(!fastopt::is_finite(std::numeric_limits<float>::infinity()), "float inf (float)");
+  CHECK(!fastopt::is_finite(-std::numeric_limits<float>::infinity()), "float -inf (float)");
+  CHECK(!fastopt::is_finite(std::numeric_limits<float>::quiet_NaN()), "float nan (float)");
 }
 
 // ------------------------------------------------------------------------ max_propagating_nan
