@@ -171,22 +171,18 @@ def adamw_(
 ) -> None:
     if not params:
         return
+    hyper = dict(
+        lr=lr, beta1=beta1, beta2=beta2, eps=eps, weight_decay=weight_decay, maximize=maximize,
+        max_exp_avg_sqs=max_exp_avg_sqs, grad_scale=grad_scale, found_inf=found_inf, clip_coef=clip_coef,
+    )  # fmt: skip
+    # A dtype combination the kernel is not compiled for runs on the reference. Traced through the
+    # fake, the op cannot say NotImplementedError until the graph runs: decide in Python then.
     if torch.compiler.is_compiling() and not _adamw_builds_cover(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs):
-        # Traced through the fake, the op cannot say NotImplementedError until the graph runs.
-        return reference.adamw_(
-            params, grads, exp_avgs, exp_avg_sqs, steps, lr=lr, beta1=beta1, beta2=beta2, eps=eps,
-            weight_decay=weight_decay, maximize=maximize, max_exp_avg_sqs=max_exp_avg_sqs, grad_scale=grad_scale,
-            found_inf=found_inf, clip_coef=clip_coef,
-        )  # fmt: skip
+        return reference.adamw_(params, grads, exp_avgs, exp_avg_sqs, steps, **hyper)
     try:
         torch.ops.fastopt.adamw_(
             params, grads, exp_avgs, exp_avg_sqs, steps, *_split(lr), beta1, beta2, eps, weight_decay, maximize,
             max_exp_avg_sqs or [], *_split(grad_scale), found_inf, *_split(clip_coef),
         )  # fmt: skip
-    except NotImplementedError:
-        # A dtype combination the kernel is not compiled for (raised before any write).
-        reference.adamw_(
-            params, grads, exp_avgs, exp_avg_sqs, steps, lr=lr, beta1=beta1, beta2=beta2, eps=eps,
-            weight_decay=weight_decay, maximize=maximize, max_exp_avg_sqs=max_exp_avg_sqs, grad_scale=grad_scale,
-            found_inf=found_inf, clip_coef=clip_coef,
-        )  # fmt: skip
+    except NotImplementedError:  # raised before any write
+        reference.adamw_(params, grads, exp_avgs, exp_avg_sqs, steps, **hyper)

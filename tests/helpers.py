@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 
 import pytest
@@ -114,3 +115,15 @@ def float64_norm(tensors, p: float) -> torch.Tensor:
     """The norm of all tensors as if concatenated, computed in float64."""
     flat = torch.cat([t.detach().double().reshape(-1).cpu() for t in tensors] + [torch.zeros(0, dtype=torch.float64)])
     return torch.linalg.vector_norm(flat, p) if flat.numel() else torch.zeros((), dtype=torch.float64)
+
+
+@contextlib.contextmanager
+def no_host_sync():
+    """Inside: any host-device synchronisation on the GPU raises (torch's sync debug mode). The
+    device is synchronised first, so only what runs inside counts."""
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        yield
+    finally:
+        torch.cuda.set_sync_debug_mode("default")

@@ -22,6 +22,7 @@ test skips with the backend's reason.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import gc
 import math
@@ -33,7 +34,7 @@ from torch.profiler import ProfilerActivity, profile
 
 import fastopt
 from fastopt import backends, ops, reference
-from tests.helpers import MIXED_SHAPES, assert_bitwise_equal, inject_nonfinite, tolerance
+from tests.helpers import MIXED_SHAPES, assert_bitwise_equal, inject_nonfinite, no_host_sync, tolerance
 
 DEVICE = "cuda"
 F32, BF16, F16, F64 = torch.float32, torch.bfloat16, torch.float16, torch.float64
@@ -695,12 +696,8 @@ def sync_free_calls() -> dict:
 def test_ops_do_not_sync(name):
     call = sync_free_calls()[name]
     call()  # the first call builds the tables
-    torch.cuda.synchronize()
-    torch.cuda.set_sync_debug_mode("error")
-    try:
+    with no_host_sync():
         call()
-    finally:
-        torch.cuda.set_sync_debug_mode("default")
 
 
 def small_model() -> torch.nn.Module:
@@ -716,14 +713,9 @@ def test_optimizer_step_with_grad_scaler_does_not_sync():
     for step in range(3):
         optimizer.zero_grad()  # set_to_none: new grads, at new addresses, at every step
         scaler.scale(torch.nn.functional.cross_entropy(model(inputs), targets)).backward()
-        if step == 2:
-            torch.cuda.synchronize()
-            torch.cuda.set_sync_debug_mode("error")
-        try:
+        with no_host_sync() if step == 2 else contextlib.nullcontext():
             scaler.step(optimizer)
             scaler.update()
-        finally:
-            torch.cuda.set_sync_debug_mode("default")
     assert not scaler.step_skipped.item()
     assert torch.isfinite(optimizer.stats["grad_norm"]).item()
 

@@ -14,7 +14,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 import fastopt
 from fastopt import ops
-from tests.helpers import MIXED_SHAPES, devices, inject_nonfinite, random_tensors
+from tests.helpers import MIXED_SHAPES, devices, inject_nonfinite, no_host_sync, random_tensors
 
 HOST_READS = {torch.ops.aten._local_scalar_dense.default, torch.ops.aten.is_nonzero.default}
 
@@ -78,9 +78,5 @@ def test_the_detector_detects():
 def test_no_sync_on_gpu(op, device):
     call = make_calls(device)[op]
     call()  # first call: allocator warm-up, lazy init
-    torch.cuda.synchronize()
-    torch.cuda.set_sync_debug_mode("error")
-    try:
+    with no_host_sync():
         call()
-    finally:
-        torch.cuda.set_sync_debug_mode("default")

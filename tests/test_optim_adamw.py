@@ -8,7 +8,7 @@ import torch
 
 import fastopt
 from fastopt.optim import AdamW
-from tests.helpers import active_backend, assert_bitwise_equal, assert_matches_torch, tolerance
+from tests.helpers import active_backend, assert_bitwise_equal, assert_matches_torch, no_host_sync, tolerance
 from tests.models import MODELS, loss_of, make_model, train, twin
 from tests.test_no_sync import ForbidHostReads
 
@@ -473,12 +473,8 @@ def test_step_is_graph_capturable_and_sync_free_on_gpu():
         optimizer.zero_grad(set_to_none=False)
         torch.nn.functional.cross_entropy(model(inputs), targets).backward()
         optimizer.step()
-    torch.cuda.synchronize()
-    torch.cuda.set_sync_debug_mode("error")
-    try:
+    with no_host_sync():
         optimizer.step()
-    finally:
-        torch.cuda.set_sync_debug_mode("default")
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
         optimizer.step()
