@@ -49,12 +49,22 @@ ctest:
 info: $(STAMP)
 	$(PY) -m fastopt info
 
-# On the GPU machine (no venv, nothing downloaded): build the CUDA extension, the GPU tests,
-# compute-sanitizer and the GPU benchmark in one ~10-minute command; logs and results in $$OUT or
-# gpu-check-results/, a short table last (scripts/gpu_check.sh says what each step does).
-.PHONY: gpu-check
+# On the GPU machine (no venv, nothing downloaded), in one command of at most 8 minutes: build the
+# CUDA extension, the GPU tests, the op suites on the cuda and triton backends, memcheck and the
+# fp32 benchmark; gpu-check-extra (optional, at most 6 minutes): racecheck, synccheck, memcheck of
+# the triton backend, the bf16 benchmark. Three files come back in $$OUT (scripts/gpu_check.sh says
+# what each step does; `bash scripts/gpu_check.sh --dry-run` prints the plan anywhere). Back on the
+# CPU machine, `make gpu-results JSON="…/gpu-check-main.json …"` appends them to bench/RESULTS.md.
+.PHONY: gpu-check gpu-check-extra gpu-results
 gpu-check:
-	PYTHON="$(PYTHON)" bash scripts/gpu_check.sh
+	PYTHON="$(PYTHON)" bash scripts/gpu_check.sh --plan main
+
+gpu-check-extra:
+	PYTHON="$(PYTHON)" bash scripts/gpu_check.sh --plan extra
+
+gpu-results: $(STAMP)
+	@test -n "$(JSON)" || { echo 'usage: make gpu-results JSON="path/gpu-check-main.json [path/gpu-check-extra.json]"'; exit 2; }
+	$(PY) scripts/gpu_results.py render $(JSON)
 
 $(STAMP): pyproject.toml setup.py
 	$(PYTHON) -m venv --system-site-packages $(VENV)

@@ -26,8 +26,13 @@ from __future__ import annotations
 
 import argparse
 import math
+import pathlib
 import sys
 import traceback
+
+# Run as `python scripts/sanitizer_driver.py`, sys.path[0] is scripts/: put the checkout first, so
+# that its in-place build of fastopt._C is the one imported (gpu_check.sh sets PYTHONPATH too).
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent.parent))
 
 # Not wrapped in a function: a clear line, not a traceback, when torch is missing.
 try:
