@@ -484,10 +484,17 @@ def _adamw_dispatch(named: dict[str, list[Tensor]], device: torch.device, maximi
 
 @torch.no_grad()
 def adamw_prechecked_(lists: dict[str, list[Tensor]], device: torch.device, *, lr, beta1, beta2, eps, weight_decay,
-                      maximize: bool = False, grad_scale=None, found_inf=None, clip_coef=None) -> None:  # fmt: skip
+                      maximize: bool = False, grad_scale=None, found_inf=None, clip_coef=None,
+                      plan: dict | None = None) -> None:  # fmt: skip
     """``adamw_`` on plain (not DTensor) lists on ``device`` that ``adamw_`` has validated before
     and that keep their layout (fastopt.optim.AdamW's cached step; grads re-checked with
     ``check_replacement``): ``lists`` holds params, grads, exp_avgs, exp_avg_sqs, steps and
-    optionally max_exp_avg_sqs. The scalars are checked here, as ``adamw_`` checks them."""
+    optionally max_exp_avg_sqs. The scalars are checked here, as ``adamw_`` checks them.
+    ``plan``: a dict the caller keeps while these lists keep their params and states, where a
+    backend that defines ``adamw_planned_`` keeps what it prepared for them (its tables)."""
     scalars = _adamw_scalars(device, lr, beta1, beta2, eps, weight_decay, grad_scale, found_inf, clip_coef)
-    _adamw_dispatch(lists, device, bool(maximize), scalars)
+    planned = None if plan is None else getattr(backends.select(device), "adamw_planned_", None)
+    if planned is not None:
+        planned(lists, plan, maximize=bool(maximize), **scalars)
+    else:
+        _adamw_dispatch(lists, device, bool(maximize), scalars)

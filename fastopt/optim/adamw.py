@@ -33,6 +33,7 @@ class _GroupLists:
     max_exp_avg_sqs: list[Tensor] = dataclasses.field(default_factory=list)
     steps: list[Tensor] = dataclasses.field(default_factory=list)
     indices: list[int] = dataclasses.field(default_factory=list)  # positions among all params
+    backend_plan: dict = dataclasses.field(default_factory=dict)  # what a backend prepared for these lists
 
     def as_op_lists(self, amsgrad: bool) -> dict[str, list[Tensor]]:
         lists = {"params": self.params, "grads": self.grads, "exp_avgs": self.exp_avgs,
@@ -429,7 +430,7 @@ class AdamW(torch.optim.Optimizer):
                     found_inf=on_device(skip), clip_coef=on_device(clip_coef),
                 )  # fmt: skip
                 if prechecked:
-                    ops.adamw_prechecked_(lists.as_op_lists(group["amsgrad"]), device, **hyper)
+                    ops.adamw_prechecked_(lists.as_op_lists(group["amsgrad"]), device, **hyper, plan=lists.backend_plan)
                 else:
                     ops.adamw_(
                         lists.params, lists.grads, lists.exp_avgs, lists.exp_avg_sqs, lists.steps,

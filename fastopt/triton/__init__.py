@@ -38,6 +38,7 @@ def unavailable_reason() -> str | None:
 
 from fastopt.triton.library import (  # noqa: E402  (the backend's ops, after its attributes)
     adamw_,
+    adamw_planned_,
     adaptive_clip_,
     clamp_,
     multi_tensor_norm,
@@ -54,4 +55,5 @@ __all__ = [
     "clamp_",
     "adaptive_clip_",
     "adamw_",
+    "adamw_planned_",
 ]

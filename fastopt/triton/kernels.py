@@ -19,10 +19,18 @@ from __future__ import annotations
 
 import functools
 import inspect
+import os
 
 import triton
 import triton.language as tl
 from triton.runtime.interpreter import InterpretedFunction
+
+# fp32 -> bf16 on the bits, rounding to nearest even, only where it is needed: the interpreter's
+# own cast truncates. Compiled for a GPU, the native conversion (cvt.rn.bf16.f32) rounds the same.
+EMULATE_BF16 = tl.constexpr(os.environ.get("TRITON_INTERPRET") == "1")
+
+# Bytes of the widest vector access (ld.global.v4.b32): the alignment that ALIGNED launches promise.
+VECTOR_BYTES = tl.constexpr(16)
 
 # How pass 1 turns elements into a partial, by norm type.
 MAX_ABS = tl.constexpr(0)  # inf-norm: max |x|
@@ -97,9 +105,65 @@ def _this_chunk(chunks, num_chunks, first_chunk):
 
 
 @_device_function
-def _tensor_pointer(addresses, num_tensors, row, tensor, DTYPE: tl.constexpr):
-    """The data pointer of ``tensor`` in list ``row`` of the address table, typed as DTYPE."""
-    return _row(addresses, row, num_tensors, tensor).to(tl.pointer_type(DTYPE))
+def _tensor_pointer(addresses, num_tensors, row, tensor, DTYPE: tl.constexpr, ALIGNED: tl.constexpr = False):
+    """The data pointer of ``tensor`` in list ``row`` of the address table, typed as DTYPE;
+    with ALIGNED (the host checked every pointer of the launch), marked 16-byte aligned."""
+    pointer = _row(addresses, row, num_tensors, tensor).to(tl.pointer_type(DTYPE))
+    if ALIGNED:
+        pointer = tl.multiple_of(pointer, VECTOR_BYTES)
+    return pointer
+
+
+@_device_function
+def _lanes(BLOCK: tl.constexpr):
+    """0 .. BLOCK-1 as int64 offsets (> 2**31 elements are fine), marked contiguous."""
+    return tl.max_contiguous(tl.multiple_of(tl.arange(0, BLOCK), BLOCK), BLOCK).to(tl.int64)
+
+
+@_device_function
+def _full_blocks(start, end, BLOCK: tl.constexpr, ALIGNED: tl.constexpr):
+    """How many whole blocks of [start, end) run unmasked: all of them in an ALIGNED launch
+    (start is then a multiple of BLOCK and every pointer 16-byte aligned), else none."""
+    if ALIGNED:
+        result = (end - start) // BLOCK
+    else:
+        result = start * 0
+    return result
+
+
+@_device_function
+def _phase_range(start, end, full, PHASE: tl.constexpr, BLOCK: tl.constexpr):
+    """(first offset, block count) of a walk's phase: 0 the unmasked whole blocks, 1 the masked rest."""
+    if PHASE == 0:
+        first = start
+        count = full
+    else:
+        first = start + full * BLOCK
+        count = (end - first + BLOCK - 1) // BLOCK
+    return first, count
+
+
+@_device_function
+def _phase_index(first, block, end, lanes, PHASE: tl.constexpr, BLOCK: tl.constexpr):
+    """The element offsets of a phase's block, and its mask (None in the unmasked phase)."""
+    offset = first + block * BLOCK
+    if PHASE == 0:
+        index = tl.multiple_of(offset, BLOCK) + lanes
+        mask = None
+    else:
+        index = offset + lanes
+        mask = index < end
+    return index, mask
+
+
+@_device_function
+def _load(pointer, index, mask):
+    """Elements ``index`` (0 where ``mask`` is off; every one when mask is None)."""
+    if mask is None:
+        result = tl.load(pointer + index)
+    else:
+        result = tl.load(pointer + index, mask=mask, other=0.0)
+    return result
 
 
 @_device_function
@@ -151,8 +215,10 @@ def _to_bfloat16(x):
 @_device_function
 def _to_storage(x, DTYPE: tl.constexpr):
     """A computed value rounded once to its storage dtype."""
-    if DTYPE == tl.bfloat16:
+    if DTYPE == tl.bfloat16 and EMULATE_BF16:
         result = _to_bfloat16(x.to(tl.float32))
+    elif DTYPE == tl.bfloat16:
+        result = x.to(tl.float32).to(tl.bfloat16)
     else:
         result = x.to(DTYPE)
     return result
@@ -207,19 +273,22 @@ def _nonfinite(x):
 
 @_device_function
 def _chunk_partial(x_ptr, start, end, p, KIND: tl.constexpr, ACC_DTYPE: tl.constexpr, CHECK_FINITE: tl.constexpr,
-                   BLOCK: tl.constexpr):  # fmt: skip
+                   ALIGNED: tl.constexpr, BLOCK: tl.constexpr):  # fmt: skip
     """The partial (max |x| or sum of |x|**p) of elements [start, end) of one tensor, and
     (with CHECK_FINITE) whether any of them is inf or nan."""
     acc = tl.full([BLOCK], 0, ACC_DTYPE)
     nonfinite = tl.full([BLOCK], 0, tl.int32)
     p = p.to(ACC_DTYPE)
-    lanes = tl.arange(0, BLOCK).to(tl.int64)  # 64-bit offsets: > 2**31 elements are fine
-    for offset in range(start, end, BLOCK):
-        index = offset + lanes
-        x = tl.load(x_ptr + index, mask=index < end, other=0.0).to(ACC_DTYPE)
-        acc = _accumulate(acc, x, p, KIND)
-        if CHECK_FINITE:
-            nonfinite |= _nonfinite(x)
+    lanes = _lanes(BLOCK)
+    full = _full_blocks(start, end, BLOCK, ALIGNED)
+    for PHASE in tl.static_range(2):  # unmasked whole blocks (vector loads), then the masked rest
+        first, count = _phase_range(start, end, full, PHASE, BLOCK)
+        for block in range(0, count):
+            index, mask = _phase_index(first, block, end, lanes, PHASE, BLOCK)
+            x = _load(x_ptr, index, mask).to(ACC_DTYPE)
+            acc = _accumulate(acc, x, p, KIND)
+            if CHECK_FINITE:
+                nonfinite |= _nonfinite(x)
     if CHECK_FINITE:
         saw_nonfinite = _max(nonfinite, axis=0) > 0
     else:
@@ -272,6 +341,7 @@ def chunk_norm_partials_kernel(
     FIRST_DTYPE: tl.constexpr,
     SECOND_DTYPE: tl.constexpr,  # None: one list; else the second list's dtype (AGC: params, grads)
     KIND: tl.constexpr,
+    ALIGNED: tl.constexpr,  # every tensor of the launch 16-byte aligned, chunks starting at whole blocks
     BLOCK: tl.constexpr,
 ):
     """Pass 1 of a norm: one partial per chunk (and per list) of max |x| or sum |x|**p."""
@@ -279,15 +349,16 @@ def chunk_norm_partials_kernel(
     p = _float64(p)
     # fp64 tensors accumulate in fp64, everything else in fp32.
     first_acc: tl.constexpr = tl.float64 if FIRST_DTYPE == tl.float64 else tl.float32
-    x_ptr = _tensor_pointer(addresses, num_tensors, 0, tensor, FIRST_DTYPE)
-    partial, nonfinite = _chunk_partial(x_ptr, start, end, p, KIND, first_acc, found_inf is not None, BLOCK)
+    x_ptr = _tensor_pointer(addresses, num_tensors, 0, tensor, FIRST_DTYPE, ALIGNED)
+    partial, nonfinite = _chunk_partial(x_ptr, start, end, p, KIND, first_acc, found_inf is not None, ALIGNED,
+                                        BLOCK)  # fmt: skip
     tl.store(partials + chunk, partial)
     if found_inf is not None:  # the same 1.0 from every program that saw one: no atomics needed
         tl.store(found_inf, 1.0, mask=nonfinite)
     if SECOND_DTYPE is not None:
         second_acc: tl.constexpr = tl.float64 if SECOND_DTYPE == tl.float64 else tl.float32
-        y_ptr = _tensor_pointer(addresses, num_tensors, 1, tensor, SECOND_DTYPE)
-        partial, _ = _chunk_partial(y_ptr, start, end, p, KIND, second_acc, False, BLOCK)
+        y_ptr = _tensor_pointer(addresses, num_tensors, 1, tensor, SECOND_DTYPE, ALIGNED)
+        partial, _ = _chunk_partial(y_ptr, start, end, p, KIND, second_acc, False, ALIGNED, BLOCK)
         tl.store(partials + num_chunks.to(tl.int64) + chunk, partial)
 
 
@@ -302,19 +373,21 @@ def segment_norms_kernel(
     inv_p: tl.float64,
     KIND: tl.constexpr,
     BLOCK: tl.constexpr,
+    TOTAL_BLOCK: tl.constexpr,
 ):
     """Pass 2 of multi_tensor_norm: program s < num_segments reduces tensor s's partials;
-    program num_segments reduces all partials into the total."""
+    program num_segments reduces all partials into the total, TOTAL_BLOCK wide (it walks every
+    chunk: a wide step keeps its chain of dependent loads short at billions of elements)."""
     program = tl.program_id(0).to(tl.int64)
-    per_tensor = program < num_segments
-    # The total's program reads no segment row: its range is every chunk.
-    row_length = num_segments.to(tl.int64)
-    tensor = tl.load(segments + row_length * SEGMENT_TENSOR + program, mask=per_tensor, other=0)
-    first = tl.load(segments + row_length * SEGMENT_FIRST_CHUNK + program, mask=per_tensor, other=0)
-    count = tl.load(segments + row_length * SEGMENT_NUM_CHUNKS + program, mask=per_tensor, other=num_chunks)
-    norm = _root(_reduce_partials(partials, first, count, KIND, BLOCK), _float64(inv_p), KIND).to(tl.float32)
-    tl.store(norms + tensor, norm, mask=per_tensor)
-    tl.store(total, norm, mask=program == num_segments)
+    if program < num_segments:
+        tensor = _row(segments, SEGMENT_TENSOR, num_segments, program)
+        first = _row(segments, SEGMENT_FIRST_CHUNK, num_segments, program)
+        count = _row(segments, SEGMENT_NUM_CHUNKS, num_segments, program)
+        norm = _root(_reduce_partials(partials, first, count, KIND, BLOCK), _float64(inv_p), KIND)
+        tl.store(norms + tensor, norm.to(tl.float32))
+    else:
+        everything = _reduce_partials(partials, 0, num_chunks.to(tl.int64), KIND, TOTAL_BLOCK)
+        tl.store(total, _root(everything, _float64(inv_p), KIND).to(tl.float32))
 
 
 @_kernel
@@ -363,25 +436,28 @@ def scale_kernel(
     segment_factors,  # None, or fp64 [num_segments]: one factor per segment (AGC units)
     found_inf,  # None, or a float32 flag set to 1.0 when an input element is inf or nan
     DTYPE: tl.constexpr,
+    ALIGNED: tl.constexpr,
     BLOCK: tl.constexpr,
 ):
     """x *= factor in place (in fp32, fp64 for fp64 tensors); optionally flag non-finite inputs."""
     _, tensor, segment, start, end = _this_chunk(chunks, num_chunks, first_chunk)
     compute: tl.constexpr = tl.float64 if DTYPE == tl.float64 else tl.float32
-    x_ptr = _tensor_pointer(addresses, num_tensors, row, tensor, DTYPE)
+    x_ptr = _tensor_pointer(addresses, num_tensors, row, tensor, DTYPE, ALIGNED)
     if segment_factors is not None:
         f = tl.load(segment_factors + segment).to(compute)
     else:
         f = _scalar(factor, factor_ptr).to(compute)
     nonfinite = tl.full([BLOCK], 0, tl.int32)
-    lanes = tl.arange(0, BLOCK).to(tl.int64)  # 64-bit offsets: > 2**31 elements are fine
-    for offset in range(start, end, BLOCK):
-        index = offset + lanes
-        in_chunk = index < end
-        x = tl.load(x_ptr + index, mask=in_chunk, other=0.0).to(compute)
-        if found_inf is not None:  # checked on the input, before scaling, as torch's amp op does
-            nonfinite |= _nonfinite(x)
-        tl.store(x_ptr + index, _to_storage(x * f, DTYPE), mask=in_chunk)
+    lanes = _lanes(BLOCK)
+    full = _full_blocks(start, end, BLOCK, ALIGNED)
+    for PHASE in tl.static_range(2):  # unmasked whole blocks (vector accesses), then the masked rest
+        first, count = _phase_range(start, end, full, PHASE, BLOCK)
+        for block in range(0, count):
+            index, mask = _phase_index(first, block, end, lanes, PHASE, BLOCK)
+            x = _load(x_ptr, index, mask).to(compute)
+            if found_inf is not None:  # checked on the input, before scaling, as torch's amp op does
+                nonfinite |= _nonfinite(x)
+            tl.store(x_ptr + index, _to_storage(x * f, DTYPE), mask=mask)
     if found_inf is not None:
         # Every program that saw one writes the same 1.0: no atomics needed, never cleared.
         tl.store(found_inf, 1.0, mask=_max(nonfinite, axis=0) > 0)
@@ -396,24 +472,27 @@ def clamp_kernel(
     first_chunk,
     clip_value: tl.float64,
     DTYPE: tl.constexpr,
+    ALIGNED: tl.constexpr,
     BLOCK: tl.constexpr,
 ):
     """x = min(max(x, -clip_value), clip_value) in place; nan stays nan."""
     _, tensor, _, start, end = _this_chunk(chunks, num_chunks, first_chunk)
-    x_ptr = _tensor_pointer(addresses, num_tensors, 0, tensor, DTYPE)
+    x_ptr = _tensor_pointer(addresses, num_tensors, 0, tensor, DTYPE, ALIGNED)
     # The bound in the tensor's dtype (through fp32), as torch rounds a Python clamp value.
     if DTYPE == tl.float64:
         bound = _float64(clip_value)
     else:
         bound = _to_storage(_float64(clip_value).to(tl.float32), DTYPE).to(tl.float32)
-    lanes = tl.arange(0, BLOCK).to(tl.int64)  # 64-bit offsets: > 2**31 elements are fine
-    for offset in range(start, end, BLOCK):
-        index = offset + lanes
-        in_chunk = index < end
-        x = tl.load(x_ptr + index, mask=in_chunk, other=0.0)
-        wide = x.to(bound.dtype)
-        clamped = tl.where(wide < -bound, -bound, tl.where(wide > bound, bound, wide))
-        tl.store(x_ptr + index, _to_storage(clamped, DTYPE), mask=in_chunk)
+    lanes = _lanes(BLOCK)
+    full = _full_blocks(start, end, BLOCK, ALIGNED)
+    for PHASE in tl.static_range(2):  # unmasked whole blocks (vector accesses), then the masked rest
+        first, count = _phase_range(start, end, full, PHASE, BLOCK)
+        for block in range(0, count):
+            index, mask = _phase_index(first, block, end, lanes, PHASE, BLOCK)
+            x = _load(x_ptr, index, mask)
+            wide = x.to(bound.dtype)
+            clamped = tl.where(wide < -bound, -bound, tl.where(wide > bound, bound, wide))
+            tl.store(x_ptr + index, _to_storage(clamped, DTYPE), mask=mask)
 
 
 # --------------------------------------------------------------------------- AdamW
@@ -457,22 +536,30 @@ def adamw_kernel(
     STEP_DTYPE: tl.constexpr,
     MAX_EXP_AVG_SQ_DTYPE: tl.constexpr,  # None: no AMSGrad
     MAXIMIZE: tl.constexpr,
+    UNSCALE: tl.constexpr,  # False: no grad_scale, no division
+    CLIP: tl.constexpr,  # False: no clip_coef, no multiplication
+    ALIGNED: tl.constexpr,  # every vector-accessed pointer 16-byte aligned, chunks at whole blocks
     BLOCK: tl.constexpr,
 ):
     """One AdamW step (torch.optim.AdamW's formulas and evaluation order) over one chunk."""
+    # found_inf is loaded with the chunk row, not before it: no extra round trip ahead of the
+    # first data load. When it is set, the chunk's range is empty and the step is not written.
     if found_inf is not None:
-        if tl.load(found_inf) != 0:
-            return
+        proceed = tl.load(found_inf) == 0
     _, tensor, segment, start, end = _this_chunk(chunks, num_chunks, first_chunk)
+    if found_inf is not None:
+        end = tl.where(proceed, end, start)
     compute: tl.constexpr = tl.float64 if PARAM_DTYPE == tl.float64 else tl.float32
-    param_ptr = _tensor_pointer(addresses, num_tensors, PARAMS, tensor, PARAM_DTYPE)
-    grad_ptr = _tensor_pointer(addresses, num_tensors, GRADS, tensor, GRAD_DTYPE)
-    exp_avg_ptr = _tensor_pointer(addresses, num_tensors, EXP_AVGS, tensor, EXP_AVG_DTYPE)
-    exp_avg_sq_ptr = _tensor_pointer(addresses, num_tensors, EXP_AVG_SQS, tensor, EXP_AVG_SQ_DTYPE)
+    param_ptr = _tensor_pointer(addresses, num_tensors, PARAMS, tensor, PARAM_DTYPE, ALIGNED)
+    grad_ptr = _tensor_pointer(addresses, num_tensors, GRADS, tensor, GRAD_DTYPE, ALIGNED)
+    exp_avg_ptr = _tensor_pointer(addresses, num_tensors, EXP_AVGS, tensor, EXP_AVG_DTYPE, ALIGNED)
+    exp_avg_sq_ptr = _tensor_pointer(addresses, num_tensors, EXP_AVG_SQS, tensor, EXP_AVG_SQ_DTYPE, ALIGNED)
     step_ptr = _tensor_pointer(addresses, num_tensors, STEPS, tensor, STEP_DTYPE)
 
     if MAX_EXP_AVG_SQ_DTYPE is not None:
-        max_exp_avg_sq_ptr = _tensor_pointer(addresses, num_tensors, MAX_EXP_AVG_SQS, tensor, MAX_EXP_AVG_SQ_DTYPE)
+        max_exp_avg_sq_ptr = _tensor_pointer(
+            addresses, num_tensors, MAX_EXP_AVG_SQS, tensor, MAX_EXP_AVG_SQ_DTYPE, ALIGNED
+        )
 
     # Scalars of this tensor's update, from its step counter: fp64, as torch forms them.
     step = tl.load(step_ptr).to(tl.float64) + 1.0
@@ -481,51 +568,60 @@ def adamw_kernel(
     lr = _scalar(lr, lr_ptr)
     neg_step_size = (-lr / bias_correction1).to(compute)
     decay = (1.0 - lr * _float64(weight_decay)).to(compute)
-    grad_scale = _scalar(grad_scale, grad_scale_ptr).to(compute)
-    clip_coef = _scalar(clip_coef, clip_coef_ptr).to(compute)
+    if UNSCALE:
+        grad_scale = _scalar(grad_scale, grad_scale_ptr).to(compute)
+    if CLIP:
+        clip_coef = _scalar(clip_coef, clip_coef_ptr).to(compute)
     # Python-float hyperparameters enter torch's fp32 math rounded to fp32.
     lerp_weight = (1.0 - _float64(beta1)).to(compute)
     beta2_c = _float64(beta2).to(compute)
     one_minus_beta2 = (1.0 - _float64(beta2)).to(compute)
     eps_c = _float64(eps).to(compute)
 
-    lanes = tl.arange(0, BLOCK).to(tl.int64)  # 64-bit offsets: > 2**31 elements are fine
-    for offset in range(start, end, BLOCK):
-        index = offset + lanes
-        in_chunk = index < end
-        param = tl.load(param_ptr + index, mask=in_chunk, other=0.0).to(compute)
-        grad = tl.load(grad_ptr + index, mask=in_chunk, other=0.0).to(compute)
-        exp_avg = tl.load(exp_avg_ptr + index, mask=in_chunk, other=0.0).to(compute)
-        exp_avg_sq = tl.load(exp_avg_sq_ptr + index, mask=in_chunk, other=0.0).to(compute)
+    lanes = _lanes(BLOCK)
+    full = _full_blocks(start, end, BLOCK, ALIGNED)
+    for PHASE in tl.static_range(2):  # unmasked whole blocks (vector accesses), then the masked rest
+        first, count = _phase_range(start, end, full, PHASE, BLOCK)
+        for block in range(0, count):
+            index, mask = _phase_index(first, block, end, lanes, PHASE, BLOCK)
+            param = _load(param_ptr, index, mask).to(compute)
+            grad = _load(grad_ptr, index, mask).to(compute)
+            exp_avg = _load(exp_avg_ptr, index, mask).to(compute)
+            exp_avg_sq = _load(exp_avg_sq_ptr, index, mask).to(compute)
 
-        if MAXIMIZE:
-            grad = -grad
-        grad = _div(grad, grad_scale) * clip_coef
-        param = param * decay
-        # torch.lerp's formula: from the start for weights below 0.5, from the end above.
-        exp_avg = tl.where(
-            lerp_weight < 0.5,
-            exp_avg + lerp_weight * (grad - exp_avg),
-            grad - (grad - exp_avg) * (1.0 - lerp_weight),
-        )
-        exp_avg_sq = exp_avg_sq * beta2_c + one_minus_beta2 * grad * grad
-        second_moment = exp_avg_sq
-        if MAX_EXP_AVG_SQ_DTYPE is not None:
-            max_exp_avg_sq = tl.load(max_exp_avg_sq_ptr + index, mask=in_chunk, other=0.0).to(compute)
-            max_exp_avg_sq = _maximum_keeping_nan(max_exp_avg_sq, exp_avg_sq)
-            stored = _to_storage(max_exp_avg_sq, MAX_EXP_AVG_SQ_DTYPE)
-            tl.store(max_exp_avg_sq_ptr + index, stored, mask=in_chunk)
-            second_moment = max_exp_avg_sq
-        denom = _div(_sqrt(second_moment), bias_correction2_sqrt) + eps_c
-        param = param + _div(exp_avg * neg_step_size, denom)
+            if MAXIMIZE:
+                grad = -grad
+            if UNSCALE:
+                grad = _div(grad, grad_scale)
+            if CLIP:
+                grad = grad * clip_coef
+            param = param * decay
+            # torch.lerp's formula: from the start for weights below 0.5, from the end above.
+            exp_avg = tl.where(
+                lerp_weight < 0.5,
+                exp_avg + lerp_weight * (grad - exp_avg),
+                grad - (grad - exp_avg) * (1.0 - lerp_weight),
+            )
+            exp_avg_sq = exp_avg_sq * beta2_c + one_minus_beta2 * grad * grad
+            second_moment = exp_avg_sq
+            if MAX_EXP_AVG_SQ_DTYPE is not None:
+                max_exp_avg_sq = _load(max_exp_avg_sq_ptr, index, mask).to(compute)
+                max_exp_avg_sq = _maximum_keeping_nan(max_exp_avg_sq, exp_avg_sq)
+                tl.store(max_exp_avg_sq_ptr + index, _to_storage(max_exp_avg_sq, MAX_EXP_AVG_SQ_DTYPE), mask=mask)
+                second_moment = max_exp_avg_sq
+            denom = _div(_sqrt(second_moment), bias_correction2_sqrt) + eps_c
+            param = param + _div(exp_avg * neg_step_size, denom)
 
-        tl.store(param_ptr + index, _to_storage(param, PARAM_DTYPE), mask=in_chunk)
-        tl.store(exp_avg_ptr + index, _to_storage(exp_avg, EXP_AVG_DTYPE), mask=in_chunk)
-        tl.store(exp_avg_sq_ptr + index, _to_storage(exp_avg_sq, EXP_AVG_SQ_DTYPE), mask=in_chunk)
+            tl.store(param_ptr + index, _to_storage(param, PARAM_DTYPE), mask=mask)
+            tl.store(exp_avg_ptr + index, _to_storage(exp_avg, EXP_AVG_DTYPE), mask=mask)
+            tl.store(exp_avg_sq_ptr + index, _to_storage(exp_avg_sq, EXP_AVG_SQ_DTYPE), mask=mask)
 
     # Every chunk of a tensor read the old step above; the last one to get here writes the new
     # one (an integer counter, so no float atomics) and resets the counter for the next launch.
     chunks_of_tensor = _row(segments, SEGMENT_NUM_CHUNKS, num_segments, segment)
     is_last = tl.atomic_add(arrivals + segment, 1) == chunks_of_tensor - 1
-    tl.store(step_ptr, step.to(STEP_DTYPE), mask=is_last)
+    if found_inf is not None:
+        tl.store(step_ptr, step.to(STEP_DTYPE), mask=is_last & proceed)
+    else:
+        tl.store(step_ptr, step.to(STEP_DTYPE), mask=is_last)
     tl.store(arrivals + segment, 0, mask=is_last)

@@ -24,6 +24,7 @@ extra torch launches for those tensors only). Arguments arrive validated by ``fa
 from __future__ import annotations
 
 import collections
+import contextlib
 import math
 
 import torch
@@ -31,10 +32,16 @@ import triton.language as tl
 from torch import Tensor
 
 from fastopt.triton import kernels
-from fastopt.triton.tables import BLOCK_SIZE, ChunkTable, TableCache
+from fastopt.triton.tables import BLOCK_SIZE, ChunkTable, TableCache, capturing, dtype_signature, stream_key
 
-# Partials that one program of a reduction's second pass reads per step.
+# Partials that one program of a reduction's second pass reads per step; the total's program
+# (which reads every chunk's partial) reads this many.
 PARTIALS_BLOCK = 256
+TOTAL_BLOCK = 4096
+
+# Compile options of every launch, explicit: triton 3.10 changes the default of FP fusion. Off:
+# each operation rounds as torch's own ops (and the interpreter) round, no fused multiply-adds.
+COMPILE_OPTIONS = {"enable_fp_fusion": False}
 
 # The chunk tables of recent layouts, shared by every op (clip_grad_norm_'s norm and scale reuse one).
 TABLES = TableCache()
@@ -53,7 +60,26 @@ def _launch(kernel, num_programs: int, *args, **kwargs) -> None:
     if num_programs == 0:  # a grid of zero programs is an error on the GPU
         return
     LAUNCHES[kernel.fn.__name__] += 1
-    kernel[(num_programs,)](*args, **kwargs)
+    kernel[(num_programs,)](*args, **kwargs, **COMPILE_OPTIONS)
+
+
+def _on(device: torch.device):
+    """A device guard for the tensors' device: Triton launches on the current device, and the
+    tensors may be on another one (cuda:1 while cuda:0 is current)."""
+    return torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()
+
+
+def _guarded(op):
+    """Run ``op`` under a device guard for its first tensor's device."""
+
+    def guarded(tensors, *args, **kwargs):
+        if not tensors:
+            return op(tensors, *args, **kwargs)
+        with _on(tensors[0].device):
+            return op(tensors, *args, **kwargs)
+
+    guarded.__name__, guarded.__doc__, guarded.__wrapped__ = op.__name__, op.__doc__, op
+    return guarded
 
 
 def _dense(tensors: list[Tensor]) -> tuple[list[Tensor], list[tuple[Tensor, Tensor]]]:
@@ -90,23 +116,25 @@ def _chunk_partials(table: ChunkTable, num_lists: int, norm_type: float, found_i
     """Pass 1 of a norm: fp64 [lists, chunks], one partial per chunk of each list; found_inf
     (if given) is set when the first list holds an inf or nan."""
     partials = torch.empty((num_lists, table.num_chunks), dtype=torch.float64, device=table.addresses.device)
-    for group in table.groups:
+    for group, aligned in zip(table.groups, table.aligned(tuple(range(num_lists)))):
         _launch(
             kernels.chunk_norm_partials_kernel, group.num_chunks,
             table.addresses, table.num_tensors, table.chunks, table.num_chunks, group.first_chunk, partials,
             0.0 if math.isinf(norm_type) else norm_type, found_inf,
             FIRST_DTYPE=_TL_DTYPES[group.dtypes[0]],
             SECOND_DTYPE=_TL_DTYPES[group.dtypes[1]] if num_lists == 2 else None,
-            KIND=_norm_kind(norm_type), BLOCK=BLOCK_SIZE,
+            KIND=_norm_kind(norm_type), ALIGNED=aligned, BLOCK=BLOCK_SIZE,
         )  # fmt: skip
     return partials
 
 
+@_guarded
 def multi_tensor_norm(tensors: list[Tensor], norm_type: float, per_tensor: bool, found_inf: Tensor | None = None):
     device = tensors[0].device if tensors else torch.device("cpu")
-    total = torch.zeros((), dtype=torch.float32, device=device)
     if not tensors:
+        total = torch.zeros((), dtype=torch.float32, device=device)
         return (total, torch.zeros(0, dtype=torch.float32, device=device)) if per_tensor else total
+    total = torch.empty((), dtype=torch.float32, device=device)  # written by pass 2's last program
     dense, _ = _dense(tensors)
     table = TABLES.lookup([dense])
     partials = _chunk_partials(table, 1, norm_type, found_inf)
@@ -116,23 +144,24 @@ def multi_tensor_norm(tensors: list[Tensor], norm_type: float, per_tensor: bool,
     _launch(
         kernels.segment_norms_kernel, num_segments + 1,
         partials, table.segments, num_segments, table.num_chunks, norms, total, _inverse(norm_type),
-        KIND=_norm_kind(norm_type), BLOCK=PARTIALS_BLOCK,
+        KIND=_norm_kind(norm_type), BLOCK=PARTIALS_BLOCK, TOTAL_BLOCK=TOTAL_BLOCK,
     )  # fmt: skip
     return (total, norms) if per_tensor else total
 
 
+@_guarded
 def _scale(tensors: list[Tensor], factor: float | Tensor, found_inf: Tensor | None) -> None:
     if not tensors:
         return
     dense, copies = _dense(tensors)
     table = TABLES.lookup([dense])
     value, value_ptr = _scalar_args(factor)
-    for group in table.groups:
+    for group, aligned in zip(table.groups, table.aligned((0,))):
         _launch(
             kernels.scale_kernel, group.num_chunks,
             table.addresses, table.num_tensors, 0, table.chunks, table.num_chunks, group.first_chunk,
             value, value_ptr, None, found_inf,
-            DTYPE=_TL_DTYPES[group.dtypes[0]], BLOCK=BLOCK_SIZE,
+            DTYPE=_TL_DTYPES[group.dtypes[0]], ALIGNED=aligned, BLOCK=BLOCK_SIZE,
         )  # fmt: skip
     _write_back(copies)
 
@@ -145,20 +174,22 @@ def scale_(tensors: list[Tensor], coef: float | Tensor) -> None:
     _scale(tensors, coef, None)
 
 
+@_guarded
 def clamp_(tensors: list[Tensor], clip_value: float) -> None:
     if not tensors:
         return
     dense, copies = _dense(tensors)
     table = TABLES.lookup([dense])
-    for group in table.groups:
+    for group, aligned in zip(table.groups, table.aligned((0,))):
         _launch(
             kernels.clamp_kernel, group.num_chunks,
             table.addresses, table.num_tensors, table.chunks, table.num_chunks, group.first_chunk, clip_value,
-            DTYPE=_TL_DTYPES[group.dtypes[0]], BLOCK=BLOCK_SIZE,
+            DTYPE=_TL_DTYPES[group.dtypes[0]], ALIGNED=aligned, BLOCK=BLOCK_SIZE,
         )  # fmt: skip
     _write_back(copies)
 
 
+@_guarded
 def adaptive_clip_(
     params: list[Tensor],
     grads: list[Tensor],
@@ -184,12 +215,12 @@ def adaptive_clip_(
         clip_factor, eps, _inverse(norm_type),
         KIND=_norm_kind(norm_type), BLOCK=PARTIALS_BLOCK,
     )  # fmt: skip
-    for group in table.groups:
+    for group, aligned in zip(table.groups, table.aligned((1,))):
         _launch(
             kernels.scale_kernel, group.num_chunks,
             table.addresses, table.num_tensors, 1, table.chunks, table.num_chunks, group.first_chunk,
             1.0, None, coefficients, None,
-            DTYPE=_TL_DTYPES[group.dtypes[1]], BLOCK=BLOCK_SIZE,
+            DTYPE=_TL_DTYPES[group.dtypes[1]], ALIGNED=aligned, BLOCK=BLOCK_SIZE,
         )  # fmt: skip
     _write_back(copies)
 
@@ -199,6 +230,7 @@ def _log2(beta: float) -> float:
     return math.log2(beta) if beta > 0 else -math.inf
 
 
+@_guarded
 def adamw_(
     params: list[Tensor],
     grads: list[Tensor],
@@ -231,10 +263,24 @@ def adamw_(
     # Rows in the order of kernels.PARAMS .. kernels.MAX_EXP_AVG_SQS.
     lists = [dense_params, dense_grads, dense_exp_avgs, dense_exp_avg_sqs, steps, *dense_max]
     table = TABLES.lookup(lists, min_one_chunk=True, arrivals=True)
+    _adamw_launches(table, amsgrad, lr=lr, beta1=beta1, beta2=beta2, eps=eps, weight_decay=weight_decay,
+                    maximize=maximize, grad_scale=grad_scale, found_inf=found_inf, clip_coef=clip_coef)  # fmt: skip
+    _write_back(copies)
+
+
+# Rows of the AdamW address table that the kernel reads and writes element by element (the step
+# counters are scalars): the rows whose alignment decides between 128-bit and scalar accesses.
+_ADAMW_VECTOR_ROWS = (int(kernels.PARAMS), int(kernels.GRADS), int(kernels.EXP_AVGS), int(kernels.EXP_AVG_SQS))
+_ADAMW_AMSGRAD_ROWS = _ADAMW_VECTOR_ROWS + (int(kernels.MAX_EXP_AVG_SQS),)
+
+
+def _adamw_launches(table: ChunkTable, amsgrad: bool, *, lr, beta1, beta2, eps, weight_decay, maximize, grad_scale,
+                    found_inf, clip_coef) -> None:  # fmt: skip
     lr_value, lr_ptr = _scalar_args(lr)
     grad_scale_value, grad_scale_ptr = _scalar_args(1.0 if grad_scale is None else grad_scale)
     clip_coef_value, clip_coef_ptr = _scalar_args(1.0 if clip_coef is None else clip_coef)
-    for group in table.groups:
+    alignment = table.aligned(_ADAMW_AMSGRAD_ROWS if amsgrad else _ADAMW_VECTOR_ROWS)
+    for group, aligned in zip(table.groups, alignment):
         param, grad, exp_avg, exp_avg_sq, step, *max_exp_avg_sq = (_TL_DTYPES[d] for d in group.dtypes)
         _launch(
             kernels.adamw_kernel, group.num_chunks,
@@ -244,6 +290,57 @@ def adamw_(
             grad_scale_value, grad_scale_ptr, clip_coef_value, clip_coef_ptr, found_inf,
             PARAM_DTYPE=param, GRAD_DTYPE=grad, EXP_AVG_DTYPE=exp_avg, EXP_AVG_SQ_DTYPE=exp_avg_sq,
             STEP_DTYPE=step, MAX_EXP_AVG_SQ_DTYPE=max_exp_avg_sq[0] if amsgrad else None,
-            MAXIMIZE=maximize, BLOCK=BLOCK_SIZE,
+            MAXIMIZE=maximize, UNSCALE=grad_scale is not None, CLIP=clip_coef is not None, ALIGNED=aligned,
+            BLOCK=BLOCK_SIZE,
         )  # fmt: skip
-    _write_back(copies)
+
+
+class _PlannedAdamW:
+    """The AdamW table of one optimizer step plan on one stream: built once, then only its grads
+    row follows the new grads."""
+
+    __slots__ = ("table", "grad_dtypes")
+
+    def __init__(self, table: ChunkTable, grad_dtypes):
+        self.table, self.grad_dtypes = table, grad_dtypes
+
+
+_ROWS = ("params", "grads", "exp_avgs", "exp_avg_sqs", "steps", "max_exp_avg_sqs")
+
+
+def adamw_planned_(lists: dict[str, list[Tensor]], plan: dict, *, lr, beta1, beta2, eps, weight_decay, maximize,
+                   grad_scale, found_inf, clip_coef) -> None:  # fmt: skip
+    """``adamw_`` for a caller that owns ``plan`` (a dict, empty at first) and promises that,
+    while it keeps it, ``lists`` holds the very same params and states (same tensors, same
+    storage, validated by ``fastopt.ops.adamw_``) and grads of the same shapes, checked by
+    ``fastopt.ops.check_replacement`` (fastopt.optim.AdamW's step plan). The plan keeps the AdamW
+    table, private to it; a call re-reads only the grads (dtype, contiguity, pointers): a few C
+    passes over one list, where a cached ``adamw_`` reads every list. Falls back to ``adamw_``
+    for non-contiguous tensors and during CUDA-graph capture (whose tables are private)."""
+    hyper = dict(lr=lr, beta1=beta1, beta2=beta2, eps=eps, weight_decay=weight_decay, maximize=maximize,
+                 grad_scale=grad_scale, found_inf=found_inf, clip_coef=clip_coef)  # fmt: skip
+    rows = [lists[name] for name in _ROWS if name in lists]
+    params, grads = rows[0], rows[1]
+    amsgrad = len(rows) == 6
+    if not params:
+        return
+    device = params[0].device
+    with _on(device):
+        key = ("triton", stream_key(device))
+        entry = plan.get(key)
+        (grad_dtypes,) = dtype_signature([grads])
+        if capturing(device) or not all(map(Tensor.is_contiguous, grads)) or (
+            entry is not None and entry.grad_dtypes != grad_dtypes
+        ):
+            entry = None
+        elif entry is None and all(all(map(Tensor.is_contiguous, tensors)) for tensors in rows):
+            entry = plan[key] = _PlannedAdamW(
+                ChunkTable(rows, dtype_signature(rows), list(map(Tensor.numel, params)), None, True, True), grad_dtypes
+            )
+            entry.table.point_to(rows)
+        elif entry is not None:
+            entry.table.point_row_to(int(kernels.GRADS), grads)
+        if entry is None:
+            adamw_(*rows[:5], max_exp_avg_sqs=rows[5] if amsgrad else None, **hyper)
+        else:
+            _adamw_launches(entry.table, amsgrad, **hyper)

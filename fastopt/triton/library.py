@@ -177,3 +177,15 @@ def adamw_(params, grads, exp_avgs, exp_avg_sqs, steps, *, lr, beta1, beta2, eps
         params, grads, exp_avgs, exp_avg_sqs, steps, *_split(lr), beta1, beta2, eps, weight_decay, maximize,
         max_exp_avg_sqs or [], *_split(grad_scale), found_inf, *_split(clip_coef),
     )  # fmt: skip
+
+
+def adamw_planned_(lists: dict[str, list[Tensor]], plan: dict, *, lr, beta1, beta2, eps, weight_decay, maximize,
+                   grad_scale, found_inf, clip_coef) -> None:  # fmt: skip
+    """``adamw_`` with the AdamW table kept in ``plan``, a dict that the caller (fastopt.optim.AdamW's
+    step plan) owns while its lists keep their params and states (see ``launch.adamw_planned_``)."""
+    hyper = dict(lr=lr, beta1=beta1, beta2=beta2, eps=eps, weight_decay=weight_decay, maximize=maximize,
+                 grad_scale=grad_scale, found_inf=found_inf, clip_coef=clip_coef)  # fmt: skip
+    if not torch.compiler.is_compiling():
+        return launch.adamw_planned_(lists, plan, **hyper)
+    adamw_(lists["params"], lists["grads"], lists["exp_avgs"], lists["exp_avg_sqs"], lists["steps"],
+           max_exp_avg_sqs=lists.get("max_exp_avg_sqs"), **hyper)  # fmt: skip

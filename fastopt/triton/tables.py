@@ -32,6 +32,7 @@ from torch import Tensor
 
 BLOCK_SIZE = 1024  # elements a program handles per vector step
 CHUNK_SIZE = 32 * BLOCK_SIZE  # elements per program: large tensors run as many programs
+VECTOR_BYTES = 16  # a 128-bit load or store
 
 _dtype_of = operator.attrgetter("dtype")
 
@@ -106,11 +107,22 @@ def _group_rows(tensor_ids: Tensor, numels: Tensor, units: Tensor, min_one_chunk
     return chunks, segments
 
 
-def _to_device(host: Tensor, device: torch.device) -> Tensor:
-    """Copy host metadata to the device without synchronising (pinned memory, async copy)."""
-    if device.type == "cuda":
-        return host.pin_memory().to(device, non_blocking=True)
-    return host.to(device)
+def _to_device(host: Tensor, device: torch.device, staging: list[Tensor] | None = None) -> Tensor:
+    """Copy host metadata to the device without synchronising (an async copy). ``staging``
+    (a list, during CUDA-graph capture) keeps the host buffer alive: a captured copy reads it
+    again at every replay. Pinned memory is not allocated during capture (its allocator queries
+    events, which capture forbids in torch < 2.10): a captured copy from pageable memory works."""
+    if device.type != "cuda":
+        return host.to(device)
+    if staging is not None:
+        staging.append(host)
+        return host.to(device, non_blocking=True)
+    return host.pin_memory().to(device, non_blocking=True)
+
+
+def _vector_aligned(pointers: Tensor) -> bool:
+    """Whether every pointer (an int64 tensor, any shape) is 16-byte aligned."""
+    return not bool(torch.any(torch.bitwise_and(pointers, VECTOR_BYTES - 1)))
 
 
 class ChunkTable:
@@ -121,17 +133,26 @@ class ChunkTable:
     ``arrivals`` (int32 per segment, zero between launches, for kernels that must know which
     program of a tensor finishes last). Tables are used on the stream of the calling op; the
     address table is rewritten in place, stream-ordered after the launches that read it before.
+
+    ``aligned(rows)``: per group, whether its launch may use 128-bit accesses on those rows of
+    the address table (every such pointer 16-byte aligned and every chunk starting at a whole
+    block). A table built with ``capturing=True`` keeps its host staging buffers (a captured
+    graph reads them at every replay) and is never pointed elsewhere.
     """
 
     def __init__(self, lists: list[list[Tensor]], signature: tuple, numels: list[int], units: list[int] | None,
-                 min_one_chunk: bool, arrivals: bool):  # fmt: skip
+                 min_one_chunk: bool, arrivals: bool, capturing: bool = False):  # fmt: skip
         device = lists[0][0].device
+        self.capturing = capturing
+        self._staging: list[Tensor] | None = [] if capturing else None
         self.num_tensors = len(numels)
         numel_column = torch.tensor(numels, dtype=torch.int64)
         unit_column = torch.ones_like(numel_column) if units is None else torch.tensor(units, dtype=torch.int64)
         all_chunks, all_segments, self.groups = [], [], []
+        self._group_tensors: list[Tensor | None] = []
         num_chunks = num_segments = 0
         for dtypes, tensor_ids in _group_tensors(signature, self.num_tensors):
+            self._group_tensors.append(tensor_ids)
             if tensor_ids is None:
                 tensor_ids = torch.arange(self.num_tensors)
             chunks, segments = _group_rows(
@@ -143,46 +164,135 @@ class ChunkTable:
             num_chunks += chunks.shape[1]
             num_segments += segments.shape[1]
         self.num_chunks, self.num_segments = num_chunks, num_segments
-        self.chunks = _to_device(torch.cat(all_chunks, dim=1).contiguous(), device)
-        self.segments = _to_device(torch.cat(all_segments, dim=1).contiguous(), device)
+        host_chunks = torch.cat(all_chunks, dim=1).contiguous()
+        # Units start anywhere in their tensor; whole tensors start their chunks at whole blocks.
+        self._whole_blocks = units is None or not bool(torch.any(host_chunks[2] % BLOCK_SIZE))
+        self.chunks = _to_device(host_chunks, device, self._staging)
+        self.segments = _to_device(torch.cat(all_segments, dim=1).contiguous(), device, self._staging)
         self.arrivals = torch.zeros(num_segments, dtype=torch.int32, device=device) if arrivals else None
-        self._pointers: list[int] = []
+        self._rows: list[list[int] | None] = [None] * len(lists)  # each row's pointers, as last uploaded
+        self._host = torch.zeros((len(lists), self.num_tensors), dtype=torch.int64)  # the same, as a tensor
+        self._aligned: dict[tuple, list[bool]] = {}
         self.addresses = torch.empty((len(lists), self.num_tensors), dtype=torch.int64, device=device)
 
     def point_to(self, lists: list[list[Tensor]]) -> bool:
         """Make the address table hold these tensors' pointers; True when it had to change."""
-        pointers = list(itertools.chain.from_iterable(map(Tensor.data_ptr, tensors) for tensors in lists))
-        if pointers == self._pointers:
+        changed = [row for row, tensors in enumerate(lists) if self._set_row(row, tensors)]
+        if changed:
+            self._upload(None if len(changed) == len(lists) else changed)
+        return bool(changed)
+
+    def point_row_to(self, row: int, tensors: list[Tensor]) -> bool:
+        """Make one row of the address table (e.g. the grads') hold these tensors' pointers."""
+        if not self._set_row(row, tensors):
             return False
-        host = torch.tensor(pointers, dtype=torch.int64).view(self.addresses.shape)
-        if self.addresses.device.type == "cuda":
-            self.addresses.copy_(host.pin_memory(), non_blocking=True)
-        else:
-            self.addresses.copy_(host)
-        self._pointers = pointers
+        self._upload([row])
         return True
+
+    def _set_row(self, row: int, tensors: list[Tensor]) -> bool:
+        pointers = list(map(Tensor.data_ptr, tensors))
+        if pointers == self._rows[row]:
+            return False
+        if self.capturing and self._rows[row] is not None:
+            raise RuntimeError("fastopt: a table captured in a CUDA graph cannot point elsewhere")
+        self._host[row] = torch.tensor(pointers, dtype=torch.int64)
+        self._rows[row] = pointers
+        self._aligned.clear()
+        return True
+
+    def _upload(self, rows: list[int] | None) -> None:
+        """Copy the host rows (all when None) to the device table, stream-ordered."""
+        if self.addresses.device.type != "cuda":
+            if rows is None:
+                self.addresses.copy_(self._host)
+            else:
+                for row in rows:
+                    self.addresses[row].copy_(self._host[row])
+            return
+        for row in [None] if rows is None else rows:
+            source = (self._host if row is None else self._host[row]).clone()  # a buffer of its own
+            target = self.addresses if row is None else self.addresses[row]
+            target.copy_(_to_device_source(source, self._staging), non_blocking=True)
+
+    def aligned(self, rows: tuple[int, ...]) -> list[bool]:
+        """Per group: whether every pointer of these rows is 16-byte aligned (and the chunks
+        start at whole blocks), so that its launch may use 128-bit loads and stores."""
+        flags = self._aligned.get(rows)
+        if flags is None:
+            if not self._whole_blocks:
+                flags = [False] * len(self.groups)
+            else:
+                pointers = self._host[list(rows)]
+                flags = [_vector_aligned(pointers if ids is None else pointers[:, ids]) for ids in self._group_tensors]
+            self._aligned[rows] = flags
+        return flags
+
+
+def _to_device_source(host: Tensor, staging: list[Tensor] | None) -> Tensor:
+    """A host buffer that an async copy to the device may read: pinned, or (during capture)
+    pageable and kept alive with the table."""
+    if staging is not None:
+        staging.append(host)
+        return host
+    return host.pin_memory()
+
+
+def stream_key(device: torch.device):
+    """What tells apart the streams that may use one layout's table at the same time (their
+    arrival counters and address rows must not be shared): the current stream of ``device``."""
+    if device.type != "cuda":
+        return None
+    return torch.cuda.current_stream(device).cuda_stream
+
+
+def capturing(device: torch.device) -> bool:
+    return device.type == "cuda" and torch.cuda.is_current_stream_capturing()
 
 
 class TableCache:
-    """ChunkTables by layout (device, dtypes, sizes, units), least recently used dropped first.
+    """ChunkTables by layout (device, stream, dtypes, sizes, units), least recently used dropped
+    first.
 
-    ``hits``, ``misses`` and ``pointer_refreshes`` count what the lookups did.
+    During CUDA-graph capture a call gets a private table instead, keyed by its pointers too,
+    never evicted nor rewritten (the graph holds its device address and replays its copies):
+    an eager call with the same layout after the capture, or any number of other layouts, cannot
+    change what the graph's kernels read.
+
+    ``hits``, ``misses`` and ``pointer_refreshes`` count what the lookups did (``captured``: how
+    many private tables capture made).
     """
 
     def __init__(self, capacity: int = 64):
         self.capacity = capacity
         self._tables: collections.OrderedDict[tuple, ChunkTable] = collections.OrderedDict()
+        self._captured: dict[tuple, ChunkTable] = {}
         self.hits = self.misses = self.pointer_refreshes = 0
+
+    @property
+    def captured(self) -> int:
+        return len(self._captured)
 
     def lookup(self, lists: list[list[Tensor]], *, units: list[int] | None = None, min_one_chunk: bool = False,
                arrivals: bool = False) -> ChunkTable:  # fmt: skip
         """The table for these lists (all of one length, on one device, at least one tensor),
         pointing at these tensors. ``units[i]``: how many equal segments tensor i splits into
         (default 1); ``min_one_chunk``: give empty tensors a chunk too."""
+        device = lists[0][0].device
         signature = dtype_signature(lists)
         numels = list(map(Tensor.numel, lists[0]))
         units_key = None if units is None else tuple(units)
-        key = (lists[0][0].device, signature, tuple(numels), units_key, min_one_chunk, arrivals)
+        key = (device, stream_key(device), signature, tuple(numels), units_key, min_one_chunk, arrivals)
+        if capturing(device):
+            key += (tuple(itertools.chain.from_iterable(map(Tensor.data_ptr, tensors) for tensors in lists)),)
+            table = self._captured.get(key)
+            if table is None:
+                self.misses += 1
+                table = ChunkTable(lists, signature, numels, units, min_one_chunk, arrivals, capturing=True)
+                table.point_to(lists)
+                self._captured[key] = table
+            else:
+                self.hits += 1
+            return table
         table = self._tables.get(key)
         if table is None:
             self.misses += 1
@@ -198,5 +308,6 @@ class TableCache:
         return table
 
     def clear(self) -> None:
+        """Forget every table, but those captured in CUDA graphs (which may still replay)."""
         self._tables.clear()
         self.hits = self.misses = self.pointer_refreshes = 0
