@@ -474,6 +474,289 @@ def compile_every_launch_for_a_gpu(arch: int = 90) -> int:
     target = GPUTarget("cuda", arch, 32)
     for kernel, signature, constexprs in distinct.values():
         full_signature = {**signature, **{name: "constexpr" for name in constexprs}}
-        triton_compile(ASTSource(kernel, signature=full_signature, constexprs=constexprs), target=target)
+        triton_compile(ASTSource(kernel, signature=full_signature, constexprs=constexprs), target=target,
+                       options=launch.COMPILE_OPTIONS)  # fmt: skip
     print(f"compiled {len(distinct)} distinct launches of {len({k[0] for k in distinct})} kernels for sm_{arch}")
+    return 0
+
+
+# --------------------------------------------------------------------------- alignment, plans, capture
+
+
+def offset_views(shapes, dtype=torch.float32, seed=0):
+    """Contiguous tensors that start one element into their storage: not 16-byte aligned."""
+    generator = torch.Generator().manual_seed(seed)
+    return [torch.randn(math.prod(s) + 1, generator=generator).to(dtype).to(DEVICE)[1:].view(s) for s in shapes]
+
+
+@runs_here
+@pytest.mark.usefixtures("triton_backend")
+def test_unaligned_tensors_take_the_scalar_path_and_give_the_same_results():
+    shapes = [(3 * 1024 + 5,), (2, 700), (9,)]  # whole blocks and a tail; a tail only
+    aligned = random_tensors(shapes, device=DEVICE, seed=30)
+    unaligned = offset_views(shapes, seed=30)
+    for a, u in zip(aligned, unaligned):
+        u.copy_(a)
+    assert launch.TABLES.lookup([aligned]).aligned((0,)) == [True]
+    assert launch.TABLES.lookup([unaligned]).aligned((0,)) == [False]
+    assert launch.TABLES.lookup([aligned[:1] + unaligned[1:]]).aligned((0,)) == [False]
+    # AGC units start anywhere in their tensor: no vector path unless every unit is whole blocks.
+    assert launch.TABLES.lookup([aligned, aligned], units=[1, 2, 1]).aligned((0, 1)) == [False]
+
+    for p in (2.0, math.inf):
+        assert_bitwise_equal(fastopt.multi_tensor_norm(aligned, p), fastopt.multi_tensor_norm(unaligned, p))
+    fastopt.scale_(aligned, 0.75)
+    fastopt.scale_(unaligned, 0.75)
+    for a, u in zip(aligned, unaligned):
+        assert_bitwise_equal(a, u)
+    for params in (aligned, unaligned):
+        grads = [torch.full_like(t, 0.5) for t in params]
+        fastopt.adamw_(params, grads, *adamw_state(params), **HYPER, grad_scale=2.0, clip_coef=0.5)
+    for a, u in zip(aligned, unaligned):
+        assert_bitwise_equal(a, u)
+
+
+@runs_here
+@pytest.mark.usefixtures("triton_backend")
+def test_planned_adamw_keeps_its_table_and_refreshes_only_the_grads_row():
+    shapes = [(6, 5), (2 * 1024 + 3,), (), (3, 2, 2)]
+    params = random_tensors(shapes, device=DEVICE, seed=31)
+    state = adamw_state(params)
+    expected_params, expected_state = clone_all(params), [clone_all(s) for s in state]
+    plan = {}
+    for step in range(3):
+        grads = random_tensors(shapes, device=DEVICE, seed=40 + step)  # new tensors, new pointers
+        lists = dict(params=params, grads=grads, exp_avgs=state[0], exp_avg_sqs=state[1], steps=state[2])
+        launch.adamw_planned_(lists, plan, **HYPER, maximize=False, grad_scale=None, found_inf=None, clip_coef=None)
+        reference.adamw_(expected_params, grads, *expected_state, **HYPER, maximize=False, max_exp_avg_sqs=None,
+                         grad_scale=None, found_inf=None, clip_coef=None)  # fmt: skip
+        (entry,) = plan.values()
+        if step == 0:
+            table = entry.table
+        assert entry.table is table
+        assert table.addresses[1].tolist() == [g.data_ptr() for g in grads]
+    assert launches() == {"adamw_kernel": 3}
+    assert launch.TABLES.misses == 0  # the plan's table is its own, not the shared cache's
+    # Non-contiguous grads, or grads of another dtype: the full path, still right.
+    grads = random_tensors(shapes, device=DEVICE, seed=50, non_contiguous=True)
+    lists = dict(params=params, grads=grads, exp_avgs=state[0], exp_avg_sqs=state[1], steps=state[2])
+    launch.adamw_planned_(lists, plan, **HYPER, maximize=False, grad_scale=None, found_inf=None, clip_coef=None)
+    reference.adamw_(expected_params, grads, *expected_state, **HYPER, maximize=False, max_exp_avg_sqs=None,
+                     grad_scale=None, found_inf=None, clip_coef=None)  # fmt: skip
+    assert launch.TABLES.misses == 1
+    for actual, want in zip([params, *state], [expected_params, *expected_state]):
+        for a, w in zip(actual, want):
+            torch.testing.assert_close(a, w, **tolerance(torch.float32))
+
+
+@runs_here
+@pytest.mark.usefixtures("triton_backend")
+def test_the_optimizer_step_plan_holds_the_triton_table():
+    params = [torch.nn.Parameter(t) for t in random_tensors([(4, 3), (1500,)], device=DEVICE, seed=32)]
+    reference_params = [torch.nn.Parameter(p.detach().clone()) for p in params]
+    optimizer = fastopt.optim.AdamW(params, lr=1e-2, max_grad_norm=1.0)
+    expected = torch.optim.AdamW(reference_params, lr=1e-2)
+    for step in range(3):
+        for p, r in zip(params, reference_params):
+            p.grad = torch.randn(p.shape, generator=torch.Generator().manual_seed(60 + step)).to(DEVICE) * 0.1
+            r.grad = p.grad.clone()
+        optimizer.step()
+        torch.nn.utils.clip_grad_norm_(reference_params, 1.0)
+        expected.step()
+    (lists,) = optimizer._step_plan.gathered[0][1].values()
+    assert len(lists.backend_plan) == 1  # steps 2 and 3 ran on the plan's own table
+    for p, r in zip(params, reference_params):
+        torch.testing.assert_close(p, r, **tolerance(torch.float32))
+
+
+@runs_here
+@pytest.mark.usefixtures("triton_backend")
+def test_tables_made_during_capture_are_private_and_never_evicted(monkeypatch):
+    """The capture logic on the host (a GPU test below captures for real): while capturing, a
+    call gets a table of its own, keyed by its pointers; later eager calls with the same layout,
+    a full cache and clear() leave it as it was."""
+    from fastopt.triton import tables
+
+    grads = random_tensors([(5, 4), (70,)], device=DEVICE, seed=33)
+    others = [g.clone() for g in grads]
+    monkeypatch.setattr(tables, "capturing", lambda device: True)
+    captured = launch.TABLES.lookup([grads])
+    assert launch.TABLES.lookup([grads]) is captured and launch.TABLES.captured == 1
+    assert captured.capturing and captured._staging is not None
+    with pytest.raises(RuntimeError, match="captured"):
+        captured.point_to([others])
+    monkeypatch.setattr(tables, "capturing", lambda device: False)
+    eager = launch.TABLES.lookup([others])
+    assert eager is not captured
+    for n in range(launch.TABLES.capacity + 1):  # evict every eager table
+        launch.TABLES.lookup([[torch.zeros(n + 1, device=DEVICE)]])
+    launch.TABLES.clear()
+    assert launch.TABLES.captured == 1
+    assert captured.addresses[0].tolist() == [g.data_ptr() for g in grads]
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs 2 GPUs")
+@pytest.mark.usefixtures("triton_backend")
+def test_every_op_runs_on_its_tensors_device():
+    """Tensors on cuda:1 while cuda:0 is current: Triton would launch on cuda:0 unguarded."""
+    shapes = [(40, 33), (2 * CHUNK_SIZE + 5,), (7,)]
+    with torch.cuda.device(0):
+        grads = random_tensors(shapes, device="cuda:1", seed=34)
+        params = random_tensors(shapes, device="cuda:1", seed=35)
+        want_grads, want_params = clone_all(grads), clone_all(params)
+        total = fastopt.multi_tensor_norm(grads)
+        assert total.device == torch.device("cuda:1")
+        torch.testing.assert_close(total, reference.multi_tensor_norm(want_grads, 2.0, False))
+        flag = torch.zeros(1, device="cuda:1")
+        fastopt.unscale_and_check_(grads, torch.full((1,), 0.5, device="cuda:1"), flag)
+        reference.unscale_and_check_(want_grads, torch.full((1,), 0.5, device="cuda:1"), torch.zeros(1, device="cuda:1"))
+        ops.clamp_(grads, 1.0)
+        reference.clamp_(want_grads, 1.0)
+        ops.adaptive_clip_(params, grads)
+        reference.adaptive_clip_(want_params, want_grads, 0.01, 1e-3, 2.0, True)
+        state = adamw_state(params)
+        want_state = [clone_all(s) for s in state]
+        fastopt.adamw_(params, grads, *state, **HYPER)
+        reference.adamw_(want_params, want_grads, *want_state, **HYPER, maximize=False, max_exp_avg_sqs=None,
+                         grad_scale=None, found_inf=None, clip_coef=None)  # fmt: skip
+        assert torch.cuda.current_device() == 0
+    torch.cuda.synchronize(1)
+    assert flag.item() == 0.0
+    for actual, want in zip([grads, params, *state], [want_grads, want_params, *want_state]):
+        for a, w in zip(actual, want):
+            torch.testing.assert_close(a, w, **tolerance(torch.float32))
+
+
+@pytest.mark.cuda
+@pytest.mark.usefixtures("triton_backend")
+def test_captured_graph_survives_eager_calls_with_its_layout_and_evictions():
+    shapes = [(64, 33), (CHUNK_SIZE + 17,), (5,)]
+    params, others = random_tensors(shapes, device="cuda", seed=36), random_tensors(shapes, device="cuda", seed=37)
+    grads = random_tensors(shapes, device="cuda", seed=38)
+    state, other_state = adamw_state(params), adamw_state(others)
+    expected_params, expected_state = clone_all(params), [clone_all(s) for s in state]
+
+    def step(ps, st):
+        total = fastopt.multi_tensor_norm(grads)
+        clip_coef = torch.clamp(1.0 / (total + 1e-6), max=1.0)
+        fastopt.adamw_(ps, grads, *st, **HYPER, clip_coef=clip_coef)
+
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):  # warm up (compiles the kernels), then rewind the state
+        warm = clone_all(params), [clone_all(s) for s in state]
+        step(*warm)
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        step(params, state)
+    assert launch.TABLES.captured >= 2  # the norm's and AdamW's, private to the graph
+
+    # The same layout eagerly on other tensors, then enough other layouts to evict every table.
+    step(others, other_state)
+    for n in range(launch.TABLES.capacity + 1):
+        fastopt.scale_([torch.ones(n + 1, device="cuda")], 0.5)
+    launch.TABLES.clear()
+    for _ in range(2):
+        graph.replay()
+        total = reference.multi_tensor_norm(grads, 2.0, False)
+        reference.adamw_(expected_params, grads, *expected_state, **HYPER, maximize=False, max_exp_avg_sqs=None,
+                         grad_scale=None, found_inf=None, clip_coef=torch.clamp(1.0 / (total + 1e-6), max=1.0))
+    torch.cuda.synchronize()
+    assert [s.item() for s in state[2]] == [s.item() + 2 for s in adamw_state(params)[2]]
+    for actual, want in zip([params, *state], [expected_params, *expected_state]):
+        for a, w in zip(actual, want):
+            torch.testing.assert_close(a, w, **tolerance(torch.float32))
+
+
+@pytest.mark.cuda
+@pytest.mark.usefixtures("triton_backend")
+def test_one_layout_on_two_streams_at_once():
+    """Tables are keyed by stream: two streams running one layout share no address row and no
+    arrival counters."""
+    shapes = [(3 * CHUNK_SIZE + 11,), (300,)] * 50
+    lists = [random_tensors(shapes, device="cuda", seed=70 + k) for k in range(2)]
+    grads = [random_tensors(shapes, device="cuda", seed=80 + k) for k in range(2)]
+    states = [adamw_state(ps) for ps in lists]
+    expected = [(clone_all(ps), [clone_all(s) for s in st]) for ps, st in zip(lists, states)]
+    streams = [torch.cuda.Stream() for _ in range(2)]
+    for s in streams:
+        s.wait_stream(torch.cuda.current_stream())
+    for _ in range(3):
+        for k, s in enumerate(streams):
+            with torch.cuda.stream(s):
+                fastopt.adamw_(lists[k], grads[k], *states[k], **HYPER)
+    for s in streams:
+        torch.cuda.current_stream().wait_stream(s)
+    for k in range(2):
+        for _ in range(3):
+            reference.adamw_(expected[k][0], grads[k], *expected[k][1], **HYPER, maximize=False, max_exp_avg_sqs=None,
+                             grad_scale=None, found_inf=None, clip_coef=None)  # fmt: skip
+        for actual, want in zip([lists[k], *states[k]], [expected[k][0], *expected[k][1]]):
+            for a, w in zip(actual, want):
+                torch.testing.assert_close(a, w, **tolerance(torch.float32))
+
+
+_VECTOR_CHECK = """
+import sys
+import tests.test_triton_backend as t
+sys.exit(t.vector_accesses_of_aligned_launches())
+"""
+
+
+@pytest.mark.skipif(not TRITON_INSTALLED, reason="needs triton")
+@pytest.mark.skipif(INTERPRETED, reason="runs once, in the lane without the interpreter (`make test`)")
+def test_aligned_launches_compile_to_128_bit_accesses():
+    """The AdamW and norm kernels, compiled for sm_90 (no GPU needed) as the ops launch them:
+    the ALIGNED variants load (and AdamW stores) with ld.global.v4 / st.global.v4, the others
+    with scalar accesses only."""
+    env = {k: v for k, v in os.environ.items() if k not in ("TRITON_INTERPRET", "FASTOPT_BACKEND")}
+    result = subprocess.run([sys.executable, "-c", _VECTOR_CHECK], capture_output=True, text=True, env=env,
+                            timeout=600, cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # fmt: skip
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    assert "vector accesses checked" in result.stdout
+
+
+def vector_accesses_of_aligned_launches(arch: int = 90) -> int:
+    """Compile the AdamW and norm launches over fp32 and bf16 tensors, ALIGNED and not, and
+    check the PTX for 128-bit accesses. Returns a process exit status."""
+    from triton import compile as triton_compile
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    calls = []
+    for dtype in (torch.float32, torch.bfloat16):
+        params = [torch.randn(3000).to(dtype), torch.randn(5000).to(dtype)]
+        states = [[p.clone() for p in params] for _ in range(3)]
+        calls += [
+            lambda ps=params, st=states: launch.adamw_(
+                ps, st[0], st[1], st[2], [torch.zeros(()) for _ in ps], lr=1e-3, beta1=0.9, beta2=0.999, eps=1e-8,
+                weight_decay=0.01, maximize=False, max_exp_avg_sqs=None, grad_scale=None, found_inf=None,
+                clip_coef=None),
+            lambda ps=params: launch.multi_tensor_norm(ps, 2.0, False),
+        ]  # fmt: skip
+    failures, checked = [], 0
+    for kernel, args, kwargs in _record_launches(calls):
+        if "ALIGNED" not in kwargs:
+            continue
+        assert kwargs["ALIGNED"], "the host should find fresh tensors 16-byte aligned"
+        for aligned in (True, False):
+            signature, constexprs = _signature(kernel, args, {**kwargs, "ALIGNED": aligned})
+            source = ASTSource(kernel, signature={**signature, **{n: "constexpr" for n in constexprs}},
+                               constexprs=constexprs)  # fmt: skip
+            ptx = triton_compile(source, target=GPUTarget("cuda", arch, 32), options=launch.COMPILE_OPTIONS).asm["ptx"]
+            loads, stores = ptx.count("ld.global.v4"), ptx.count("st.global.v4")
+            name = f"{kernel.fn.__name__} {constexprs.get('PARAM_DTYPE', constexprs.get('FIRST_DTYPE'))} ALIGNED={aligned}"
+            print(f"{name}: {loads} ld.global.v4, {stores} st.global.v4")
+            writes = kernel.fn.__name__ == "adamw_kernel"
+            if aligned and (loads == 0 or (writes and stores == 0)):
+                failures.append(f"{name}: no 128-bit accesses")
+            if not aligned and (loads or stores):
+                failures.append(f"{name}: 128-bit accesses without the alignment")
+            checked += 1
+    if failures or checked != 8:
+        print("\n".join(failures) or f"checked {checked} launches, expected 8")
+        return 1
+    print(f"vector accesses checked in {checked} compiled launches for sm_{arch}")
     return 0

@@ -144,16 +144,12 @@ def _phase_range(start, end, full, PHASE: tl.constexpr, BLOCK: tl.constexpr):
 
 
 @_device_function
-def _phase_index(first, block, end, lanes, PHASE: tl.constexpr, BLOCK: tl.constexpr):
-    """The element offsets of a phase's block, and its mask (None in the unmasked phase)."""
+def _phase_index(first, block, lanes, PHASE: tl.constexpr, BLOCK: tl.constexpr):
+    """The element offsets of a phase's block (marked whole-block aligned in the unmasked phase)."""
     offset = first + block * BLOCK
     if PHASE == 0:
-        index = tl.multiple_of(offset, BLOCK) + lanes
-        mask = None
-    else:
-        index = offset + lanes
-        mask = index < end
-    return index, mask
+        offset = tl.multiple_of(offset, BLOCK)
+    return offset + lanes
 
 
 @_device_function
@@ -284,7 +280,11 @@ def _chunk_partial(x_ptr, start, end, p, KIND: tl.constexpr, ACC_DTYPE: tl.const
     for PHASE in tl.static_range(2):  # unmasked whole blocks (vector loads), then the masked rest
         first, count = _phase_range(start, end, full, PHASE, BLOCK)
         for block in range(0, count):
-            index, mask = _phase_index(first, block, end, lanes, PHASE, BLOCK)
+            index = _phase_index(first, block, lanes, PHASE, BLOCK)
+            if PHASE == 0:
+                mask = None
+            else:
+                mask = index < end
             x = _load(x_ptr, index, mask).to(ACC_DTYPE)
             acc = _accumulate(acc, x, p, KIND)
             if CHECK_FINITE:
@@ -453,7 +453,11 @@ def scale_kernel(
     for PHASE in tl.static_range(2):  # unmasked whole blocks (vector accesses), then the masked rest
         first, count = _phase_range(start, end, full, PHASE, BLOCK)
         for block in range(0, count):
-            index, mask = _phase_index(first, block, end, lanes, PHASE, BLOCK)
+            index = _phase_index(first, block, lanes, PHASE, BLOCK)
+            if PHASE == 0:
+                mask = None
+            else:
+                mask = index < end
             x = _load(x_ptr, index, mask).to(compute)
             if found_inf is not None:  # checked on the input, before scaling, as torch's amp op does
                 nonfinite |= _nonfinite(x)
@@ -488,7 +492,11 @@ def clamp_kernel(
     for PHASE in tl.static_range(2):  # unmasked whole blocks (vector accesses), then the masked rest
         first, count = _phase_range(start, end, full, PHASE, BLOCK)
         for block in range(0, count):
-            index, mask = _phase_index(first, block, end, lanes, PHASE, BLOCK)
+            index = _phase_index(first, block, lanes, PHASE, BLOCK)
+            if PHASE == 0:
+                mask = None
+            else:
+                mask = index < end
             x = _load(x_ptr, index, mask)
             wide = x.to(bound.dtype)
             clamped = tl.where(wide < -bound, -bound, tl.where(wide > bound, bound, wide))
@@ -583,7 +591,11 @@ def adamw_kernel(
     for PHASE in tl.static_range(2):  # unmasked whole blocks (vector accesses), then the masked rest
         first, count = _phase_range(start, end, full, PHASE, BLOCK)
         for block in range(0, count):
-            index, mask = _phase_index(first, block, end, lanes, PHASE, BLOCK)
+            index = _phase_index(first, block, lanes, PHASE, BLOCK)
+            if PHASE == 0:
+                mask = None
+            else:
+                mask = index < end
             param = _load(param_ptr, index, mask).to(compute)
             grad = _load(grad_ptr, index, mask).to(compute)
             exp_avg = _load(exp_avg_ptr, index, mask).to(compute)
