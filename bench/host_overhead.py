@@ -1,11 +1,27 @@
-"""Host time of fastopt.optim.AdamW.step alone: what the Python side costs per step, whatever the
-device, with the backend replaced by one that launches nothing.
+"""Host time of fastopt's Python side, whatever the device: what a step or a call costs before any
+kernel runs.
 
     python bench/host_overhead.py [--params 5000] [--steps 20]
+    python bench/host_overhead.py --backend triton [--params 5000] [--steps 20]
+    python bench/host_overhead.py --backend cuda [--params 5000] [--steps 20]
 
-Prints the median host milliseconds of a step with in-step clipping, the first step (full
-validation of every list) apart from the later ones (the reused step plan: only the new grads are
-checked). Grads are re-made every step, as zero_grad(set_to_none=True) + backward make them.
+Without ``--backend``: the median host milliseconds of ``fastopt.optim.AdamW.step`` with in-step
+clipping, the backend replaced by one that launches nothing; the first step (full validation of
+every list) apart from the later ones (the reused step plan: only the new grads are checked).
+
+With ``--backend triton`` or ``--backend cuda``: that backend's own preparation, its launches
+stubbed (so it runs on CPU tensors, no GPU needed): Triton's kernel launches are recorded instead
+of run; the CUDA backend's ``torch.ops.fastopt.*`` calls return at once (the extension's C++
+table building is then not measured, only the Python in front of it). Reported, over one list
+of ``--params`` tensors:
+
+- ``cached adamw_``: one backend ``adamw_`` call whose layout is cached (grads re-made for
+  each call, as zero_grad(set_to_none=True) + backward make them);
+- ``planned adamw_``: the call as fastopt.optim.AdamW makes it from its second step on, with
+  its step plan (``adamw_planned_``, where the backend has one);
+- ``optimizer step``: a whole ``AdamW.step`` with clipping on that backend, launches stubbed.
+
+Grads are re-made every step, as zero_grad(set_to_none=True) + backward make them.
 """
 
 from __future__ import annotations
@@ -20,6 +36,8 @@ import torch
 import fastopt
 from fastopt import backends
 
+SIZE = 17  # elements per tensor: small, so that the host work is what is measured
+
 
 def no_op_backend() -> types.SimpleNamespace:
     def multi_tensor_norm(tensors, norm_type, per_tensor, found_inf=None):
@@ -29,25 +47,102 @@ def no_op_backend() -> types.SimpleNamespace:
     return types.SimpleNamespace(multi_tensor_norm=multi_tensor_norm, adamw_=lambda *args, **kwargs: None)
 
 
+def stubbed_backend(name: str):
+    """The backend module with its launches stubbed (this process only)."""
+    if name == "triton":
+        from fastopt import triton as module
+        from fastopt.triton import launch
+
+        launch._launch = lambda kernel, num_programs, *args, **kwargs: launch.LAUNCHES.update([kernel.fn.__name__])
+        return module
+    if name == "cuda":
+        from fastopt import cuda as module
+
+        def multi_tensor_norm(tensors, norm_type, per_tensor, found_inf):
+            return torch.zeros(()), torch.zeros(len(tensors) if per_tensor else 0)
+
+        nothing = lambda *args, **kwargs: None  # noqa: E731
+        torch.ops.fastopt = types.SimpleNamespace(
+            multi_tensor_norm=multi_tensor_norm, unscale_and_check_=nothing, scale_=nothing, clamp_=nothing,
+            adaptive_clip_=nothing, adamw_=nothing,
+        )  # fmt: skip
+        return module
+    raise SystemExit(f"--backend must be triton or cuda, got {name!r}")
+
+
+def _median_ms(times: list[float]) -> float:
+    return statistics.median(times) * 1e3
+
+
+def optimizer_step_times(backend, num_params: int, steps: int) -> list[float]:
+    backends.select = lambda device: backend  # this process only
+    params = [torch.nn.Parameter(torch.randn(SIZE)) for _ in range(num_params)]
+    optimizer = fastopt.optim.AdamW(params, lr=1e-3, max_grad_norm=1.0)
+    times = []
+    for _ in range(steps + 1):
+        for p in params:
+            p.grad = torch.ones(SIZE)
+        started = time.perf_counter()
+        optimizer.step()
+        times.append(time.perf_counter() - started)
+    return times
+
+
+def backend_call_times(backend, num_params: int, steps: int) -> dict[str, float | None]:
+    params = [torch.randn(SIZE) for _ in range(num_params)]
+    exp_avgs, exp_avg_sqs = [torch.zeros(SIZE) for _ in params], [torch.zeros(SIZE) for _ in params]
+    steps_ = [torch.zeros(()) for _ in params]
+    hyper = dict(lr=1e-3, beta1=0.9, beta2=0.999, eps=1e-8, weight_decay=0.01, maximize=False, grad_scale=None,
+                 found_inf=None, clip_coef=torch.ones(()))  # fmt: skip
+
+    def timed(call) -> float:
+        times = []
+        for _ in range(steps + 1):  # the first call builds the tables
+            grads = [torch.ones(SIZE) for _ in params]
+            started = time.perf_counter()
+            call(grads)
+            times.append(time.perf_counter() - started)
+        return _median_ms(times[1:])
+
+    results: dict[str, float | None] = {
+        "cached adamw_": timed(
+            lambda grads: backend.adamw_(params, grads, exp_avgs, exp_avg_sqs, steps_, max_exp_avg_sqs=None, **hyper)
+        )
+    }
+    planned = getattr(backend, "adamw_planned_", None)
+    plan: dict = {}
+    lists = dict(params=params, exp_avgs=exp_avgs, exp_avg_sqs=exp_avg_sqs, steps=steps_)
+    results["planned adamw_"] = None if planned is None else timed(
+        lambda grads: planned({**lists, "grads": grads}, plan, **hyper)
+    )  # fmt: skip
+    return results
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--params", type=int, default=5000)
     parser.add_argument("--steps", type=int, default=20)
+    parser.add_argument("--backend", choices=["triton", "cuda"], default=None,
+                        help="measure this backend's own preparation, its launches stubbed")  # fmt: skip
     args = parser.parse_args()
 
-    backends.select = lambda device: no_op_backend()  # this process only
-    params = [torch.nn.Parameter(torch.randn(17)) for _ in range(args.params)]
-    optimizer = fastopt.optim.AdamW(params, lr=1e-3, max_grad_norm=1.0)
-    times = []
-    for _ in range(args.steps + 1):
-        for p in params:
-            p.grad = torch.ones(17)
-        started = time.perf_counter()
-        optimizer.step()
-        times.append(time.perf_counter() - started)
-    print(f"fastopt {fastopt.__version__}, torch {torch.__version__}, {args.params} params")
-    print(f"first step (full validation): {times[0] * 1e3:.1f} ms host")
-    print(f"later steps (reused plan):    {statistics.median(times[1:]) * 1e3:.2f} ms host (median of {args.steps})")
+    print(f"fastopt {fastopt.__version__}, torch {torch.__version__}, {args.params} params, {torch.get_num_threads()} threads")
+    if args.backend is None:
+        times = optimizer_step_times(no_op_backend(), args.params, args.steps)
+        print(f"first step (full validation): {times[0] * 1e3:.1f} ms host")
+        print(f"later steps (reused plan):    {_median_ms(times[1:]):.2f} ms host (median of {args.steps})")
+        return
+
+    backend = stubbed_backend(args.backend)
+    if args.backend == "triton":
+        import triton
+
+        print(f"triton {triton.__version__}")
+    print(f"backend {args.backend}, launches stubbed (median of {args.steps} calls, grads re-made for each):")
+    for name, ms in backend_call_times(backend, args.params, args.steps).items():
+        print(f"  {name + ':':<22}{'n/a (the backend has none)' if ms is None else f'{ms:.2f} ms host'}")
+    times = optimizer_step_times(backend, args.params, args.steps)
+    print(f"  {'optimizer step:':<22}{_median_ms(times[1:]):.2f} ms host (clipped; first step {times[0] * 1e3:.1f} ms)")
 
 
 if __name__ == "__main__":

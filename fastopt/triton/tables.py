@@ -22,6 +22,7 @@ address table is refreshed, in place, when the pointers change (grads re-allocat
 
 from __future__ import annotations
 
+import array
 import collections
 import dataclasses
 import itertools
@@ -120,11 +121,6 @@ def _to_device(host: Tensor, device: torch.device, staging: list[Tensor] | None 
     return host.pin_memory().to(device, non_blocking=True)
 
 
-def _vector_aligned(pointers: Tensor) -> bool:
-    """Whether every pointer (an int64 tensor, any shape) is 16-byte aligned."""
-    return not bool(torch.any(torch.bitwise_and(pointers, VECTOR_BYTES - 1)))
-
-
 class ChunkTable:
     """The address, chunk and segment tables of one layout of tensor lists (see module doc).
 
@@ -172,7 +168,7 @@ class ChunkTable:
         self.arrivals = torch.zeros(num_segments, dtype=torch.int32, device=device) if arrivals else None
         self._rows: list[list[int] | None] = [None] * len(lists)  # each row's pointers, as last uploaded
         self._host = torch.zeros((len(lists), self.num_tensors), dtype=torch.int64)  # the same, as a tensor
-        self._aligned: dict[tuple, list[bool]] = {}
+        self._misaligned: list[list[bool] | None] = [None] * len(lists)  # per row, per group
         self.addresses = torch.empty((len(lists), self.num_tensors), dtype=torch.int64, device=device)
 
     def point_to(self, lists: list[list[Tensor]]) -> bool:
@@ -195,9 +191,13 @@ class ChunkTable:
             return False
         if self.capturing and self._rows[row] is not None:
             raise RuntimeError("fastopt: a table captured in a CUDA graph cannot point elsewhere")
-        self._host[row] = torch.tensor(pointers, dtype=torch.int64)
+        column = torch.frombuffer(array.array("q", pointers), dtype=torch.int64)  # one C pass, no objects
+        self._host[row] = column
         self._rows[row] = pointers
-        self._aligned.clear()
+        # Per group: whether a pointer of this row is not 16-byte aligned.
+        misaligned = torch.bitwise_and(column, VECTOR_BYTES - 1) != 0
+        self._misaligned[row] = [bool(misaligned.any() if ids is None else misaligned[ids].any())
+                                 for ids in self._group_tensors]  # fmt: skip
         return True
 
     def _upload(self, rows: list[int] | None) -> None:
@@ -217,15 +217,9 @@ class ChunkTable:
     def aligned(self, rows: tuple[int, ...]) -> list[bool]:
         """Per group: whether every pointer of these rows is 16-byte aligned (and the chunks
         start at whole blocks), so that its launch may use 128-bit loads and stores."""
-        flags = self._aligned.get(rows)
-        if flags is None:
-            if not self._whole_blocks:
-                flags = [False] * len(self.groups)
-            else:
-                pointers = self._host[list(rows)]
-                flags = [_vector_aligned(pointers if ids is None else pointers[:, ids]) for ids in self._group_tensors]
-            self._aligned[rows] = flags
-        return flags
+        if not self._whole_blocks:
+            return [False] * len(self.groups)
+        return [not any(self._misaligned[row][group] for row in rows) for group in range(len(self.groups))]
 
 
 def _to_device_source(host: Tensor, staging: list[Tensor] | None) -> Tensor:
