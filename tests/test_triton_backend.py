@@ -461,6 +461,18 @@ def compile_every_launch_for_a_gpu(arch: int = 90) -> int:
             lambda t=tensors: launch.clamp_(t, 0.5),
             lambda t=tensors: launch.adaptive_clip_(t, [x * 0.1 for x in t], 0.01, 1e-3, 2.0, True),
         ]
+    for dtype in (torch.float32, torch.bfloat16):  # tensors not 16-byte aligned: the scalar variants
+        tensors = [torch.randn(5 * 3 + 1).to(dtype)[1:].view(5, 3), torch.randn(8).to(dtype)[1:]]
+        states = [[t.clone() for t in tensors] for _ in range(3)]
+        calls += [
+            lambda t=tensors: launch.multi_tensor_norm(t, 2.0, True),
+            lambda t=tensors: launch.scale_(t, 0.5),
+            lambda t=tensors: launch.clamp_(t, 0.5),
+            lambda t=tensors, s=states: launch.adamw_(
+                t, [x.clone() for x in t], s[0], s[1], [torch.zeros(()) for _ in t],
+                lr=1e-3, beta1=0.9, beta2=0.999, eps=1e-8, weight_decay=0.01, maximize=False, max_exp_avg_sqs=None,
+                grad_scale=None, found_inf=None, clip_coef=None),
+        ]  # fmt: skip
     every_option = dict(amsgrad=True, maximize=True, lr=half, grad_scale=half, found_inf=flag, clip_coef=half)
     mixed = [(torch.float32, torch.bfloat16, torch.float32), (torch.bfloat16, torch.bfloat16, torch.float32)]
     for dtypes in [(torch.float32,) * 3, (torch.bfloat16,) * 3, (torch.float16,) * 3, (torch.float64,) * 3, *mixed]:

@@ -17,6 +17,9 @@ op                          launches (for lists of one dtype combination)
 ==========================  ======================================================
 
 A list that mixes dtype combinations takes one launch per combination for each per-chunk pass.
+A launch whose tensors all start 16 bytes aligned (the host checks, per dtype group) runs the
+kernels' ``ALIGNED`` variant: whole blocks with 128-bit unmasked loads and stores, a masked tail.
+Every op runs under a device guard for its tensors' device.
 Non-contiguous tensors run on contiguous copies, which in-place ops copy back afterwards (a few
 extra torch launches for those tensors only). Arguments arrive validated by ``fastopt.ops``.
 """

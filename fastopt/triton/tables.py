@@ -15,9 +15,16 @@ Tensors are ordered by their dtypes (one dtype per list: a *group*), so that eac
 form one range: one launch per group, with the element types as compile-time constants.
 
 The tables are built on the host with vectorised torch (no Python loop per tensor or chunk),
-copied to the device once, and cached while the tensors keep their sizes and dtypes. Only the
-address table is refreshed, in place, when the pointers change (grads re-allocated by
-``zero_grad(set_to_none=True)``, contiguous stand-ins of strided tensors).
+copied to the device once, and cached while the tensors keep their sizes and dtypes, one table
+per stream (two streams running one layout at once share no address row and no arrival
+counter). Only the address table is refreshed, in place, row by row, when the pointers change
+(grads re-allocated by ``zero_grad(set_to_none=True)``, contiguous stand-ins of strided tensors);
+a row's address column is made in one C pass, and with it whether every pointer of the row is
+16-byte aligned (which lets a launch use 128-bit accesses: ``ChunkTable.aligned``).
+
+During CUDA-graph capture a call gets a private table (``TableCache``): a graph bakes in the
+table's device address and replays its uploads, so that table is never rewritten nor evicted,
+and the host buffers its uploads read stay alive with it.
 """
 
 from __future__ import annotations
@@ -210,7 +217,7 @@ class ChunkTable:
                     self.addresses[row].copy_(self._host[row])
             return
         for row in [None] if rows is None else rows:
-            source = (self._host if row is None else self._host[row]).clone()  # a buffer of its own
+            source = self._host if row is None else self._host[row]
             target = self.addresses if row is None else self.addresses[row]
             target.copy_(_to_device_source(source, self._staging), non_blocking=True)
 
@@ -223,11 +230,11 @@ class ChunkTable:
 
 
 def _to_device_source(host: Tensor, staging: list[Tensor] | None) -> Tensor:
-    """A host buffer that an async copy to the device may read: pinned, or (during capture)
-    pageable and kept alive with the table."""
+    """A copy of ``host`` that an async copy to the device may read while ``host`` changes:
+    pinned, or (during capture) pageable and kept alive with the table."""
     if staging is not None:
-        staging.append(host)
-        return host
+        staging.append(host.clone())
+        return staging[-1]
     return host.pin_memory()
 
 
@@ -305,3 +312,8 @@ class TableCache:
         """Forget every table, but those captured in CUDA graphs (which may still replay)."""
         self._tables.clear()
         self.hits = self.misses = self.pointer_refreshes = 0
+
+    def release_captured(self) -> None:
+        """Forget the tables made during CUDA-graph capture: only once every graph captured with
+        fastopt's Triton ops is gone (a replay would read freed memory)."""
+        self._captured.clear()
