@@ -9,93 +9,180 @@ namespace {
 
 enum AdamWList : int64_t { kParams = 0, kGrads = 1, kExpAvgs = 2, kExpAvgSqs = 3, kSteps = 4, kMaxExpAvgSqs = 5 };
 
-// Elements per thread and step: 16-byte accesses for fp32 lists (8 bytes for bf16 / fp16).
-constexpr int kAdamWPack = 4;
+// Elements per thread and step: 16-byte accesses for fp32 and fp64 lists (8 bytes for bf16 / fp16;
+// fp64 with AMSGrad one element, 8 bytes, which keeps it within 64 registers without spills).
+template <typename P, bool Amsgrad>
+constexpr __host__ __device__ int adamw_pack() { return sizeof(P) == 8 ? (Amsgrad ? 1 : 2) : 4; }
 
-template <typename P, typename G, typename S>
-__global__ void __launch_bounds__(kThreads) adamw_kernel(DeviceTable table, LaunchRange range, AdamWArgs args) {
+// Blocks of kThreads per multiprocessor that the register budget must allow (sm_90: 64 K
+// registers per SM, so 3 blocks of 512 threads leave 40 registers a thread; fp64 needs twice the
+// registers per value and gets 2 blocks, 64 registers).
+template <typename P>
+constexpr __host__ __device__ int adamw_min_blocks() { return sizeof(P) == 8 ? 2 : 3; }
+
+// element_math.h's adamw_update with its divisions by per-launch constants hoisted out of the
+// element loop: g * (clip_coef / grad_scale) for g / grad_scale * clip_coef, and sqrt(v) times
+// 1 / sqrt(1 - beta2^step) for the division by it (each within an ulp of the reference's order).
+// One IEEE division per element is left (by the denominator), so the loop has no slow-path calls
+// that would need registers. Same order of operations otherwise.
+template <typename A>
+struct HoistedConstants {
+  A decay_factor, one_minus_beta1, beta2, one_minus_beta2, inv_bias_correction2_sqrt, eps, neg_step_size;
+  A grad_factor;  // effective_grad's 1 / grad_scale * clip_coef, negated when maximizing
+};
+
+template <typename A>
+__device__ __forceinline__ HoistedConstants<A> read_constants(const volatile HoistedConstants<A>& c) {
+  return {c.decay_factor, c.one_minus_beta1, c.beta2, c.one_minus_beta2, c.inv_bias_correction2_sqrt, c.eps,
+          c.neg_step_size, c.grad_factor};
+}
+
+// Formed by thread 0 per chunk (two fp64 pows, device scalars read): nothing that these calls
+// clobber stays live in the other threads' registers across them.
+template <typename A>
+__device__ __forceinline__ void form_constants(HoistedConstants<A>* out, double lr, const AdamWArgs& args, double step) {
+  const AdamWConstants<A> c = adamw_constants<A>(lr, args.beta1, args.beta2, args.eps, args.weight_decay, step);
+  *out = {c.decay_factor,
+          c.one_minus_beta1,
+          c.beta2,
+          c.one_minus_beta2,
+          A(1) / c.bias_correction2_sqrt,
+          c.eps,
+          c.neg_step_size,
+          static_cast<A>((args.maximize ? -1.0 : 1.0) * read_scalar(args.clip_coef) / read_scalar(args.grad_scale))};
+}
+
+// The square root and the division of the update. IEEE sqrt.rn / div.rn keep a slow path for
+// special operands that ptxas emits as a subroutine call, and the registers live across those
+// calls spill under a 40-register budget. In fp32 (fp16 / bf16 tensors too): MUFU.SQRT
+// (sqrt.approx.ftz, about 1 ulp; a denormal second moment reads as 0, which changes nothing since
+// eps dominates the denominator) and __fdividef (within 2 ulp for |y| in [2^-126, 2^126]; y >= eps
+// here; nan and inf still propagate). fp64 keeps IEEE sqrt and division.
+__device__ __forceinline__ float update_sqrt(float x) {
+  float root;
+  asm("sqrt.approx.ftz.f32 %0, %1;" : "=f"(root) : "f"(x));
+  return root;
+}
+__device__ __forceinline__ double update_sqrt(double x) { return sqrt(x); }
+__device__ __forceinline__ float divide(float x, float y) { return __fdividef(x, y); }
+__device__ __forceinline__ double divide(double x, double y) { return x / y; }
+
+template <typename A>
+__device__ __forceinline__ void adamw_update_hoisted(A& param, A grad, A& exp_avg, A& exp_avg_sq, bool amsgrad,
+                                                     A& max_exp_avg_sq, const HoistedConstants<A>& c) {
+  param *= c.decay_factor;
+  exp_avg = lerp(exp_avg, grad, c.one_minus_beta1);
+  exp_avg_sq = exp_avg_sq * c.beta2 + c.one_minus_beta2 * grad * grad;
+  A second_moment = exp_avg_sq;
+  if (amsgrad) {
+    max_exp_avg_sq = max_propagating_nan(max_exp_avg_sq, exp_avg_sq);
+    second_moment = max_exp_avg_sq;
+  }
+  const A denom = update_sqrt(second_moment) * c.inv_bias_correction2_sqrt + c.eps;
+  param += divide(c.neg_step_size * exp_avg, denom);
+}
+
+// Compiled with and without AMSGrad (`Amsgrad`): the max list's values and pointer take registers
+// only in the build that uses them.
+template <typename P, typename G, typename S, bool Amsgrad>
+__global__ void __launch_bounds__(kThreads, adamw_min_blocks<P>())
+    adamw_kernel(DeviceTable table, LaunchRange range, AdamWArgs args) {
   using A = typename Accumulate<P>::type;
-  constexpr int N = kAdamWPack;
+  constexpr int N = adamw_pack<P, Amsgrad>();
   // A skipped step changes no bit of params, states or step counts.
-  if (args.found_inf != nullptr && *args.found_inf != 0.0f) return;
-  const double lr = read_scalar(args.lr);
-  const A grad_scale = static_cast<A>(read_scalar(args.grad_scale));
-  const A clip_coef = static_cast<A>(read_scalar(args.clip_coef));
+  if (args.found_inf != nullptr && load_global<true>(args.found_inf) != 0.0f) return;
   __shared__ double new_step;
-  __shared__ AdamWConstants<A> constants;  // formed once per chunk by thread 0 (two fp64 pows)
+  __shared__ HoistedConstants<A> constants;  // formed once per chunk by thread 0 (two fp64 pows)
 
   for_each_chunk(range, [&](int64_t c) {
-    const int64_t tensor = table.chunk_tensor[c];
-    const int64_t start = table.chunk_start[c], end = table.chunk_end[c];
-    const bool step_is_double = table.dtype(kSteps, tensor) == kFloat64;
+    const int64_t tensor = column(table.chunk_tensor, c);
+    const int64_t start = column(table.chunk_start, c), end = column(table.chunk_end, c);
     if (threadIdx.x == 0) {
-      new_step = step_is_double ? *table.pointer<double>(kSteps, tensor) + 1.0
-                                : static_cast<double>(*table.pointer<float>(kSteps, tensor) + 1.0f);
-      constants = adamw_constants<A>(lr, args.beta1, args.beta2, args.eps, args.weight_decay, new_step);
+      const bool step_is_double = table_dtype(table, kSteps, tensor) == kFloat64;
+      // Steps pass between blocks (read by every block of a tensor, written by its last): L2 accesses.
+      new_step = step_is_double ? __ldcg(table_pointer<double>(table, kSteps, tensor)) + 1.0
+                                : static_cast<double>(__ldcg(table_pointer<float>(table, kSteps, tensor)) + 1.0f);
+      form_constants(&constants, read_scalar(args.lr), args, new_step);
     }
     __syncthreads();
 
-    P* param = table.pointer<P>(kParams, tensor);
-    const G* grad = table.pointer<G>(kGrads, tensor);
-    S* exp_avg = table.pointer<S>(kExpAvgs, tensor);
-    S* exp_avg_sq = table.pointer<S>(kExpAvgSqs, tensor);
-    S* max_exp_avg_sq = args.amsgrad ? table.pointer<S>(kMaxExpAvgSqs, tensor) : nullptr;
-    const bool vectorized = pack_aligned<N>(param + start) && pack_aligned<N>(grad + start) &&
-                            pack_aligned<N>(exp_avg + start) && pack_aligned<N>(exp_avg_sq + start) &&
-                            (!args.amsgrad || pack_aligned<N>(max_exp_avg_sq + start));
-    for_chunk_elements<N, 1>(
-        start, end, vectorized,
-        [&](int64_t i) {
-          A p[N], g[N], m[N], v[N], v_max[N];
-          load_pack<N>(param + i, p);
-          load_pack<N>(grad + i, g);
-          load_pack<N>(exp_avg + i, m);
-          load_pack<N>(exp_avg_sq + i, v);
-          if (args.amsgrad) load_pack<N>(max_exp_avg_sq + i, v_max);
+    // The chunk's elements by 32-bit offsets from its first element (a chunk has at most
+    // kChunkSize elements): fewer registers than 64-bit indices into the whole tensor.
+    P* param = table_pointer<P>(table, kParams, tensor) + start;
+    const G* grad = table_pointer<G>(table, kGrads, tensor) + start;
+    S* exp_avg = table_pointer<S>(table, kExpAvgs, tensor) + start;
+    S* exp_avg_sq = table_pointer<S>(table, kExpAvgSqs, tensor) + start;
+    S* max_exp_avg_sq = Amsgrad ? table_pointer<S>(table, kMaxExpAvgSqs, tensor) + start : nullptr;
+    const int count = static_cast<int>(end - start);
+    const bool vectorized = pack_aligned<N>(param) && pack_aligned<N>(grad) && pack_aligned<N>(exp_avg) &&
+                            pack_aligned<N>(exp_avg_sq) && (!Amsgrad || pack_aligned<N>(max_exp_avg_sq));
+    const int packed_end = vectorized ? count / N * N : 0;
+    // The constants are re-read from shared memory where they are used (volatile), so that they
+    // take no registers across the loop.
+    const volatile HoistedConstants<A>& shared_constants = constants;
+#pragma unroll 1
+    for (int i = static_cast<int>(threadIdx.x) * N; i < packed_end; i += static_cast<int>(blockDim.x) * N) {
+      A p[N], g[N], m[N], v[N], v_max[N];
+      load_pack<N>(param + i, p);
+      load_pack<N, /*ReadOnly=*/true>(grad + i, g);
+      load_pack<N>(exp_avg + i, m);
+      load_pack<N>(exp_avg_sq + i, v);
+      if constexpr (Amsgrad) load_pack<N>(max_exp_avg_sq + i, v_max);
+      const HoistedConstants<A> c = read_constants(shared_constants);
 #pragma unroll
-          for (int k = 0; k < N; ++k) {
-            adamw_update(p[k], effective_grad(g[k], grad_scale, clip_coef, args.maximize), m[k], v[k],
-                         args.amsgrad ? &v_max[k] : nullptr, constants);
-          }
-          store_pack<N>(param + i, p);
-          store_pack<N>(exp_avg + i, m);
-          store_pack<N>(exp_avg_sq + i, v);
-          if (args.amsgrad) store_pack<N>(max_exp_avg_sq + i, v_max);
-        },
-        [&](int64_t i) {
-          A p = to_acc<A>(param[i]), m = to_acc<A>(exp_avg[i]), v = to_acc<A>(exp_avg_sq[i]);
-          A v_max = args.amsgrad ? to_acc<A>(max_exp_avg_sq[i]) : A(0);
-          adamw_update(p, effective_grad(to_acc<A>(grad[i]), grad_scale, clip_coef, args.maximize), m, v,
-                       args.amsgrad ? &v_max : nullptr, constants);
-          param[i] = from_acc<P>(p);
-          exp_avg[i] = from_acc<S>(m);
-          exp_avg_sq[i] = from_acc<S>(v);
-          if (args.amsgrad) max_exp_avg_sq[i] = from_acc<S>(v_max);
-        });
+      for (int k = 0; k < N; ++k) {
+        adamw_update_hoisted(p[k], g[k] * c.grad_factor, m[k], v[k], Amsgrad, v_max[k], c);
+      }
+      store_pack<N>(param + i, p);
+      store_pack<N>(exp_avg + i, m);
+      store_pack<N>(exp_avg_sq + i, v);
+      if constexpr (Amsgrad) store_pack<N>(max_exp_avg_sq + i, v_max);
+    }
+#pragma unroll 1
+    for (int i = packed_end + static_cast<int>(threadIdx.x); i < count; i += static_cast<int>(blockDim.x)) {
+      A p = load_element<false, A>(param + i), m = load_element<false, A>(exp_avg + i),
+        v = load_element<false, A>(exp_avg_sq + i);
+      A v_max = Amsgrad ? load_element<false, A>(max_exp_avg_sq + i) : A(0);
+      const HoistedConstants<A> c = read_constants(shared_constants);
+      adamw_update_hoisted(p, load_element<true, A>(grad + i) * c.grad_factor, m, v, Amsgrad, v_max, c);
+      store_element(param + i, p);
+      store_element(exp_avg + i, m);
+      store_element(exp_avg_sq + i, v);
+      if constexpr (Amsgrad) store_element(max_exp_avg_sq + i, v_max);
+    }
 
     // The last block to finish a tensor's chunks writes its new step count: every block of the
-    // tensor has read the old one by then (it arrives only after its update).
+    // tensor has read the old one by then (its thread 0 read it before the barriers that precede
+    // its arrival, and the arrival's release / the last block's acquire order the write after).
     __syncthreads();
     if (threadIdx.x == 0) {
-      const int64_t segment = table.chunk_segment[c];
-      __threadfence();
-      const int arrived = atomicAdd(&args.arrivals[segment], 1) + 1;
-      if (arrived == table.segment_num_chunks[segment]) {
-        if (step_is_double) {
-          *table.pointer<double>(kSteps, tensor) = new_step;
+      const int64_t segment = column(table.chunk_segment, c);
+      if (arrive_last(&args.arrivals[segment], column(table.segment_num_chunks, segment))) {
+        if (table_dtype(table, kSteps, tensor) == kFloat64) {
+          __stcg(table_pointer<double>(table, kSteps, tensor), static_cast<double>(new_step));
         } else {
-          *table.pointer<float>(kSteps, tensor) = static_cast<float>(new_step);
+          __stcg(table_pointer<float>(table, kSteps, tensor), static_cast<float>(new_step));
         }
-        args.arrivals[segment] = 0;  // ready for the next call
       }
     }
   });
 }
 
+template <typename P, typename G, typename S, bool Amsgrad>
+void launch_build(const DeviceTable& table, LaunchRange range, const AdamWArgs& args, cudaStream_t stream) {
+  static const int per_multiprocessor =
+      resident_blocks_per_multiprocessor(adamw_kernel<P, G, S, Amsgrad>, kThreads);
+  adamw_kernel<P, G, S, Amsgrad><<<persistent_grid(per_multiprocessor, range), kThreads, 0, stream>>>(table, range,
+                                                                                                       args);
+}
+
 template <typename P, typename G, typename S>
 void launch(const DeviceTable& table, LaunchRange range, const AdamWArgs& args, cudaStream_t stream) {
-  static const int per_multiprocessor = resident_blocks_per_multiprocessor(adamw_kernel<P, G, S>, kThreads);
-  adamw_kernel<P, G, S><<<persistent_grid(per_multiprocessor, range), kThreads, 0, stream>>>(table, range, args);
+  if (args.amsgrad) {
+    launch_build<P, G, S, true>(table, range, args, stream);
+  } else {
+    launch_build<P, G, S, false>(table, range, args, stream);
+  }
 }
 
 using Launcher = void (*)(const DeviceTable&, LaunchRange, const AdamWArgs&, cudaStream_t);

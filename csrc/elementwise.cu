@@ -23,7 +23,7 @@ __global__ void __launch_bounds__(kThreads)
                  const double* segment_factors) {
   const double scalar = read_scalar(factor_arg);
   transform_chunks(table, range, list, [&](int64_t c) {
-    const double factor = segment_factors != nullptr ? segment_factors[table.chunk_segment[c]] : scalar;
+    const double factor = segment_factors != nullptr ? __ldg(segment_factors + column(table.chunk_segment, c)) : scalar;
     return [factor](auto x) { return x * static_cast<decltype(x)>(factor); };
   });
 }

@@ -24,7 +24,10 @@ struct DeviceTable {
   const int64_t* segment_tensor;
   const int64_t* segment_first_chunk;
   const int64_t* segment_num_chunks;  // [num_segments] each
-  int64_t num_lists, num_tensors, num_chunks, num_segments;
+  // The segments of more than kWarpFoldChunks chunks, ascending: their partials are folded by a
+  // block each (a warp folds the others), so a huge tensor's fold is not serial on one warp.
+  const int64_t* large_segments;  // [num_large_segments]
+  int64_t num_lists, num_tensors, num_chunks, num_segments, num_large_segments;
 
   template <typename T>
   FASTOPT_HD T* pointer(int64_t list, int64_t tensor) const {
@@ -61,10 +64,11 @@ void launch_norm_partials(const DeviceTable& table, LaunchRange range, int64_t l
                           double p, double* partials, float* found_inf, bool unscale,
                           ScalarArg inv_scale, cudaStream_t stream);
 
-// Pass 2 of a norm: norms[s] for every segment (when norms is non-null; a warp per segment) and
-// the total over all chunks (each block folds a fixed range of chunks into block_totals, the last
-// block to finish folds those), all in a fixed order: deterministic. block_totals: at least
-// kMaxFinishBlocks doubles; arrival: one int, zero before and after.
+// Pass 2 of a norm: norms[s] for every segment (when norms is non-null; a warp per segment, a
+// block per large segment) and the total over all chunks (each block folds a fixed range of chunks
+// into block_totals, the last block to arrive folds those), all in a fixed order: deterministic.
+// block_totals: at least kMaxFinishBlocks doubles; arrival: one int, zeroed on `stream` here
+// before the launch (so an aborted earlier launch cannot leave it wrong).
 constexpr int kMaxFinishBlocks = 256;
 void launch_norm_finish(const DeviceTable& table, const double* partials, NormKind kind, double p,
                         float* norms, float* total, double* block_totals, int* arrival,
@@ -88,8 +92,8 @@ void launch_agc_coefficients(const DeviceTable& table, const double* partials, N
 
 // The AdamW update over lists (params, grads, exp_avgs, exp_avg_sqs, steps[, max_exp_avg_sqs]),
 // all tensors of the range having the dtypes (param, grad, state); steps are 0-d tensors,
-// incremented by the last block to finish each tensor (arrivals: one zeroed int32 per segment,
-// left zeroed). Nothing changes when *found_inf != 0.
+// incremented by the last block to finish each tensor (arrivals: one int32 per segment, zeroed by
+// the caller on `stream` before the call's first launch). Nothing changes when *found_inf != 0.
 struct AdamWArgs {
   ScalarArg lr, grad_scale, clip_coef;
   const float* found_inf;  // may be null
@@ -104,5 +108,9 @@ void launch_adamw(const DeviceTable& table, LaunchRange range, DType param, DTyp
 // Threads per block of the chunk kernels, and elements per chunk (64 per thread).
 constexpr int kThreads = 512;
 constexpr int64_t kChunkSize = 32768;
+
+// Segments of at most this many chunks have their partials folded by one warp (at most 32 loads
+// per lane); larger ones by a block (DeviceTable::large_segments).
+constexpr int64_t kWarpFoldChunks = 1024;
 
 }  // namespace fastopt

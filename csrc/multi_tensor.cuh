@@ -8,12 +8,82 @@
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
 
+#include <cub/block/block_reduce.cuh>
+#include <cub/warp/warp_reduce.cuh>
+#include <cuda/atomic>
+
 #include <cstdint>
 #include <type_traits>
 
 #include "kernels.h"
 
 namespace fastopt {
+
+// --------------------------------------------------------------------------- global memory
+// Every pointer a kernel follows comes out of the int64 table, so the compiler cannot tell that it
+// points to global memory and would emit generic LD/ST (an address-space check per access). These
+// helpers emit LDG/STG: read-only data through the non-coherent path (__ldg: LDG.E.CONSTANT), data
+// the kernel also writes with plain weak accesses (LDG.E / STG.E) after telling the compiler that
+// the pointer is global (__builtin_assume(__isGlobal(p))). Values move as unsigned words of their
+// size (2 to 16 bytes).
+template <int Bytes>
+struct Word;
+template <>
+struct Word<2> {
+  using type = unsigned short;
+};
+template <>
+struct Word<4> {
+  using type = unsigned int;
+};
+template <>
+struct Word<8> {
+  using type = uint2;
+};
+template <>
+struct Word<16> {
+  using type = uint4;
+};
+
+template <typename T>
+__device__ __forceinline__ T* assume_global(T* pointer) {
+  __builtin_assume(__isGlobal(pointer));
+  return pointer;
+}
+
+template <bool ReadOnly, typename T>
+__device__ __forceinline__ T load_global(const T* pointer) {
+  using W = typename Word<sizeof(T)>::type;
+  const W* words = reinterpret_cast<const W*>(pointer);
+  W word;
+  if constexpr (ReadOnly) {
+    word = __ldg(words);
+  } else {
+    word = *assume_global(words);
+  }
+  T value;
+  memcpy(&value, &word, sizeof(T));
+  return value;
+}
+
+template <typename T>
+__device__ __forceinline__ void store_global(T* pointer, const T& value) {
+  using W = typename Word<sizeof(T)>::type;
+  W word;
+  memcpy(&word, &value, sizeof(T));
+  *assume_global(reinterpret_cast<W*>(pointer)) = word;
+}
+
+// Table columns and device scalars: read-only for every kernel.
+__device__ __forceinline__ int64_t column(const int64_t* values, int64_t i) { return __ldg(values + i); }
+
+template <typename T>
+__device__ __forceinline__ T* table_pointer(const DeviceTable& table, int64_t list, int64_t tensor) {
+  return reinterpret_cast<T*>(column(table.addresses, list * table.num_tensors + tensor));
+}
+__device__ __forceinline__ DType table_dtype(const DeviceTable& table, int64_t list, int64_t tensor) {
+  return static_cast<DType>(column(table.dtypes, list * table.num_tensors + tensor));
+}
 
 // The accumulation type of an element type: fp32, except fp64 which keeps its precision.
 template <typename T>
@@ -64,38 +134,66 @@ __device__ __forceinline__ void dispatch_dtype(DType dtype, Body&& body) {
 // A float argument that may live in device memory (see ScalarArg).
 __device__ __forceinline__ double read_scalar(const ScalarArg& arg) {
   if (arg.pointer == nullptr) return arg.value;
-  double value = 0.0;
-  dispatch_dtype(static_cast<DType>(arg.dtype), [&](auto tag) {
-    using T = decltype(tag);
-    value = to_acc<double>(*static_cast<const T*>(arg.pointer));
-  });
-  return value;
+  switch (static_cast<DType>(arg.dtype)) {
+    case kFloat16: return to_acc<double>(load_global<true>(static_cast<const __half*>(arg.pointer)));
+    case kBFloat16: return to_acc<double>(load_global<true>(static_cast<const __nv_bfloat16*>(arg.pointer)));
+    case kFloat32: return load_global<true>(static_cast<const float*>(arg.pointer));
+    default: return load_global<true>(static_cast<const double*>(arg.pointer));
+  }
 }
 
-// N elements moved by one instruction (16 bytes for N * sizeof(T) == 16).
+// N elements moved by one instruction per 16 bytes (N * sizeof(T) of 2 to 16 bytes, or a
+// multiple of 16).
 template <typename T, int N>
-struct alignas(sizeof(T) * N) Pack {
+struct alignas(sizeof(T) * N < 16 ? sizeof(T) * N : 16) Pack {
   T values[N];
 };
 
+// The alignment a pack access needs: its size, at most 16 bytes.
 template <int N, typename T>
 __device__ __forceinline__ bool pack_aligned(const T* pointer) {
-  return reinterpret_cast<uintptr_t>(pointer) % (sizeof(T) * N) == 0;
+  constexpr size_t bytes = sizeof(T) * N < 16 ? sizeof(T) * N : 16;
+  return reinterpret_cast<uintptr_t>(pointer) % bytes == 0;
 }
 
-template <int N, typename A, typename T>
+template <typename T, int N>
+struct PackWords {
+  static constexpr int bytes = sizeof(T) * N < 16 ? static_cast<int>(sizeof(T)) * N : 16;
+  static constexpr int count = static_cast<int>(sizeof(T)) * N / bytes;
+  using type = typename Word<bytes>::type;
+};
+
+template <int N, bool ReadOnly = false, typename A, typename T>
 __device__ __forceinline__ void load_pack(const T* pointer, A (&out)[N]) {
-  const Pack<T, N> pack = *reinterpret_cast<const Pack<T, N>*>(pointer);
+  using Words = PackWords<T, N>;
+  Pack<T, N> pack;
+  const auto* words = reinterpret_cast<const typename Words::type*>(pointer);
+  auto* into = reinterpret_cast<typename Words::type*>(&pack);
+#pragma unroll
+  for (int w = 0; w < Words::count; ++w) into[w] = load_global<ReadOnly>(words + w);
 #pragma unroll
   for (int i = 0; i < N; ++i) out[i] = to_acc<A>(pack.values[i]);
 }
 
 template <int N, typename A, typename T>
 __device__ __forceinline__ void store_pack(T* pointer, const A (&in)[N]) {
+  using Words = PackWords<T, N>;
   Pack<T, N> pack;
 #pragma unroll
   for (int i = 0; i < N; ++i) pack.values[i] = from_acc<T>(in[i]);
-  *reinterpret_cast<Pack<T, N>*>(pointer) = pack;
+  auto* words = reinterpret_cast<typename Words::type*>(pointer);
+  const auto* from = reinterpret_cast<const typename Words::type*>(&pack);
+#pragma unroll
+  for (int w = 0; w < Words::count; ++w) store_global(words + w, from[w]);
+}
+
+template <bool ReadOnly = false, typename A, typename T>
+__device__ __forceinline__ A load_element(const T* pointer) {
+  return to_acc<A>(load_global<ReadOnly>(pointer));
+}
+template <typename T, typename A>
+__device__ __forceinline__ void store_element(T* pointer, A value) {
+  store_global(pointer, from_acc<T>(value));
 }
 
 // Elements per 16-byte access of T.
@@ -126,19 +224,31 @@ template <bool Write, typename T, typename Visit>
 __device__ __forceinline__ void for_chunk_values(T* data, int64_t start, int64_t end, Visit&& visit) {
   using A = typename Accumulate<T>::type;
   constexpr int N = pack_width<T>();
+  // A chunk that starts off a 16-byte boundary (an AGC unit, a tensor at an odd storage offset):
+  // its first elements up to the boundary one per thread, then the rest 16 bytes at a time.
+  const int64_t off_boundary = static_cast<int64_t>(reinterpret_cast<uintptr_t>(data + start) % 16 / sizeof(T));
+  if (off_boundary != 0) {
+    const int64_t head_end = start + (N - off_boundary < end - start ? N - off_boundary : end - start);
+    for (int64_t j = start + threadIdx.x; j < head_end; j += blockDim.x) {
+      A x = load_element<!Write, A>(data + j);
+      visit(x);
+      if constexpr (Write) store_element(data + j, x);
+    }
+    start = head_end;
+  }
   for_chunk_elements<N>(
       start, end, pack_aligned<N>(data + start),
       [&](int64_t i) {
         A values[N];
-        load_pack<N>(data + i, values);
+        load_pack<N, !Write>(data + i, values);
 #pragma unroll
         for (int k = 0; k < N; ++k) visit(values[k]);
         if constexpr (Write) store_pack<N>(data + i, values);
       },
       [&](int64_t i) {
-        A x = to_acc<A>(data[i]);
+        A x = load_element<!Write, A>(data + i);
         visit(x);
-        if constexpr (Write) data[i] = from_acc<T>(x);
+        if constexpr (Write) store_element(data + i, x);
       });
 }
 
@@ -146,9 +256,9 @@ __device__ __forceinline__ void for_chunk_values(T* data, int64_t start, int64_t
 // dtype, and the chunk's elements [start, end).
 template <typename Body>
 __device__ __forceinline__ void with_chunk(const DeviceTable& table, int64_t list, int64_t c, Body&& body) {
-  const int64_t tensor = table.chunk_tensor[c];
-  dispatch_dtype(table.dtype(list, tensor), [&](auto tag) {
-    body(table.pointer<decltype(tag)>(list, tensor), table.chunk_start[c], table.chunk_end[c]);
+  const int64_t tensor = column(table.chunk_tensor, c);
+  dispatch_dtype(table_dtype(table, list, tensor), [&](auto tag) {
+    body(table_pointer<decltype(tag)>(table, list, tensor), column(table.chunk_start, c), column(table.chunk_end, c));
   });
 }
 
@@ -163,30 +273,34 @@ __device__ __forceinline__ void for_each_chunk(const LaunchRange& range, Body&& 
     body(c);
 }
 
-// Warp and block reductions in a fixed order (xor butterfly, then warp 0 over the warps' results):
-// the same inputs give the same bits on every run.
-template <typename A, typename Combine>
-__device__ __forceinline__ A warp_reduce(A value, Combine combine) {
-#pragma unroll
-  for (int offset = 16; offset > 0; offset /= 2) value = combine(value, __shfl_xor_sync(0xffffffffu, value, offset));
-  return value;
-}
+// Warp and block reductions in a fixed order (CUB's shuffle tree within a warp; its
+// BLOCK_REDUCE_WARP_REDUCTIONS: each warp's result, then warp 0 over them, in warp order): the same
+// inputs and block size give the same bits on every run.
+template <typename A>
+using WarpFold = cub::WarpReduce<A>;
 
-// The block's combined value, valid in thread 0. `scratch`: at least 32 entries of shared memory.
-// Ends with a barrier, so scratch may be reused right after.
-template <typename A, typename Combine>
-__device__ __forceinline__ A block_reduce(A value, A identity, A* scratch, Combine combine) {
-  const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
-  const int num_warps = (blockDim.x + 31) / 32;
-  value = warp_reduce(value, combine);
-  if (lane == 0) scratch[warp] = value;
-  __syncthreads();
-  A result = identity;
-  if (warp == 0) {
-    result = warp_reduce(lane < num_warps ? scratch[lane] : identity, combine);
-  }
+// The block's combined value, valid in thread 0, for blocks of exactly Threads threads. Ends with
+// a barrier, so `storage` may be reused right after.
+template <int Threads, typename A>
+using BlockFold = cub::BlockReduce<A, Threads, cub::BLOCK_REDUCE_WARP_REDUCTIONS>;
+
+template <int Threads, typename A, typename Combine>
+__device__ __forceinline__ A block_reduce(A value, typename BlockFold<Threads, A>::TempStorage& storage,
+                                          Combine combine) {
+  const A result = BlockFold<Threads, A>(storage).Reduce(value, combine);
   __syncthreads();
   return result;
+}
+
+// The last-block-arrives protocol: each block's thread 0 calls this once after its results are
+// stored; true in the block that arrives last (count arrivals in all). acq_rel at device scope:
+// the release publishes this thread's stores (and, through the barrier before it, its block's),
+// the acquire makes every other block's published stores visible to the last block (its other
+// threads see them after the barrier that follows). Counters are zeroed by the host before each
+// launch (cudaMemsetAsync, captured into graphs too), so an aborted launch cannot poison the next.
+__device__ __forceinline__ bool arrive_last(int* counter, int64_t count) {
+  cuda::atomic_ref<int, cuda::thread_scope_device> arrivals(*counter);
+  return arrivals.fetch_add(1, cuda::std::memory_order_acq_rel) + 1 == count;
 }
 
 // Blocks of `kernel` (at `threads` per block) that one multiprocessor holds at once.

@@ -14,6 +14,7 @@
 
 #include <cmath>
 #include <algorithm>
+#include <atomic>
 #include <list>
 #include <memory>
 #include <mutex>
@@ -133,31 +134,37 @@ int multiprocessor_count(int device) {
   return count;
 }
 
-// The device-side table of one layout of tensor lists (dtypes, sizes, segmentation): built once
-// on the host from a ChunkPlan, uploaded in one async copy from pinned memory, and reused while
-// the tensors keep their layout. Only the address column is rewritten when pointers change
-// (grads re-allocated by zero_grad(set_to_none=True)).
+// The device-side table of one layout of tensor lists (dtypes, sizes, segmentation) on one
+// stream: built once on the host from a ChunkPlan, uploaded in one async copy from pinned memory,
+// and reused while the tensors keep their layout. Only the address column is rewritten when
+// pointers change (grads re-allocated by zero_grad(set_to_none=True)).
 //
-// CUDA graphs: a table used while a stream is captured is frozen: the graph replays launches
-// that read it, so its addresses must never change again, and the pinned host copies that a
-// captured upload reads on every replay are kept with it. A table whose upload was captured
-// holds valid contents only once the graph has run, so it serves no other call; a frozen table
-// is replaced when a call needs other pointers. Frozen tables live as long as the process (a
-// graph may be replayed at any time).
+// Streams: the stream is part of a table's key, so a table (address column and arrival counters)
+// is only ever used on one stream, and its uses, rewrites and release are ordered by that stream.
+// The same layout on two streams at once gets two tables.
 //
-// Streams: the table's memory belongs to the stream it was allocated on; a call on another
-// stream records that stream on it, so that the allocator never reuses it under a kernel.
+// Arrival counters (the last-block protocol of the norm fold and of AdamW's step counts) are
+// zeroed by a cudaMemsetAsync before each call's launches (captured into graphs as a memset node),
+// so a launch that was aborted half-way cannot leave a later call wrong.
+//
+// CUDA graphs: a table used during stream capture is frozen: the graph replays launches that read
+// it, so its addresses never change again. A capture never reuses an eager table and never records
+// an upload: it gets a table of its own, built and uploaded right then with a synchronous copy on
+// a private side stream (the capture mode of the calling thread relaxed for that copy), so its
+// contents are valid before the graph first runs and the first call for a layout may come during
+// capture. The graph holds a CUDA user object on each table it reads; when the graph (and every
+// executable instantiated from it) is destroyed, the table is released at the next lookup.
 struct Table {
-  at::Tensor buffer;    // int64, device: addresses | dtypes | numels | chunk rows | segment rows
-  at::Tensor arrivals;  // int32 per segment, zero between launches (AdamW's step counts)
+  at::Tensor buffer;    // int64, device: addresses | dtypes | numels | chunk rows | segment rows | large segments
+  at::Tensor arrivals;  // int32 per segment, zeroed before each call's launches
   DeviceTable view{};
   std::vector<ChunkGroup> groups;
   std::vector<int64_t> addresses;  // what the device copy of the address column holds
   int multiprocessors = 0;
-  bool frozen = false;
-  bool captured_upload = false;
-  std::vector<at::Tensor> uploads;  // pinned sources of the latest uploads (see above)
-  std::vector<cudaStream_t> streams;  // the streams that have used it
+  bool frozen = false;  // read by a captured graph: never re-pointed
+  // Live graphs that read this table (decremented by the graphs' user objects on destruction).
+  std::shared_ptr<std::atomic<int>> graphs = std::make_shared<std::atomic<int>>(0);
+  std::vector<unsigned long long> captures;  // ids of the captures that retain it
 
   LaunchRange range(int64_t first_chunk, int64_t num_chunks) const {
     return {first_chunk, num_chunks, multiprocessors};
@@ -167,15 +174,79 @@ struct Table {
 
 // One async copy from pinned memory, stream-ordered after the launches that read the destination
 // before; the pinned block goes back to torch's host allocator once the copy is done.
-at::Tensor upload(const at::Tensor& destination, const std::vector<int64_t>& values) {
+void upload(const at::Tensor& destination, const std::vector<int64_t>& values) {
   at::Tensor pinned = at::empty({static_cast<int64_t>(values.size())},
                                 at::TensorOptions().dtype(at::kLong).pinned_memory(true));
   std::copy(values.begin(), values.end(), pinned.data_ptr<int64_t>());
   destination.copy_(pinned, /*non_blocking=*/true);
-  return pinned;
 }
 
 bool capturing() { return c10::cuda::currentStreamCaptureStatusMayInitCtx() != c10::cuda::CaptureStatus::None; }
+
+// A non-blocking stream of our own per device (never a capturing one), for uploads during capture.
+cudaStream_t side_stream(int device) {
+  static std::mutex mutex;
+  static std::unordered_map<int, cudaStream_t> streams;
+  std::lock_guard<std::mutex> lock(mutex);
+  auto found = streams.find(device);
+  if (found != streams.end()) return found->second;
+  cudaStream_t stream = nullptr;
+  C10_CUDA_CHECK(cudaStreamCreateWithFlags(&stream, cudaStreamNonBlocking));
+  streams[device] = stream;
+  return stream;
+}
+
+// The upload of a table built during stream capture: done now, outside the graph (a synchronous
+// copy on the side stream, with this thread's capture mode relaxed so that the copy and the wait
+// are allowed), so the graph holds no upload and the table is valid before the graph first runs.
+void upload_during_capture(const at::Tensor& destination, const std::vector<int64_t>& values) {
+  cudaError_t error = cudaSuccess;
+  {
+    c10::cuda::CUDAStreamCaptureModeGuard relaxed(cudaStreamCaptureModeRelaxed);
+    const cudaStream_t stream = side_stream(destination.device().index());
+    error = cudaMemcpyAsync(destination.data_ptr(), values.data(), values.size() * sizeof(int64_t),
+                            cudaMemcpyHostToDevice, stream);
+    if (error == cudaSuccess) error = cudaStreamSynchronize(stream);
+  }
+  if (error != cudaSuccess) {
+    (void)cudaGetLastError();
+    TORCH_CHECK(false, "fastopt: could not upload the device table of a new tensor layout during CUDA graph capture (",
+                cudaGetErrorString(error), "); warm up first: run the step once outside capture, on the capture "
+                "stream, before capturing");
+  }
+}
+
+// Ties `table` to the graph being captured on `stream`: a user object whose destructor (run by
+// CUDA when the graph and its executables are gone; it must not call CUDA) counts the graph out.
+void retain_for_graph(Table& table, cudaStream_t stream) {
+  cudaStreamCaptureStatus status = cudaStreamCaptureStatusNone;
+  unsigned long long id = 0;
+  cudaGraph_t graph = nullptr;
+  C10_CUDA_CHECK(cudaStreamGetCaptureInfo(stream, &status, &id, &graph));
+  if (status != cudaStreamCaptureStatusActive || graph == nullptr) return;
+  if (std::find(table.captures.begin(), table.captures.end(), id) != table.captures.end()) return;
+  auto* counter = new std::shared_ptr<std::atomic<int>>(table.graphs);
+  cudaUserObject_t object = nullptr;
+  const cudaHostFn_t release = [](void* data) {
+    auto* held = static_cast<std::shared_ptr<std::atomic<int>>*>(data);
+    (*held)->fetch_sub(1);
+    delete held;
+  };
+  table.graphs->fetch_add(1);
+  cudaError_t error = cudaUserObjectCreate(&object, counter, release, 1, cudaUserObjectNoDestructorSync);
+  if (error == cudaSuccess) {
+    error = cudaGraphRetainUserObject(graph, object, 1, cudaGraphUserObjectMove);
+    if (error != cudaSuccess) cudaUserObjectRelease(object, 1);  // runs `release`
+  } else {
+    table.graphs->fetch_sub(1);
+    delete counter;
+  }
+  if (error != cudaSuccess) {
+    (void)cudaGetLastError();
+    table.graphs->fetch_add(1);  // unknown lifetime: kept for the whole process, as a graph may read it
+  }
+  table.captures.push_back(id);
+}
 
 struct KeyHash {
   size_t operator()(const std::vector<int64_t>& key) const {
@@ -185,18 +256,27 @@ struct KeyHash {
   }
 };
 
+struct CacheStats {
+  int64_t cached = 0;         // tables in the cache
+  int64_t graph_only = 0;     // replaced or evicted tables kept because a live graph reads them
+  int64_t graph_tables = 0;   // tables (cached or not) that a live graph reads
+};
+
 class TableCache {
  public:
-  // The table for these (dense) lists, pointing at their tensors. `units` (Segments::kUnits):
-  // dim-0 slices of >= 2-D tensors of list 0 are segments; `min_one_chunk` as in plan_chunks.
+  // The table for these (dense) lists on the current stream, pointing at their tensors. `units`
+  // (Segments::kUnits): dim-0 slices of >= 2-D tensors of list 0 are segments; `min_one_chunk` as
+  // in plan_chunks.
   std::shared_ptr<Table> lookup(const std::vector<TensorList>& lists, Segments segments, Grouping grouping,
                                 bool min_one_chunk) {
     const TensorList& first = lists.front();
     const int64_t num_tensors = static_cast<int64_t>(first.size());
+    const cudaStream_t stream = c10::cuda::getCurrentCUDAStream().stream();
     std::vector<int64_t> key;
-    key.reserve(3 + lists.size() * num_tensors + num_tensors * (segments == Segments::kUnits ? 2 : 1) + 3);
-    key.insert(key.end(), {first.front().device().index(), static_cast<int64_t>(lists.size()),
-                           static_cast<int64_t>(segments), static_cast<int64_t>(grouping), min_one_chunk});
+    key.reserve(6 + lists.size() * num_tensors + num_tensors * (segments == Segments::kUnits ? 2 : 1));
+    key.insert(key.end(), {first.front().device().index(), reinterpret_cast<int64_t>(stream),
+                           static_cast<int64_t>(lists.size()), static_cast<int64_t>(segments),
+                           static_cast<int64_t>(grouping), min_one_chunk});
     for (const TensorList& tensors : lists)
       for (const at::Tensor& t : tensors) key.push_back(dtype_code(t, "tensor"));
     for (const at::Tensor& t : first) {
@@ -204,22 +284,30 @@ class TableCache {
       if (segments == Segments::kUnits) key.push_back(t.dim() >= 2 ? t.size(0) : 1);
     }
 
+    const bool capture = capturing();
     std::lock_guard<std::mutex> lock(mutex_);
+    release_unused_graph_tables(capture);
     auto found = tables_.find(key);
-    if (found != tables_.end() && found->second.table->frozen &&
-        (found->second.table->captured_upload || !points_to(*found->second.table, lists))) {
-      frozen_.push_back(found->second.table);  // a graph still reads it: replace it, keep it alive
-      recent_.erase(found->second.position);
-      tables_.erase(found);
-      found = tables_.end();
+    if (found != tables_.end()) {
+      const Table& table = *found->second.table;
+      // A capture takes only a table frozen for graphs that already points here; an eager call
+      // any table that is not frozen, or a frozen one that points here.
+      const bool usable = capture ? table.frozen && points_to(table, lists) : !table.frozen || points_to(table, lists);
+      if (!usable) {
+        if (table.frozen) graph_only_.push_back(found->second.table);  // a graph still reads it
+        recent_.erase(found->second.position);
+        tables_.erase(found);
+        found = tables_.end();
+      }
     }
     std::shared_ptr<Table> table;
     if (found == tables_.end()) {
       recent_.push_front(key);
-      table = std::make_shared<Table>(build(lists, segments, grouping, min_one_chunk));
+      table = std::make_shared<Table>(build(lists, segments, grouping, min_one_chunk, capture));
       tables_.emplace(std::move(key), Entry{table, recent_.begin()});
       if (tables_.size() > kCapacity) {  // the least recently used goes (callers may still hold it)
-        if (tables_.at(recent_.back()).table->frozen) frozen_.push_back(tables_.at(recent_.back()).table);
+        const std::shared_ptr<Table>& oldest = tables_.at(recent_.back()).table;
+        if (oldest->frozen) graph_only_.push_back(oldest);
         tables_.erase(recent_.back());
         recent_.pop_back();
       }
@@ -227,10 +315,31 @@ class TableCache {
       recent_.splice(recent_.begin(), recent_, found->second.position);
       table = found->second.table;
     }
-    point_to(*table, lists);
-    if (capturing()) table->frozen = true;
-    use_on_current_stream(*table);
+    if (capture) {
+      table->frozen = true;
+      retain_for_graph(*table, stream);
+    } else {
+      point_to(*table, lists);  // a frozen table here already points to these tensors
+    }
     return table;
+  }
+
+  // Test hooks (fastopt._C): what the cache holds, and every cached table's arrival counters set
+  // to `value` on the current stream (as an aborted launch could leave them).
+  CacheStats stats() {
+    std::lock_guard<std::mutex> lock(mutex_);
+    release_unused_graph_tables(capturing());
+    CacheStats result;
+    result.cached = static_cast<int64_t>(tables_.size());
+    result.graph_only = static_cast<int64_t>(graph_only_.size());
+    for (const auto& entry : tables_) result.graph_tables += entry.second.table->graphs->load() > 0;
+    for (const auto& table : graph_only_) result.graph_tables += table->graphs->load() > 0;
+    return result;
+  }
+
+  void set_arrival_counters(int value) {
+    std::lock_guard<std::mutex> lock(mutex_);
+    for (const auto& entry : tables_) entry.second.table->arrivals.fill_(value);
   }
 
  private:
@@ -240,7 +349,24 @@ class TableCache {
     std::list<std::vector<int64_t>>::iterator position;
   };
 
-  static Table build(const std::vector<TensorList>& lists, Segments segments, Grouping grouping, bool min_one_chunk) {
+  // Tables whose graphs are all gone: dropped when only graphs kept them, thawed when cached
+  // (not during a capture, which may be about to retain them again).
+  void release_unused_graph_tables(bool capture) {
+    graph_only_.erase(std::remove_if(graph_only_.begin(), graph_only_.end(),
+                                     [](const std::shared_ptr<Table>& t) { return t->graphs->load() == 0; }),
+                      graph_only_.end());
+    if (capture) return;
+    for (auto& entry : tables_) {
+      Table& table = *entry.second.table;
+      if (table.frozen && table.graphs->load() == 0) {
+        table.frozen = false;
+        table.captures.clear();
+      }
+    }
+  }
+
+  static Table build(const std::vector<TensorList>& lists, Segments segments, Grouping grouping, bool min_one_chunk,
+                     bool capture) {
     const TensorList& first = lists.front();
     const int64_t num_lists = static_cast<int64_t>(lists.size()), num_tensors = static_cast<int64_t>(first.size());
     std::vector<int64_t> numels(num_tensors), units, group_keys;
@@ -257,24 +383,32 @@ class TableCache {
     }
     const ChunkPlan plan = plan_chunks(numels, units, group_keys, kChunkSize, min_one_chunk);
     const int64_t num_chunks = plan.num_chunks(), num_segments = plan.num_segments();
+    std::vector<int64_t> large_segments;
+    for (int64_t s = 0; s < num_segments; ++s)
+      if (plan.segment_num_chunks[s] > kWarpFoldChunks) large_segments.push_back(s);
+    const int64_t num_large_segments = static_cast<int64_t>(large_segments.size());
 
-    // One host buffer, one upload: addresses | dtypes | numels | chunks | segments.
+    // One host buffer, one upload: addresses | dtypes | numels | chunks | segments | large segments.
     std::vector<int64_t> host = addresses_of(lists);
     host.resize(2 * num_lists * num_tensors);
     for (int64_t l = 0; l < num_lists; ++l)
       for (int64_t i = 0; i < num_tensors; ++i) host[(num_lists + l) * num_tensors + i] = dtype_code(lists[l][i], "tensor");
     host.insert(host.end(), numels.begin(), numels.end());
     for (const auto* column : {&plan.chunk_tensor, &plan.chunk_segment, &plan.chunk_start, &plan.chunk_end,
-                               &plan.segment_tensor, &plan.segment_first_chunk, &plan.segment_num_chunks})
+                               &plan.segment_tensor, &plan.segment_first_chunk, &plan.segment_num_chunks,
+                               static_cast<const std::vector<int64_t>*>(&large_segments)})
       host.insert(host.end(), column->begin(), column->end());
 
     Table table;
     table.addresses.assign(host.begin(), host.begin() + num_lists * num_tensors);
     const at::Device device = first.front().device();
     table.buffer = at::empty({static_cast<int64_t>(host.size())}, at::TensorOptions().dtype(at::kLong).device(device));
-    table.uploads = {upload(table.buffer, host)};
-    table.captured_upload = capturing();
-    table.arrivals = at::zeros({std::max<int64_t>(num_segments, 1)}, at::TensorOptions().dtype(at::kInt).device(device));
+    if (capture) {
+      upload_during_capture(table.buffer, host);
+    } else {
+      upload(table.buffer, host);
+    }
+    table.arrivals = at::empty({std::max<int64_t>(num_segments, 1)}, at::TensorOptions().dtype(at::kInt).device(device));
     table.groups = plan.groups;
     table.multiprocessors = multiprocessor_count(device.index());
 
@@ -290,21 +424,13 @@ class TableCache {
     view.segment_tensor = view.chunk_end + num_chunks;
     view.segment_first_chunk = view.segment_tensor + num_segments;
     view.segment_num_chunks = view.segment_first_chunk + num_segments;
+    view.large_segments = view.segment_num_chunks + num_segments;
     view.num_lists = num_lists;
     view.num_tensors = num_tensors;
     view.num_chunks = num_chunks;
     view.num_segments = num_segments;
+    view.num_large_segments = num_large_segments;
     return table;
-  }
-
-  static void use_on_current_stream(Table& table) {
-    const c10::cuda::CUDAStream stream = c10::cuda::getCurrentCUDAStream();
-    if (std::find(table.streams.begin(), table.streams.end(), stream.stream()) != table.streams.end()) return;
-    if (!table.streams.empty()) {
-      table.buffer.record_stream(stream);
-      table.arrivals.record_stream(stream);
-    }
-    table.streams.push_back(stream.stream());
   }
 
   static std::vector<int64_t> addresses_of(const std::vector<TensorList>& lists) {
@@ -319,24 +445,19 @@ class TableCache {
     return addresses_of(lists) == table.addresses;
   }
 
-  // Refresh the device address column when any pointer changed.
+  // Refresh the device address column when any pointer changed (eager calls on the table's stream
+  // only: ordered after every launch that read the old column).
   static void point_to(Table& table, const std::vector<TensorList>& lists) {
     std::vector<int64_t> addresses = addresses_of(lists);
     if (addresses == table.addresses) return;
-    at::Tensor pinned = upload(table.buffer.narrow(0, 0, static_cast<int64_t>(addresses.size())), addresses);
-    if (capturing()) {
-      table.uploads.push_back(std::move(pinned));  // replayed by the graph: keep it
-      table.captured_upload = true;
-    } else {
-      table.uploads.resize(1);  // the build's upload stays (it may have been captured)
-    }
+    upload(table.buffer.narrow(0, 0, static_cast<int64_t>(addresses.size())), addresses);
     table.addresses = std::move(addresses);
   }
 
   std::mutex mutex_;
   std::unordered_map<std::vector<int64_t>, Entry, KeyHash> tables_;
   std::list<std::vector<int64_t>> recent_;  // most recently used first
-  std::vector<std::shared_ptr<Table>> frozen_;  // replaced or evicted tables that a graph reads
+  std::vector<std::shared_ptr<Table>> graph_only_;  // replaced or evicted tables that a live graph reads
 };
 
 TableCache& tables() {
@@ -510,6 +631,8 @@ void adamw_(const TensorList& params, const TensorList& grads, const TensorList&
   const std::shared_ptr<Table> table = tables().lookup(dense.lists, Segments::kTensors, Grouping::kAdamW, /*min_one_chunk=*/true);
   args.arrivals = table->arrivals.data_ptr<int>();
   const cudaStream_t stream = current_stream();
+  // Counters start at zero whatever an earlier (possibly aborted) launch left.
+  C10_CUDA_CHECK(cudaMemsetAsync(args.arrivals, 0, table->arrivals.numel() * sizeof(int), stream));
   for (const ChunkGroup& group : table->groups) {
     const auto param = static_cast<DType>(group.key / 16), grad = static_cast<DType>(group.key / 4 % 4),
                state = static_cast<DType>(group.key % 4);
@@ -548,7 +671,39 @@ TORCH_LIBRARY_IMPL(fastopt, CUDA, m) {
   m.impl("adamw_", &fastopt::adamw_);
 }
 
+// Test hooks, not API: fastopt._C._table_cache_stats() -> (cached tables, tables kept only for
+// live graphs, tables read by live graphs); fastopt._C._set_arrival_counters(value) sets every
+// cached table's arrival counters (on the current stream), as an aborted launch could leave them.
+static PyObject* table_cache_stats(PyObject*, PyObject*) {
+  try {
+    const fastopt::CacheStats stats = fastopt::tables().stats();
+    return Py_BuildValue("(LLL)", static_cast<long long>(stats.cached), static_cast<long long>(stats.graph_only),
+                         static_cast<long long>(stats.graph_tables));
+  } catch (const std::exception& e) {
+    PyErr_SetString(PyExc_RuntimeError, e.what());
+    return nullptr;
+  }
+}
+
+static PyObject* set_arrival_counters(PyObject*, PyObject* value) {
+  const long counter = PyLong_AsLong(value);
+  if (counter == -1 && PyErr_Occurred()) return nullptr;
+  try {
+    fastopt::tables().set_arrival_counters(static_cast<int>(counter));
+  } catch (const std::exception& e) {
+    PyErr_SetString(PyExc_RuntimeError, e.what());
+    return nullptr;
+  }
+  Py_RETURN_NONE;
+}
+
+static PyMethodDef fastopt_methods[] = {
+    {"_table_cache_stats", table_cache_stats, METH_NOARGS, "test hook: (cached, graph_only, graph_tables)"},
+    {"_set_arrival_counters", set_arrival_counters, METH_O, "test hook: set every cached table's arrival counters"},
+    {nullptr, nullptr, 0, nullptr}};
+
 // `import fastopt._C` loads this library, and with it the registrations above.
 static PyModuleDef fastopt_module = {PyModuleDef_HEAD_INIT, "fastopt._C",
-                                     "fastopt's CUDA kernels, registered as torch.ops.fastopt.*", -1, nullptr};
+                                     "fastopt's CUDA kernels, registered as torch.ops.fastopt.*", -1,
+                                     fastopt_methods};
 PyMODINIT_FUNC PyInit__C(void) { return PyModule_Create(&fastopt_module); }
