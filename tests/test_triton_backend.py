@@ -5,8 +5,11 @@ backend's results when the suite runs on it: ``make test-triton`` (``FASTOPT_BAC
 TRITON_INTERPRET=1``, Triton's interpreter on CPU tensors). This file checks what they cannot: one
 launch per pass at any tensor count, the chunk-table cache and its pointer refresh, thousands of
 tensors, tensors and AGC units spanning several chunks, the torch custom ops (opcheck,
-torch.compile), that every launch the ops make compiles for a GPU, and, on a GPU, tensors of more
-than 2**31 elements.
+torch.compile), that every launch the ops make compiles for a GPU, that the aligned variants
+compile to 128-bit accesses (and that unaligned tensors take the scalar ones, with equal
+results), the AdamW step plan's own table, private tables during graph capture, and, on a GPU,
+tensors of more than 2**31 elements, tensors on another GPU than the current one, a captured
+graph replayed after eager calls with its layout, and one layout on two streams at once.
 """
 
 from __future__ import annotations

@@ -5,6 +5,12 @@ row of the table (which tensor, which element range), loads that tensor's addres
 address table and casts it to a typed pointer, then walks the range in ``BLOCK``-element steps.
 Offsets are int64 throughout, so a tensor may hold more than 2**31 elements.
 
+Element loops run in two phases: whole blocks without a mask, then the masked rest. In an
+``ALIGNED`` launch (the host found every pointer 16 bytes aligned, and chunks start at whole
+blocks) the first phase carries ``tl.multiple_of`` / ``tl.max_contiguous`` hints and compiles to
+128-bit loads and stores; otherwise it is empty and the masked phase walks the whole chunk. Both
+visit the elements in the same order, so results do not depend on alignment.
+
 Reductions are two-stage and deterministic: pass 1 writes one fp64 partial per chunk (and per
 input list), pass 2 reduces each tensor's (or unit's) partials in chunk order. No float atomics.
 
