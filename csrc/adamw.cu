@@ -59,9 +59,13 @@ __device__ __forceinline__ void form_constants(HoistedConstants<A>* out, double 
 // eps dominates the denominator) and __fdividef (within 2 ulp for |y| in [2^-126, 2^126]; y >= eps
 // here; nan and inf still propagate). fp64 keeps IEEE sqrt and division.
 __device__ __forceinline__ float update_sqrt(float x) {
+#if defined(__CUDA_ARCH__)
   float root;
   asm("sqrt.approx.ftz.f32 %0, %1;" : "=f"(root) : "f"(x));
   return root;
+#else  // a host compilation of the kernels (csrc/emulation)
+  return std::sqrt(x);
+#endif
 }
 __device__ __forceinline__ double update_sqrt(double x) { return sqrt(x); }
 __device__ __forceinline__ float divide(float x, float y) { return __fdividef(x, y); }

@@ -47,7 +47,9 @@ struct Word<16> {
 
 template <typename T>
 __device__ __forceinline__ T* assume_global(T* pointer) {
+#if defined(__CUDA_ARCH__)  // (a host compilation of the kernels, csrc/emulation, has no address spaces)
   __builtin_assume(__isGlobal(pointer));
+#endif
   return pointer;
 }
 

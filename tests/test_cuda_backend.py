@@ -26,6 +26,7 @@ import contextlib
 import copy
 import gc
 import math
+import time
 
 import pytest
 import torch
@@ -876,3 +877,165 @@ def test_unscale_and_check_op_returns_the_norm_of_the_unscaled_tensors(dtype, pe
     total, norms = torch.ops.fastopt.unscale_and_check_(tensors, 1.0, None, found_inf)
     assert total.shape == (0,) and norms.shape == (0,)
     assert_sentinels_intact(tensors, WRITTEN_SENTINEL)
+
+
+# --------------------------------------------------------------------------- streams, arrival counters, capture
+# (csrc/ops.cpp's TableCache: a table per (layout, stream); counters zeroed before each launch;
+# tables of a capture built outside the graph and released with it.)
+
+
+def table_cache_stats() -> tuple[int, int, int]:
+    """(cached tables, tables kept only for live graphs, tables that live graphs read)."""
+    import fastopt._C
+
+    return fastopt._C._table_cache_stats()
+
+
+def test_one_layout_on_two_streams_concurrently():
+    """The same layout (shapes, dtypes) on two streams at once, with no ordering between them:
+    each stream's norm and AdamW steps give exactly what they give alone (each stream has its own
+    address column and arrival counters; one shared table would cross the tensors or the counts)."""
+    shapes = [(1 << 20,), (3, 32771), (4097,), (64, 64), (5,)] * 3
+    streams = [torch.cuda.Stream(), torch.cuda.Stream()]
+    assert streams[0].cuda_stream != streams[1].cuda_stream
+    inputs = [clone_lists(adamw_inputs(shapes, ADAMW_COMBOS["fp32"], seed=140 + 10 * k)) for k in range(2)]
+    expected = [clone_lists(lists) for lists in inputs]
+    steps = 4
+    totals = [[], []]
+    for stream in streams:
+        stream.wait_stream(torch.cuda.current_stream())
+    for _ in range(steps):  # interleaved: each stream's work queued while the other's may still run
+        for k, stream in enumerate(streams):
+            with torch.cuda.stream(stream):
+                total, norms = fastopt.multi_tensor_norm(inputs[k]["grads"], per_tensor=True)
+                totals[k].append((total, norms))
+                run_adamw(inputs[k], **HYPER)
+    for stream in streams:
+        torch.cuda.current_stream().wait_stream(stream)
+    torch.cuda.synchronize()
+
+    for k in range(2):
+        want_total, want_norms = reference_norm(expected[k]["grads"], 2.0, True)
+        for total, norms in totals[k]:
+            torch.testing.assert_close(total.double(), want_total, **tolerance(F32))
+            torch.testing.assert_close(norms.double(), want_norms, **tolerance(F32))
+        for _ in range(steps):
+            on_reference(run_adamw, expected[k], **HYPER)
+        for name in inputs[k]:
+            assert_lists_close(inputs[k][name], expected[k][name], f"stream {k} {name}")
+
+
+@pytest.mark.parametrize("poison", [7, -3, 2**30])
+def test_arrival_counters_recover_after_an_aborted_launch(poison):
+    """A launch aborted half-way would leave arrival counters non-zero; here they are set so by
+    hand (fastopt._C._set_arrival_counters). The next norm and AdamW step are still right: the
+    total is written, and each step count goes up by exactly one."""
+    import fastopt._C
+
+    shapes = [(3, 32771), (40000,), (7,), (64, 64)]
+    grads = random_values(shapes, seed=150)
+    lists = clone_lists(adamw_inputs(shapes, ADAMW_COMBOS["fp32"], seed=151))
+    expected = clone_lists(lists)
+    fastopt.multi_tensor_norm(grads, per_tensor=True)  # builds the tables
+    run_adamw(lists, **HYPER)
+    on_reference(run_adamw, expected, **HYPER)
+    torch.cuda.synchronize()
+
+    fastopt._C._set_arrival_counters(poison)
+    total, norms = fastopt.multi_tensor_norm(grads, per_tensor=True)
+    run_adamw(lists, **HYPER)
+    on_reference(run_adamw, expected, **HYPER)
+    want_total, want_norms = reference_norm(grads, 2.0, True)
+    torch.testing.assert_close(total.double(), want_total, **tolerance(F32))
+    torch.testing.assert_close(norms.double(), want_norms, **tolerance(F32))
+    for name in lists:
+        assert_lists_close(lists[name], expected[name], name)
+    assert_bitwise_equal(torch.stack(lists["steps"]), torch.stack(expected["steps"]), "step counts")
+
+
+def captured_clipped_step(lists):
+    total = fastopt.multi_tensor_norm(lists["grads"])
+    clip_coef = torch.clamp(1.0 / (total + 1e-6), max=1.0)
+    run_adamw(lists, **HYPER, clip_coef=clip_coef)
+    return total
+
+
+def test_first_call_for_a_layout_during_graph_capture():
+    """No warm-up: the norm and AdamW tables of this layout are first needed inside the capture
+    (built and uploaded outside the graph right then). Replays match eager steps; the tables are
+    released when the graph is destroyed."""
+    shapes = [(5, 33001), (123,), (7, 9), (2, 3, 5)]  # a layout no other test uses
+    lists = clone_lists(adamw_inputs(shapes, ADAMW_COMBOS["fp32"], seed=160))
+    expected = clone_lists(lists)
+    before = table_cache_stats()
+
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        total = captured_clipped_step(lists)
+    during = table_cache_stats()
+    assert during[2] >= before[2] + 2, (before, during)  # the norm's and AdamW's tables, held by the graph
+    replays = 3
+    for _ in range(replays):
+        graph.replay()
+    torch.cuda.synchronize()
+
+    for _ in range(replays):
+        expected_total = captured_clipped_step(expected)  # eager, the same backend
+    torch.testing.assert_close(total, expected_total, rtol=0, atol=0)
+    for name in lists:  # the same kernels and fold order: the same bits
+        assert_lists_close(lists[name], expected[name], name, rtol=0, atol=0)
+
+    del graph
+    gc.collect()
+    torch.cuda.synchronize()
+    deadline = time.monotonic() + 10.0
+    while table_cache_stats()[2] > before[2] and time.monotonic() < deadline:  # user objects may be released late
+        time.sleep(0.01)
+    after = table_cache_stats()
+    assert after[2] <= before[2], f"tables still held for a destroyed graph: {before} -> {during} -> {after}"
+
+
+def test_eager_calls_after_a_capture_leave_the_graph_intact():
+    """A captured step keeps its own (frozen) tables: eager calls with the same layout and other
+    tensors on the capture's stream and the default stream afterwards change nothing the graph
+    reads; a replay still updates the captured tensors."""
+    shapes = [(4, 32770), (17,), (3, 3)]
+    lists = clone_lists(adamw_inputs(shapes, ADAMW_COMBOS["fp32"], seed=170))
+    expected = clone_lists(lists)
+    stream = torch.cuda.Stream()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph, stream=stream):
+        captured_clipped_step(lists)
+    others = clone_lists(adamw_inputs(shapes, ADAMW_COMBOS["fp32"], seed=171))
+    others_expected = clone_lists(others)
+    stream.wait_stream(torch.cuda.current_stream())  # (others were made on the default stream)
+    with torch.cuda.stream(stream):
+        captured_clipped_step(others)
+    torch.cuda.current_stream().wait_stream(stream)
+    captured_clipped_step(others)
+    for _ in range(2):
+        captured_clipped_step(others_expected)
+    torch.cuda.synchronize()
+    graph.replay()
+    torch.cuda.synchronize()
+    captured_clipped_step(expected)
+    for name in lists:
+        assert_lists_close(lists[name], expected[name], f"captured {name}")
+        assert_lists_close(others[name], others_expected[name], f"eager {name}")
+
+
+def test_per_tensor_norm_and_agc_of_a_tensor_of_more_than_a_warps_share_of_chunks():
+    """A tensor of more than 1,024 chunks (csrc/kernels.h kWarpFoldChunks) is folded by a block,
+    the others by a warp each: per-tensor norms and whole-tensor AGC still match the reference."""
+    shapes = [(1100 * 32768 + 5,), (7,), (40000,), (33, 17)]
+    grads = random_values(shapes, seed=180)
+    for norm_type in (2.0, math.inf, 3.0):
+        total, norms = fastopt.multi_tensor_norm(grads, norm_type, per_tensor=True)
+        want_total, want_norms = reference_norm(grads, norm_type, True)
+        torch.testing.assert_close(norms.double(), want_norms, **tolerance(F32))
+        torch.testing.assert_close(total.double(), want_total, **tolerance(F32))
+    params = random_values(shapes, seed=181)
+    clipped, want = clone_all(grads), clone_all(grads)
+    ops.adaptive_clip_(params, clipped, clip_factor=1e-3, unitwise=False)
+    on_reference(ops.adaptive_clip_, params, want, clip_factor=1e-3, unitwise=False)
+    assert_lists_close(clipped, want, "grads")

@@ -168,3 +168,131 @@ def test_python_knows_which_adamw_combinations_the_kernel_builds():
     cases = re.findall(r"FASTOPT_ADAMW_CASE\((k\w+), (k\w+), (k\w+),", source)
     assert len(cases) >= 4
     assert {tuple(codes[c] for c in case) for case in cases} == cuda.ADAMW_BUILDS
+
+
+# --------------------------------------------------------------------------- the built kernels' SASS (sm_90)
+# Read from the built extension with cuobjdump (the CUDA toolkit's, or the one that the pip
+# packages nvidia-cuda-cuobjdump / triton carry); skipped when neither it nor the build is here.
+
+
+def _tool_candidates(tool: str) -> list[str]:
+    """Executables named ``tool``: on PATH, in the CUDA toolkit, in pip packages (nvidia-*, triton)."""
+    import os
+    import pathlib
+    import shutil
+
+    candidates = [shutil.which(tool)]
+    for home in (os.environ.get("CUDA_HOME"), os.environ.get("CUDA_PATH"), "/usr/local/cuda"):
+        if home:
+            candidates.append(str(pathlib.Path(home) / "bin" / tool))
+    for package, folder in (("nvidia", "cu13/bin"), ("nvidia", "cuda_cuobjdump/bin"), ("nvidia", "cuda_nvdisasm/bin"),
+                            ("triton", "backends/nvidia/bin")):  # fmt: skip
+        spec = importlib.util.find_spec(package)
+        for location in (spec.submodule_search_locations or []) if spec else []:
+            candidates.append(str(pathlib.Path(location) / folder / tool))
+    found = []
+    for c in candidates:
+        if c and os.path.isfile(c) and os.access(c, os.X_OK) and c not in found:
+            found.append(c)
+    return found
+
+
+def _built_library() -> str | None:
+    spec = importlib.util.find_spec("fastopt._C")
+    return spec.origin if spec is not None and spec.origin and spec.origin.endswith(".so") else None
+
+
+CUOBJDUMPS, LIBRARY = _tool_candidates("cuobjdump"), _built_library()
+needs_cuobjdump = pytest.mark.skipif(
+    not CUOBJDUMPS or LIBRARY is None, reason=f"needs cuobjdump ({CUOBJDUMPS}) and the built extension ({LIBRARY})"
+)
+
+
+def _cuobjdump_output(option: str) -> str:
+    """cuobjdump's output for the sm_90 code of the built extension, from the first cuobjdump that
+    gives one (--dump-sass also needs an nvdisasm: NVDISASM_PATH points at one found beside)."""
+    import os
+    import subprocess
+
+    nvdisasms = _tool_candidates("nvdisasm")
+    environment = dict(os.environ)
+    if nvdisasms and "NVDISASM_PATH" not in environment:
+        environment["NVDISASM_PATH"] = os.path.dirname(nvdisasms[0])
+    errors = []
+    for cuobjdump in CUOBJDUMPS:
+        result = subprocess.run([cuobjdump, option, "-arch", "sm_90", LIBRARY], capture_output=True, text=True,
+                                timeout=300, env=environment)  # fmt: skip
+        if result.returncode == 0 and "Function" in result.stdout:
+            return result.stdout
+        errors.append(f"{cuobjdump}: {result.stderr.strip()[:200]}")
+    pytest.skip(f"no cuobjdump could read the sm_90 code of {LIBRARY}: {errors}")
+
+
+@pytest.fixture(scope="module")
+def sass() -> dict[str, str]:
+    """Kernel (mangled name) -> its sm_90 SASS."""
+    import re
+
+    functions, name = {}, None
+    for line in _cuobjdump_output("--dump-sass").splitlines():
+        found = re.search(r"Function : (\S+)", line)
+        if found:
+            name = found.group(1)
+            functions[name] = ""
+        elif name is not None:
+            functions[name] += line + "\n"
+    return functions
+
+
+@pytest.fixture(scope="module")
+def resources() -> dict[str, dict[str, int]]:
+    """Kernel (mangled name) -> {"REG": ..., "STACK": ..., "LOCAL": ..., "SHARED": ...} on sm_90."""
+    import re
+
+    usage, name = {}, None
+    for line in _cuobjdump_output("--dump-resource-usage").splitlines():
+        found = re.search(r"Function (\S+):", line)
+        if found:
+            name = found.group(1)
+        elif name is not None and "REG:" in line:
+            usage[name] = {key: int(value) for key, value in re.findall(r"(\w+):(\d+)", line)}
+    return usage
+
+
+# Kernels whose tensor accesses must be global-memory instructions: AdamW and both norm passes
+# (every instantiation), named by what their mangled names contain.
+GLOBAL_ONLY_KERNELS = ("adamw_kernel", "norm_partials_kernel", "norm_finish_kernel")
+# Generic (not LDG/STG/LDS/STS/LDL/STL/LDC) loads and stores: "LD.E.128", "ST.E.64", "LD.E ".
+GENERIC_ACCESS = r"(?<![\w.])(?:LD|ST)(?:\.[\w.]+)?\s"
+
+
+@needs_cuobjdump
+@pytest.mark.parametrize("kernel", GLOBAL_ONLY_KERNELS)
+def test_tensor_accesses_are_global_memory_instructions(sass, kernel):
+    import re
+
+    functions = {name: code for name, code in sass.items() if kernel in name}
+    assert functions, f"no {kernel} in the sm_90 SASS of {LIBRARY}"
+    for name, code in functions.items():
+        generic = re.findall(GENERIC_ACCESS, code)
+        assert not generic, f"{name}: generic loads/stores {sorted(set(generic))}"
+        assert re.search(r"\bLDG\.E", code), f"{name}: no LDG at all"
+
+
+@needs_cuobjdump
+def test_adamw_fits_three_blocks_of_512_threads_per_sm_without_spills(sass, resources):
+    """sm_90: 64 K registers per SM; 3 blocks x 512 threads leave 42 registers a thread, allocated
+    in units of 8: at most 40. No stack (a spill, or a call's frame) and no local memory. fp64
+    (two registers per value) is held to 2 blocks, 64 registers."""
+    import re
+
+    adamw = {name: usage for name, usage in resources.items() if "adamw_kernel" in name}
+    assert len(adamw) >= 24, sorted(adamw)  # 12 dtype combinations x (with, without AMSGrad)
+    for name, usage in adamw.items():
+        fp64 = "adamw_kernelIddd" in name
+        limit = 64 if fp64 else 40
+        assert usage["REG"] <= limit, f"{name}: {usage['REG']} registers > {limit}"
+        if not fp64:
+            assert usage["STACK"] == 0 and usage.get("LOCAL", 0) == 0, f"{name}: {usage}"
+            assert not re.search(r"\b(?:LDL|STL)\b", sass[name]), f"{name}: local-memory spills"
+            assert re.search(r"\b(?:LDG|STG)\.E\.(?:128|64)\b", sass[name]), f"{name}: no vector accesses"
