@@ -317,9 +317,11 @@ def adamw_planned_(lists: dict[str, list[Tensor]], plan: dict, *, lr, beta1, bet
     while it keeps it, ``lists`` holds the very same params and states (same tensors, same
     storage, validated by ``fastopt.ops.adamw_``) and grads of the same shapes, checked by
     ``fastopt.ops.check_replacement`` (fastopt.optim.AdamW's step plan). The plan keeps the AdamW
-    table, private to it; a call re-reads only the grads (dtype, contiguity, pointers): a few C
-    passes over one list, where a cached ``adamw_`` reads every list. Falls back to ``adamw_``
-    for non-contiguous tensors and during CUDA-graph capture (whose tables are private)."""
+    table, private to it; a call re-reads only the grads (dtype, contiguity, pointers) and the
+    params' pointers (``p.data = x`` keeps the param but moves its storage): a few C passes over
+    two lists, where a cached ``adamw_`` reads every list. States are trusted to keep their
+    storage, as the step plan trusts them. Falls back to ``adamw_`` for non-contiguous tensors
+    and during CUDA-graph capture (whose tables are private)."""
     hyper = dict(lr=lr, beta1=beta1, beta2=beta2, eps=eps, weight_decay=weight_decay, maximize=maximize,
                  grad_scale=grad_scale, found_inf=found_inf, clip_coef=clip_coef)  # fmt: skip
     rows = [lists[name] for name in _ROWS if name in lists]
@@ -343,6 +345,10 @@ def adamw_planned_(lists: dict[str, list[Tensor]], plan: dict, *, lr, beta1, bet
             entry.table.point_to(rows)
         elif entry is not None:
             entry.table.point_row_to(int(kernels.GRADS), grads)
+            # A param's storage swapped under the plan (``p.data = x``) moves its pointer: follow it.
+            if entry.table.point_row_to(int(kernels.PARAMS), params) and not all(map(Tensor.is_contiguous, params)):
+                del plan[key]
+                entry = None
         if entry is None:
             adamw_(*rows[:5], max_exp_avg_sqs=rows[5] if amsgrad else None, **hyper)
         else:

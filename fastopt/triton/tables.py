@@ -32,6 +32,7 @@ from __future__ import annotations
 import array
 import collections
 import dataclasses
+import functools
 import itertools
 import operator
 
@@ -167,10 +168,12 @@ class ChunkTable:
             num_chunks += chunks.shape[1]
             num_segments += segments.shape[1]
         self.num_chunks, self.num_segments = num_chunks, num_segments
-        host_chunks = torch.cat(all_chunks, dim=1).contiguous()
-        # Units start anywhere in their tensor; whole tensors start their chunks at whole blocks.
-        self._whole_blocks = units is None or not bool(torch.any(host_chunks[2] % BLOCK_SIZE))
-        self.chunks = _to_device(host_chunks, device, self._staging)
+        # Whole tensors start their chunks at whole blocks; units (rows) of a tensor only when
+        # their length is whole blocks. (Python ints: no tensor value is read on the host.)
+        self._whole_blocks = units is None or all((n // u) % BLOCK_SIZE == 0 for n, u in zip(numels, units) if u > 1)
+        # Per group, its tensors' positions (None: all of them), to check alignment per group.
+        self._group_positions = [None if ids is None else ids.tolist() for ids in self._group_tensors]
+        self.chunks = _to_device(torch.cat(all_chunks, dim=1).contiguous(), device, self._staging)
         self.segments = _to_device(torch.cat(all_segments, dim=1).contiguous(), device, self._staging)
         self.arrivals = torch.zeros(num_segments, dtype=torch.int32, device=device) if arrivals else None
         self._rows: list[list[int] | None] = [None] * len(lists)  # each row's pointers, as last uploaded
@@ -198,13 +201,15 @@ class ChunkTable:
             return False
         if self.capturing and self._rows[row] is not None:
             raise RuntimeError("fastopt: a table captured in a CUDA graph cannot point elsewhere")
-        column = torch.frombuffer(array.array("q", pointers), dtype=torch.int64)  # one C pass, no objects
-        self._host[row] = column
+        self._host[row] = torch.frombuffer(array.array("q", pointers), dtype=torch.int64)  # one C pass
         self._rows[row] = pointers
-        # Per group: whether a pointer of this row is not 16-byte aligned.
-        misaligned = torch.bitwise_and(column, VECTOR_BYTES - 1) != 0
-        self._misaligned[row] = [bool(misaligned.any() if ids is None else misaligned[ids].any())
-                                 for ids in self._group_tensors]  # fmt: skip
+        # Per group: whether a pointer of this row is not 16-byte aligned (the low bits of all
+        # its pointers or'ed together, in C-level passes).
+        self._misaligned[row] = [
+            bool(functools.reduce(operator.or_, pointers if ids is None else map(pointers.__getitem__, ids), 0)
+                 & (VECTOR_BYTES - 1))
+            for ids in self._group_positions
+        ]  # fmt: skip
         return True
 
     def _upload(self, rows: list[int] | None) -> None:
