@@ -552,6 +552,13 @@ def test_planned_adamw_keeps_its_table_and_refreshes_only_the_grads_row():
         assert table.addresses[1].tolist() == [g.data_ptr() for g in grads]
     assert launches() == {"adamw_kernel": 3}
     assert launch.TABLES.misses == 0  # the plan's table is its own, not the shared cache's
+    # A param's storage swapped under the plan (p.data = x): the plan follows it.
+    params[1].data = params[1].data.clone()
+    lists = dict(params=params, grads=grads, exp_avgs=state[0], exp_avg_sqs=state[1], steps=state[2])
+    launch.adamw_planned_(lists, plan, **HYPER, maximize=False, grad_scale=None, found_inf=None, clip_coef=None)
+    reference.adamw_(expected_params, grads, *expected_state, **HYPER, maximize=False, max_exp_avg_sqs=None,
+                     grad_scale=None, found_inf=None, clip_coef=None)  # fmt: skip
+    assert plan[next(iter(plan))].table is table and table.addresses[0].tolist() == [p.data_ptr() for p in params]
     # Non-contiguous grads, or grads of another dtype: the full path, still right.
     grads = random_tensors(shapes, device=DEVICE, seed=50, non_contiguous=True)
     lists = dict(params=params, grads=grads, exp_avgs=state[0], exp_avg_sqs=state[1], steps=state[2])
