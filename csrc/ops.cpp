@@ -225,6 +225,9 @@ void retain_for_graph(Table& table, cudaStream_t stream) {
   C10_CUDA_CHECK(cudaStreamGetCaptureInfo(stream, &status, &id, &graph));
   if (status != cudaStreamCaptureStatusActive || graph == nullptr) return;
   if (std::find(table.captures.begin(), table.captures.end(), id) != table.captures.end()) return;
+  // None of these calls touches a stream; relaxed all the same, so that no capture mode can
+  // count them as unsafe and invalidate the capture.
+  c10::cuda::CUDAStreamCaptureModeGuard relaxed(cudaStreamCaptureModeRelaxed);
   auto* counter = new std::shared_ptr<std::atomic<int>>(table.graphs);
   cudaUserObject_t object = nullptr;
   const cudaHostFn_t release = [](void* data) {

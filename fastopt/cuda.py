@@ -4,7 +4,8 @@ The extension registers the ops as ``torch.ops.fastopt.*`` with CUDA implementat
 module loads it, registers their fake (meta) implementations so that ``torch.compile`` and
 ``torch.library.opcheck`` can trace them, and maps the backend interface of
 ``fastopt.reference`` onto them. Each pass of an op is one kernel launch whatever the number of
-tensors: the per-tensor metadata lives in device memory, cached by the extension per layout.
+tensors: the per-tensor metadata lives in device memory, cached by the extension per layout
+and stream (csrc/README.md).
 
 A missing extension, or one built against another torch, is logged once and leaves this backend
 unavailable with the reason (``python -m fastopt info``); the ops then run on Triton or torch.
