@@ -13,7 +13,9 @@ than 2**31 elements; inf / nan; bit-identical norms from run to run; one kernel 
 (torch.profiler); the device-side table cache (pointer refresh, other layouts); no host sync
 (``torch.cuda.set_sync_debug_mode("error")``) and CUDA graph capture of an optimizer step;
 ``torch.library.opcheck`` of every ``torch.ops.fastopt`` op and ``torch.compile``; the norm that
-``torch.ops.fastopt.unscale_and_check_`` returns.
+``torch.ops.fastopt.unscale_and_check_`` returns; one layout on two streams at once, arrival
+counters poisoned between calls, the first call for a layout inside a graph capture (and the
+tables released with the graph), and a tensor of more chunks than a warp folds.
 
 ``make gpu-check`` runs this file on a GPU machine. Without a GPU every test is skipped (the
 ``cuda`` mark, tests/conftest.py); with a GPU but without the backend (extension not built) each
