@@ -8,13 +8,18 @@ STAMP := $(VENV)/.fastopt-installed
 # A python that already has torch (e.g. a GPU machine's) keeps it: the venv sees its packages.
 TORCH_SPEC ?= $(if $(shell command -v nvidia-smi 2>/dev/null),torch==2.14.1,torch==2.13.0)
 
-.PHONY: bench test test-triton test-cuda-build ctest info clean
+.PHONY: bench test test-cpu test-triton test-cuda-build ctest info clean
 
 bench: $(STAMP)
 	$(PY) -m fastopt bench
 
 test: $(STAMP)
 	$(PY) -m pytest
+
+# The suite forced onto the cpu backend (the C++ extension; plain `make test` picks it for CPU
+# tensors too when it is built, so this fails instead of falling back when it is not).
+test-cpu: $(STAMP)
+	FASTOPT_BACKEND=cpu $(PY) -m pytest
 
 # The suite again on the Triton backend, its kernels run on CPU tensors by Triton's interpreter.
 test-triton: $(STAMP)

@@ -9,7 +9,9 @@ A backend is a module that defines every op of ``fastopt.ops`` under the same na
 A backend whose module fails to import is unavailable, with the import error as its reason.
 The choice per call: a backend forced by ``use_backend(name)`` (innermost wins) or by the
 ``FASTOPT_BACKEND`` environment variable; otherwise the first available backend, in the order
-below, that runs on the tensors' device.
+below, that runs on the tensors' device. On CPU tensors that is ``cpu`` (the compiled extension)
+when it is built, else ``torch``: the GPU backends reach CPU tensors only in test modes (Triton's
+interpreter), so they are chosen there only when forced.
 """
 
 from __future__ import annotations
@@ -38,10 +40,27 @@ def _gpu_missing() -> str | None:
 
 
 def _cuda_prerequisites() -> list[str]:
+    if os.environ.get("FASTOPT_CUDA_EMULATION") == "1":  # the kernels on CPU tensors (csrc/emulation)
+        if importlib.util.find_spec("fastopt._C_emulated") is None:
+            return ["FASTOPT_CUDA_EMULATION=1 but fastopt._C_emulated is not built (python csrc/emulation/build.py)"]
+        return []
     missing = [_gpu_missing()]
     if importlib.util.find_spec("fastopt._C") is None:
         missing.append("the CUDA extension fastopt._C is not built (see csrc/README.md)")
     return [m for m in missing if m]
+
+
+def cpu_extension_name() -> str:
+    """The CPU extension built for the running torch release: fastopt._cpu_torch2_13 (setup.py
+    names it so; venvs with other torch releases sharing a source tree keep their own)."""
+    return "fastopt._cpu_torch" + "_".join(torch.__version__.split("+")[0].split(".")[:2])
+
+
+def _cpu_prerequisites() -> list[str]:
+    if importlib.util.find_spec(cpu_extension_name()) is None:
+        return [f"the CPU extension {cpu_extension_name()} is not built for torch {torch.__version__}"
+                " (pip install --no-build-isolation -e .)"]
+    return []
 
 
 def _triton_prerequisites() -> list[str]:
@@ -65,9 +84,13 @@ class BackendSpec:
 BACKENDS: tuple[BackendSpec, ...] = (
     BackendSpec("cuda", "fastopt.cuda", "fused CUDA kernels (compiled extension fastopt._C)", _cuda_prerequisites),
     BackendSpec("triton", "fastopt.triton", "Triton kernels, compiled at first use", _triton_prerequisites),
+    BackendSpec("cpu", "fastopt.cpu", "C++ multi-tensor loops for CPU tensors (compiled extension fastopt._cpu_torch*)",
+                _cpu_prerequisites),
     BackendSpec("torch", "fastopt.reference", "plain torch foreach ops; the reference and CPU path"),
 )
 _BY_NAME = {spec.name: spec for spec in BACKENDS}
+# The backends chosen for CPU tensors when none is forced, in the order above.
+CPU_DEFAULTS = ("cpu", "torch")
 
 _forced: contextvars.ContextVar[str | None] = contextvars.ContextVar("fastopt_backend", default=None)
 
@@ -154,8 +177,8 @@ def select(device: torch.device) -> ModuleType:
             )
         return backend.module
     for spec in BACKENDS:
-        if device.type == "cpu" and spec.name != "torch":
-            continue  # kernels reach CPU tensors only through Triton's interpreter: a test mode
+        if device.type == "cpu" and spec.name not in CPU_DEFAULTS:
+            continue  # GPU kernels reach CPU tensors only through Triton's interpreter: a test mode
         backend = status(spec.name)
         if backend.available and backend.runs_on(device):
             return backend.module

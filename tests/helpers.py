@@ -30,8 +30,16 @@ def describe_dtype(dtype: torch.dtype) -> str:
 
 
 def active_backend() -> str:
-    """The backend this run of the suite is forced onto (``FASTOPT_BACKEND``), else "torch"."""
-    return os.environ.get("FASTOPT_BACKEND", "").strip() or "torch"
+    """The backend the ops run on for CPU tensors in this run of the suite: the one forced by
+    ``FASTOPT_BACKEND``, else the one fastopt chooses (``cpu`` when its extension is built, else
+    ``torch``, the reference)."""
+    forced = os.environ.get("FASTOPT_BACKEND", "").strip()
+    if forced:
+        return forced
+    from fastopt import backends
+
+    module = backends.select(torch.device("cpu"))
+    return next(spec.name for spec in backends.BACKENDS if spec.module == module.__name__)
 
 
 def assert_matches_torch(actual: torch.Tensor, expected: torch.Tensor, msg: str = "", **close) -> None:

@@ -1,0 +1,238 @@
+// The CPU backend's loops: what one thread does with one block (a chunk of the plan, at most
+// kBlockSize consecutive elements of one tensor or one AGC unit).
+//
+// Plain C++ (no torch): each loop calls the per-element math of ../element_math.h, the CUDA
+// kernels' own, on contiguous memory, and g++ vectorises it. Every loop is compiled three times
+// (GCC target_clones: x86-64-v4 = AVX-512, x86-64-v3 = AVX2 + FMA, and the baseline) and the
+// loader picks one for the running CPU, so nothing assumes the build machine's ISA and std::fma
+// is the hardware instruction on the vector paths (on the baseline it is a library call: slow,
+// but correct). Build with -fno-math-errno (std::sqrt stays an instruction, so loops vectorise)
+// and -ffp-contract=off (the rounding is what the code says: the fused steps are explicit).
+//
+// Reductions are deterministic: a block's partial is summed in fixed lanes, folded in a fixed
+// tree, and the block boundaries do not depend on the number of threads.
+#pragma once
+
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <type_traits>
+
+#include "../element_math.h"
+
+#if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__) && !defined(FASTOPT_CPU_NO_CLONES)
+#define FASTOPT_CPU_CLONES __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
+#else
+#define FASTOPT_CPU_CLONES
+#endif
+
+#define FASTOPT_CPU_INLINE inline __attribute__((always_inline))
+
+namespace fastopt {
+namespace cpu {
+
+// Elements per block: the unit of work of a thread and of every reduction's first stage.
+constexpr int64_t kBlockSize = 65536;
+
+// 16-bit storage types (the bits as torch stores them).
+struct BF16 {
+  uint16_t bits;
+};
+struct F16 {
+  uint16_t bits;
+};
+static_assert(sizeof(BF16) == 2 && sizeof(F16) == 2, "16-bit storage types");
+
+FASTOPT_CPU_INLINE uint32_t float_bits(float f) {
+  uint32_t u;
+  std::memcpy(&u, &f, sizeof u);
+  return u;
+}
+FASTOPT_CPU_INLINE float bits_float(uint32_t u) {
+  float f;
+  std::memcpy(&f, &u, sizeof f);
+  return f;
+}
+
+// condition ? a : b on bits, written without a branch (AVX2 if-conversion refuses some selects).
+FASTOPT_CPU_INLINE uint32_t select_bits(bool condition, uint32_t a, uint32_t b) {
+  const uint32_t mask = 0u - uint32_t(condition);
+  return (a & mask) | (b & ~mask);
+}
+
+// bf16 <-> fp32 as c10::BFloat16 converts (round to nearest even; nan -> 0x7FC0).
+FASTOPT_CPU_INLINE float bf16_to_float(uint16_t h) { return bits_float(uint32_t(h) << 16); }
+FASTOPT_CPU_INLINE uint16_t float_to_bf16(float f) {
+  const uint32_t u = float_bits(f);
+  const uint32_t rounded = (u + (((u >> 16) & 1u) + 0x7FFFu)) >> 16;
+  return uint16_t(select_bits(f != f, 0x7FC0u, rounded));
+}
+
+// fp16 <-> fp32 without branches (so loops vectorise), as c10::Half converts without F16C
+// (c10/util/Half.h: fp16_ieee_to_fp32_value / fp16_ieee_from_fp32_value).
+FASTOPT_CPU_INLINE float f16_to_float(uint16_t h) {
+  const uint32_t w = uint32_t(h) << 16;
+  const uint32_t sign = w & 0x80000000u;
+  const uint32_t two_w = w + w;
+  const float normalized = bits_float((two_w >> 4) + (0xE0u << 23)) * 0x1.0p-112f;
+  const float denormalized = bits_float((two_w >> 17) | (126u << 23)) - 0.5f;
+  const uint32_t magnitude = select_bits(two_w < (1u << 27), float_bits(denormalized), float_bits(normalized));
+  return bits_float(sign | magnitude);
+}
+FASTOPT_CPU_INLINE uint16_t float_to_f16(float f) {
+  float base = (std::fabs(f) * 0x1.0p+112f) * 0x1.0p-110f;
+  const uint32_t w = float_bits(f);
+  const uint32_t shl1_w = w + w;
+  const uint32_t sign = w & 0x80000000u;
+  uint32_t bias = shl1_w & 0xFF000000u;
+  bias = select_bits(bias < 0x71000000u, 0x71000000u, bias);
+  base = bits_float((bias >> 1) + 0x07800000u) + base;
+  const uint32_t bits = float_bits(base);
+  const uint32_t nonsign = ((bits >> 13) & 0x00007C00u) + (bits & 0x00000FFFu);
+  return uint16_t((sign >> 16) | select_bits(shl1_w > 0xFF000000u, 0x7E00u, nonsign));
+}
+
+// Loads into the accumulation type A, stores from it (rounding once).
+template <typename A>
+FASTOPT_CPU_INLINE A load(float x) {
+  return A(x);
+}
+template <typename A>
+FASTOPT_CPU_INLINE A load(double x) {
+  return A(x);
+}
+template <typename A>
+FASTOPT_CPU_INLINE A load(BF16 x) {
+  return A(bf16_to_float(x.bits));
+}
+template <typename A>
+FASTOPT_CPU_INLINE A load(F16 x) {
+  return A(f16_to_float(x.bits));
+}
+
+template <typename A>
+FASTOPT_CPU_INLINE void store(float& out, A x) {
+  out = float(x);
+}
+template <typename A>
+FASTOPT_CPU_INLINE void store(double& out, A x) {
+  out = double(x);
+}
+template <typename A>
+FASTOPT_CPU_INLINE void store(BF16& out, A x) {
+  out.bits = float_to_bf16(float(x));
+}
+template <typename A>
+FASTOPT_CPU_INLINE void store(F16& out, A x) {
+  out.bits = float_to_f16(float(x));
+}
+
+// fp16 / bf16 / fp32 elements compute in fp32, fp64 in fp64.
+template <typename T>
+using acc_t = std::conditional_t<std::is_same_v<T, double>, double, float>;
+
+// Lanes of a block's reduction: four vectors of the widest ISA, independent accumulators.
+template <typename A>
+constexpr int kLanes = 256 / int(sizeof(A));
+// Elements summed in A's lanes before the lanes are folded and added into the block's double
+// partial: bounds the fp32 rounding error of a sum to 64 terms per lane.
+constexpr int64_t kSubBlock = 4096;
+
+template <typename A, int L>
+FASTOPT_CPU_INLINE A fold_lanes(A (&lanes)[L], NormKind kind) {
+  for (int width = L / 2; width > 0; width /= 2)
+    for (int j = 0; j < width; ++j) lanes[j] = norm_combine(lanes[j], lanes[j + width], kind);
+  return lanes[0];
+}
+
+// One block of the norm pass: its partial (a sum of contributions, or a max) in double, and
+// whether it holds an inf or nan. With Unscale, x *= scale in place, from the same read (the
+// check sees the values before scaling, as torch's unscale does). Kind is a template argument so
+// that the per-element switch of norm_contribution folds away.
+template <typename T, int Kind, bool Unscale>
+FASTOPT_CPU_CLONES void norm_block(T* __restrict x, int64_t n, double p_value, double scale_value, double* partial,
+                                   bool* nonfinite) {
+  using A = acc_t<T>;
+  constexpr NormKind kind = NormKind(Kind);
+  constexpr int L = kLanes<A>;
+  const A p = A(p_value), scale = A(scale_value);
+  double total = 0.0;
+  A zero_lanes[L] = {};  // x * 0: 0 for finite x, nan for inf or nan (only for kNoNorm)
+  for (int64_t base = 0; base < n; base += kSubBlock) {
+    const int64_t end = base + kSubBlock < n ? base + kSubBlock : n;
+    A lanes[L] = {};
+    int64_t i = base;
+    for (; i + L <= end; i += L) {
+      for (int j = 0; j < L; ++j) {
+        const A v = load<A>(x[i + j]);
+        if constexpr (Kind != kNoNorm) lanes[j] = norm_combine(lanes[j], norm_contribution(v, kind, p), kind);
+        if constexpr (Kind == kNoNorm) zero_lanes[j] += v * A(0);
+        if constexpr (Unscale) store(x[i + j], v * scale);
+      }
+    }
+    for (int j = 0; i < end; ++i, ++j) {
+      const A v = load<A>(x[i]);
+      if constexpr (Kind != kNoNorm) lanes[j] = norm_combine(lanes[j], norm_contribution(v, kind, p), kind);
+      if constexpr (Kind == kNoNorm) zero_lanes[j] += v * A(0);
+      if constexpr (Unscale) store(x[i], v * scale);
+    }
+    if constexpr (Kind != kNoNorm) total = norm_combine(total, double(fold_lanes(lanes, kind)), kind);
+  }
+  *partial = total;
+  if constexpr (Kind == kNoNorm) {
+    *nonfinite = !is_finite(fold_lanes(zero_lanes, kSumAbs));
+  } else {
+    // A finite sum (or max) of contributions proves every element finite; otherwise look again
+    // (a large finite element may have overflowed its square). Unscale runs with kNoNorm only.
+    bool bad = false;
+    if (!is_finite(total))
+      for (int64_t i = 0; i < n; ++i) bad |= !is_finite(load<A>(x[i]));
+    *nonfinite = bad;
+  }
+}
+
+// x *= factor in A (then rounded once to x's type).
+template <typename T>
+FASTOPT_CPU_CLONES void scale_block(T* __restrict x, int64_t n, double factor_value) {
+  using A = acc_t<T>;
+  const A factor = A(factor_value);
+  for (int64_t i = 0; i < n; ++i) store(x[i], load<A>(x[i]) * factor);
+}
+
+// x = clamp(x, -limit, limit); nan stays nan.
+template <typename T>
+FASTOPT_CPU_CLONES void clamp_block(T* __restrict x, int64_t n, double limit_value) {
+  using A = acc_t<T>;
+  const A limit = A(limit_value);
+  for (int64_t i = 0; i < n; ++i) store(x[i], clamp_symmetric(load<A>(x[i]), limit));
+}
+
+// One block of AdamW. The grad is g / grad_scale * clip_coef when Scaled (maximize folds into a
+// negative grad_scale: -(g / s) == g / -s exactly), else g itself.
+template <typename P, typename G, typename S, bool AMSGrad, bool Scaled>
+FASTOPT_CPU_CLONES void adamw_block(P* __restrict param, const G* __restrict grad, S* __restrict exp_avg,
+                                    S* __restrict exp_avg_sq, S* __restrict max_exp_avg_sq, int64_t n,
+                                    const AdamWConstants<double>& constants, double grad_scale_value,
+                                    double clip_coef_value) {
+  using A = acc_t<P>;
+  const AdamWConstants<A> c = adamw_constants_as<A>(constants);
+  const A grad_scale = A(grad_scale_value), clip_coef = A(clip_coef_value);
+  for (int64_t i = 0; i < n; ++i) {
+    A p = load<A>(param[i]), m = load<A>(exp_avg[i]), v = load<A>(exp_avg_sq[i]);
+    A g = load<A>(grad[i]);
+    if constexpr (Scaled) g = effective_grad(g, grad_scale, clip_coef, false);
+    if constexpr (AMSGrad) {
+      A v_max = load<A>(max_exp_avg_sq[i]);
+      adamw_update_fused(p, g, m, v, &v_max, c);
+      store(max_exp_avg_sq[i], v_max);
+    } else {
+      adamw_update_fused<A>(p, g, m, v, nullptr, c);
+    }
+    store(param[i], p);
+    store(exp_avg[i], m);
+    store(exp_avg_sq[i], v);
+  }
+}
+
+}  // namespace cpu
+}  // namespace fastopt
