@@ -18,7 +18,10 @@ of ``--params`` tensors:
 - ``cached adamw_``: one backend ``adamw_`` call whose layout is cached (grads re-made for
   each call, as zero_grad(set_to_none=True) + backward make them);
 - ``planned adamw_``: the call as fastopt.optim.AdamW makes it from its second step on, with
-  its step plan (``adamw_planned_``, where the backend has one);
+  its step plan (``adamw_planned_``, where the backend has one), on grads nothing has touched
+  since they were made;
+- ``planned, in a step``: the same after the step plan's check of the new grads
+  (``ops.check_replacement``, not timed), as inside ``AdamW.step``;
 - ``optimizer step``: a whole ``AdamW.step`` with clipping on that backend, launches stubbed.
 
 Grads are re-made every step, as zero_grad(set_to_none=True) + backward make them.
@@ -34,7 +37,7 @@ import types
 import torch
 
 import fastopt
-from fastopt import backends
+from fastopt import backends, ops
 
 SIZE = 17  # elements per tensor: small, so that the host work is what is measured
 
@@ -62,10 +65,22 @@ def stubbed_backend(name: str):
             return torch.zeros(()), torch.zeros(len(tensors) if per_tensor else 0)
 
         nothing = lambda *args, **kwargs: None  # noqa: E731
-        torch.ops.fastopt = types.SimpleNamespace(
+        stub = types.SimpleNamespace(
             multi_tensor_norm=multi_tensor_norm, unscale_and_check_=nothing, scale_=nothing, clamp_=nothing,
             adaptive_clip_=nothing, adamw_=nothing,
         )  # fmt: skip
+
+        if hasattr(module, "_OPS"):  # the module's handle on torch.ops.fastopt
+            module._OPS = stub
+        else:
+
+            class TorchWithStubbedOps:  # the module's `torch`, whose torch.ops.fastopt.* return at once
+                ops = types.SimpleNamespace(fastopt=stub)
+
+                def __getattr__(self, name):
+                    return getattr(torch, name)
+
+            module.torch = TorchWithStubbedOps()
         return module
     raise SystemExit(f"--backend must be triton or cuda, got {name!r}")
 
@@ -95,10 +110,14 @@ def backend_call_times(backend, num_params: int, steps: int) -> dict[str, tuple[
     hyper = dict(lr=1e-3, beta1=0.9, beta2=0.999, eps=1e-8, weight_decay=0.01, maximize=False, grad_scale=None,
                  found_inf=None, clip_coef=torch.ones(()))  # fmt: skip
 
-    def timed(call) -> tuple[float, float]:
+    shapes = [tuple(p.size()) for p in params]
+
+    def timed(call, checked: bool = False) -> tuple[float, float]:
         times = []
         for _ in range(steps + 1):  # the first call builds the tables
             grads = [torch.ones(SIZE) for _ in params]
+            if checked:  # as in AdamW.step: the step plan has just checked the new grads
+                ops.check_replacement("grads", grads, shapes, params[0].device, frozenset())
             started = time.perf_counter()
             call(grads)
             times.append(time.perf_counter() - started)
@@ -114,6 +133,9 @@ def backend_call_times(backend, num_params: int, steps: int) -> dict[str, tuple[
     lists = dict(params=params, exp_avgs=exp_avgs, exp_avg_sqs=exp_avg_sqs, steps=steps_)
     results["planned adamw_"] = None if planned is None else timed(
         lambda grads: planned({**lists, "grads": grads}, plan, **hyper)
+    )  # fmt: skip
+    results["planned, in a step"] = None if planned is None else timed(
+        lambda grads: planned({**lists, "grads": grads}, plan, **hyper), checked=True
     )  # fmt: skip
     return results
 

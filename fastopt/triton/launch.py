@@ -309,6 +309,13 @@ class _PlannedAdamW:
 
 
 _ROWS = ("params", "grads", "exp_avgs", "exp_avg_sqs", "steps", "max_exp_avg_sqs")
+_dtype_of = Tensor.dtype.__get__
+
+
+def _one_dtype(tensors: list[Tensor]):
+    """The tensors' dtype signature as ``dtype_signature`` gives it for one list."""
+    dtypes = set(map(_dtype_of, tensors))
+    return dtypes.pop() if len(dtypes) == 1 else tuple(map(_dtype_of, tensors))
 
 
 def adamw_planned_(lists: dict[str, list[Tensor]], plan: dict, *, lr, beta1, beta2, eps, weight_decay, maximize,
@@ -332,23 +339,23 @@ def adamw_planned_(lists: dict[str, list[Tensor]], plan: dict, *, lr, beta1, bet
     device = params[0].device
     with _on(device):
         key = ("triton", stream_key(device))
-        entry = plan.get(key)
-        (grad_dtypes,) = dtype_signature([grads])
-        if capturing(device) or not all(map(Tensor.is_contiguous, grads)) or (
-            entry is not None and entry.grad_dtypes != grad_dtypes
-        ):
-            entry = None
-        elif entry is None and all(all(map(Tensor.is_contiguous, tensors)) for tensors in rows):
-            entry = plan[key] = _PlannedAdamW(
-                ChunkTable(rows, dtype_signature(rows), list(map(Tensor.numel, params)), None, True, True), grad_dtypes
-            )
-            entry.table.point_to(rows)
-        elif entry is not None:
+        entry = None if capturing(device) else plan.get(key)
+        if entry is not None:
+            # The grads' pointers first: that pass brings the new grads' metadata into the cache
+            # for the dtype and contiguity passes that follow.
             entry.table.point_row_to(int(kernels.GRADS), grads)
+            if entry.grad_dtypes != _one_dtype(grads) or not all(map(Tensor.is_contiguous, grads)):
+                entry = None  # grads of another dtype, or strided: built anew below, or the full path
             # A param's storage swapped under the plan (``p.data = x``) moves its pointer: follow it.
-            if entry.table.point_row_to(int(kernels.PARAMS), params) and not all(map(Tensor.is_contiguous, params)):
-                del plan[key]
+            elif entry.table.point_row_to(int(kernels.PARAMS), params) and not all(map(Tensor.is_contiguous, params)):
                 entry = None
+            if entry is None:
+                del plan[key]
+        if entry is None and not capturing(device) and all(all(map(Tensor.is_contiguous, t)) for t in rows):
+            signature = dtype_signature(rows)
+            table = ChunkTable(rows, signature, list(map(Tensor.numel, params)), None, True, True)
+            table.point_to(rows)
+            entry = plan[key] = _PlannedAdamW(table, signature[1])
         if entry is None:
             adamw_(*rows[:5], max_exp_avg_sqs=rows[5] if amsgrad else None, **hyper)
         else:

@@ -176,7 +176,7 @@ class ChunkTable:
         self.chunks = _to_device(torch.cat(all_chunks, dim=1).contiguous(), device, self._staging)
         self.segments = _to_device(torch.cat(all_segments, dim=1).contiguous(), device, self._staging)
         self.arrivals = torch.zeros(num_segments, dtype=torch.int32, device=device) if arrivals else None
-        self._rows: list[list[int] | None] = [None] * len(lists)  # each row's pointers, as last uploaded
+        self._rows: list = [None] * len(lists)  # each row's pointer column, as last uploaded
         self._host = torch.zeros((len(lists), self.num_tensors), dtype=torch.int64)  # the same, as a tensor
         self._misaligned: list[list[bool] | None] = [None] * len(lists)  # per row, per group
         self.addresses = torch.empty((len(lists), self.num_tensors), dtype=torch.int64, device=device)
@@ -196,20 +196,15 @@ class ChunkTable:
         return True
 
     def _set_row(self, row: int, tensors: list[Tensor]) -> bool:
-        pointers = list(map(Tensor.data_ptr, tensors))
-        if pointers == self._rows[row]:
+        pointers = _pointer_column(tensors)
+        if self._rows[row] is not None and _same_column(pointers, self._rows[row]):
             return False
         if self.capturing and self._rows[row] is not None:
             raise RuntimeError("fastopt: a table captured in a CUDA graph cannot point elsewhere")
-        self._host[row] = torch.frombuffer(array.array("q", pointers), dtype=torch.int64)  # one C pass
+        self._host[row] = _as_tensor(pointers)
         self._rows[row] = pointers
-        # Per group: whether a pointer of this row is not 16-byte aligned (the low bits of all
-        # its pointers or'ed together, in C-level passes).
-        self._misaligned[row] = [
-            bool(functools.reduce(operator.or_, pointers if ids is None else map(pointers.__getitem__, ids), 0)
-                 & (VECTOR_BYTES - 1))
-            for ids in self._group_positions
-        ]  # fmt: skip
+        # Per group: whether a pointer of this row is not 16-byte aligned (its low bits, or'ed).
+        self._misaligned[row] = [_low_bits(pointers, ids) != 0 for ids in self._group_positions]
         return True
 
     def _upload(self, rows: list[int] | None) -> None:
@@ -232,6 +227,37 @@ class ChunkTable:
         if not self._whole_blocks:
             return [False] * len(self.groups)
         return [not any(self._misaligned[row][group] for row in rows) for group in range(len(self.groups))]
+
+
+# Address columns: one C-level pass over the tensors (numpy where present, else the array module),
+# no Python object per tensor, and neither a torch op nor a value read from a tensor.
+try:
+    import numpy
+except ImportError:  # pragma: no cover (numpy comes with triton's interpreter and most torch installs)
+    numpy = None
+
+
+def _pointer_column(tensors: list[Tensor]):
+    if numpy is not None:
+        return numpy.fromiter(map(Tensor.data_ptr, tensors), numpy.int64, len(tensors))
+    return array.array("q", map(Tensor.data_ptr, tensors))
+
+
+def _same_column(a, b) -> bool:
+    return bool(numpy.array_equal(a, b)) if numpy is not None else a == b
+
+
+def _as_tensor(column) -> Tensor:
+    return torch.from_numpy(column) if numpy is not None else torch.frombuffer(column, dtype=torch.int64)
+
+
+def _low_bits(column, positions: list[int] | None) -> int:
+    """The low 4 bits of the pointers at ``positions`` (all when None), or'ed together."""
+    if numpy is not None:
+        selected = column if positions is None else column[positions]
+        return int(numpy.bitwise_or.reduce(selected, initial=0)) & (VECTOR_BYTES - 1)
+    selected = column if positions is None else map(column.__getitem__, positions)
+    return functools.reduce(operator.or_, selected, 0) & (VECTOR_BYTES - 1)
 
 
 def _to_device_source(host: Tensor, staging: list[Tensor] | None) -> Tensor:
