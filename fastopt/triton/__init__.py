@@ -6,6 +6,10 @@ layout, so each pass of an op is one kernel launch at any tensor count (``tables
 kernels (``kernels.py``) accumulate in fp32 (fp64 for fp64 tensors), reduce in two
 deterministic stages, and read every scalar that may be a device tensor (lr, grad_scale,
 found_inf, clip_coef, steps) on the device. ``launch.py`` has the ops and their launch counts.
+Every op runs under a device guard for its tensors' device; calls made during CUDA-graph capture
+get private tables that later calls cannot change; launches whose tensors are 16-byte aligned use
+128-bit loads and stores. ``adamw_planned_`` is ``adamw_`` for fastopt.optim.AdamW's step plan,
+which keeps the AdamW table and has only the grads' (and params') pointers re-read per step.
 
 Runs on CUDA tensors; with ``TRITON_INTERPRET=1`` (Triton's interpreter, which CI uses) on CPU
 tensors too. The ops are also registered as torch custom ops (``torch.ops.fastopt_triton.*``,
