@@ -9,6 +9,7 @@ a CUDA graph; what happened is left in ``optimizer.stats`` as device tensors.
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import itertools
 import operator
@@ -17,7 +18,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from fastopt import distributed, ops
+from fastopt import distributed, ops, reference
 
 __all__ = ["AdamW"]
 
@@ -105,6 +106,19 @@ def _lr_on(lr: float | Tensor, device: torch.device) -> float | Tensor:
     return lr.item() if lr.device.type == "cpu" else lr.to(device)
 
 
+def _step_dtype() -> torch.dtype:
+    """The dtype of new step counters: float64 when torch's default dtype is float64, else
+    float32 (torch.optim's ``_get_scalar_dtype``)."""
+    return torch.float64 if torch.get_default_dtype() == torch.float64 else torch.float32
+
+
+def _beta_value(beta: float | Tensor) -> float:
+    """A beta as the ops take it: a float. A tensor beta (torch accepts them) is read on the host:
+    free for a CPU tensor, one device sync per step for a GPU tensor (the ops take betas as
+    numbers; keep tensor betas on the CPU)."""
+    return beta.item() if isinstance(beta, Tensor) else beta
+
+
 def _widest(a: torch.dtype, b: torch.dtype) -> torch.dtype:
     """The dtype that loses nothing of either (of equal widths, ``a``)."""
     return b if torch.finfo(b).bits > torch.finfo(a).bits else a
@@ -147,8 +161,38 @@ class AdamW(torch.optim.Optimizer):
     and step counters untouched.
     """
 
-    _step_supports_amp_scaling = True  # GradScaler hands over grad_scale / found_inf, never unscales
     _fastopt_can_check_inf = True  # fastopt.amp.GradScaler may leave the inf/nan check to our read pass
+
+    # fastopt's settings beyond torch's param groups: what a copy (deepcopy, pickle,
+    # torch.save(optimizer)) must keep, with torch's own "defaults", "state" and "param_groups".
+    _SETTINGS = ("max_grad_norm", "state_dtype", "process_group", "spike_guard", "spike_warmup",
+                 "spike_ema_decay", "monitor", "spike_state", "stats", "_layout_version")  # fmt: skip
+
+    @property
+    def _step_supports_amp_scaling(self) -> bool:
+        """Whether ``torch.amp.GradScaler.step`` hands this optimizer ``grad_scale`` / ``found_inf``
+        instead of unscaling the grads and reading the overflow flag on the host first.
+
+        True when the step itself clips or guards (``max_grad_norm``, ``spike_guard``, AGC in any
+        group) — then it unscales on the fly and skips an overflow on the device, with no sync —
+        or with ``fused=True``, as torch's fused AdamW declares it. Otherwise False, as torch's
+        AdamW: GradScaler unscales first, and frameworks that clip between unscale and step
+        (Lightning's ``gradient_clip_val``, accelerate's ``clip_grad_norm_``) accept the optimizer.
+        ``fastopt.amp.GradScaler`` checks for overflows in the step's own read pass either way.
+        Assigning it (``optimizer._step_supports_amp_scaling = True``) overrides the choice."""
+        override = self.__dict__.get("_amp_scaling_override")
+        if override is not None:
+            return override
+        return bool(
+            self.defaults.get("fused")
+            or getattr(self, "max_grad_norm", None) is not None
+            or getattr(self, "spike_guard", None) is not None
+            or any(group.get("agc_clip_factor") is not None for group in self.param_groups)
+        )
+
+    @_step_supports_amp_scaling.setter
+    def _step_supports_amp_scaling(self, value: bool) -> None:
+        self.__dict__["_amp_scaling_override"] = bool(value)
 
     def __init__(
         self,
@@ -188,6 +232,16 @@ class AdamW(torch.optim.Optimizer):
             raise ValueError(f"Invalid beta parameter at index 1: {betas[1]}")
         if not 0.0 <= weight_decay:
             raise ValueError(f"Invalid weight_decay value: {weight_decay}")
+        if not (
+            (isinstance(betas[0], float) and isinstance(betas[1], float))
+            or (isinstance(betas[0], Tensor) and isinstance(betas[1], Tensor))
+        ):
+            raise ValueError("betas must be either both floats or both Tensors")
+        for k, beta in enumerate(betas):
+            if isinstance(beta, Tensor) and beta.numel() != 1:
+                raise ValueError(f"Tensor betas[{k}] must be 1-element")
+        # As torch: a 1-element tensor beta is kept as a 0-d tensor (read on the host by step()).
+        betas = tuple(beta.squeeze() if isinstance(beta, Tensor) and beta.dim() != 0 else beta for beta in betas)
         if differentiable:
             raise ValueError("fastopt.optim.AdamW does not support differentiable=True")
         if max_grad_norm is not None:
@@ -232,6 +286,28 @@ class AdamW(torch.optim.Optimizer):
         super().add_param_group(param_group)
         self._layout_version = getattr(self, "_layout_version", 0) + 1
 
+    def __getstate__(self):
+        """torch's state (defaults, state, param_groups) and fastopt's settings, so that a copy
+        clips, guards and keeps moments as the original does. The step plan (a cache of tensor
+        lists) is left out: a copy builds its own."""
+        state = super().__getstate__()
+        state.update({name: self.__dict__[name] for name in self._SETTINGS if name in self.__dict__})
+        if "_amp_scaling_override" in self.__dict__:
+            state["_amp_scaling_override"] = self.__dict__["_amp_scaling_override"]
+        return state
+
+    def __deepcopy__(self, memo):
+        """A deep copy (params, states and settings copied) that shares the process group: a
+        communicator is a handle to the ranks, not data. (Pickling a process group fails, as it
+        does for any torch.distributed group: save ``state_dict()`` for a ZeRO-split optimizer.)"""
+        group = self.__dict__.get("process_group")
+        if group is not None:
+            memo[id(group)] = group
+        copied = type(self).__new__(type(self))
+        memo[id(self)] = copied
+        copied.__setstate__(copy.deepcopy(self.__getstate__(), memo))
+        return copied
+
     def __setstate__(self, state):
         super().__setstate__(state)
         defaults = {"amsgrad": False, "maximize": False, "foreach": None, "capturable": False,
@@ -261,7 +337,8 @@ class AdamW(torch.optim.Optimizer):
     def load_state_dict(self, state_dict) -> None:
         """torch's loader, then two corrections: moments keep their saved dtype when it is wider
         than the param's (torch would round fp32 moments down to a bf16 param's dtype), and step
-        counters live on the param's device as float32 tensors (the step never syncs)."""
+        counters live on the param's device as float32 tensors (float64 ones stay float64, as
+        torch keeps them under a float64 default dtype), so the step never syncs."""
         saved_state = state_dict["state"]
         saved_ids = [i for group in state_dict["param_groups"] for i in group["params"]]
         super().load_state_dict(state_dict)
@@ -273,8 +350,9 @@ class AdamW(torch.optim.Optimizer):
             for key, saved in saved_state[saved_id].items():
                 if not isinstance(saved, Tensor):
                     continue
-                if key == "step":
-                    state[key] = state[key].to(device=param.device, dtype=torch.float32)
+                if key == "step":  # float64 stays float64 (torch's under a float64 default dtype)
+                    dtype = torch.float64 if saved.dtype == torch.float64 else torch.float32
+                    state[key] = state[key].to(device=param.device, dtype=dtype)
                 elif saved.is_floating_point() and param.is_floating_point():
                     dtype = _widest(saved.dtype, param.dtype)
                     if dtype != state[key].dtype:
@@ -287,7 +365,7 @@ class AdamW(torch.optim.Optimizer):
         state = self.state[param]
         if not state:
             dtype = self.state_dtype or param.dtype
-            state["step"] = torch.zeros((), dtype=torch.float32, device=param.device)
+            state["step"] = torch.zeros((), dtype=_step_dtype(), device=param.device)
             state["exp_avg"] = torch.zeros_like(param, dtype=dtype, memory_format=torch.preserve_format)
             state["exp_avg_sq"] = torch.zeros_like(param, dtype=dtype, memory_format=torch.preserve_format)
         if amsgrad and "max_exp_avg_sq" not in state:
@@ -333,12 +411,29 @@ class AdamW(torch.optim.Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
+        if torch.compiler.is_compiling():
+            self._check_param_groups()
+            gathered = self._gather_traced()
+            if gathered is None:  # what torch.compile cannot trace runs eagerly, behind one graph break
+                _eager_step_untraced(self)
+            else:
+                self._update(gathered, None, False, _TracedKernels)
+            return loss
+        self._eager_step()
+        return loss
 
+    def _eager_step(self) -> None:
         self._check_param_groups()
         gathered, plan, prechecked = self._gather_step()  # prechecked: validated by an earlier step
+        self._update(gathered, plan, prechecked, ops)
+
+    def _update(self, gathered: list, plan: "_StepPlan | None", prechecked: bool, kernels) -> None:
+        """The two passes over ``gathered`` ([(group, {device: _GroupLists})]), with ``kernels``:
+        ``fastopt.ops`` (validated, the backends' kernels), or, under torch.compile, the reference
+        formulas in torch ops (``_TracedKernels``), which Inductor compiles."""
         devices = list(dict.fromkeys(d for _, by_device in gathered for d in by_device))
         if not devices:
-            return loss
+            return
         home = devices[0]  # where the global quantities (norm, flags, stats) live
         stats = self._stats_on(home)
         grads_by_device = {
@@ -364,14 +459,14 @@ class AdamW(torch.optim.Optimizer):
                 flag = self._device_flag(found_inf_used, device, check_inf)
                 if flag is None:  # the scaler already checked: the op still wants a flag to set
                     flag = _zeros(device)
-                ops.unscale_and_check_(
+                kernels.unscale_and_check_(
                     grads_by_device[device], inv_scale.to(device), flag, process_group=self.process_group
                 )
                 self._merge_flag(found_inf_used, flag, check_inf)
             grad_scale, check_inf = None, False
         for group, by_device in agc_groups:
             for lists in by_device.values():
-                ops.adaptive_clip_(lists.params, lists.grads, group["agc_clip_factor"], group["agc_eps"])
+                kernels.adaptive_clip_(lists.params, lists.grads, group["agc_clip_factor"], group["agc_eps"])
 
         # Pass 1: one read of all grads for the global norm (and the inf check, if ours to do),
         # with the per-tensor norms from the same read when a monitor wants them.
@@ -380,12 +475,12 @@ class AdamW(torch.optim.Optimizer):
         for device in devices:
             flag = self._device_flag(found_inf_used, device, check_inf)
             if prechecked:
-                norms = ops.multi_tensor_norm_prechecked(
+                norms = kernels.multi_tensor_norm_prechecked(
                     grads_by_device[device], device, per_tensor=per_tensor, found_inf=flag,
                     process_group=self.process_group,
                 )  # fmt: skip
             else:
-                norms = ops.multi_tensor_norm(
+                norms = kernels.multi_tensor_norm(
                     grads_by_device[device], per_tensor=per_tensor, found_inf=flag, process_group=self.process_group
                 )
             device_norms.append((norms[0] if per_tensor else norms).to(home))
@@ -421,7 +516,7 @@ class AdamW(torch.optim.Optimizer):
 
         # Pass 2: the update, one call per group and device; a non-zero found_inf changes nothing.
         for group, by_device in gathered:
-            beta1, beta2 = group["betas"]
+            beta1, beta2 = map(_beta_value, group["betas"])
             for device, lists in by_device.items():
                 on_device = lambda t: None if t is None else t.to(device)  # noqa: E731
                 hyper = dict(
@@ -430,14 +525,64 @@ class AdamW(torch.optim.Optimizer):
                     found_inf=on_device(skip), clip_coef=on_device(clip_coef),
                 )  # fmt: skip
                 if prechecked:
-                    ops.adamw_prechecked_(lists.as_op_lists(group["amsgrad"]), device, **hyper, plan=lists.backend_plan)
+                    kernels.adamw_prechecked_(lists.as_op_lists(group["amsgrad"]), device, **hyper, plan=lists.backend_plan)
                 else:
-                    ops.adamw_(
+                    kernels.adamw_(
                         lists.params, lists.grads, lists.exp_avgs, lists.exp_avg_sqs, lists.steps,
                         max_exp_avg_sqs=lists.max_exp_avg_sqs if group["amsgrad"] else None, **hyper,
                     )  # fmt: skip
-        self._step_plan = plan  # every op accepted these lists: later steps may reuse them
-        return loss
+        if kernels is ops:
+            self._step_plan = plan  # every op accepted these lists: later steps may reuse them
+
+    def _init_group(self, group, params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps) -> bool:
+        """Fill the lists with the group's params that have a grad and their states (created on
+        first use). Under torch.compile, dynamo runs this method eagerly instead of tracing it
+        (as for torch's optimizers): the states it creates are real tensors, graph inputs at
+        static addresses. Returns whether any param has a grad."""
+        for param in group["params"]:
+            if param.grad is None:
+                continue
+            if param.grad.is_sparse:
+                raise RuntimeError("AdamW does not support sparse gradients")
+            state = self._init_state(param, group["amsgrad"])
+            params.append(param)
+            grads.append(param.grad)
+            exp_avgs.append(state["exp_avg"])
+            exp_avg_sqs.append(state["exp_avg_sq"])
+            steps.append(state["step"])
+            if group["amsgrad"]:
+                max_exp_avg_sqs.append(state["max_exp_avg_sq"])
+        if params:  # the step's own tensors too: made here, they are real tensors when traced
+            self._stats_on(params[0].device)
+            if self.spike_guard is not None:
+                self._spike_state_on(params[0].device)
+        return bool(params)
+
+    def _gather_traced(self) -> list | None:
+        """What ``_gather_step`` returns, for a step traced by torch.compile: the params with grads
+        of every group, through ``_init_group``. None when the step is not one that fastopt traces
+        (then it runs eagerly behind a graph break): params on several devices or sharded
+        (DTensor), a ``process_group``, a ``monitor``, tensor betas (read on the host)."""
+        if self.process_group is not None or self.monitor is not None:
+            return None
+        gathered, device = [], None
+        for group in self.param_groups:
+            if any(isinstance(beta, Tensor) for beta in group["betas"]):
+                return None
+            params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps = [], [], [], [], [], []
+            self._init_group(group, params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps)
+            if not params:
+                continue
+            if distributed.any_dtensor(params):
+                return None
+            for param in params:
+                if device is None:
+                    device = param.device
+                elif param.device != device:
+                    return None
+            lists = _GroupLists(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps)
+            gathered.append((group, {device: lists}))
+        return gathered
 
     def _gather_step(self) -> tuple[list, _StepPlan | None, bool]:
         """The params with grads and their states, by group and device; the plan they form; and
@@ -470,6 +615,10 @@ class AdamW(torch.optim.Optimizer):
             if not isinstance(group["lr"], Tensor):
                 ops.check_real(f"{where}['lr']", group["lr"], minimum=0.0)
             for k, beta in enumerate(group["betas"]):
+                if isinstance(beta, Tensor):  # its value is read (and range-checked) by the op
+                    if beta.numel() != 1 or not beta.is_floating_point():
+                        raise ValueError(f"{where}['betas'][{k}] must be a number or a 1-element floating tensor")
+                    continue
                 ops.check_real(f"{where}['betas'][{k}]", beta, minimum=0.0, below=1.0)
             ops.check_real(f"{where}['eps']", group["eps"], minimum=0.0)
             ops.check_real(f"{where}['weight_decay']", group["weight_decay"], minimum=0.0)
@@ -485,11 +634,7 @@ class AdamW(torch.optim.Optimizer):
         of the first steps too), kept on the device in ``state["spike_guard"]`` and saved with
         the optimizer; the first ``spike_warmup`` accepted steps only feed it.
         """
-        guard = self.spike_state
-        if not guard:
-            guard.update(ema=_zeros(grad_norm.device), accepted=_zeros(grad_norm.device))
-        elif guard["ema"].device != grad_norm.device:
-            guard.update({k: v.to(grad_norm.device) for k, v in guard.items()})
+        guard = self._spike_state_on(grad_norm.device)
         decay = self.spike_ema_decay
         average = guard["ema"] / (1 - torch.pow(decay, guard["accepted"]))  # nan before the first
         jump = (guard["accepted"] >= self.spike_warmup) & (grad_norm > self.spike_guard * average)
@@ -499,6 +644,14 @@ class AdamW(torch.optim.Optimizer):
         guard["accepted"].add_(accept)
         self.stats["spikes"].add_(spike)
         return spike.float()
+
+    def _spike_state_on(self, device: torch.device) -> dict[str, Tensor]:
+        guard = self.spike_state
+        if not guard:
+            guard.update(ema=_zeros(device), accepted=_zeros(device))
+        elif guard["ema"].device != device:
+            guard.update({k: v.to(device) for k, v in guard.items()})
+        return guard
 
     @staticmethod
     def _device_flag(found_inf: Tensor | None, device: torch.device, check_inf: bool) -> Tensor | None:
@@ -511,3 +664,41 @@ class AdamW(torch.optim.Optimizer):
     def _merge_flag(found_inf: Tensor | None, flag: Tensor | None, check_inf: bool) -> None:
         if check_inf and flag is not found_inf:
             found_inf.copy_(torch.maximum(found_inf, flag.to(found_inf.device)))
+
+
+_eager_step_untraced = torch.compiler.disable(AdamW._eager_step)
+
+
+def _traced_scalar(value):
+    """A float, or a 1-element tensor as a 0-d one (what ``fastopt.ops`` hands the backends)."""
+    return value.reshape(()) if isinstance(value, Tensor) else value
+
+
+class _TracedKernels:
+    """The step's kernels under torch.compile: fastopt's reference formulas (``fastopt.reference``,
+    torch ops) called directly, with the arguments the step has already put in the backends' form.
+    ``fastopt.ops``' checks read memory addresses (``data_ptr``) that a traced tensor does not
+    have, and the compiled backends' kernels are opaque to Inductor; these formulas are the ones
+    every backend is tested against, and Inductor fuses them into its own kernels (as it does for
+    torch's optimizers). Only the ops the step calls, with the step's signatures."""
+
+    @staticmethod
+    def unscale_and_check_(tensors, inv_scale, found_inf, *, process_group=None) -> None:
+        reference.unscale_and_check_(tensors, _traced_scalar(inv_scale), found_inf)
+
+    @staticmethod
+    def adaptive_clip_(params, grads, clip_factor, eps) -> None:
+        reference.adaptive_clip_(params, grads, float(clip_factor), float(eps), 2.0, True)
+
+    @staticmethod
+    def multi_tensor_norm(tensors, *, per_tensor=False, found_inf=None, process_group=None):
+        return reference.multi_tensor_norm(tensors, 2.0, per_tensor, found_inf)
+
+    @staticmethod
+    def adamw_(params, grads, exp_avgs, exp_avg_sqs, steps, *, max_exp_avg_sqs=None, lr, beta1, beta2, eps,
+               weight_decay, maximize=False, grad_scale=None, found_inf=None, clip_coef=None) -> None:  # fmt: skip
+        reference.adamw_(
+            params, grads, exp_avgs, exp_avg_sqs, steps, lr=_traced_scalar(lr), beta1=beta1, beta2=beta2, eps=eps,
+            weight_decay=weight_decay, maximize=bool(maximize), max_exp_avg_sqs=max_exp_avg_sqs,
+            grad_scale=_traced_scalar(grad_scale), found_inf=found_inf, clip_coef=_traced_scalar(clip_coef),
+        )  # fmt: skip
