@@ -3,6 +3,11 @@
 They take what torch's take (a tensor or an iterable of parameters), work on the ``.grad`` of
 each parameter that has one, group by device, and call the functional ops. None of them syncs
 the host, except ``clip_grad_norm_(error_if_nonfinite=True)``, which must read the norm to raise.
+
+Under torch.compile they trace fastopt's reference formulas (``fastopt.reference``, torch ops that
+Inductor fuses) after the checks that need no memory address; the backends' kernels and the
+memory-overlap checks (``data_ptr``) are for eager calls. What cannot be traced (sharded DTensor
+grads, a ``process_group``, ``error_if_nonfinite=True``) runs eagerly behind one graph break.
 """
 
 from __future__ import annotations
@@ -12,7 +17,7 @@ from collections.abc import Iterable
 import torch
 from torch import Tensor
 
-from fastopt import distributed, ops
+from fastopt import distributed, ops, reference
 
 __all__ = ["clip_grad_norm_", "clip_grad_value_", "adaptive_clip_grad_"]
 
@@ -50,6 +55,20 @@ def _check_grads_writable(groups, *, params_are_read: bool = False) -> None:
         ops.check_writable({labels: distributed.to_local(grads)}, read_only=read_only)
 
 
+def _traced_groups(parameters, process_group=None):
+    """Under torch.compile: the grads by device, checked as far as a traced tensor allows (type,
+    layout, dtype), or None when the call must run eagerly (not compiling, sharded grads, a
+    process group)."""
+    if not torch.compiler.is_compiling() or process_group is not None:
+        return None
+    groups = _grads_by_device(parameters)
+    for params, grads, labels in groups:
+        ops.check_dense_floating(grads, labels)
+        if distributed.any_dtensor(grads):
+            return None
+    return groups
+
+
 @torch.no_grad()
 def clip_grad_norm_(
     parameters, max_norm, norm_type=2.0, error_if_nonfinite: bool = False, foreach=None, *, process_group=None
@@ -63,6 +82,26 @@ def clip_grad_norm_(
     plain tensor equal on every rank (no ``.full_tensor()`` needed); ``process_group`` makes it
     global over a ZeRO-style split of the params.
     """
+    if torch.compiler.is_compiling():
+        if isinstance(parameters, Tensor):
+            parameters = [parameters]
+        parameters = list(parameters)  # read twice when the traced path gives way to the eager one
+        groups = None if error_if_nonfinite else _traced_groups(parameters, process_group)
+        if groups is None:
+            return _clip_grad_norm_untraced(parameters, max_norm, norm_type, error_if_nonfinite, process_group=process_group)
+        max_norm = ops.check_real("max_norm", max_norm, minimum=0.0, finite=False)
+        norm_type = ops.check_norm_type(norm_type)
+        if not groups:
+            return torch.tensor(0.0)
+        norms = [reference.multi_tensor_norm(grads, norm_type, False) for _, grads, _ in groups]
+        first_device = norms[0].device
+        total_norm = norms[0] if len(norms) == 1 else torch.linalg.vector_norm(
+            torch.stack([n.to(first_device) for n in norms]), norm_type
+        )
+        clip_coef = torch.clamp(max_norm / (total_norm + 1e-6), max=1.0)
+        for _, grads, _ in groups:
+            reference.scale_(grads, clip_coef.to(grads[0].device))
+        return total_norm
     groups = _grads_by_device(parameters)
     max_norm = ops.check_real("max_norm", max_norm, minimum=0.0, finite=False)
     norm_type = ops.check_norm_type(norm_type)
@@ -94,6 +133,14 @@ def clip_grad_norm_(
 @torch.no_grad()
 def clip_grad_value_(parameters, clip_value, foreach=None) -> None:
     """torch.nn.utils.clip_grad_value_: clamp every grad to [-clip_value, clip_value] in place."""
+    if torch.compiler.is_compiling() and not isinstance(parameters, Tensor):
+        parameters = list(parameters)  # read twice when the traced path gives way to the eager one
+    traced = _traced_groups(parameters)
+    if traced is not None:
+        clip_value = ops.check_real("clip_value", clip_value, minimum=0.0, finite=False)
+        for _, grads, _ in traced:
+            reference.clamp_(grads, clip_value)
+        return
     groups = _grads_by_device(parameters)
     clip_value = ops.check_real("clip_value", clip_value, minimum=0.0, finite=False)
     _check_grads_writable(groups)
@@ -117,3 +164,7 @@ def adaptive_clip_grad_(parameters, clip_factor=0.01, eps=1e-3, norm_type=2.0, *
     _check_grads_writable(groups, params_are_read=True)
     for params, grads, _ in groups:
         ops.adaptive_clip_(params, grads, clip_factor, eps, norm_type, unitwise=unitwise)
+
+
+# The eager clip_grad_norm_, for what torch.compile cannot trace: run outside the graph.
+_clip_grad_norm_untraced = torch.compiler.disable(clip_grad_norm_)
