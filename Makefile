@@ -8,7 +8,7 @@ STAMP := $(VENV)/.fastopt-installed
 # A python that already has torch (e.g. a GPU machine's) keeps it: the venv sees its packages.
 TORCH_SPEC ?= $(if $(shell command -v nvidia-smi 2>/dev/null),torch==2.14.1,torch==2.13.0)
 
-.PHONY: bench test test-cpu test-triton test-cuda-build ctest info clean
+.PHONY: bench test test-cpu test-reference test-triton test-cuda-build ctest info clean
 
 bench: $(STAMP)
 	$(PY) -m fastopt bench
@@ -20,6 +20,11 @@ test: $(STAMP)
 # tensors too when it is built, so this fails instead of falling back when it is not).
 test-cpu: $(STAMP)
 	FASTOPT_BACKEND=cpu $(PY) -m pytest
+
+# The suite on the plain-torch reference backend (the oracle), bit for bit against torch where
+# torch's formulas allow it.
+test-reference: $(STAMP)
+	FASTOPT_BACKEND=torch $(PY) -m pytest
 
 # The suite again on the Triton backend, its kernels run on CPU tensors by Triton's interpreter.
 test-triton: $(STAMP)
@@ -81,4 +86,4 @@ $(STAMP): pyproject.toml setup.py
 	@touch $@
 
 clean:
-	rm -rf $(VENV) $(CUDA_VENV) build fastopt/_build_info.py *.egg-info fastopt/_C*.so .pytest_cache .hypothesis .benchmarks
+	rm -rf $(VENV) $(CUDA_VENV) build fastopt/_build_info.py *.egg-info fastopt/_C*.so fastopt/_cpu*.so .pytest_cache .hypothesis .benchmarks

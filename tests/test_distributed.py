@@ -6,7 +6,6 @@ import pytest
 import torch.distributed as dist
 
 from tests import distributed_workers as workers
-from tests.helpers import active_backend
 
 pytestmark = [
     pytest.mark.distributed,
@@ -22,9 +21,6 @@ def test_ddp_trajectory_equals_torch_bitwise():
 @pytest.mark.parametrize("world_size", [2, 4])
 @pytest.mark.parametrize("model_name", ["mlp", "transformer"])
 def test_fsdp2_norms_and_trajectory_equal_torch(world_size, model_name):
-    if model_name == "transformer" and active_backend() != "torch":
-        pytest.skip("its attention key biases have zero gradient up to rounding, which Adam amplifies: only the "
-                    "torch backend (torch's own rounding) tracks torch's trajectory on it")
     workers.launch(workers.fsdp_matches_torch, world_size, model_name)
 
 
