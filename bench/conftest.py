@@ -9,7 +9,7 @@ def pytest_addoption(parser):
     group = parser.getgroup("fastopt bench")
     group.addoption("--bench-compile", action="store_true", help="also time torch.compile of the step (slow)")
     group.addoption(
-        "--bench-size", choices=SIZES, help="full: DESIGN.md's sizes; cpu: scaled down (default: by device)"
+        "--bench-size", choices=SIZES, help="full: docs/design.md's sizes; cpu: scaled down (default: by device)"
     )
     group.addoption("--bench-min-time", type=float, default=0.2, help="seconds of timed calls per benchmark")
 

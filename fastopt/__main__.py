@@ -140,7 +140,7 @@ def main(argv: list[str] | None = None) -> int:
     bench_parser.add_argument(
         "--size",
         choices=workloads.SIZES,
-        help="full: DESIGN.md's sizes (1.3 B params, ...); cpu: the same layouts scaled down; tiny: a smoke "
+        help="full: docs/design.md's sizes (1.3 B params, ...); cpu: the same layouts scaled down; tiny: a smoke "
         "test of the harness. Default: full on a GPU, cpu on a CPU",
     )
     bench_parser.add_argument(

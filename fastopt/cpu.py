@@ -5,7 +5,7 @@ The same machinery as the CUDA backend, compiled for the host: the chunk plan (`
 cuts all tensors of a call into blocks of 64 K elements, one ``at::parallel_for`` walks them, and
 each block runs the per-element math of ``csrc/element_math.h`` in a loop that g++ vectorises,
 compiled per ISA and chosen at run time. Reductions fold per-block partials in a fixed order, so
-results do not depend on the number of threads. A step is the two passes of DESIGN.md section 1.
+results do not depend on the number of threads. A step is the two passes of docs/design.md section 1.
 
 Scalars held in 0-d tensors (lr, grad_scale, clip_coef, found_inf) are read by the extension from
 host memory (no dispatcher call, no synchronisation on CPU). A skipped step (``found_inf != 0``)

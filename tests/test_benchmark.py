@@ -26,7 +26,7 @@ def test_many_small_shapes_are_in_range_and_reproducible():
     sizes = [s[0] for s in shapes]
     assert len(sizes) == 5000 and min(sizes) >= 256 and max(sizes) <= 65536
     assert shapes == benchmark.many_small_shapes(5000, 256, 65536)
-    assert 1.60e8 < sum(sizes) < 1.68e8  # DESIGN.md's 164 M params
+    assert 1.60e8 < sum(sizes) < 1.68e8  # docs/design.md's 164 M params
 
 
 def test_resnet50_shapes_match_torchvision():
@@ -57,7 +57,7 @@ def test_default_workloads_cover_families_and_dtypes():
         ("clip_grad_norm_", "fp32", 12),
         ("adaptive_clip_grad_", "bf16-grads", 4 + 2 * 2),
         ("adamw step", "fp32", 28),
-        ("clip + adamw step", "fp32", 32),  # DESIGN.md section 1: the two-pass floor
+        ("clip + adamw step", "fp32", 32),  # docs/design.md section 1: the two-pass floor
         ("AMP step", "fp32", 32),
         ("AMP step", "bf16", 16),
         ("clip + adamw step", "bf16-grads", 2 * 4 + 2 * 2 + 4 * 4),

@@ -172,7 +172,7 @@ def test_agc_floors_small_weights_at_eps(device):
 
 
 def test_agc_equals_timm_formula():
-    """The formula as timm writes it (timm.utils.agc), which DESIGN.md follows."""
+    """The formula as timm writes it (timm.utils.agc), which docs/design.md follows."""
 
     def unitwise_norm(x, norm_type):
         if x.ndim <= 1:

@@ -1,6 +1,6 @@
 """Workloads named after what users train: parameter shapes and dtypes.
 
-On a GPU the sizes of DESIGN.md's anchors; on a CPU the same layouts scaled down, so that a full
+On a GPU the sizes of docs/design.md's anchors; on a CPU the same layouts scaled down, so that a full
 run takes minutes on two cores.
 """
 
@@ -92,7 +92,7 @@ def gpt_shapes(layers: int, width: int, vocab: int, context: int) -> tuple[tuple
 
 def many_small_shapes(count: int, smallest: int, largest: int, seed: int = 0) -> tuple[tuple[int, ...], ...]:
     """``count`` 1-D tensors with sizes uniform in [smallest, largest] (biases, norms, LoRA
-    adapters): DESIGN.md's 5,000 tensors of 256 to 64 K elements hold 164 M params."""
+    adapters): docs/design.md's 5,000 tensors of 256 to 64 K elements hold 164 M params."""
     generator = torch.Generator().manual_seed(seed)
     sizes = torch.randint(smallest, largest + 1, (count,), generator=generator)
     return tuple((int(n),) for n in sizes.tolist())
@@ -125,7 +125,7 @@ def resnet50_shapes(width_divisor: int = 1, num_classes: int = 1000) -> tuple[tu
 
 
 def family_shapes(family: str, size: str) -> tuple[tuple[int, ...], ...]:
-    """``size="full"``: DESIGN.md's anchors (GPT-like 1.3 B params in 292 tensors; 5,000 small
+    """``size="full"``: docs/design.md's anchors (GPT-like 1.3 B params in 292 tensors; 5,000 small
     tensors, 164 M params; ResNet-50, 25.6 M params). ``size="cpu"``: the same layouts scaled
     down (5.3 M, 2.0 M and 2.0 M params) so that a CPU run takes minutes. ``size="tiny"``: a
     smoke test of the harness (seconds), not a measurement."""
