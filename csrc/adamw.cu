@@ -176,8 +176,8 @@ template <typename P, typename G, typename S, bool Amsgrad>
 void launch_build(const DeviceTable& table, LaunchRange range, const AdamWArgs& args, cudaStream_t stream) {
   static const int per_multiprocessor =
       resident_blocks_per_multiprocessor(adamw_kernel<P, G, S, Amsgrad>, kThreads);
-  adamw_kernel<P, G, S, Amsgrad><<<persistent_grid(per_multiprocessor, range), kThreads, 0, stream>>>(table, range,
-                                                                                                       args);
+  FASTOPT_LAUNCH(persistent_grid(per_multiprocessor, range), kThreads, 0, stream, adamw_kernel<P, G, S, Amsgrad>)(
+      table, range, args);
 }
 
 template <typename P, typename G, typename S>

@@ -96,8 +96,8 @@ void launch_pair_norm_partials(const DeviceTable& table, LaunchRange range, Norm
                                double* partials, cudaStream_t stream) {
   if (range.num_chunks == 0) return;
   static const int per_multiprocessor = resident_blocks_per_multiprocessor(pair_norm_partials_kernel, kThreads);
-  pair_norm_partials_kernel<<<persistent_grid(per_multiprocessor, range), kThreads, 0, stream>>>(table, range, kind,
-                                                                                              p, partials);
+  FASTOPT_LAUNCH(persistent_grid(per_multiprocessor, range), kThreads, 0, stream, pair_norm_partials_kernel)(
+      table, range, kind, p, partials);
 }
 
 void launch_agc_coefficients(const DeviceTable& table, const double* partials, NormKind kind,
@@ -107,8 +107,8 @@ void launch_agc_coefficients(const DeviceTable& table, const double* partials, N
   const int64_t warps_per_block = kCoefficientThreads / 32;
   int64_t blocks = (table.num_segments + warps_per_block - 1) / warps_per_block;
   if (blocks < table.num_large_segments) blocks = table.num_large_segments;
-  agc_coefficients_kernel<<<static_cast<int>(blocks < 65535 ? blocks : 65535), kCoefficientThreads, 0, stream>>>(
-      table, partials, kind, p, clip_factor, eps, coefficients);
+  FASTOPT_LAUNCH(static_cast<int>(blocks < 65535 ? blocks : 65535), kCoefficientThreads, 0, stream,
+                 agc_coefficients_kernel)(table, partials, kind, p, clip_factor, eps, coefficients);
 }
 
 }  // namespace fastopt

@@ -40,14 +40,14 @@ void launch_scale(const DeviceTable& table, LaunchRange range, int64_t list, Sca
                   const double* segment_factors, cudaStream_t stream) {
   if (range.num_chunks == 0) return;
   static const int per_multiprocessor = resident_blocks_per_multiprocessor(scale_kernel, kThreads);
-  scale_kernel<<<persistent_grid(per_multiprocessor, range), kThreads, 0, stream>>>(table, range, list, factor,
-                                                                                 segment_factors);
+  FASTOPT_LAUNCH(persistent_grid(per_multiprocessor, range), kThreads, 0, stream, scale_kernel)(table, range, list,
+                                                                                              factor, segment_factors);
 }
 
 void launch_clamp(const DeviceTable& table, LaunchRange range, double limit, cudaStream_t stream) {
   if (range.num_chunks == 0) return;
   static const int per_multiprocessor = resident_blocks_per_multiprocessor(clamp_kernel, kThreads);
-  clamp_kernel<<<persistent_grid(per_multiprocessor, range), kThreads, 0, stream>>>(table, range, limit);
+  FASTOPT_LAUNCH(persistent_grid(per_multiprocessor, range), kThreads, 0, stream, clamp_kernel)(table, range, limit);
 }
 
 }  // namespace fastopt

@@ -17,6 +17,13 @@
 
 #include "kernels.h"
 
+// kernel<<<grid, block, shared, stream>>>(args...) is written
+// FASTOPT_LAUNCH(grid, block, shared, stream, kernel)(args...): the host emulation of the device
+// (csrc/emulation, which runs these kernels on the CPU in CI) defines it as its launch.
+#ifndef FASTOPT_LAUNCH
+#define FASTOPT_LAUNCH(grid, block, shared, stream, ...) __VA_ARGS__<<<grid, block, shared, stream>>>
+#endif
+
 namespace fastopt {
 
 // --------------------------------------------------------------------------- global memory

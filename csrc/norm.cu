@@ -102,7 +102,7 @@ void launch_partials(const DeviceTable& table, LaunchRange range, int64_t list, 
                      float* found_inf, ScalarArg inv_scale, cudaStream_t stream) {
   static const int per_multiprocessor =
       resident_blocks_per_multiprocessor(norm_partials_kernel<kind, unscale>, kThreads);
-  norm_partials_kernel<kind, unscale><<<persistent_grid(per_multiprocessor, range), kThreads, 0, stream>>>(
+  FASTOPT_LAUNCH(persistent_grid(per_multiprocessor, range), kThreads, 0, stream, norm_partials_kernel<kind, unscale>)(
       table, range, list, p, partials, found_inf, inv_scale);
 }
 
@@ -148,8 +148,8 @@ void launch_norm_finish(const DeviceTable& table, const double* partials, NormKi
   const int64_t most = std::min<int64_t>(multiprocessors, kMaxFinishBlocks);
   blocks = std::max<int64_t>(1, std::min(blocks, most));
   if (cudaMemsetAsync(arrival, 0, sizeof(int), stream) != cudaSuccess) return;  // reported by the launch check
-  norm_finish_kernel<<<static_cast<int>(blocks), kFinishThreads, 0, stream>>>(table, partials, kind, p, norms, total,
-                                                                              block_totals, arrival);
+  FASTOPT_LAUNCH(static_cast<int>(blocks), kFinishThreads, 0, stream, norm_finish_kernel)(
+      table, partials, kind, p, norms, total, block_totals, arrival);
 }
 
 }  // namespace fastopt

@@ -26,6 +26,20 @@
 #include "chunk_plan.h"
 #include "kernels.h"
 
+// What these ops are registered as. The build on the host emulation of the device
+// (csrc/emulation/ops_emulated.cpp) defines its own: torch.ops.fastopt_emulated.* for CPU tensors
+// in fastopt._C_emulated, table uploads from plain host memory.
+#ifndef FASTOPT_OPS_LIBRARY
+#define FASTOPT_OPS_LIBRARY fastopt
+#define FASTOPT_OPS_DISPATCH_KEY CUDA
+#define FASTOPT_OPS_DEVICE_TYPE at::kCUDA
+#define FASTOPT_OPS_PINNED true
+#define FASTOPT_OPS_MODULE "fastopt._C"
+#define FASTOPT_OPS_MODULE_INIT PyInit__C
+#endif
+#define FASTOPT_TORCH_LIBRARY(ns, m) TORCH_LIBRARY(ns, m)
+#define FASTOPT_TORCH_LIBRARY_IMPL(ns, key, m) TORCH_LIBRARY_IMPL(ns, key, m)
+
 namespace fastopt {
 namespace {
 
@@ -49,7 +63,7 @@ void check_lists(const std::vector<std::pair<const char*, const TensorList*>>& l
   const TensorList& first = *lists.front().second;
   TORCH_CHECK(!first.empty(), "fastopt: ", lists.front().first, " must not be empty");
   const at::Device device = first.front().device();
-  TORCH_CHECK(device.is_cuda(), "fastopt: the CUDA backend needs CUDA tensors, got ", device);
+  TORCH_CHECK(device.type() == FASTOPT_OPS_DEVICE_TYPE, "fastopt: the CUDA backend needs CUDA tensors, got ", device);
   for (const auto& [name, tensors] : lists) {
     TORCH_CHECK(tensors->size() == first.size(), "fastopt: ", name, " has ", tensors->size(), " tensors but ",
                 lists.front().first, " has ", first.size());
@@ -176,7 +190,7 @@ struct Table {
 // before; the pinned block goes back to torch's host allocator once the copy is done.
 void upload(const at::Tensor& destination, const std::vector<int64_t>& values) {
   at::Tensor pinned = at::empty({static_cast<int64_t>(values.size())},
-                                at::TensorOptions().dtype(at::kLong).pinned_memory(true));
+                                at::TensorOptions().dtype(at::kLong).pinned_memory(FASTOPT_OPS_PINNED));
   std::copy(values.begin(), values.end(), pinned.data_ptr<int64_t>());
   destination.copy_(pinned, /*non_blocking=*/true);
 }
@@ -650,7 +664,7 @@ void adamw_(const TensorList& params, const TensorList& grads, const TensorList&
 
 // Schemas: lists that an op writes carry (x!) annotations; nothing written is returned. A
 // "float or device scalar" argument is a float plus an optional tensor that wins when given.
-TORCH_LIBRARY(fastopt, m) {
+FASTOPT_TORCH_LIBRARY(FASTOPT_OPS_LIBRARY, m) {
   m.def("multi_tensor_norm(Tensor[] tensors, float norm_type, bool per_tensor, Tensor(a!)? found_inf) -> (Tensor, Tensor)");
   m.def(
       "unscale_and_check_(Tensor(a!)[] tensors, float inv_scale, Tensor? inv_scale_tensor, Tensor(b!) found_inf, "
@@ -665,7 +679,7 @@ TORCH_LIBRARY(fastopt, m) {
       "float clip_coef, Tensor? clip_coef_tensor) -> ()");
 }
 
-TORCH_LIBRARY_IMPL(fastopt, CUDA, m) {
+FASTOPT_TORCH_LIBRARY_IMPL(FASTOPT_OPS_LIBRARY, FASTOPT_OPS_DISPATCH_KEY, m) {
   m.impl("multi_tensor_norm", &fastopt::multi_tensor_norm);
   m.impl("unscale_and_check_", &fastopt::unscale_and_check_);
   m.impl("scale_", &fastopt::scale_);
@@ -706,7 +720,7 @@ static PyMethodDef fastopt_methods[] = {
     {nullptr, nullptr, 0, nullptr}};
 
 // `import fastopt._C` loads this library, and with it the registrations above.
-static PyModuleDef fastopt_module = {PyModuleDef_HEAD_INIT, "fastopt._C",
+static PyModuleDef fastopt_module = {PyModuleDef_HEAD_INIT, FASTOPT_OPS_MODULE,
                                      "fastopt's CUDA kernels, registered as torch.ops.fastopt.*", -1,
                                      fastopt_methods};
-PyMODINIT_FUNC PyInit__C(void) { return PyModule_Create(&fastopt_module); }
+PyMODINIT_FUNC FASTOPT_OPS_MODULE_INIT(void) { return PyModule_Create(&fastopt_module); }

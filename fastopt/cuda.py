@@ -9,6 +9,10 @@ and stream (csrc/README.md).
 
 A missing extension, or one built against another torch, is logged once and leaves this backend
 unavailable with the reason (``python -m fastopt info``); the ops then run on Triton or torch.
+
+``FASTOPT_CUDA_EMULATION=1`` (a test mode, as ``TRITON_INTERPRET=1`` is for Triton): the same kernels
+and ``ops.cpp`` built for the host emulation of the device (csrc/emulation, ``fastopt._C_emulated``,
+ops ``torch.ops.fastopt_emulated.*``) run on CPU tensors, without a GPU.
 """
 
 from __future__ import annotations
@@ -16,13 +20,17 @@ from __future__ import annotations
 import importlib
 import logging
 import operator
+import os
 
 import torch
 from torch import Tensor
 
 from fastopt import reference
 
-DEVICE_TYPES = ("cuda",)
+EMULATED = os.environ.get("FASTOPT_CUDA_EMULATION") == "1"
+EXTENSION = "fastopt._C_emulated" if EMULATED else "fastopt._C"
+LIBRARY = "fastopt_emulated" if EMULATED else "fastopt"
+DEVICE_TYPES = ("cpu",) if EMULATED else ("cuda",)
 
 _log = logging.getLogger("fastopt")
 
@@ -46,19 +54,21 @@ def _extension_problem() -> str | None:
         build_info = importlib.import_module("fastopt._build_info")
     except ImportError:
         build_info = None
-    if build_info is not None and _torch_release(build_info.TORCH_VERSION) != _torch_release(torch.__version__):
+    if build_info is not None and not EMULATED and _torch_release(build_info.TORCH_VERSION) != _torch_release(
+        torch.__version__
+    ):
         return (
             f"fastopt._C was built against torch {build_info.TORCH_VERSION} but torch {torch.__version__} is"
             " running; rebuild it (pip install --no-build-isolation -e .)"
         )
     try:
-        importlib.import_module("fastopt._C")
+        importlib.import_module(EXTENSION)
     except ImportError as exc:
-        if exc.name == "fastopt._C":
-            return "the CUDA extension fastopt._C is not built (see csrc/README.md)"
-        return f"fastopt._C failed to load: {exc}"
+        if exc.name == EXTENSION:
+            return f"the CUDA extension {EXTENSION} is not built (see csrc/README.md)"
+        return f"{EXTENSION} failed to load: {exc}"
     except OSError as exc:
-        return f"fastopt._C failed to load: {exc}"
+        return f"{EXTENSION} failed to load: {exc}"
     return None
 
 
@@ -68,7 +78,7 @@ LOAD_ERROR = _load_extension()
 def unavailable_reason() -> str | None:
     if LOAD_ERROR is not None:
         return LOAD_ERROR
-    if not torch.cuda.is_available():
+    if not torch.cuda.is_available() and not EMULATED:
         return "no CUDA GPU is visible"
     return None
 
@@ -90,14 +100,16 @@ def _register_fakes() -> None:
     def returns_nothing(*args, **kwargs):
         return None
 
-    torch.library.register_fake("fastopt::multi_tensor_norm", multi_tensor_norm)
-    torch.library.register_fake("fastopt::unscale_and_check_", unscale_and_check_)
+    torch.library.register_fake(f"{LIBRARY}::multi_tensor_norm", multi_tensor_norm)
+    torch.library.register_fake(f"{LIBRARY}::unscale_and_check_", unscale_and_check_)
     for name in ("scale_", "clamp_", "adaptive_clip_", "adamw_"):
-        torch.library.register_fake(f"fastopt::{name}", returns_nothing)
+        torch.library.register_fake(f"{LIBRARY}::{name}", returns_nothing)
 
 
 if LOAD_ERROR is None:
     _register_fakes()
+
+_OPS = getattr(torch.ops, LIBRARY)  # torch.ops.fastopt (torch.ops.fastopt_emulated under the emulation)
 
 
 # --------------------------------------------------------------------------- the backend's ops
@@ -128,28 +140,28 @@ def _adamw_builds_cover(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs) -
 def multi_tensor_norm(tensors: list[Tensor], norm_type: float, per_tensor: bool, found_inf: Tensor | None = None):
     if not tensors:
         return reference.multi_tensor_norm(tensors, norm_type, per_tensor, found_inf)
-    total, norms = torch.ops.fastopt.multi_tensor_norm(tensors, norm_type, per_tensor, found_inf)
+    total, norms = _OPS.multi_tensor_norm(tensors, norm_type, per_tensor, found_inf)
     return (total, norms) if per_tensor else total
 
 
 def unscale_and_check_(tensors: list[Tensor], inv_scale: float | Tensor, found_inf: Tensor) -> None:
     if tensors:
-        torch.ops.fastopt.unscale_and_check_(tensors, *_split(inv_scale), found_inf)
+        _OPS.unscale_and_check_(tensors, *_split(inv_scale), found_inf)
 
 
 def scale_(tensors: list[Tensor], coef: float | Tensor) -> None:
     if tensors:
-        torch.ops.fastopt.scale_(tensors, *_split(coef))
+        _OPS.scale_(tensors, *_split(coef))
 
 
 def clamp_(tensors: list[Tensor], clip_value: float) -> None:
     if tensors:
-        torch.ops.fastopt.clamp_(tensors, clip_value)
+        _OPS.clamp_(tensors, clip_value)
 
 
 def adaptive_clip_(params, grads, clip_factor: float, eps: float, norm_type: float, unitwise: bool) -> None:
     if params:
-        torch.ops.fastopt.adaptive_clip_(params, grads, clip_factor, eps, norm_type, unitwise)
+        _OPS.adaptive_clip_(params, grads, clip_factor, eps, norm_type, unitwise)
 
 
 def adamw_(
@@ -181,7 +193,7 @@ def adamw_(
     if torch.compiler.is_compiling() and not _adamw_builds_cover(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs):
         return reference.adamw_(params, grads, exp_avgs, exp_avg_sqs, steps, **hyper)
     try:
-        torch.ops.fastopt.adamw_(
+        _OPS.adamw_(
             params, grads, exp_avgs, exp_avg_sqs, steps, *_split(lr), beta1, beta2, eps, weight_decay, maximize,
             max_exp_avg_sqs or [], *_split(grad_scale), found_inf, *_split(clip_coef),
         )  # fmt: skip

@@ -27,7 +27,9 @@ from __future__ import annotations
 import contextlib
 import copy
 import gc
+import importlib
 import math
+import os
 import time
 
 import pytest
@@ -39,7 +41,13 @@ import fastopt
 from fastopt import backends, ops, reference
 from tests.helpers import MIXED_SHAPES, assert_bitwise_equal, inject_nonfinite, no_host_sync, tolerance
 
-DEVICE = "cuda"
+# FASTOPT_CUDA_EMULATION=1 (make test-cuda-emulated): the same tests on CPU tensors, the kernels and
+# ops.cpp built for the host emulation of the device (csrc/emulation, torch.ops.fastopt_emulated);
+# the tests that need a GPU's streams, graphs, profiler or memory skip there.
+EMULATED = os.environ.get("FASTOPT_CUDA_EMULATION") == "1"
+DEVICE = "cpu" if EMULATED else "cuda"
+OPS = torch.ops.fastopt_emulated if EMULATED else torch.ops.fastopt
+needs_gpu = pytest.mark.skipif(EMULATED, reason="needs a GPU (streams, graphs, the profiler or GBs of memory)")
 F32, BF16, F16, F64 = torch.float32, torch.bfloat16, torch.float16, torch.float64
 DTYPES = [F32, BF16, F16, F64]
 NORM_TYPES = [1.0, 2.0, 3.0, 0.5, math.inf]
@@ -60,7 +68,7 @@ EDGE_SHAPES = [*MIXED_SHAPES, (40000,), (3, 32771), (5, 33), (64,), (16, 16)]
 
 HYPER = {"lr": 1e-2, "beta1": 0.9, "beta2": 0.99, "eps": 1e-8, "weight_decay": 0.1}
 
-pytestmark = [pytest.mark.cuda, pytest.mark.usefixtures("cuda_backend")]
+pytestmark = [*([] if EMULATED else [pytest.mark.cuda]), pytest.mark.usefixtures("cuda_backend")]
 
 
 @pytest.fixture
@@ -79,6 +87,16 @@ def release_gpu_memory():
     yield
     gc.collect()
     torch.cuda.empty_cache()
+
+
+def synchronize() -> None:
+    if not EMULATED:  # the emulated device completes each launch before it returns
+        torch.cuda.synchronize()
+
+
+def extension():
+    """fastopt._C (fastopt._C_emulated under the emulation): its test hooks."""
+    return importlib.import_module("fastopt._C_emulated" if EMULATED else "fastopt._C")
 
 
 # --------------------------------------------------------------------------- helpers
@@ -200,7 +218,7 @@ def float64_norm_in_slices(t: torch.Tensor, norm_type: float, slice_numel: int =
     return torch.linalg.vector_norm(torch.stack(parts), norm_type)
 
 
-def many_shapes(count: int = 5000, max_numel: int = 65536, seed: int = 0) -> list[tuple[int]]:
+def many_shapes(count: int = 5000, max_numel: int = 1500 if EMULATED else 65536, seed: int = 0) -> list[tuple[int]]:
     """1-D shapes of random sizes in [0, max_numel] (some zero-element, most odd)."""
     sizes = torch.randint(0, max_numel + 1, (count,), generator=torch.Generator().manual_seed(seed))
     return [(n,) for n in sizes.tolist()]
@@ -482,6 +500,7 @@ def big_tensor(dtype, seed: int, *, mean=0.0, std=1.0, uniform_to=None) -> torch
     return t.normal_(mean, std, generator=generator(seed))
 
 
+@needs_gpu
 @pytest.mark.slow
 @pytest.mark.usefixtures("release_gpu_memory")
 @pytest.mark.parametrize("dtype", [BF16, F32])
@@ -499,6 +518,7 @@ def test_norm_of_more_than_2_to_the_31_elements(dtype):
     assert found_inf.item() == 0.0
 
 
+@needs_gpu
 @pytest.mark.slow
 @pytest.mark.usefixtures("release_gpu_memory")
 def test_scale_of_more_than_2_to_the_31_elements():
@@ -511,6 +531,7 @@ def test_scale_of_more_than_2_to_the_31_elements():
         torch.testing.assert_close(after, expected, **tolerance(BF16))
 
 
+@needs_gpu
 @pytest.mark.slow
 @pytest.mark.usefixtures("release_gpu_memory")
 def test_adamw_on_more_than_2_to_the_31_elements():
@@ -601,6 +622,10 @@ def test_norm_is_bit_identical_from_run_to_run(norm_type):
 def fastopt_kernel_launches(call) -> int:
     """How many fastopt kernels one call launches, once a first call has built its tables."""
     call()
+    if EMULATED:  # the emulated device counts its launches
+        before = extension()._launch_count()
+        call()
+        return extension()._launch_count() - before
     torch.cuda.synchronize()
     with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as profiler:
         call()
@@ -684,7 +709,7 @@ def sync_free_calls() -> dict:
     return {
         "multi_tensor_norm": lambda: fastopt.multi_tensor_norm(grads, per_tensor=True, found_inf=flag),
         "unscale_and_check_": lambda: fastopt.unscale_and_check_(grads, torch.ones(1, device=DEVICE), flag),
-        "unscale_and_check_op_with_norm": lambda: torch.ops.fastopt.unscale_and_check_(
+        "unscale_and_check_op_with_norm": lambda: OPS.unscale_and_check_(
             grads, 1.0, None, flag, 2.0, True
         ),
         "scale_": lambda: fastopt.scale_(grads, half),
@@ -695,6 +720,7 @@ def sync_free_calls() -> dict:
     }
 
 
+@needs_gpu
 @pytest.mark.parametrize("name", SYNC_FREE_OPS)
 def test_ops_do_not_sync(name):
     call = sync_free_calls()[name]
@@ -708,6 +734,7 @@ def small_model() -> torch.nn.Module:
     return torch.nn.Sequential(torch.nn.Linear(20, 64), torch.nn.ReLU(), torch.nn.Linear(64, 5)).to(DEVICE)
 
 
+@needs_gpu
 def test_optimizer_step_with_grad_scaler_does_not_sync():
     model = small_model()
     optimizer = fastopt.optim.AdamW(model.parameters(), lr=torch.tensor(1e-3, device=DEVICE), max_grad_norm=1.0)
@@ -723,6 +750,7 @@ def test_optimizer_step_with_grad_scaler_does_not_sync():
     assert torch.isfinite(optimizer.stats["grad_norm"]).item()
 
 
+@needs_gpu
 def test_optimizer_step_captured_in_a_cuda_graph_matches_eager():
     eager_model = small_model()
     graph_model = copy.deepcopy(eager_model)
@@ -791,7 +819,7 @@ def custom_op_cases() -> dict:
     def steps():
         return [scalar(float(i)) for i in range(len(ts))]
 
-    lib = torch.ops.fastopt
+    lib = OPS
     return {
         "multi_tensor_norm": (lib.multi_tensor_norm.default, (ts, 2.0, True, None)),
         "multi_tensor_norm-inf-found_inf": (lib.multi_tensor_norm.default, (ts, math.inf, False, scalar(0.0, (1,)))),
@@ -820,9 +848,9 @@ def test_custom_ops_pass_opcheck(name):
 
 def clipped_adamw_ops(params, grads, exp_avgs, exp_avg_sqs, steps):
     """A clipped AdamW step written with the registered ops themselves."""
-    total, _ = torch.ops.fastopt.multi_tensor_norm(grads, 2.0, False, None)
+    total, _ = OPS.multi_tensor_norm(grads, 2.0, False, None)
     clip_coef = torch.clamp(1.0 / (total + 1e-6), max=1.0)
-    torch.ops.fastopt.adamw_(params, grads, exp_avgs, exp_avg_sqs, steps, 1e-2, None, 0.9, 0.99, 1e-8, 0.1, False,
+    OPS.adamw_(params, grads, exp_avgs, exp_avg_sqs, steps, 1e-2, None, 0.9, 0.99, 1e-8, 0.1, False,
                              [], 1.0, None, None, 1.0, clip_coef)  # fmt: skip
     return total
 
@@ -863,7 +891,7 @@ def test_unscale_and_check_op_returns_the_norm_of_the_unscaled_tensors(dtype, pe
     tensors = in_guarded_buffer(random_values(EDGE_SHAPES, dtype, seed=130, scale=1024.0), WRITTEN_SENTINEL)
     expected = clone_all(tensors)
     found_inf = torch.zeros(1, device=DEVICE)
-    total, norms = torch.ops.fastopt.unscale_and_check_(tensors, 1.0 / 1024, None, found_inf, 2.0, per_tensor)
+    total, norms = OPS.unscale_and_check_(tensors, 1.0 / 1024, None, found_inf, 2.0, per_tensor)
     assert total.shape == () and total.dtype == F32
     assert norms.shape == ((len(tensors),) if per_tensor else (0,))
     on_reference(fastopt.unscale_and_check_, expected, 1.0 / 1024, torch.zeros(1, device=DEVICE))
@@ -876,7 +904,7 @@ def test_unscale_and_check_op_returns_the_norm_of_the_unscaled_tensors(dtype, pe
         torch.testing.assert_close(norms, result_norms, **tolerance(F32))
 
     # Without norm_type: nothing to return but empty tensors.
-    total, norms = torch.ops.fastopt.unscale_and_check_(tensors, 1.0, None, found_inf)
+    total, norms = OPS.unscale_and_check_(tensors, 1.0, None, found_inf)
     assert total.shape == (0,) and norms.shape == (0,)
     assert_sentinels_intact(tensors, WRITTEN_SENTINEL)
 
@@ -888,11 +916,10 @@ def test_unscale_and_check_op_returns_the_norm_of_the_unscaled_tensors(dtype, pe
 
 def table_cache_stats() -> tuple[int, int, int]:
     """(cached tables, tables kept only for live graphs, tables that live graphs read)."""
-    import fastopt._C
-
-    return fastopt._C._table_cache_stats()
+    return extension()._table_cache_stats()
 
 
+@needs_gpu
 def test_one_layout_on_two_streams_concurrently():
     """The same layout (shapes, dtypes) on two streams at once, with no ordering between them:
     each stream's norm and AdamW steps give exactly what they give alone (each stream has its own
@@ -919,8 +946,8 @@ def test_one_layout_on_two_streams_concurrently():
     for k in range(2):
         want_total, want_norms = reference_norm(expected[k]["grads"], 2.0, True)
         for total, norms in totals[k]:
-            torch.testing.assert_close(total.double(), want_total, **tolerance(F32))
-            torch.testing.assert_close(norms.double(), want_norms, **tolerance(F32))
+            torch.testing.assert_close(total, want_total, **tolerance(F32))
+            torch.testing.assert_close(norms, want_norms, **tolerance(F32))
         for _ in range(steps):
             on_reference(run_adamw, expected[k], **HYPER)
         for name in inputs[k]:
@@ -932,8 +959,6 @@ def test_arrival_counters_recover_after_an_aborted_launch(poison):
     """A launch aborted half-way would leave arrival counters non-zero; here they are set so by
     hand (fastopt._C._set_arrival_counters). The next norm and AdamW step are still right: the
     total is written, and each step count goes up by exactly one."""
-    import fastopt._C
-
     shapes = [(3, 32771), (40000,), (7,), (64, 64)]
     grads = random_values(shapes, seed=150)
     lists = clone_lists(adamw_inputs(shapes, ADAMW_COMBOS["fp32"], seed=151))
@@ -941,15 +966,15 @@ def test_arrival_counters_recover_after_an_aborted_launch(poison):
     fastopt.multi_tensor_norm(grads, per_tensor=True)  # builds the tables
     run_adamw(lists, **HYPER)
     on_reference(run_adamw, expected, **HYPER)
-    torch.cuda.synchronize()
+    synchronize()
 
-    fastopt._C._set_arrival_counters(poison)
+    extension()._set_arrival_counters(poison)
     total, norms = fastopt.multi_tensor_norm(grads, per_tensor=True)
     run_adamw(lists, **HYPER)
     on_reference(run_adamw, expected, **HYPER)
     want_total, want_norms = reference_norm(grads, 2.0, True)
-    torch.testing.assert_close(total.double(), want_total, **tolerance(F32))
-    torch.testing.assert_close(norms.double(), want_norms, **tolerance(F32))
+    torch.testing.assert_close(total, want_total, **tolerance(F32))
+    torch.testing.assert_close(norms, want_norms, **tolerance(F32))
     for name in lists:
         assert_lists_close(lists[name], expected[name], name)
     assert_bitwise_equal(torch.stack(lists["steps"]), torch.stack(expected["steps"]), "step counts")
@@ -962,6 +987,7 @@ def captured_clipped_step(lists):
     return total
 
 
+@needs_gpu
 def test_first_call_for_a_layout_during_graph_capture():
     """No warm-up: the norm and AdamW tables of this layout are first needed inside the capture
     (built and uploaded outside the graph right then). Replays match eager steps; the tables are
@@ -997,6 +1023,7 @@ def test_first_call_for_a_layout_during_graph_capture():
     assert after[2] <= before[2], f"tables still held for a destroyed graph: {before} -> {during} -> {after}"
 
 
+@needs_gpu
 def test_eager_calls_after_a_capture_leave_the_graph_intact():
     """A captured step keeps its own (frozen) tables: eager calls with the same layout and other
     tensors on the capture's stream and the default stream afterwards change nothing the graph
@@ -1034,8 +1061,8 @@ def test_per_tensor_norm_and_agc_of_a_tensor_of_more_than_a_warps_share_of_chunk
     for norm_type in (2.0, math.inf, 3.0):
         total, norms = fastopt.multi_tensor_norm(grads, norm_type, per_tensor=True)
         want_total, want_norms = reference_norm(grads, norm_type, True)
-        torch.testing.assert_close(norms.double(), want_norms, **tolerance(F32))
-        torch.testing.assert_close(total.double(), want_total, **tolerance(F32))
+        torch.testing.assert_close(norms, want_norms, **tolerance(F32))
+        torch.testing.assert_close(total, want_total, **tolerance(F32))
     params = random_values(shapes, seed=181)
     clipped, want = clone_all(grads), clone_all(grads)
     ops.adaptive_clip_(params, clipped, clip_factor=1e-3, unitwise=False)

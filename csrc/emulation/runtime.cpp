@@ -98,8 +98,9 @@ inline void hb_acquire([[maybe_unused]] void* token) {
 
 // ------------------------------------------------------------------------------ context switch
 #if defined(__x86_64__)
-// Callee-saved registers, MXCSR and the x87 control word on the old stack, then the stack
-// pointer swapped: no system call (ucontext's swapcontext saves the signal mask with one).
+// Callee-saved registers on the old stack, then the stack pointer swapped: no system call
+// (ucontext's swapcontext saves the signal mask with one). The floating-point environment (MXCSR,
+// x87 control word) is the OS thread's, shared by its fibers: kernels do not change it.
 extern "C" void fastopt_emu_switch(void** save_sp, void* load_sp);
 extern "C" void fastopt_emu_trampoline();
 asm(R"(
@@ -113,14 +114,8 @@ fastopt_emu_switch:
     pushq %r13
     pushq %r14
     pushq %r15
-    subq $8, %rsp
-    stmxcsr (%rsp)
-    fnstcw 4(%rsp)
     movq %rsp, (%rdi)
     movq %rsi, %rsp
-    ldmxcsr (%rsp)
-    fldcw 4(%rsp)
-    addq $8, %rsp
     popq %r15
     popq %r14
     popq %r13
@@ -147,19 +142,16 @@ struct Context {
 
 void make_context(Context& context, char* stack, size_t size, void (*entry)(void*), void* arg) {
   auto top = reinterpret_cast<uintptr_t>(stack + size) & ~uintptr_t(15);
-  auto* frame = reinterpret_cast<uint64_t*>(top - 16 - 8 * 8);  // 16-byte aligned (see the trampoline)
-  uint32_t mxcsr;
-  uint16_t fpu;
-  asm volatile("stmxcsr %0" : "=m"(mxcsr));
-  asm volatile("fnstcw %0" : "=m"(fpu));
-  frame[0] = mxcsr | (static_cast<uint64_t>(fpu) << 32);
-  frame[1] = 0;                                       // r15
-  frame[2] = 0;                                       // r14
-  frame[3] = reinterpret_cast<uint64_t>(entry);       // r13
-  frame[4] = reinterpret_cast<uint64_t>(arg);         // r12
-  frame[5] = 0;                                       // rbx
-  frame[6] = 0;                                       // rbp
-  frame[7] = reinterpret_cast<uint64_t>(&fastopt_emu_trampoline);
+  // Six registers and the return address popped: the trampoline starts with a 16-byte aligned
+  // stack pointer, as a call needs.
+  auto* frame = reinterpret_cast<uint64_t*>(top - 16 - 7 * 8);
+  frame[0] = 0;                                       // r15
+  frame[1] = 0;                                       // r14
+  frame[2] = reinterpret_cast<uint64_t>(entry);       // r13
+  frame[3] = reinterpret_cast<uint64_t>(arg);         // r12
+  frame[4] = 0;                                       // rbx
+  frame[5] = 0;                                       // rbp
+  frame[6] = reinterpret_cast<uint64_t>(&fastopt_emu_trampoline);
   context.sp = frame;
 }
 
@@ -249,6 +241,7 @@ struct Fiber {
 struct Warp {
   int arrived = 0;
   unsigned generation = 0;
+  unsigned live = 0;  // lanes that exist and have not exited
   int token[2] = {0, 0};
 };
 
@@ -406,6 +399,7 @@ struct Worker {
     maybe_release_barrier();
     const int warp = static_cast<int>(f.thread.linear) / kWarp;
     Warp& wp = block.warps[warp];
+    wp.live &= ~(1u << (f.thread.linear % kWarp));
     if (wp.arrived > 0) {
       for (int lane = 0; lane < kWarp; ++lane) {
         const int t = warp * kWarp + lane;
@@ -480,20 +474,13 @@ struct Worker {
       generation = wp.generation;
       f.warp_generation = generation;
       ++wp.arrived;
-      int expected = 0;
-      for (int l = 0; l < kWarp; ++l) {
-        if (!((mask >> l) & 1u)) continue;
-        const int t = warp * kWarp + l;
-        if (t >= b.threads) {
-          fail("warp collective at " + describe(where) + " names lane " + std::to_string(l) + ", which does not exist");
-          break;
-        }
-        if (fiber(t).state == State::kDone) {
-          fail("warp collective at " + describe(where) + " names lane " + std::to_string(l) + ", which exited");
-          break;
-        }
-        ++expected;
+      const unsigned missing = mask & ~wp.live;
+      if (missing != 0) {
+        const int l = __builtin_ctz(missing);
+        fail("warp collective at " + describe(where) + " names lane " + std::to_string(l) +
+             (warp * kWarp + l < b.threads ? ", which exited" : ", which does not exist"));
       }
+      const int expected = __builtin_popcount(mask);
       complete = wp.arrived == expected;
     }
     hb_release(&wp.token[generation & 1]);
@@ -539,8 +526,11 @@ struct Worker {
     b.failed = false;
     b.unwinding = false;
     b.failure.clear();
-    for (auto& wp : b.warps) {
+    for (int w = 0; w < (n + kWarp - 1) / kWarp; ++w) {
+      Warp& wp = b.warps[w];
       wp.arrived = 0;
+      const int lanes = std::min(kWarp, n - w * kWarp);
+      wp.live = lanes == kWarp ? 0xffffffffu : ((1u << lanes) - 1u);
     }
     for (int t = 0; t < n; ++t) {
       Fiber& f = fiber(t);
@@ -898,15 +888,17 @@ cudaError_t cudaGetDevice(int* device) {
   return cudaSuccess;
 }
 
-cudaError_t cudaSetDevice(int device) { return device == 0 ? cudaSuccess : cudaErrorInvalidDevice; }
+cudaError_t cudaSetDevice(int device) { return device == 0 || device == -1 ? cudaSuccess : cudaErrorInvalidDevice; }
 
 cudaError_t cudaGetDeviceCount(int* count) {
   *count = 1;
   return cudaSuccess;
 }
 
+// Device 0, the one emulated device; -1 too (a CPU tensor's device index, which the host code of
+// the emulated build passes on).
 cudaError_t cudaDeviceGetAttribute(int* value, enum cudaDeviceAttr attribute, int device) {
-  if (device != 0) return cudaErrorInvalidDevice;
+  if (device != 0 && device != -1) return cudaErrorInvalidDevice;
   switch (attribute) {
     case cudaDevAttrMultiProcessorCount: *value = fastopt_emu::multiprocessor_count(); return cudaSuccess;
     case cudaDevAttrMaxThreadsPerBlock: *value = 1024; return cudaSuccess;
@@ -951,7 +943,68 @@ cudaError_t cudaMemsetAsync(void* pointer, int value, size_t count, cudaStream_t
   return cudaMemset(pointer, value, count);
 }
 
+// Streams: handles only (every launch and copy completes before it returns, in call order).
+namespace {
+struct EmulatedStream {
+  unsigned flags;
+};
+}  // namespace
+
+cudaError_t cudaStreamCreate(cudaStream_t* stream) { return cudaStreamCreateWithFlags(stream, cudaStreamDefault); }
+
+cudaError_t cudaStreamCreateWithFlags(cudaStream_t* stream, unsigned int flags) {
+  *stream = reinterpret_cast<cudaStream_t>(new EmulatedStream{flags});
+  return cudaSuccess;
+}
+
+cudaError_t cudaStreamDestroy(cudaStream_t stream) {
+  delete reinterpret_cast<EmulatedStream*>(stream);
+  return cudaSuccess;
+}
+
 cudaError_t cudaStreamSynchronize(cudaStream_t) { return cudaSuccess; }
+
+// Capture: the emulation never captures (there are no graphs on the host).
+cudaError_t cudaStreamGetCaptureInfo(cudaStream_t, enum cudaStreamCaptureStatus* status, unsigned long long* id,
+                                     cudaGraph_t* graph, const cudaGraphNode_t** dependencies,
+                                     const cudaGraphEdgeData** edges, size_t* count) {
+  if (status != nullptr) *status = cudaStreamCaptureStatusNone;
+  if (id != nullptr) *id = 0;
+  if (graph != nullptr) *graph = nullptr;
+  if (dependencies != nullptr) *dependencies = nullptr;
+  if (edges != nullptr) *edges = nullptr;
+  if (count != nullptr) *count = 0;
+  return cudaSuccess;
+}
+
+cudaError_t cudaThreadExchangeStreamCaptureMode(enum cudaStreamCaptureMode*) { return cudaSuccess; }
+
+namespace {
+struct EmulatedUserObject {
+  void* data;
+  cudaHostFn_t destroy;
+  std::atomic<unsigned> references;
+};
+}  // namespace
+
+cudaError_t cudaUserObjectCreate(cudaUserObject_t* object, void* data, cudaHostFn_t destroy, unsigned int references,
+                                 unsigned int) {
+  *object = reinterpret_cast<cudaUserObject_t>(new EmulatedUserObject{data, destroy, {references}});
+  return cudaSuccess;
+}
+
+cudaError_t cudaUserObjectRelease(cudaUserObject_t object, unsigned int count) {
+  auto* o = reinterpret_cast<EmulatedUserObject*>(object);
+  if (o->references.fetch_sub(count) == count) {
+    o->destroy(o->data);
+    delete o;
+  }
+  return cudaSuccess;
+}
+
+cudaError_t cudaGraphRetainUserObject(cudaGraph_t, cudaUserObject_t, unsigned int, unsigned int) {
+  return cudaErrorNotSupported;  // no graphs on the host
+}
 cudaError_t cudaDeviceSynchronize(void) { return cudaSuccess; }
 
 cudaError_t cudaStreamIsCapturing(cudaStream_t, enum cudaStreamCaptureStatus* status) {
