@@ -30,6 +30,26 @@ test-reference: $(STAMP)
 test-triton: $(STAMP)
 	FASTOPT_BACKEND=triton TRITON_INTERPRET=1 $(PY) -m pytest
 
+# tests/test_integrations.py against the real frameworks (HF transformers' Trainer, accelerate,
+# Lightning, timm's AGC) from the registry, in a venv of their own: they pull ~50 packages that the
+# main suite's venv stays without (there the file skips, with the reason). torch is pinned to the
+# main venv's (tests/integrations/constraints.txt: pip never brings another torch); timm comes
+# without its dependencies (its torchvision is built against another torch); fastopt is this
+# checkout, its CPU extension built by $(STAMP).
+INT_VENV ?= .venv-integrations
+INT_PY := $(INT_VENV)/bin/python
+INT_STAMP := $(INT_VENV)/.installed
+.PHONY: test-integrations
+test-integrations: $(STAMP) $(INT_STAMP)
+	PYTHONPATH=$(CURDIR) $(INT_PY) -m pytest -p no:cacheprovider -rs tests/test_integrations.py
+
+$(INT_STAMP): tests/integrations/requirements.txt tests/integrations/constraints.txt
+	$(PYTHON) -m venv $(INT_VENV)
+	$(INT_PY) -m pip install -q -c tests/integrations/constraints.txt torch
+	$(INT_PY) -m pip install -q -c tests/integrations/constraints.txt -r tests/integrations/requirements.txt
+	$(INT_PY) -m pip install -q --no-deps timm==1.0.29
+	@touch $@
+
 # The CUDA extension on a machine without a GPU: compiled against torch's CUDA build with the
 # local nvcc (CUDA_HOME), loaded, its schemas, fake implementations and opcheck checked on meta
 # tensors; then the host unit tests of csrc/ (ctest). The kernels run in `make gpu-check`.
