@@ -6,6 +6,11 @@ optimizer this scaler skips that pass: the optimizer's own read pass (the one th
 grad norm) sets the flag, and its update pass skips on the device. Everything else — scale(),
 update() with its backoff and growth, state_dict, enabled=False — is torch's own code. Its
 ``unscale_`` works for fp16 grads too (torch's refuses them) and for bf16.
+
+This holds for every fastopt optimizer, whatever its ``_step_supports_amp_scaling`` (which tells
+``torch.amp.GradScaler`` and Lightning whether the step unscales itself): this scaler asks the
+optimizer's ``_fastopt_can_check_inf`` instead. After a user's ``unscale_`` (to clip outside the
+step), ``step`` is torch's.
 """
 
 from __future__ import annotations

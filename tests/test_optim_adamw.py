@@ -464,6 +464,144 @@ def test_constructor_checks_like_torch():
             AdamW(params, **kwargs)
 
 
+# --------------------------------------------------------------------------- issue 17: drop-in where users put it
+
+
+def fastopt_settings(optimizer):
+    return {name: getattr(optimizer, name) for name in ("max_grad_norm", "spike_guard", "spike_warmup",
+                                                         "spike_ema_decay", "state_dtype", "process_group")}  # fmt: skip
+
+
+@pytest.mark.parametrize("how", ["deepcopy", "pickle", "torch.save"])
+def test_copies_keep_fastopts_settings_and_train_as_the_original(how):
+    """Item 1: copies came back with fastopt's settings at their defaults (the copy trained
+    without clipping)."""
+    import copy
+    import pickle
+
+    model = make_model("mlp")
+    kwargs = dict(lr=1e-2, max_grad_norm=0.05, spike_guard=4.0, spike_warmup=2, spike_ema_decay=0.8, state_dtype=torch.float64)
+    optimizer = AdamW(model.parameters(), **kwargs)
+    train("mlp", model, optimizer, 3)
+    if how == "deepcopy":
+        copied_model, copied = copy.deepcopy((model, optimizer))
+    elif how == "pickle":
+        copied_model, copied = pickle.loads(pickle.dumps((model, optimizer)))
+    else:
+        buffer = io.BytesIO()
+        torch.save((model, optimizer), buffer)
+        buffer.seek(0)
+        copied_model, copied = torch.load(buffer, weights_only=False)
+    assert fastopt_settings(copied) == fastopt_settings(optimizer)
+    assert copied.spike_state.keys() == optimizer.spike_state.keys() and copied._step_plan is None
+    assert [p for g in copied.param_groups for p in g["params"]] == list(copied_model.parameters())
+    train("mlp", model, optimizer, 3, start=3)
+    train("mlp", copied_model, copied, 3, start=3)
+    assert copied.stats["clip_coef"].item() < 1.0  # it clips
+    assert_same_params(copied_model, model, against_torch=False)
+    for key in optimizer.spike_state:
+        assert_bitwise_equal(copied.spike_state[key], optimizer.spike_state[key])
+
+
+def test_deepcopy_shares_the_process_group():
+    """A process group is a communicator, not data: a deep copy uses the same one."""
+    import copy
+
+    group = object()  # stands for a torch.distributed ProcessGroup (never used without grads)
+    optimizer = AdamW(make_model("mlp").parameters(), process_group=group)
+    assert copy.deepcopy(optimizer).process_group is group
+
+
+@pytest.mark.parametrize("betas", [(torch.tensor(0.8), torch.tensor(0.95)), (torch.tensor([0.8]), torch.tensor([[0.95]]))],
+                         ids=["0-d", "1-element"])  # fmt: skip
+def test_tensor_betas_step_as_torch(betas):
+    """Item 2: torch 2.13 steps with tensor betas (read on the host here: free for CPU tensors)."""
+    ours_model = make_model("mlp")
+    torch_model = twin(ours_model)
+    ours = AdamW(ours_model.parameters(), lr=3e-3, betas=betas, max_grad_norm=1.0)
+    theirs = torch.optim.AdamW(torch_model.parameters(), lr=3e-3, betas=betas, foreach=False)
+    assert all(b.dim() == 0 for b in ours.param_groups[0]["betas"])  # squeezed, as torch does
+    train("mlp", ours_model, ours, STEPS)
+    train("mlp", torch_model, theirs, STEPS,
+          before_step=lambda model, _: torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0, foreach=False))  # fmt: skip
+    # torch forms tensor-beta bias corrections in fp32, fastopt in fp64 from the same fp32 betas.
+    assert_same_params(ours_model, torch_model, exact=False, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("betas", [(0.9, torch.tensor(0.99)), (torch.tensor(0.9), 0.99)])
+def test_mixed_float_and_tensor_betas_raise_torchs_value_error(betas):
+    params = [torch.nn.Parameter(torch.randn(3))]
+    for cls in (AdamW, torch.optim.AdamW):
+        with pytest.raises(ValueError, match="betas must be either both floats or both Tensors"):
+            cls(params, betas=betas)
+
+
+@pytest.mark.parametrize(
+    "kwargs, declared",
+    [({}, False), ({"max_grad_norm": 1.0}, True), ({"spike_guard": 5.0}, True), ({"agc_clip_factor": 0.01}, True),
+     ({"fused": True}, True)],
+    ids=["plain", "max_grad_norm", "spike_guard", "agc", "fused"],
+)  # fmt: skip
+def test_step_supports_amp_scaling_only_when_the_step_needs_the_scale(kwargs, declared):
+    """Item 3: Lightning refuses gradient_clip_val for optimizers that declare it (they unscale
+    inside the step); torch's AdamW declares it only with fused=True. fastopt declares it when the
+    step clips or guards itself, or with fused=True; assigning it overrides."""
+    optimizer = AdamW(make_model("mlp").parameters(), **kwargs)
+    assert optimizer._step_supports_amp_scaling is declared
+    optimizer._step_supports_amp_scaling = not declared
+    assert optimizer._step_supports_amp_scaling is (not declared)
+
+
+def test_agc_in_a_later_group_declares_amp_scaling():
+    model = make_model("mlp")
+    optimizer = AdamW(model[0].parameters())
+    assert not optimizer._step_supports_amp_scaling
+    optimizer.add_param_group({"params": model[-1].parameters(), "agc_clip_factor": 0.01})
+    assert optimizer._step_supports_amp_scaling
+
+
+@pytest.mark.parametrize("clip", [False, True], ids=["plain", "max_grad_norm"])
+def test_torch_grad_scaler_overflow_either_way(clip):
+    """Item 6: a plain optimizer lets torch.amp.GradScaler skip an overflowing step on the host
+    (step() is never called: accelerate sees it); with in-step clipping the scaler hands the step
+    its found_inf, the step is called and skips on the device, and only the device counter
+    ``stats["skipped_steps"]`` (or fastopt.amp.GradScaler.step_skipped) tells."""
+    model = make_model("mlp")
+    optimizer = AdamW(model.parameters(), lr=1e-2, max_grad_norm=1.0 if clip else None)
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**60)
+    calls = []
+    optimizer.register_step_pre_hook(lambda *args: calls.append(1))
+    before = [p.detach().clone() for p in model.parameters()]
+    with torch.autocast("cpu", dtype=torch.float16):
+        loss = loss_of("mlp", model, 0)
+    scaler.scale(loss).backward()
+    scaler.step(optimizer)
+    scaler.update()
+    assert scaler.get_scale() < 2.0**60  # it overflowed
+    assert all(torch.equal(p, b) for p, b in zip(model.parameters(), before))  # and nothing moved
+    assert len(calls) == (1 if clip else 0)
+    if clip:
+        assert optimizer.stats["skipped_steps"].item() == 1
+
+
+def test_in_step_norm_sums_in_the_optimizers_param_order():
+    """Item 5: with groups in another order than the model's, the in-step norm equals
+    clip_grad_norm_ over the optimizer's params (bit for bit on the torch backend) and
+    clip_grad_norm_(model.parameters()) within fp32 rounding (the sum's order differs)."""
+    model = make_model("mlp")
+    layers = [m for m in model.modules() if isinstance(m, torch.nn.Linear)]
+    groups = [{"params": [layers[-1].weight, layers[0].bias]}, {"params": [layers[0].weight, layers[-1].bias]}]
+    groups += [{"params": [p for layer in layers[1:-1] for p in layer.parameters()]}] if len(layers) > 2 else []
+    optimizer = AdamW(groups, lr=1e-3, max_grad_norm=1e9)
+    loss_of("mlp", model, 0).backward()
+    optimizer_order = [p for g in optimizer.param_groups for p in g["params"]]
+    by_optimizer_order = torch.nn.utils.get_total_norm([p.grad for p in optimizer_order], foreach=False)
+    by_model_order = torch.nn.utils.get_total_norm([p.grad for p in model.parameters()], foreach=False)
+    optimizer.step()
+    assert_matches_torch(optimizer.stats["grad_norm"], by_optimizer_order)
+    torch.testing.assert_close(optimizer.stats["grad_norm"], by_model_order, rtol=1e-6, atol=0)
+
+
 # --------------------------------------------------------------------------- GPU
 
 

@@ -155,10 +155,34 @@ class AdamW(torch.optim.Optimizer):
     ``clip_coef`` (1.0 when not clipped), ``found_inf`` (non-zero on an inf/nan overflow),
     ``skipped_steps`` (cumulative, overflows and spikes) and ``spikes`` (cumulative).
 
-    With ``torch.amp.GradScaler`` or ``fastopt.amp.GradScaler``, ``scaler.step(optimizer)``
-    hands the step ``grad_scale`` / ``found_inf`` (``_step_supports_amp_scaling``): grads are
-    unscaled on the fly and an overflow skips the step on the device, leaving params, states
-    and step counters untouched.
+    With ``fastopt.amp.GradScaler``, ``scaler.step(optimizer)`` hands the step ``grad_scale`` /
+    ``found_inf``: grads are unscaled on the fly and an overflow skips the step on the device,
+    leaving params, states and step counters untouched. ``torch.amp.GradScaler`` does the same when
+    the step clips or guards itself (``max_grad_norm``, ``spike_guard``, AGC; ``fused=True``): that is
+    when ``_step_supports_amp_scaling`` is True. Otherwise it is False, as for torch's AdamW: the
+    scaler unscales, reads the overflow flag on the host and skips the call, and Lightning's
+    ``gradient_clip_val`` (which refuses optimizers that declare it) works in every precision.
+
+    What differs from torch, and what to do about it:
+
+    - A step skipped on the device (an overflow handed over by the scaler, or a spike) is invisible
+      to the host without a sync: accelerate's ``optimizer.step_was_skipped`` stays False and HF
+      Trainer's LR scheduler steps anyway, as with torch's fused AdamW. ``stats["skipped_steps"]``
+      counts them on the device; read it when logging (one sync every N steps, not every step),
+      or keep ``fastopt.amp.GradScaler.step_skipped`` as a tensor.
+    - ``max_grad_norm`` sums the norm in the optimizer's param order (group after group), bit for
+      bit ``clip_grad_norm_([p for g in optimizer.param_groups for p in g["params"]])``. When the
+      groups list the params in another order than ``model.parameters()`` (decay / no-decay
+      groups), ``clip_grad_norm_(model.parameters())`` may differ in the norm's last bit.
+    - Under ``torch.compile`` the step traces fastopt's reference formulas (``fastopt.reference``,
+      torch ops that Inductor fuses) instead of calling a backend's kernels: a compiled training
+      step graph-breaks only at ``backward()``, and ``torch.compile(optimizer.step, fullgraph=True)``
+      works (torch's AdamW breaks its graph inside step). dynamo runs ``_init_group`` eagerly, as
+      for torch's optimizers. A ``process_group``, a ``monitor``, params on several devices or
+      tensor betas keep the eager step, run outside the graph.
+    - ``copy.deepcopy``, ``pickle`` and ``torch.save(optimizer)`` keep fastopt's settings and the
+      spike guard's state; a deep copy shares the ``process_group`` (pickling one fails: save the
+      ``state_dict()`` instead).
     """
 
     _fastopt_can_check_inf = True  # fastopt.amp.GradScaler may leave the inf/nan check to our read pass
