@@ -178,16 +178,23 @@ int env_int(const char* name, int fallback, int low, int high) {
   return std::clamp(value, low, high);
 }
 
-enum class Order { kForward, kReverse, kShuffled };
+// The order in which a block's ready threads run between two barriers. Each order hides some
+// missing barriers and shows others (threads that run first read shared memory before the
+// threads that run later write it), so the default alternates: even blocks in reverse (thread 0
+// last: a value that thread 0 writes for the others is read stale without its barrier), odd
+// blocks forward (lane 0 of each warp writes, thread 0 reads: stale without the barrier).
+// FASTOPT_EMULATION_SCHEDULE=forward|reverse|shuffle|alternate (the default).
+enum class Order { kForward, kReverse, kShuffled, kAlternate };
 
 Order schedule_order() {
   static const Order order = [] {
     const char* text = std::getenv("FASTOPT_EMULATION_SCHEDULE");
-    if (text == nullptr) return Order::kForward;
+    if (text == nullptr) return Order::kAlternate;
     const std::string s(text);
+    if (s == "forward") return Order::kForward;
     if (s == "reverse") return Order::kReverse;
     if (s == "shuffle") return Order::kShuffled;
-    return Order::kForward;
+    return Order::kAlternate;
   }();
   return order;
 }
@@ -545,7 +552,10 @@ struct Worker {
     }
     order.resize(static_cast<size_t>(n));
     for (int t = 0; t < n; ++t) order[static_cast<size_t>(t)] = t;
-    if (schedule_order() == Order::kReverse) std::reverse(order.begin(), order.end());
+    const uint64_t linear_block = b.block_idx.x + static_cast<uint64_t>(b.grid_dim.x) *
+                                                       (b.block_idx.y + static_cast<uint64_t>(b.grid_dim.y) * b.block_idx.z);
+    if (schedule_order() == Order::kReverse || (schedule_order() == Order::kAlternate && linear_block % 2 == 0))
+      std::reverse(order.begin(), order.end());
     hb_release(&b.start_token);
     while (b.live > 0 && !b.failed) {
       if (schedule_order() == Order::kShuffled) std::shuffle(order.begin(), order.end(), random);
