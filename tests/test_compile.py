@@ -114,7 +114,7 @@ def test_step_compiles_with_fullgraph():
     own AdamW refuses fullgraph here (its step calls torch._dynamo.graph_break() so that AOT sees
     a no_grad graph), so fastopt goes further than "where torch allows it"."""
     model, eager_model = make_model(), make_model()
-    kwargs = {"lr": 1e-2, "max_grad_norm": 1.0, "spike_guard": 10.0, "spike_warmup": 1}
+    kwargs = {"lr": 1e-2, "max_grad_norm": 1.0, "spike_guard": 10.0, "spike_warmup": 1, "agc_clip_factor": 0.05}
     optimizer, eager_optimizer = AdamW(model.parameters(), **kwargs), AdamW(eager_model.parameters(), **kwargs)
     step = torch.compile(optimizer.step, fullgraph=True)
     for _ in range(STEPS):
