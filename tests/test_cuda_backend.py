@@ -1068,3 +1068,95 @@ def test_per_tensor_norm_and_agc_of_a_tensor_of_more_than_a_warps_share_of_chunk
     ops.adaptive_clip_(params, clipped, clip_factor=1e-3, unitwise=False)
     on_reference(ops.adaptive_clip_, params, want, clip_factor=1e-3, unitwise=False)
     assert_lists_close(clipped, want, "grads")
+
+
+# --------------------------------------------------------------------------- the fixed fold order
+
+
+def _warp_tree(values):
+    """CUB's warp reduction (shfl.down by 1, 2, 4, 8, 16; lane i adds lane i + offset's value
+    while that lane exists): lane 0's result, from 32 float64 values."""
+    import numpy as np
+
+    v = np.array(values, dtype=np.float64)
+    for offset in (1, 2, 4, 8, 16):
+        v[: 32 - offset] = v[: 32 - offset] + v[offset:]
+    return v[0]
+
+
+def _chunk_sum_abs(x, start: int, end: int, address: int):
+    """The norm pass's partial of fp64 elements x[start:end] at p=1, as the kernel folds it: a
+    scalar head up to 16-byte alignment (thread 0), pairs of elements per thread (thread t takes
+    elements start + 2t + 1024k), a scalar tail, each thread in its own order; then CUB's block
+    reduction (each warp's tree, then warp 0 + warp 1 + ... in order)."""
+    import numpy as np
+
+    acc = np.zeros(kThreadsPerBlock, dtype=np.float64)
+    if (address + 8 * start) % 16 != 0 and start < end:
+        acc[0] = acc[0] + abs(x[start])
+        start += 1
+    packed_end = start + (end - start) // 2 * 2
+    stride = 2 * kThreadsPerBlock
+    for base in range(start, packed_end, stride):
+        pairs = np.abs(x[base : min(base + stride, packed_end)]).reshape(-1, 2)
+        n = pairs.shape[0]
+        acc[:n] = acc[:n] + pairs[:, 0]
+        acc[:n] = acc[:n] + pairs[:, 1]
+    tail = np.abs(x[packed_end:end])
+    acc[: tail.shape[0]] = acc[: tail.shape[0]] + tail
+    warps = [_warp_tree(acc[w * 32 : (w + 1) * 32]) for w in range(kThreadsPerBlock // 32)]
+    total = warps[0]
+    for w in warps[1:]:
+        total = total + w
+    return total
+
+
+kThreadsPerBlock = 512
+kChunk = 32768
+
+
+@pytest.mark.skipif(not EMULATED, reason="run on the emulated device (the GPU folds in the same order: to be enabled "
+                    "once gpu-check has run it)")
+def test_agc_folds_in_the_documented_order_bit_for_bit():
+    """Unit-wise AGC of fp64 tensors at p=1 against a model of the kernels' fixed order (chunk
+    partials: per-thread order and CUB's trees; a unit's partials: a lane each, then the warp tree):
+    the scaled grads are equal bit for bit. Reversing or regrouping any of these folds changes
+    float64 results in their last bits, which the other tests' tolerances (and the float32 norms)
+    cannot see; this test does."""
+    import numpy as np
+
+    shapes = [(2, 70001), (3, 40000), (5, 7), (1, 3 * kChunk + 11)]
+    gen = torch.Generator().manual_seed(170)
+    params, grads = [], []
+    for i, shape in enumerate(shapes):
+        numel = math.prod(shape)
+        shift = i % 2  # odd starts: the scalar head
+        p = torch.empty(numel + shift, dtype=F64, device=DEVICE)[shift:].view(shape)
+        g = torch.empty(numel + 1 - shift, dtype=F64, device=DEVICE)[1 - shift :].view(shape)
+        p.copy_(torch.randn(shape, generator=gen, dtype=F64) * 1e-3)
+        g.copy_(torch.randn(shape, generator=gen, dtype=F64))
+        params.append(p)
+        grads.append(g)
+    clip_factor, eps = 0.01, 1e-3
+    expected = []
+    for p, g in zip(params, grads):
+        rows = p.shape[0]
+        per = p.numel() // rows
+        pv, gv = p.reshape(-1).cpu().numpy(), g.reshape(-1).cpu().numpy()
+        out = gv.copy()
+        for r in range(rows):
+            starts = list(range(r * per, (r + 1) * per, kChunk))
+            weights = [_chunk_sum_abs(pv, s, min(s + kChunk, (r + 1) * per), p.data_ptr()) for s in starts]
+            gnorms = [_chunk_sum_abs(gv, s, min(s + kChunk, (r + 1) * per), g.data_ptr()) for s in starts]
+            lanes_w, lanes_g = np.zeros(32), np.zeros(32)
+            for c, (w, gn) in enumerate(zip(weights, gnorms)):
+                lanes_w[c % 32] = lanes_w[c % 32] + w
+                lanes_g[c % 32] = lanes_g[c % 32] + gn
+            weight, grad = _warp_tree(lanes_w), _warp_tree(lanes_g)
+            max_norm = (eps if weight < eps else weight) * clip_factor
+            coefficient = max_norm / (1e-6 if grad < 1e-6 else grad) if grad > max_norm else 1.0
+            out[r * per : (r + 1) * per] = gv[r * per : (r + 1) * per] * np.float64(coefficient)
+        expected.append(torch.from_numpy(out).view(g.shape))
+    ops.adaptive_clip_(params, grads, clip_factor, eps, 1.0, unitwise=True)
+    for i, (g, want) in enumerate(zip(grads, expected)):
+        assert torch.equal(g.cpu(), want), f"grads[{i}] differ from the documented fold order in {(g.cpu() != want).sum()} elements"
