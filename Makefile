@@ -118,4 +118,4 @@ $(STAMP): pyproject.toml setup.py
 	@touch $@
 
 clean:
-	rm -rf $(VENV) $(CUDA_VENV) build fastopt/_build_info.py *.egg-info fastopt/_C*.so fastopt/_cpu*.so .pytest_cache .hypothesis .benchmarks
+	rm -rf $(VENV) .venv-* build fastopt/_build_info.py *.egg-info fastopt/_C*.so fastopt/_cpu*.so .pytest_cache .hypothesis .benchmarks
