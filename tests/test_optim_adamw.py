@@ -652,7 +652,7 @@ def test_agc_under_grad_scaler_equals_unscale_then_agc_then_step(scaler_kind):
 
 # --------------------------------------------------------------------------- the cached step plan
 # After one step, later steps with the same params having grads reuse the validated lists and
-# check only the new grads (host cost; DESIGN.md section 1). These tests hold it to the same
+# check only the new grads (host cost; docs/design.md section 1). These tests hold it to the same
 # results and the same refusals as the full path.
 
 

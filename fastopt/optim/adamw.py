@@ -1,6 +1,6 @@
 """fastopt.optim.AdamW: torch.optim.AdamW's drop-in, with clipping inside the step.
 
-A step is the two passes of DESIGN.md section 1: one read of the grads (global norm, and the
+A step is the two passes of docs/design.md section 1: one read of the grads (global norm, and the
 AMP inf/nan check when fastopt.amp.GradScaler drives the step), then one AdamW pass per param
 group that applies ``1 / grad_scale * clip_coef`` to the grads on the fly and changes nothing
 where an overflow was found. No value is read back to the host, so the step can be captured in
@@ -49,7 +49,7 @@ class _StepPlan:
     """What a successful step gathered, reused while the same params have grads: their states
     and lists, which the ops validated in full then. A step with the plan re-checks only the new
     grads (``ops.check_replacement``) and calls the ops' prechecked entries: the host cost of a
-    step no longer grows with several validations per tensor (DESIGN.md section 1)."""
+    step no longer grows with several validations per tensor (docs/design.md section 1)."""
 
     key: tuple
     gathered: list  # [(group, {device: _GroupLists})]
