@@ -1124,7 +1124,9 @@ def test_agc_folds_in_the_documented_order_bit_for_bit():
     cannot see; this test does."""
     import numpy as np
 
-    shapes = [(2, 70001), (3, 40000), (5, 7), (1, 3 * kChunk + 11)]
+    # Units of 1 to 41 chunks (a lane holds up to 2 of a unit's partials), 16-byte aligned or not; 32
+    # units of 3 chunks, whose fold (a + b) + c changes bits, in some unit, under any other order.
+    shapes = [(32, 2 * kChunk + 7), (3, 40000), (5, 7), (1, 3 * kChunk + 11), (1, 40 * kChunk + 3)]
     gen = torch.Generator().manual_seed(170)
     params, grads = [], []
     for i, shape in enumerate(shapes):
