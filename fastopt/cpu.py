@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import importlib
 
-import torch
 from torch import Tensor
 
 from fastopt import backends, reference

@@ -18,13 +18,10 @@ rounding noise, which any other rounding moves by up to ~lr a step.
 
 from __future__ import annotations
 
-import copy
 import functools
 import importlib.util
 import pathlib
 import re
-import sys
-import types
 
 import pytest
 import torch

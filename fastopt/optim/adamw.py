@@ -36,6 +36,16 @@ class _GroupLists:
     indices: list[int] = dataclasses.field(default_factory=list)  # positions among all params
     backend_plan: dict = dataclasses.field(default_factory=dict)  # what a backend prepared for these lists
 
+    def append(self, param: Tensor, state: dict, amsgrad: bool) -> None:
+        """One param with a grad, and its states."""
+        self.params.append(param)
+        self.grads.append(param.grad)
+        self.exp_avgs.append(state["exp_avg"])
+        self.exp_avg_sqs.append(state["exp_avg_sq"])
+        self.steps.append(state["step"])
+        if amsgrad:
+            self.max_exp_avg_sqs.append(state["max_exp_avg_sq"])
+
     def as_op_lists(self, amsgrad: bool) -> dict[str, list[Tensor]]:
         lists = {"params": self.params, "grads": self.grads, "exp_avgs": self.exp_avgs,
                  "exp_avg_sqs": self.exp_avg_sqs, "steps": self.steps}  # fmt: skip
@@ -400,21 +410,20 @@ class AdamW(torch.optim.Optimizer):
         """The group's params that have a grad, with their states, by device."""
         by_device: dict[torch.device, _GroupLists] = {}
         for index, param in enumerate(group["params"], start=first_index):
-            if param.grad is None:
-                continue
-            if param.grad.is_sparse:
-                raise RuntimeError("AdamW does not support sparse gradients")
-            state = self._init_state(param, group["amsgrad"])
-            lists = by_device.setdefault(param.device, _GroupLists())
-            lists.params.append(param)
-            lists.grads.append(param.grad)
-            lists.exp_avgs.append(state["exp_avg"])
-            lists.exp_avg_sqs.append(state["exp_avg_sq"])
-            lists.steps.append(state["step"])
-            lists.indices.append(index)
-            if group["amsgrad"]:
-                lists.max_exp_avg_sqs.append(state["max_exp_avg_sq"])
+            state = self._state_to_step(param, group["amsgrad"])
+            if state is not None:
+                lists = by_device.setdefault(param.device, _GroupLists())
+                lists.append(param, state, group["amsgrad"])
+                lists.indices.append(index)
         return by_device
+
+    def _state_to_step(self, param: Tensor, amsgrad: bool) -> dict | None:
+        """The param's state (created on first use) when it has a grad to step with, else None."""
+        if param.grad is None:
+            return None
+        if param.grad.is_sparse:
+            raise RuntimeError("AdamW does not support sparse gradients")
+        return self._init_state(param, amsgrad)
 
     def _stats_on(self, device: torch.device) -> dict[str, Tensor]:
         if not self.stats or self.stats["grad_norm"].device != device:
@@ -563,19 +572,11 @@ class AdamW(torch.optim.Optimizer):
         first use). Under torch.compile, dynamo runs this method eagerly instead of tracing it
         (as for torch's optimizers): the states it creates are real tensors, graph inputs at
         static addresses. Returns whether any param has a grad."""
+        lists = _GroupLists(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps)
         for param in group["params"]:
-            if param.grad is None:
-                continue
-            if param.grad.is_sparse:
-                raise RuntimeError("AdamW does not support sparse gradients")
-            state = self._init_state(param, group["amsgrad"])
-            params.append(param)
-            grads.append(param.grad)
-            exp_avgs.append(state["exp_avg"])
-            exp_avg_sqs.append(state["exp_avg_sq"])
-            steps.append(state["step"])
-            if group["amsgrad"]:
-                max_exp_avg_sqs.append(state["max_exp_avg_sq"])
+            state = self._state_to_step(param, group["amsgrad"])
+            if state is not None:
+                lists.append(param, state, group["amsgrad"])
         if params:  # the step's own tensors too: made here, they are real tensors when traced
             self._stats_on(params[0].device)
             if self.spike_guard is not None:
