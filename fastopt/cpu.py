@@ -22,6 +22,9 @@ from torch import Tensor
 from fastopt import backends, reference
 
 DEVICE_TYPES = ("cpu",)
+# fastopt.optim.AdamW's step plan may leave the grads in its GradWatch (C++) instead of Python lists:
+# multi_tensor_norm_planned and adamw_planned_ read them there.
+READS_GRAD_WATCH = True
 
 
 def _load() -> tuple[object | None, str | None]:
@@ -110,3 +113,67 @@ def adamw_(
             weight_decay=weight_decay, maximize=maximize, max_exp_avg_sqs=max_exp_avg_sqs,
             grad_scale=grad_scale, found_inf=found_inf, clip_coef=clip_coef,
         )  # fmt: skip
+
+
+def multi_tensor_norm_planned(plan: dict, norm_type: float, per_tensor: bool, found_inf: Tensor | None = None):
+    """``multi_tensor_norm`` of the grads that fastopt.optim.AdamW's step plan holds for one device
+    (``plan["watch"]``: its GradWatch and the entries' ranges), read as C++ tensors."""
+    watch, ranges = plan["watch"]
+    total, norms = _C.planned_norm(watch, ranges, float(norm_type), per_tensor, found_inf)
+    return (total, norms) if per_tensor else total
+
+
+def adamw_planned_(lists: dict[str, list[Tensor]], plan: dict, *, lr, beta1, beta2, eps, weight_decay, maximize,
+                   grad_scale, found_inf, clip_coef) -> None:  # fmt: skip
+    """``adamw_`` for a caller that keeps ``plan`` (a dict, empty at first) while ``lists`` holds the
+    same params and states, validated by ``fastopt.ops.adamw_``, and grads of their shapes, checked
+    (fastopt.optim.AdamW's step plan; see ``fastopt.ops.adamw_prechecked_``). The extension's
+    ``AdamWPlan`` kept there has worked out the chunks, addresses and loops once: a call reads
+    only the grads' addresses and dtypes, from the step plan's GradWatch when ``plan["watch"]``
+    is there (then ``lists["grads"]`` may be unfilled), else from ``lists["grads"]``. Lists that
+    cannot be planned (a non-contiguous param or state, a dtype combination not compiled) take
+    ``adamw_``."""
+    hyper = dict(lr=lr, beta1=beta1, beta2=beta2, eps=eps, weight_decay=weight_decay, maximize=maximize,
+                 grad_scale=grad_scale, found_inf=found_inf, clip_coef=clip_coef)  # fmt: skip
+    native = plan.get("cpu")
+    if native is False or not lists["params"]:
+        return _adamw_listed(lists, plan, hyper)
+    arguments = _C.AdamWArguments(
+        *_split(lr), float(beta1), float(beta2), float(eps), float(weight_decay), bool(maximize), *_split(grad_scale),
+        found_inf, *_split(clip_coef), grad_scale is not None, clip_coef is not None,
+    )  # fmt: skip
+    watched = plan.get("watch")
+
+    def step() -> bool:
+        if watched is not None:
+            return native.step_watched(watched[0], watched[1], arguments)
+        return native.step_list(lists["grads"], arguments)
+
+    try:
+        if native is not None and step():
+            return
+        # First call, or a param moved since (p.data = x): plan these lists, with their grads.
+        if watched is not None:
+            watched[0].fill_lists()
+        native = plan["cpu"] = _C.AdamWPlan(
+            lists["params"], lists["grads"], lists["exp_avgs"], lists["exp_avg_sqs"],
+            lists.get("max_exp_avg_sqs") or [], lists["steps"],
+        )  # fmt: skip
+        step()
+    except NotImplementedError:  # a dtype combination not compiled: raised before any write
+        plan["cpu"] = False
+        _adamw_listed(lists, plan, hyper)
+    except RuntimeError as exc:
+        if "AdamWPlan:" not in str(exc):  # lists the plan cannot hold (raised before any write)
+            raise
+        plan["cpu"] = False
+        _adamw_listed(lists, plan, hyper)
+
+
+def _adamw_listed(lists: dict[str, list[Tensor]], plan: dict, hyper: dict) -> None:
+    """``adamw_`` on the lists, filled first from the step plan's GradWatch when there is one."""
+    watched = plan.get("watch")
+    if watched is not None:
+        watched[0].fill_lists()
+    adamw_(lists["params"], lists["grads"], lists["exp_avgs"], lists["exp_avg_sqs"], lists["steps"],
+           max_exp_avg_sqs=lists.get("max_exp_avg_sqs"), **hyper)  # fmt: skip

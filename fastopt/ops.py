@@ -328,13 +328,21 @@ def _norm_dispatch(originals: list[Tensor], local: list[Tensor], device: torch.d
 
 @torch.no_grad()
 def multi_tensor_norm_prechecked(tensors: list[Tensor], device: torch.device, norm_type=2.0, *, per_tensor: bool = False,
-                                 found_inf=None, process_group=None):
+                                 found_inf=None, process_group=None, plan: dict | None = None):
     """``multi_tensor_norm`` of a list of plain (not DTensor) tensors on ``device`` that the caller
-    has validated (fastopt.optim.AdamW's cached step, through ``check_replacement``); only
-    ``found_inf`` is checked here."""
+    has validated (fastopt.optim.AdamW's step plan); only ``found_inf`` is checked here. ``plan``:
+    what the step plan keeps for these tensors, which a backend that defines
+    ``multi_tensor_norm_planned`` reads instead of the list (the cpu backend: the plan's grads
+    as C++ tensors, when the list was not filled)."""
     if found_inf is not None:
         found_inf = _found_inf(found_inf, device)
-    return _norm_dispatch(tensors, tensors, device, check_norm_type(norm_type), bool(per_tensor), found_inf, process_group)
+    p = check_norm_type(norm_type)
+    planned = None if plan is None or process_group is not None else getattr(
+        backends.select(device), "multi_tensor_norm_planned", None
+    )  # fmt: skip
+    if planned is not None:
+        return planned(plan, p, bool(per_tensor), found_inf=found_inf)
+    return _norm_dispatch(tensors, tensors, device, p, bool(per_tensor), found_inf, process_group)
 
 
 @torch.no_grad()

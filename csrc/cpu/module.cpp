@@ -9,6 +9,7 @@
 #include <torch/extension.h>
 
 #include <ATen/Parallel.h>
+#include <torch/csrc/autograd/python_variable.h>
 #include <torch/csrc/autograd/variable.h>
 
 #include <optional>
@@ -18,6 +19,7 @@
 #include "../chunk_plan.h"
 #include "../element_math.h"
 #include "kernels.h"
+#include "step_plan.h"
 
 namespace fastopt {
 namespace cpu {
@@ -375,36 +377,35 @@ AdamWBlockFn adamw_fn_for(at::ScalarType p, at::ScalarType g, at::ScalarType s, 
   return nullptr;
 }
 
-// One AdamW step. Scalars come as (value, tensor or None); a non-zero found_inf returns before
-// anything is touched. maximize is folded into the grad scale's sign (-(g / s) == g / -s exactly);
-// without grad_scale, clip_coef or maximize the grads are used as they are.
-void adamw_(const std::vector<Tensor>& params, const std::vector<Tensor>& grads, const std::vector<Tensor>& exp_avgs,
-            const std::vector<Tensor>& exp_avg_sqs, const std::vector<Tensor>& steps, double lr_value,
-            const std::optional<Tensor>& lr_tensor, double beta1, double beta2, double eps, double weight_decay,
-            bool maximize, const std::vector<Tensor>& max_exp_avg_sqs, double grad_scale_value,
-            const std::optional<Tensor>& grad_scale_tensor, const std::optional<Tensor>& found_inf,
-            double clip_coef_value, const std::optional<Tensor>& clip_coef_tensor, bool has_grad_scale,
-            bool has_clip_coef) {
-  if (found_inf.has_value() && scalar_value(0.0, found_inf) != 0.0) return;  // skipped: no bit changes
-  const double lr = scalar_value(lr_value, lr_tensor);
-  const bool scaled = has_grad_scale || has_clip_coef || maximize;
-  const double scale = has_grad_scale ? scalar_value(grad_scale_value, grad_scale_tensor) : 1.0;
-  const double grad_scale = maximize ? -scale : scale;
-  const double clip_coef = has_clip_coef ? scalar_value(clip_coef_value, clip_coef_tensor) : 1.0;
-  const size_t count = params.size();
+// The block function of each tensor, decided before anything is written: a dtype combination not
+// compiled raises NotImplementedError (fastopt/cpu.py then runs the reference).
+std::vector<AdamWBlockFn> adamw_fns(const std::vector<Tensor>& params, const std::vector<Tensor>& grads,
+                                    const std::vector<Tensor>& exp_avgs, const std::vector<Tensor>& exp_avg_sqs,
+                                    const std::vector<Tensor>& max_exp_avg_sqs, bool scaled) {
   const bool amsgrad = !max_exp_avg_sqs.empty();
-  // Everything that can refuse is decided before anything is written.
-  std::vector<AdamWBlockFn> fns(count);
-  for (size_t i = 0; i < count; ++i) {
+  std::vector<AdamWBlockFn> fns(params.size());
+  for (size_t i = 0; i < params.size(); ++i) {
     const at::ScalarType s = exp_avgs[i].scalar_type();
     const bool same_states = exp_avg_sqs[i].scalar_type() == s && (!amsgrad || max_exp_avg_sqs[i].scalar_type() == s);
     fns[i] = same_states ? adamw_fn_for(params[i].scalar_type(), grads[i].scalar_type(), s, amsgrad, scaled) : nullptr;
     TORCH_CHECK_NOT_IMPLEMENTED(fns[i] != nullptr, "fastopt cpu backend: AdamW is not compiled for params ",
                                 params[i].scalar_type(), ", grads ", grads[i].scalar_type(), ", states ", s);
   }
-  // Step counts (on the host: they are CPU scalars) and the per-tensor constants, in double.
-  std::vector<AdamWConstants<double>> constants(count);
-  for (size_t i = 0; i < count; ++i) {
+  return fns;
+}
+
+// The hyperparameters of one call, with the scalars read from their tensors.
+struct AdamWCall {
+  double lr, beta1, beta2, eps, weight_decay, grad_scale, clip_coef;
+  bool scaled;  // grads go through grad_scale / clip_coef / maximize's sign
+};
+
+// Adds one to every step count (CPU scalars, read and written here) and gives each tensor its
+// constants, in double. Equal counts (the usual case) share one computation of the powers.
+std::vector<AdamWConstants<double>> advance_steps(const std::vector<Tensor>& steps, const AdamWCall& call) {
+  std::vector<AdamWConstants<double>> constants(steps.size());
+  double last_value = -1.0;
+  for (size_t i = 0; i < steps.size(); ++i) {
     const Tensor& step = steps[i];
     double value;
     if (step.scalar_type() == at::kDouble) {
@@ -415,38 +416,225 @@ void adamw_(const std::vector<Tensor>& params, const std::vector<Tensor>& grads,
       value = *data += 1.0f;
     }
     torch::autograd::impl::bump_version(step);
-    constants[i] = adamw_constants<double>(lr, beta1, beta2, eps, weight_decay, value);
+    constants[i] = i > 0 && value == last_value
+                       ? constants[i - 1]
+                       : adamw_constants<double>(call.lr, call.beta1, call.beta2, call.eps, call.weight_decay, value);
+    last_value = value;
   }
+  return constants;
+}
+
+// Where one tensor's param, grad and states start, and their element sizes.
+struct AdamWPointers {
+  void* p;
+  const void* g;
+  void* m;
+  void* v;
+  void* vmax;
+  int64_t p_size, g_size, s_size;
+};
+
+void run_adamw_pass(const ChunkPlan& plan, int64_t total_elements, const std::vector<AdamWBlockFn>& fns,
+                    const std::vector<AdamWPointers>& pointers, const std::vector<AdamWConstants<double>>& constants,
+                    const AdamWCall& call) {
+  for_blocks(plan.num_chunks(), total_elements, [&](int64_t b) {
+    const int64_t t = plan.chunk_tensor[b], start = plan.chunk_start[b];
+    const AdamWPointers& q = pointers[t];
+    fns[t](offset(q.p, start, q.p_size), offset(const_cast<void*>(q.g), start, q.g_size),
+           offset(q.m, start, q.s_size), offset(q.v, start, q.s_size),
+           q.vmax == nullptr ? nullptr : offset(q.vmax, start, q.s_size), plan.chunk_end[b] - start, constants[t],
+           call.grad_scale, call.clip_coef);
+  });
+}
+
+// A planned step's arguments as fastopt/cpu.py passes them (the scalars of adamw_).
+struct AdamWArguments {
+  double lr_value;
+  std::optional<Tensor> lr_tensor;
+  double beta1, beta2, eps, weight_decay;
+  bool maximize;
+  double grad_scale_value;
+  std::optional<Tensor> grad_scale_tensor, found_inf;
+  double clip_coef_value;
+  std::optional<Tensor> clip_coef_tensor;
+  bool has_grad_scale, has_clip_coef;
+};
+
+// The scalars of a call (value, or a 1-element CPU tensor) as numbers. maximize is folded into
+// the grad scale's sign (-(g / s) == g / -s exactly); without grad_scale, clip_coef or maximize
+// the grads are used as they are.
+AdamWCall adamw_call(double lr_value, const std::optional<Tensor>& lr_tensor, double beta1, double beta2, double eps,
+                     double weight_decay, bool maximize, double grad_scale_value,
+                     const std::optional<Tensor>& grad_scale_tensor, double clip_coef_value,
+                     const std::optional<Tensor>& clip_coef_tensor, bool has_grad_scale, bool has_clip_coef) {
+  const double scale = has_grad_scale ? scalar_value(grad_scale_value, grad_scale_tensor) : 1.0;
+  return {scalar_value(lr_value, lr_tensor),
+          beta1,
+          beta2,
+          eps,
+          weight_decay,
+          maximize ? -scale : scale,
+          has_clip_coef ? scalar_value(clip_coef_value, clip_coef_tensor) : 1.0,
+          has_grad_scale || has_clip_coef || maximize};
+}
+
+bool skipped(const std::optional<Tensor>& found_inf) {
+  return found_inf.has_value() && scalar_value(0.0, found_inf) != 0.0;
+}
+
+// One AdamW step. Scalars come as (value, tensor or None); a non-zero found_inf returns before
+// anything is touched.
+void adamw_(const std::vector<Tensor>& params, const std::vector<Tensor>& grads, const std::vector<Tensor>& exp_avgs,
+            const std::vector<Tensor>& exp_avg_sqs, const std::vector<Tensor>& steps, double lr_value,
+            const std::optional<Tensor>& lr_tensor, double beta1, double beta2, double eps, double weight_decay,
+            bool maximize, const std::vector<Tensor>& max_exp_avg_sqs, double grad_scale_value,
+            const std::optional<Tensor>& grad_scale_tensor, const std::optional<Tensor>& found_inf,
+            double clip_coef_value, const std::optional<Tensor>& clip_coef_tensor, bool has_grad_scale,
+            bool has_clip_coef) {
+  if (skipped(found_inf)) return;  // no bit changes
+  const AdamWCall call = adamw_call(lr_value, lr_tensor, beta1, beta2, eps, weight_decay, maximize, grad_scale_value,
+                                    grad_scale_tensor, clip_coef_value, clip_coef_tensor, has_grad_scale, has_clip_coef);
+  const bool amsgrad = !max_exp_avg_sqs.empty();
+  const std::vector<AdamWBlockFn> fns = adamw_fns(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, call.scaled);
+  const std::vector<AdamWConstants<double>> constants = advance_steps(steps, call);
   Contiguous p(params, true), g(grads, false), m(exp_avgs, true), v(exp_avg_sqs, true),
       vmax(amsgrad ? max_exp_avg_sqs : std::vector<Tensor>{}, true);
   const std::vector<int64_t> numels = numels_of(params);
   const ChunkPlan plan = plan_chunks(numels, {}, {}, kBlockSize, false);
-  struct Pointers {
-    void* p;
-    const void* g;
-    void* m;
-    void* v;
-    void* vmax;
-    int64_t p_size, g_size, s_size;
-  };
-  std::vector<Pointers> pointers(count);
-  for (size_t i = 0; i < count; ++i) {
+  std::vector<AdamWPointers> pointers(params.size());
+  for (size_t i = 0; i < params.size(); ++i) {
     if (numels[i] == 0) continue;
     pointers[i] = {p.data(i), g.data(i), m.data(i), v.data(i), amsgrad ? vmax.data(i) : nullptr,
                    p[i].element_size(), g[i].element_size(), m[i].element_size()};
   }
-  for_blocks(plan.num_chunks(), sum_of(numels), [&](int64_t b) {
-    const int64_t t = plan.chunk_tensor[b], start = plan.chunk_start[b];
-    const Pointers& q = pointers[t];
-    fns[t](offset(q.p, start, q.p_size), offset(const_cast<void*>(q.g), start, q.g_size),
-           offset(q.m, start, q.s_size), offset(q.v, start, q.s_size),
-           q.vmax == nullptr ? nullptr : offset(q.vmax, start, q.s_size), plan.chunk_end[b] - start, constants[t],
-           grad_scale, clip_coef);
-  });
+  run_adamw_pass(plan, sum_of(numels), fns, pointers, constants, call);
   p.finish();
   m.finish();
   v.finish();
   vmax.finish();
+}
+
+// adamw_ for lists that stay the same from step to step but for their grads (fastopt.optim's step
+// plan; fastopt/cpu.py adamw_planned_): the chunk plan, the params' and states' addresses and the
+// block functions are worked out once. A call reads the grads' addresses and dtypes (the caller
+// has checked them: shapes and devices of the params, CPU, floating), from a Python list or from
+// the plan's GradWatch (no Python object per grad), and runs the pass. Lists with a non-contiguous
+// param or state are not planned (adamw_ copies those).
+class AdamWPlan {
+ public:
+  AdamWPlan(std::vector<Tensor> params, const std::vector<Tensor>& grads, std::vector<Tensor> exp_avgs,
+            std::vector<Tensor> exp_avg_sqs, std::vector<Tensor> max_exp_avg_sqs, std::vector<Tensor> steps)
+      : params_(std::move(params)),
+        exp_avgs_(std::move(exp_avgs)),
+        exp_avg_sqs_(std::move(exp_avg_sqs)),
+        max_exp_avg_sqs_(std::move(max_exp_avg_sqs)),
+        steps_(std::move(steps)),
+        numels_(numels_of(params_)),
+        total_(sum_of(numels_)),
+        chunks_(plan_chunks(numels_, {}, {}, kBlockSize, false)) {
+    const bool amsgrad = !max_exp_avg_sqs_.empty();
+    for (const auto* list : {&params_, &exp_avgs_, &exp_avg_sqs_, &max_exp_avg_sqs_})
+      for (const Tensor& t : *list)
+        TORCH_CHECK(t.is_contiguous() && t.device().is_cpu(), "AdamWPlan: params and states must be contiguous CPU tensors");
+    grad_types_.reserve(grads.size());
+    for (const Tensor& g : grads) grad_types_.push_back(g.scalar_type());
+    for (bool scaled : {false, true})
+      fns_[scaled] = adamw_fns(params_, grads, exp_avgs_, exp_avg_sqs_, max_exp_avg_sqs_, scaled);
+    pointers_.resize(params_.size());
+    for (size_t i = 0; i < params_.size(); ++i) {
+      if (numels_[i] == 0) continue;
+      pointers_[i] = {params_[i].data_ptr(), nullptr, exp_avgs_[i].data_ptr(), exp_avg_sqs_[i].data_ptr(),
+                      amsgrad ? max_exp_avg_sqs_[i].data_ptr() : nullptr, params_[i].element_size(), 0,
+                      exp_avgs_[i].element_size()};
+    }
+  }
+
+  // One step with the grads of a Python list. False, with nothing done, when a param is no longer
+  // what the plan holds (``p.data = x`` moved or resized it): the caller builds a new plan.
+  bool step_list(const pybind11::list& grads, const AdamWArguments& arguments) {
+    TORCH_CHECK(size_t(PyList_GET_SIZE(grads.ptr())) == params_.size(), "AdamWPlan: one grad per param");
+    return step([&](size_t i) -> const Tensor& {
+      PyObject* item = PyList_GET_ITEM(grads.ptr(), i);
+      TORCH_CHECK(THPVariable_Check(item), "AdamWPlan: grads must be tensors");
+      return THPVariable_Unpack(item);
+    }, arguments);
+  }
+
+  // The same with the grads of entries first, first + 1, ... of the step plan's GradWatch.
+  bool step_watched(const GradWatch& watch, int64_t first, const AdamWArguments& arguments) {
+    const std::vector<Tensor>& grads = watch.grads();
+    TORCH_CHECK(first >= 0 && first + params_.size() <= grads.size(), "AdamWPlan: entries past the watch's");
+    return step([&](size_t i) -> const Tensor& { return grads[first + i]; }, arguments);
+  }
+
+ private:
+  template <typename GradAt>
+  bool step(const GradAt& grad_at, const AdamWArguments& a) {
+    if (skipped(a.found_inf)) return true;  // no bit changes
+    for (size_t i = 0; i < params_.size(); ++i) {
+      const Tensor& p = params_[i];
+      if (p.numel() != numels_[i] || (numels_[i] > 0 && p.const_data_ptr() != pointers_[i].p) || !p.is_contiguous())
+        return false;
+    }
+    const AdamWCall call = adamw_call(a.lr_value, a.lr_tensor, a.beta1, a.beta2, a.eps, a.weight_decay, a.maximize,
+                                      a.grad_scale_value, a.grad_scale_tensor, a.clip_coef_value, a.clip_coef_tensor,
+                                      a.has_grad_scale, a.has_clip_coef);
+    // The grads: their addresses, and the block functions again where a grad's dtype changed.
+    std::vector<Tensor> copies;  // contiguous copies of non-contiguous grads, alive for the pass
+    copies.reserve(params_.size());
+    for (size_t i = 0; i < params_.size(); ++i) {
+      const Tensor* g = &grad_at(i);
+      TORCH_CHECK(g->defined(), "AdamWPlan: a grad is missing");
+      if (g->scalar_type() != grad_types_[i]) retype(i, *g);
+      if (numels_[i] == 0) continue;
+      if (!g->is_contiguous()) {
+        copies.push_back(g->contiguous());
+        g = &copies.back();
+      }
+      pointers_[i].g = g->const_data_ptr();
+      pointers_[i].g_size = g->element_size();
+    }
+    const std::vector<AdamWConstants<double>> constants = advance_steps(steps_, call);
+    for (const auto* list : {&params_, &exp_avgs_, &exp_avg_sqs_, &max_exp_avg_sqs_})
+      for (const Tensor& t : *list) torch::autograd::impl::bump_version(t);
+    run_adamw_pass(chunks_, total_, fns_[call.scaled], pointers_, constants, call);
+    return true;
+  }
+
+  // A grad of another dtype than before: its block functions (raises, before any write, when the
+  // combination is not compiled).
+  void retype(size_t i, const Tensor& grad) {
+    const std::vector<Tensor> one_param{params_[i]}, one_grad{grad}, one_m{exp_avgs_[i]}, one_v{exp_avg_sqs_[i]};
+    const std::vector<Tensor> one_vmax = max_exp_avg_sqs_.empty() ? std::vector<Tensor>{}
+                                                                   : std::vector<Tensor>{max_exp_avg_sqs_[i]};
+    const AdamWBlockFn plain = adamw_fns(one_param, one_grad, one_m, one_v, one_vmax, false)[0];
+    const AdamWBlockFn scaled = adamw_fns(one_param, one_grad, one_m, one_v, one_vmax, true)[0];
+    fns_[false][i] = plain;
+    fns_[true][i] = scaled;
+    grad_types_[i] = grad.scalar_type();
+  }
+
+  std::vector<Tensor> params_, exp_avgs_, exp_avg_sqs_, max_exp_avg_sqs_, steps_;
+  std::vector<int64_t> numels_;
+  int64_t total_;
+  ChunkPlan chunks_;
+  std::vector<at::ScalarType> grad_types_;
+  std::vector<AdamWBlockFn> fns_[2];  // without and with the grad scale
+  std::vector<AdamWPointers> pointers_;
+};
+
+// multi_tensor_norm of the grads of some entries of the step plan's GradWatch (the ranges
+// [first, first + count) of the lists on one device, in order), with no Python object per grad.
+std::tuple<Tensor, Tensor> planned_norm(const GradWatch& watch, const std::vector<std::pair<int64_t, int64_t>>& ranges,
+                                        double p, bool per_tensor, const std::optional<Tensor>& found_inf) {
+  const std::vector<Tensor>& grads = watch.grads();
+  std::vector<Tensor> tensors;
+  for (const auto& [first, count] : ranges) {
+    TORCH_CHECK(first >= 0 && count >= 0 && size_t(first + count) <= grads.size(), "planned_norm: entries past the watch's");
+    tensors.insert(tensors.end(), grads.begin() + first, grads.begin() + first + count);
+  }
+  for (const Tensor& t : tensors) TORCH_CHECK(t.defined(), "planned_norm: a grad is missing");
+  return multi_tensor_norm(tensors, p, per_tensor, found_inf);
 }
 
 }  // namespace
@@ -468,4 +656,17 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, module) {
   module.def("clamp_", &clamp_, "clamp to [-clip_value, clip_value]");
   module.def("adaptive_clip_", &adaptive_clip_, "adaptive gradient clipping");
   module.def("adamw_", &adamw_, "one AdamW step (not skipped)");
+  register_step_plan(module);  // GradWatch first: AdamWPlan and planned_norm take one
+  pybind11::class_<AdamWArguments>(module, "AdamWArguments", "the scalars of one planned AdamW step")
+      .def(pybind11::init<double, std::optional<at::Tensor>, double, double, double, double, bool, double,
+                          std::optional<at::Tensor>, std::optional<at::Tensor>, double, std::optional<at::Tensor>,
+                          bool, bool>());
+  pybind11::class_<AdamWPlan>(module, "AdamWPlan", "adamw_ for lists that keep their params and states")
+      .def(pybind11::init<std::vector<at::Tensor>, const std::vector<at::Tensor>&, std::vector<at::Tensor>,
+                          std::vector<at::Tensor>, std::vector<at::Tensor>, std::vector<at::Tensor>>(),
+           pybind11::arg("params"), pybind11::arg("grads"), pybind11::arg("exp_avgs"), pybind11::arg("exp_avg_sqs"),
+           pybind11::arg("max_exp_avg_sqs"), pybind11::arg("steps"))
+      .def("step_list", &AdamWPlan::step_list, "one AdamW step with these grads (checked by the caller)")
+      .def("step_watched", &AdamWPlan::step_watched, "one AdamW step with the grads of a GradWatch's entries");
+  module.def("planned_norm", &planned_norm, "multi_tensor_norm of the grads of a GradWatch's entries");
 }

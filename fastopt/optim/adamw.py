@@ -9,6 +9,7 @@ a CUDA graph; what happened is left in ``optimizer.stats`` as device tensors.
 
 from __future__ import annotations
 
+import collections
 import copy
 import dataclasses
 import itertools
@@ -18,7 +19,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from fastopt import distributed, ops, reference
+from fastopt import backends, distributed, ops, reference
 
 __all__ = ["AdamW"]
 
@@ -54,44 +55,228 @@ class _GroupLists:
         return lists
 
 
+class _Changes:
+    """A counter of changes, shared by a state table and its per-param dicts."""
+
+    __slots__ = ("value",)
+
+    def __init__(self) -> None:
+        self.value = 0
+
+
+class _CountsChanges:
+    """Mutating methods of a dict that count each call in ``self._changes`` (what a step plan
+    compares instead of looking at every param's state)."""
+
+    def _changed(self) -> None:
+        changes = self.__dict__.get("_changes")  # absent while unpickling sets the items
+        if changes is not None:
+            changes.value += 1
+
+    def __setitem__(self, key, value):
+        self._changed()
+        super().__setitem__(key, value)
+
+    def __delitem__(self, key):
+        self._changed()
+        super().__delitem__(key)
+
+    def __ior__(self, other):
+        self._changed()
+        return super().__ior__(other)
+
+    def pop(self, *args):
+        self._changed()
+        return super().pop(*args)
+
+    def popitem(self):
+        self._changed()
+        return super().popitem()
+
+    def clear(self):
+        self._changed()
+        super().clear()
+
+    def update(self, *args, **kwargs):
+        self._changed()
+        super().update(*args, **kwargs)
+
+    def setdefault(self, key, default=None):
+        self._changed()
+        return super().setdefault(key, default)
+
+
+class _ParamState(_CountsChanges, dict):
+    """One param's state dict (``exp_avg``, ``exp_avg_sq``, ``step``, ...), counting changes."""
+
+    def __init__(self, changes: _Changes, *args):
+        super().__init__(*args)
+        self._changes = changes
+
+    def __reduce__(self):  # pickled as a plain dict: checkpoints load without fastopt
+        return dict, (dict(self),)
+
+
+class _StateTable(_CountsChanges, collections.defaultdict):
+    """``optimizer.state``: torch's ``defaultdict(dict)`` whose dicts count every change (a state
+    tensor set or replaced, a dict added or removed) in ``changes``: a step plan notices them with
+    one comparison instead of a look at every param's state. Plain dicts put in (a user's
+    ``optimizer.state[p] = {...}``) are taken over by the next step that rebuilds the plan."""
+
+    def __init__(self, items=()):
+        super().__init__(dict)
+        self._changes = _Changes()
+        for key, value in dict(items).items():
+            dict.__setitem__(self, key, self.tracked(value))
+
+    @property
+    def changes(self) -> int:
+        return self._changes.value
+
+    def tracked(self, value):
+        """``value`` as a dict of this table (a copy for a plain dict)."""
+        if isinstance(value, _ParamState) and value._changes is self._changes:
+            return value
+        return _ParamState(self._changes, value) if isinstance(value, dict) else value
+
+    def __missing__(self, key):
+        value = self[key] = _ParamState(self._changes)
+        return value
+
+    def __reduce__(self):  # pickled as torch's: a defaultdict(dict) of plain dicts
+        return collections.defaultdict, (dict, {k: dict(v) if isinstance(v, dict) else v for k, v in self.items()})
+
+    def __deepcopy__(self, memo):
+        return _StateTable(copy.deepcopy(self.__reduce__()[1][1], memo))
+
+
 @dataclasses.dataclass
 class _StepPlan:
     """What a successful step gathered, reused while the same params have grads: their states
-    and lists, which the ops validated in full then. A step with the plan re-checks only the new
-    grads (``ops.check_replacement``) and calls the ops' prechecked entries: the host cost of a
-    step no longer grows with several validations per tensor (docs/design.md section 1)."""
+    and lists, which the ops validated in full then. A later step checks only what can have
+    changed and calls the ops' prechecked entries, so its host cost does not grow with several
+    validations per tensor (docs/design.md, "The step plan").
+
+    ``key`` covers what Python sees at once: the layout version (``load_state_dict``,
+    ``add_param_group``), the state table's change count (a state tensor or dict replaced), the
+    groups' params lists and amsgrad flags. With the CPU extension, ``watch`` (its ``GradWatch``)
+    checks the rest in one C++ loop over the params: each group's params list unchanged, each
+    param's data unchanged, the same params with grads, and the new grads (checked, then kept as
+    C++ tensors that the cpu backend reads directly, or put into the lists for other backends).
+    Without it, the same checks run in Python, slower."""
 
     key: tuple
     gathered: list  # [(group, {device: _GroupLists})]
     shapes: dict[int, list[tuple]]  # id(_GroupLists) -> the params' shapes
     written_pointers: frozenset[int]  # where every param and state starts (empty tensors left out)
+    with_grads: tuple  # ids of the params with grads, per group (the Python check)
+    param_records: dict[int, list[tuple]]  # id(_GroupLists) -> each param's address and dtype (the Python check)
+    watch: object | None = None
+    norm_plans: dict = dataclasses.field(default_factory=dict)  # device -> what the norm's backend may use
 
-    def states_unchanged(self, state: dict) -> bool:
-        """Whether every param still has the very state tensors the plan holds (a user may have
-        replaced or reset some: then the plan is void). Identity checks in C-level maps."""
-        for _, by_device in self.gathered:
-            for lists in by_device.values():
-                dicts = list(map(state.get, lists.params))
-                if None in dicts:
-                    return False
-                for key, tensors in (("exp_avg", lists.exp_avgs), ("exp_avg_sq", lists.exp_avg_sqs),
-                                     ("step", lists.steps), ("max_exp_avg_sq", lists.max_exp_avg_sqs)):  # fmt: skip
-                    if tensors and not all(map(operator.is_, map(operator.methodcaller("get", key), dicts), tensors)):
-                        return False
+    def refresh(self, param_groups: list, lists_needed: bool) -> bool:
+        """Whether the plan still holds. If so the new grads are checked (a bad grad raises,
+        changing nothing) and, when ``lists_needed``, in the lists."""
+        if self.watch is None:
+            return self.refresh_in_python(param_groups)
+        if self.watch.refresh() < 0:
+            return False
+        if lists_needed:
+            self.watch.fill_lists()
         return True
 
+    def refresh_in_python(self, param_groups: list) -> bool:
+        with_grads = tuple(tuple(id(p) for p in group["params"] if p.grad is not None) for group in param_groups)
+        if with_grads != self.with_grads:
+            return False
+        for _, by_device in self.gathered:
+            for lists in by_device.values():  # a param's data replaced (p.data = x) moves or retypes it
+                if list(map(_param_record, lists.params)) != self.param_records[id(lists)]:
+                    return False
+        for _, by_device in self.gathered:
+            for device, lists in by_device.items():
+                grads = [p.grad for p in lists.params]
+                if any(map(_is_sparse, grads)):
+                    raise RuntimeError("AdamW does not support sparse gradients")
+                ops.check_replacement("grads", grads, self.shapes[id(lists)], device, self.written_pointers)
+                lists.grads[:] = grads
+        return True
+
+    def release_grads(self) -> None:
+        """Let go of this step's grads (None in the lists), so that ``zero_grad()`` frees their
+        memory until the next backward, as it does without a plan."""
+        if self.watch is not None:
+            self.watch.release()
+            return
+        for _, by_device in self.gathered:
+            for lists in by_device.values():
+                lists.grads[:] = itertools.repeat(None, len(lists.grads))
+
     @classmethod
-    def of(cls, key: tuple, gathered: list) -> "_StepPlan | None":
+    def of(cls, key: tuple, gathered: list, param_groups: list) -> "_StepPlan | None":
         lists = [lists for _, by_device in gathered for lists in by_device.values()]
         params = [p for group_lists in lists for p in group_lists.params]
         if distributed.any_dtensor(params):  # sharded params keep the full path (fastopt.distributed)
             return None
-        written = itertools.chain.from_iterable(
+        written = list(itertools.chain.from_iterable(
             itertools.chain(g.params, g.exp_avgs, g.exp_avg_sqs, g.max_exp_avg_sqs, g.steps) for g in lists
-        )
+        ))  # fmt: skip
         pointers = frozenset(map(Tensor.data_ptr, written)) - {0}
         shapes = {id(g): [tuple(p.size()) for p in g.params] for g in lists}
-        return cls(key, gathered, shapes, pointers)
+        with_grads = tuple(tuple(id(p) for p in group["params"] if p.grad is not None) for group in param_groups)
+        records = {id(g): list(map(_param_record, g.params)) for g in lists}
+        plan = cls(key, gathered, shapes, pointers, with_grads, records)
+        native = _grad_watch_type()
+        if native is not None:
+            plan._watch(native, param_groups, written)
+        return plan
+
+    def _watch(self, native, param_groups: list, written: list[Tensor]) -> None:
+        """The C++ GradWatch over this plan: which entry each param's grad is (the entries of one
+        list are consecutive), handed to the backends through the lists' plans."""
+        slots = [-1] * sum(len(group["params"]) for group in param_groups)
+        grad_lists, positions, ranges = [], [], {}
+        for _, by_device in self.gathered:
+            for device, lists in by_device.items():
+                first = len(positions)
+                for position, index in enumerate(lists.indices):
+                    slots[index] = len(positions)
+                    grad_lists.append(lists.grads)
+                    positions.append(position)
+                lists.backend_plan["watch"] = first
+                ranges.setdefault(device, []).append((first, len(lists.indices)))
+        self.watch = native([group["params"] for group in param_groups], slots, grad_lists, positions, written)
+        for _, by_device in self.gathered:
+            for lists in by_device.values():
+                lists.backend_plan["watch"] = (self.watch, lists.backend_plan["watch"])
+        self.norm_plans = {device: {"watch": (self.watch, device_ranges)} for device, device_ranges in ranges.items()}
+
+
+def _grad_watch_type():
+    """The CPU extension's GradWatch, when the extension is built (any device: it reads metadata)."""
+    from fastopt import cpu  # the cpu backend's module loads the extension once
+
+    return None if cpu._C is None else cpu._C.GradWatch
+
+
+def _grad_of(param: Tensor) -> Tensor | None:
+    return param.grad
+
+
+def _views_of(buffer: Tensor, like: list[Tensor]) -> list[Tensor]:
+    """Consecutive views of ``buffer`` with the shapes of ``like``."""
+    offsets = itertools.accumulate((t.numel() for t in like), initial=0)
+    return [buffer[offset : offset + t.numel()].view(t.shape) for offset, t in zip(offsets, like)]
+
+
+def _param_record(param: Tensor) -> tuple:
+    return param.data_ptr(), param.dtype, param.device
+
+
+def _grads_on(gathered: list, device: torch.device) -> list[Tensor]:
+    """The grads of every group on ``device``, in group order, in one list (C-level concatenation)."""
+    lists = [by_device[device].grads for _, by_device in gathered if device in by_device]
+    return lists[0] if len(lists) == 1 else list(itertools.chain.from_iterable(lists))
 
 
 def _is_sparse(t: Tensor) -> bool:
@@ -158,6 +343,17 @@ class AdamW(torch.optim.Optimizer):
       up. Counted in ``stats["spikes"]``; training goes on with the next batch.
     - ``monitor``: a ``fastopt.monitor.TrainingMonitor`` that each step records into (grad-norm
       history, clip rate, skipped steps, per-tensor grad norms from the same read), on the device.
+    - ``flat_states``: keep exp_avg / exp_avg_sq (and max_exp_avg_sq) of all params as views of one
+      contiguous buffer per device, dtype and kind. ``state_dict()`` keeps torch's per-param
+      layout (the views); checkpoints load both ways with torch.optim.AdamW.
+    - ``flat_grads``: give every param that requires a grad a view of one zeroed buffer per device
+      and dtype as its ``.grad``, into which backward accumulates in place; ``zero_grad()`` zeroes
+      each buffer in one op (whatever ``set_to_none`` says: the grads stay allocated, so a param
+      that gets no gradient in a backward is stepped with a zero grad, as after
+      ``zero_grad(set_to_none=False)`` in torch). A grad set to None or replaced (e.g. by
+      ``model.zero_grad()``) still works, as an ordinary grad, and gets its view back at the next
+      ``optimizer.zero_grad()``. With both, a step's host work is one C++ pass over the params that
+      finds nothing changed (docs/design.md, "The step plan").
 
     ``optimizer.stats`` holds device tensors updated by every step, read by the host only when
     you log them: ``grad_norm`` (global 2-norm of the unscaled grads, after AGC if any, before
@@ -200,7 +396,17 @@ class AdamW(torch.optim.Optimizer):
     # fastopt's settings beyond torch's param groups: what a copy (deepcopy, pickle,
     # torch.save(optimizer)) must keep, with torch's own "defaults", "state" and "param_groups".
     _SETTINGS = ("max_grad_norm", "state_dtype", "process_group", "spike_guard", "spike_warmup",
-                 "spike_ema_decay", "monitor", "spike_state", "stats", "_layout_version")  # fmt: skip
+                 "spike_ema_decay", "monitor", "spike_state", "stats", "_layout_version", "flat_states", "flat_grads")  # fmt: skip
+
+    @property
+    def state(self) -> _StateTable:
+        """torch's per-param state (``defaultdict(dict)``), in a table that counts changes for the
+        step plan. Assigning any mapping converts it."""
+        return self.__dict__["_state_table"]
+
+    @state.setter
+    def state(self, value) -> None:
+        self.__dict__["_state_table"] = value if isinstance(value, _StateTable) else _StateTable(value)
 
     @property
     def _step_supports_amp_scaling(self) -> bool:
@@ -251,6 +457,8 @@ class AdamW(torch.optim.Optimizer):
         spike_warmup: int = 20,
         spike_ema_decay: float = 0.99,
         monitor=None,
+        flat_states: bool = False,
+        flat_grads: bool = False,
     ):
         # torch.optim.AdamW's checks and messages.
         if isinstance(lr, Tensor):
@@ -315,10 +523,79 @@ class AdamW(torch.optim.Optimizer):
         self.stats: dict[str, Tensor] = {}
         self._step_plan: _StepPlan | None = None
         self._layout_version = 0  # bumped when params or states are replaced: plans of before are void
+        self.flat_states, self.flat_grads = bool(flat_states), bool(flat_grads)
+        if (self.flat_states or self.flat_grads) and distributed.any_dtensor(
+            [p for group in self.param_groups for p in group["params"]]
+        ):
+            raise ValueError("flat_states / flat_grads take plain tensors; FSDP2 (DTensor) params keep their own storage")
+        self._flat_grads: list = []  # [(buffer, params, views)]
+        if self.flat_grads:
+            self._flatten_grads()
 
     def add_param_group(self, param_group) -> None:
         super().add_param_group(param_group)
         self._layout_version = getattr(self, "_layout_version", 0) + 1
+        if getattr(self, "flat_grads", False):  # torch's __init__ adds the first groups before our attributes exist
+            self._flatten_grads()
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        """torch's ``zero_grad``; with ``flat_grads``, one ``zero_()`` per buffer whatever
+        ``set_to_none`` says, and the views put back where a grad was set to None or replaced."""
+        if not self.flat_grads:
+            return super().zero_grad(set_to_none)
+        with torch.autograd.profiler.record_function(self._zero_grad_profile_name):
+            for buffer, params, views in self._flat_grads:
+                buffer.zero_()
+                if not all(map(operator.is_, map(_grad_of, params), views)):
+                    for param, view in zip(params, views):
+                        if param.grad is not view:
+                            param.grad = view
+
+    def _flatten_grads(self) -> None:
+        """Every param that requires a grad gets a view of one buffer per device and dtype as its
+        grad (a grad it has is copied in)."""
+        params = dict.fromkeys(p for group in self.param_groups for p in group["params"] if p.requires_grad)
+        buckets: dict[tuple, list[Tensor]] = {}
+        for param in params:
+            buckets.setdefault((param.device, param.dtype), []).append(param)
+        flat = []
+        with torch.no_grad():
+            for (device, dtype), members in buckets.items():
+                buffer = torch.zeros(sum(p.numel() for p in members), device=device, dtype=dtype)
+                views = _views_of(buffer, members)
+                for param, view in zip(members, views):
+                    if param.grad is not None:
+                        view.copy_(param.grad.to_dense() if param.grad.is_sparse else param.grad)
+                    param.grad = view
+                flat.append((buffer, members, views))
+        self._flat_grads = flat
+
+    def _flatten_states(self) -> bool:
+        """With ``flat_states``: the moments of every param with states as views of one buffer per
+        device, dtype and kind, in param order (copied over; the dicts get the views). False
+        when they already are."""
+        params = [p for group in self.param_groups for p in group["params"] if p in self.state]
+        kinds: dict[tuple, list[tuple[dict, Tensor]]] = {}
+        for param in params:
+            state = self.state[param]
+            for key in ("exp_avg", "exp_avg_sq", "max_exp_avg_sq"):
+                if isinstance(state.get(key), Tensor):
+                    kinds.setdefault((state[key].device, state[key].dtype, key), []).append((state, state[key]))
+        buffers = {t.untyped_storage().data_ptr() for entries in kinds.values() for _, t in entries}
+        flat = len(buffers) == len(kinds) and all(
+            t.is_contiguous() and t.data_ptr() == entries[0][1].data_ptr() + offset * t.element_size()
+            for entries in kinds.values()
+            for (_, t), offset in zip(entries, itertools.accumulate((t.numel() for _, t in entries), initial=0))
+        )
+        if flat:
+            return False
+        with torch.no_grad():
+            for (device, dtype, key), entries in kinds.items():
+                buffer = torch.empty(sum(t.numel() for _, t in entries), device=device, dtype=dtype)
+                for (state, t), view in zip(entries, _views_of(buffer, [t for _, t in entries])):
+                    view.copy_(t)
+                    state[key] = view
+        return True
 
     def __getstate__(self):
         """torch's state (defaults, state, param_groups) and fastopt's settings, so that a copy
@@ -344,6 +621,8 @@ class AdamW(torch.optim.Optimizer):
 
     def __setstate__(self, state):
         super().__setstate__(state)
+        if "state" in self.__dict__:  # torch's __setstate__ (load_state_dict, unpickling) sets __dict__ directly
+            self.state = self.__dict__.pop("state")
         defaults = {"amsgrad": False, "maximize": False, "foreach": None, "capturable": False,
                     "differentiable": False, "fused": None, "decoupled_weight_decay": True,
                     "agc_clip_factor": None, "agc_eps": 1e-3, **self.defaults}  # fmt: skip
@@ -356,14 +635,19 @@ class AdamW(torch.optim.Optimizer):
                     p_state["step"] = torch.tensor(float(p_state["step"]), dtype=torch.float32, device=p.device)
         attributes = {"max_grad_norm": None, "state_dtype": None, "process_group": None, "spike_guard": None,
                       "spike_warmup": 20, "spike_ema_decay": 0.99, "monitor": None, "stats": {},
-                      "spike_state": {}, "_step_plan": None, "_layout_version": 0}  # fmt: skip
+                      "spike_state": {}, "_step_plan": None, "_layout_version": 0, "flat_states": False,
+                      "flat_grads": False, "_flat_grads": []}  # fmt: skip
         for name, default in attributes.items():
             self.__dict__.setdefault(name, default)
+        if self.flat_grads and not self._flat_grads:  # a copy: its params' grads are its own tensors
+            self._flatten_grads()
 
     def state_dict(self):
         """torch's layout, plus the spike guard's average under a key of its own (loaders that
-        know only torch's ``state`` and ``param_groups`` ignore it)."""
+        know only torch's ``state`` and ``param_groups`` ignore it). Per-param states are plain
+        dicts, as torch's (``torch.load(weights_only=True)`` loads them)."""
         state_dict = super().state_dict()
+        state_dict["state"] = {key: dict(value) for key, value in state_dict["state"].items()}
         if self.spike_state:
             state_dict["fastopt"] = {"spike_guard": dict(self.spike_state)}
         return state_dict
@@ -397,6 +681,8 @@ class AdamW(torch.optim.Optimizer):
 
     def _init_state(self, param: Tensor, amsgrad: bool) -> dict:
         state = self.state[param]
+        if not isinstance(state, _ParamState):  # a plain dict a user put in: one that counts changes
+            state = self.state[param] = self.state.tracked(state)
         if not state:
             dtype = self.state_dtype or param.dtype
             state["step"] = torch.zeros((), dtype=_step_dtype(), device=param.device)
@@ -469,9 +755,7 @@ class AdamW(torch.optim.Optimizer):
             return
         home = devices[0]  # where the global quantities (norm, flags, stats) live
         stats = self._stats_on(home)
-        grads_by_device = {
-            d: [g for _, by_device in gathered if d in by_device for g in by_device[d].grads] for d in devices
-        }
+        grads_by_device = {d: _grads_on(gathered, d) for d in devices}
 
         # What torch.amp.GradScaler / fastopt.amp.GradScaler hand over (attributes they set).
         grad_scale = getattr(self, "grad_scale", None)
@@ -510,7 +794,7 @@ class AdamW(torch.optim.Optimizer):
             if prechecked:
                 norms = kernels.multi_tensor_norm_prechecked(
                     grads_by_device[device], device, per_tensor=per_tensor, found_inf=flag,
-                    process_group=self.process_group,
+                    process_group=self.process_group, plan=plan.norm_plans.get(device),
                 )  # fmt: skip
             else:
                 norms = kernels.multi_tensor_norm(
@@ -566,6 +850,8 @@ class AdamW(torch.optim.Optimizer):
                     )  # fmt: skip
         if kernels is ops:
             self._step_plan = plan  # every op accepted these lists: later steps may reuse them
+            if plan is not None:
+                plan.release_grads()
 
     def _init_group(self, group, params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps) -> bool:
         """Fill the lists with the group's params that have a grad and their states (created on
@@ -613,24 +899,32 @@ class AdamW(torch.optim.Optimizer):
         """The params with grads and their states, by group and device; the plan they form; and
         whether it is the last step's plan, reused (the usual training loop: the same params
         have grads), with the new grads put in and checked against it."""
-        with_grads = [[p for p in group["params"] if p.grad is not None] for group in self.param_groups]
-        key = (
+        plan = self._step_plan
+        if plan is not None and plan.key == self._plan_key() and plan.refresh(self.param_groups, self._lists_needed(plan)):
+            return plan.gathered, plan, True
+        self._step_plan = None  # void: a refusal below must not leave it in place
+        firsts = list(itertools.accumulate((len(g["params"]) for g in self.param_groups[:-1]), initial=0))
+        gathered = [(group, self._gather(group, first)) for group, first in zip(self.param_groups, firsts)]
+        if self.flat_states and self._flatten_states():  # new states (or loaded ones) moved into the buffers
+            gathered = [(group, self._gather(group, first)) for group, first in zip(self.param_groups, firsts)]
+        # The key after gathering, which creates the states of params stepped for the first time.
+        return gathered, _StepPlan.of(self._plan_key(), gathered, self.param_groups), False
+
+    def _plan_key(self) -> tuple:
+        """What voids a step plan that Python sees at once (see _StepPlan)."""
+        return (
             self._layout_version,
-            tuple(tuple(map(id, params)) for params in with_grads),
+            self.state.changes,
+            tuple(id(group["params"]) for group in self.param_groups),
             tuple(group["amsgrad"] for group in self.param_groups),
         )
-        plan = self._step_plan
-        if plan is not None and plan.key == key and plan.states_unchanged(self.state):
-            for _, by_device in plan.gathered:
-                for device, lists in by_device.items():
-                    lists.grads = [p.grad for p in lists.params]
-                    if any(map(_is_sparse, lists.grads)):
-                        raise RuntimeError("AdamW does not support sparse gradients")
-                    ops.check_replacement("grads", lists.grads, plan.shapes[id(lists)], device, plan.written_pointers)
-            return plan.gathered, plan, True
-        firsts = itertools.accumulate((len(g["params"]) for g in self.param_groups[:-1]), initial=0)
-        gathered = [(group, self._gather(group, first)) for group, first in zip(self.param_groups, firsts)]
-        return gathered, _StepPlan.of(key, gathered), False
+
+    def _lists_needed(self, plan: _StepPlan) -> bool:
+        """Whether this step needs the grads in Python lists: unless every device's backend reads
+        them from the plan's watch (the cpu backend) and no group clips with AGC."""
+        return any(group["agc_clip_factor"] is not None for group in self.param_groups) or not all(
+            getattr(backends.select(device), "READS_GRAD_WATCH", False) for device in plan.norm_plans
+        )
 
     def _check_param_groups(self) -> None:
         """Every group's hyperparameters, checked before anything changes: a group added or

@@ -1,0 +1,21 @@
+// Registers GradWatch (step_plan.h), the per-step check of fastopt.optim's step plan.
+#include "step_plan.h"
+
+namespace fastopt {
+namespace cpu {
+
+void register_step_plan(pybind11::module& module) {
+  pybind11::class_<GradWatch>(module, "GradWatch",
+                              "The per-step check of fastopt.optim's step plan: refresh() -> -1 (void), 0 (grads "
+                              "checked, at the last step's addresses), 1 (checked, some moved)")
+      .def(pybind11::init<const pybind11::list&, std::vector<int64_t>, const pybind11::list&, std::vector<int64_t>,
+                          const std::vector<at::Tensor>&>(),
+           pybind11::arg("group_params"), pybind11::arg("slots"), pybind11::arg("grad_lists"),
+           pybind11::arg("positions"), pybind11::arg("written"))
+      .def("refresh", &GradWatch::refresh)
+      .def("fill_lists", &GradWatch::fill_lists, "the grads into the plan's lists")
+      .def("release", &GradWatch::release, "let go of the grads (after a step)");
+}
+
+}  // namespace cpu
+}  // namespace fastopt

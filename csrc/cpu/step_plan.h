@@ -1,0 +1,230 @@
+// The host side of fastopt.optim's step plan (fastopt/optim/adamw.py, _StepPlan): the per-step
+// check, over every param in one C++ loop, for tensors on any device (only metadata is read).
+//
+// A plan holds the tensor lists a full step validated. A later step may reuse them when nothing but
+// the grads changed; GradWatch::refresh says whether that is so and takes the new grads, after
+// checking each one as the ops would (dense, floating, its param's shape and device, clear of
+// everything the step writes). What voids the plan here: a group's params list edited, a param's
+// data replaced (dtype, device, shape, storage), a param gaining or losing its grad. (A state
+// tensor replaced is seen by the Python side: its state dicts count their changes.) The grads stay
+// C++ tensors, which the cpu backend's planned ops read directly (AdamWPlan, planned_norm in
+// module.cpp); other backends get them in the plan's Python lists (fill_lists), since making a
+// Python object per grad is most of the cost of a step over many small tensors.
+#pragma once
+
+#include <torch/extension.h>
+
+#include <torch/csrc/autograd/python_variable.h>
+
+#include <algorithm>
+#include <cstdint>
+#include <string>
+#include <utility>
+#include <vector>
+
+namespace fastopt {
+namespace cpu {
+
+namespace step_plan_detail {
+
+using at::Tensor;
+
+// Bytes from a tensor's first element to one past its last (0 when empty).
+inline uintptr_t extent_of(const Tensor& t) {
+  if (t.numel() == 0) return 0;
+  if (t.is_contiguous()) return t.nbytes();
+  int64_t last = 0;
+  for (int64_t d = 0; d < t.dim(); ++d) last += (t.size(d) - 1) * t.stride(d);
+  return uintptr_t(last + 1) * t.element_size();
+}
+
+// A tensor's first byte, or null when it has no storage to point into.
+inline const void* data_of(const Tensor& t) {
+  return t.unsafeGetTensorImpl()->has_storage() ? t.const_data_ptr() : nullptr;
+}
+
+inline bool is_floating(at::ScalarType type) {
+  return type == at::kFloat || type == at::kDouble || type == at::kBFloat16 || type == at::kHalf;
+}
+
+// What a param was when the plan was built: a change (p.data = ..., model.to(...)) voids the plan.
+struct ParamRecord {
+  const void* data;
+  at::ScalarType dtype;
+  at::Device device;
+  std::vector<int64_t> sizes;
+
+  explicit ParamRecord(const Tensor& p)
+      : data(data_of(p)),
+        dtype(p.scalar_type()),
+        device(p.device()),
+        sizes(p.sizes().vec()) {}
+
+  bool matches(const Tensor& p) const {
+    return p.scalar_type() == dtype && p.device() == device && p.sizes().equals(sizes) &&
+           data_of(p) == data;
+  }
+};
+
+}  // namespace step_plan_detail
+
+class GradWatch {
+ public:
+  using Tensor = at::Tensor;
+
+  // group_params: each param group's "params" list (the list objects). slots: for every param of
+  // every group in that order, -1 when it had no grad (the plan leaves it out), else k, the plan's
+  // entry for it, whose grad goes to grad_lists[k][positions[k]] (entries of one list of the plan
+  // are consecutive). written: what the step writes in place (params and states), which no grad
+  // may overlap. The plan's grads are the params' grads of now.
+  GradWatch(const pybind11::list& group_params, std::vector<int64_t> slots, const pybind11::list& grad_lists,
+            std::vector<int64_t> positions, const std::vector<Tensor>& written)
+      : slots_(std::move(slots)), positions_(std::move(positions)) {
+    using step_plan_detail::data_of;
+    for (const pybind11::handle& list : group_params) {
+      lists_.push_back(pybind11::reinterpret_borrow<pybind11::list>(list));
+      std::vector<pybind11::object> members;
+      for (const pybind11::handle& member : list) members.push_back(pybind11::reinterpret_borrow<pybind11::object>(member));
+      members_.push_back(std::move(members));
+    }
+    for (const auto& members : members_)
+      for (const pybind11::object& member : members) {
+        TORCH_CHECK(THPVariable_Check(member.ptr()), "GradWatch: every param must be a tensor");
+        params_.push_back(THPVariable_Unpack(member.ptr()));
+        records_.emplace_back(params_.back());
+      }
+    TORCH_CHECK(slots_.size() == params_.size(), "GradWatch: one slot per param");
+    for (const pybind11::handle& list : grad_lists) grad_lists_.push_back(pybind11::reinterpret_borrow<pybind11::list>(list));
+    TORCH_CHECK(grad_lists_.size() == positions_.size(), "GradWatch: one position per grad list entry");
+    grads_.resize(positions_.size());
+    seen_data_.assign(positions_.size(), nullptr);
+    for (size_t j = 0; j < params_.size(); ++j) {
+      const int64_t k = slots_[j];
+      TORCH_CHECK(k < int64_t(positions_.size()), "GradWatch: a slot past the grad lists");
+      if (k < 0 || !params_[j].grad().defined()) continue;
+      grads_[k] = params_[j].grad();
+      seen_data_[k] = step_plan_detail::data_of(grads_[k]);
+    }
+    for (const Tensor& t : written) {
+      const uintptr_t bytes = step_plan_detail::extent_of(t);
+      if (bytes == 0 || data_of(t) == nullptr) continue;
+      const auto start = reinterpret_cast<uintptr_t>(data_of(t));
+      spans_.emplace_back(start, start + bytes);
+    }
+    std::sort(spans_.begin(), spans_.end());
+  }
+
+  // -1: the plan is void (rebuild it); 0: the grads are checked and where the last refresh's were
+  // (flat grads, or zero_grad(set_to_none=False)); 1: checked, some at new addresses. Raises
+  // (changing nothing) on a bad grad.
+  int refresh() {
+    for (size_t g = 0; g < lists_.size(); ++g) {
+      const std::vector<pybind11::object>& members = members_[g];
+      PyObject* list = lists_[g].ptr();
+      if (PyList_GET_SIZE(list) != Py_ssize_t(members.size())) return -1;
+      for (size_t i = 0; i < members.size(); ++i)
+        if (PyList_GET_ITEM(list, i) != members[i].ptr()) return -1;
+    }
+    for (size_t j = 0; j < params_.size(); ++j) {
+      if (!records_[j].matches(params_[j])) return -1;
+      if (params_[j].grad().defined() != (slots_[j] >= 0)) return -1;
+    }
+    // Every grad is checked before the plan takes any: a refusal leaves it as it was.
+    for (size_t j = 0; j < params_.size(); ++j)
+      if (slots_[j] >= 0) check_grad(params_[j].grad(), j, slots_[j]);
+    bool changed = false;
+    for (size_t j = 0; j < params_.size(); ++j) {
+      const int64_t k = slots_[j];
+      if (k < 0) continue;
+      grads_[k] = params_[j].grad();
+      const void* data = step_plan_detail::data_of(grads_[k]);
+      changed |= data != seen_data_[k];
+      seen_data_[k] = data;
+    }
+    return changed ? 1 : 0;
+  }
+
+  // The grads into the plan's Python lists, for ops that take lists.
+  void fill_lists() {
+    for (size_t k = 0; k < grads_.size(); ++k) {
+      PyObject* wrapped = THPVariable_Wrap(grads_[k]);
+      if (wrapped == nullptr) throw pybind11::error_already_set();
+      PyList_SetItem(grad_lists_[k].ptr(), positions_[k], wrapped);  // steals the reference
+    }
+  }
+
+  // Lets go of the grads after a step (None in the lists), so that zero_grad(set_to_none=True)
+  // frees their memory until the next backward, as without a plan.
+  void release() {
+    for (size_t k = 0; k < grads_.size(); ++k) {
+      grads_[k] = Tensor();
+      Py_INCREF(Py_None);
+      PyList_SetItem(grad_lists_[k].ptr(), positions_[k], Py_None);
+    }
+  }
+
+  const std::vector<Tensor>& grads() const { return grads_; }
+
+ private:
+  // The checks of fastopt.ops.check_replacement, with its messages; grads[i] is the grad's index
+  // in its plan list.
+  void check_grad(const Tensor& grad, size_t j, int64_t k) const {
+    const Tensor& param = params_[j];
+    const bool bad = grad.layout() != at::kStrided || !step_plan_detail::is_floating(grad.scalar_type()) ||
+                     !grad.sizes().equals(param.sizes()) || grad.device() != param.device() || overlaps_written(grad);
+    if (bad) refuse(grad, param, "grads[" + std::to_string(positions_[k]) + "]");
+  }
+
+  [[noreturn]] void refuse(const Tensor& grad, const Tensor& param, const std::string& name) const {
+    if (grad.is_sparse()) throw std::runtime_error("AdamW does not support sparse gradients");
+    if (grad.layout() != at::kStrided)
+      throw pybind11::type_error(name + " is a " + describe(grad, "layout") +
+                                 " tensor; fastopt ops take dense (strided) tensors");
+    if (!step_plan_detail::is_floating(grad.scalar_type()))
+      throw pybind11::type_error(name + " has dtype " + describe(grad, "dtype") +
+                                 "; fastopt ops take float16, bfloat16, float32 or float64 tensors");
+    if (!grad.sizes().equals(param.sizes()))
+      throw pybind11::value_error(name + " has shape " + describe(grad, "shape") + " but its param has shape " +
+                                  describe(param, "shape"));
+    if (grad.device() != param.device())
+      throw pybind11::value_error(name + " is on " + describe(grad, "device") + " but its param is on " +
+                                  describe(param, "device"));
+    throw pybind11::value_error(name + " shares memory with a param or state that this call updates in place");
+  }
+
+  bool overlaps_written(const Tensor& grad) const {
+    const uintptr_t bytes = step_plan_detail::extent_of(grad);
+    const void* data = step_plan_detail::data_of(grad);
+    if (bytes == 0 || spans_.empty() || data == nullptr) return false;
+    const auto start = reinterpret_cast<uintptr_t>(data), end = start + bytes;
+    // The written spans are disjoint (the full step checked them) and sorted: only the last one
+    // starting before `end` can reach into [start, end).
+    auto after = std::lower_bound(spans_.begin(), spans_.end(), std::make_pair(end, uintptr_t(0)));
+    return after != spans_.begin() && std::prev(after)->second > start;
+  }
+
+  // How Python prints a tensor attribute (torch.int64, (3,), cuda:0): for error messages only.
+  static std::string describe(const Tensor& t, const char* attribute) {
+    pybind11::object value = pybind11::reinterpret_steal<pybind11::object>(THPVariable_Wrap(t)).attr(attribute);
+    if (std::string(attribute) == "shape")
+      value = pybind11::reinterpret_steal<pybind11::object>(PySequence_Tuple(value.ptr()));
+    return pybind11::str(value);
+  }
+
+  std::vector<pybind11::list> lists_;
+  std::vector<std::vector<pybind11::object>> members_;
+  std::vector<Tensor> params_;
+  std::vector<step_plan_detail::ParamRecord> records_;
+  std::vector<int64_t> slots_;
+  std::vector<pybind11::list> grad_lists_;
+  std::vector<int64_t> positions_;
+  std::vector<Tensor> grads_;  // entry k's grad of this step; undefined between steps
+  std::vector<const void*> seen_data_;  // where each grad was at the last refresh
+  std::vector<std::pair<uintptr_t, uintptr_t>> spans_;
+};
+
+// Adds GradWatch to the extension module (step_plan.cpp).
+void register_step_plan(pybind11::module& module);
+
+}  // namespace cpu
+}  // namespace fastopt

@@ -1,0 +1,188 @@
+"""fastopt.optim.AdamW's step plan: what a later step reuses, and everything that must void it.
+
+Each test runs with the C++ check (the CPU extension's GradWatch) and with the Python one that
+runs without the extension, and compares a training run that changes something between steps
+with torch.optim.AdamW(foreach=False) doing the same.
+"""
+
+import copy
+import gc
+import io
+import pickle
+import weakref
+
+import pytest
+import torch
+
+from fastopt.optim import AdamW
+from fastopt.optim import adamw as adamw_module
+from tests.test_optim_adamw import assert_same_params, assert_same_states
+from tests.models import loss_of, make_model, train, twin
+
+
+@pytest.fixture(params=["native", "python"])
+def watch(request, monkeypatch):
+    """Which check a reused plan runs: the C++ GradWatch, or the Python one."""
+    if request.param == "native":
+        if adamw_module._grad_watch_type() is None:
+            pytest.skip("the CPU extension (its GradWatch) is not built")
+    else:
+        monkeypatch.setattr(adamw_module, "_grad_watch_type", lambda: None)
+    return request.param
+
+
+def pair(**kwargs):
+    ours_model = make_model("mlp")
+    torch_model = twin(ours_model)
+    kwargs = {"lr": 3e-3, **kwargs}
+    return (ours_model, AdamW(ours_model.parameters(), **kwargs)), (
+        torch_model,
+        torch.optim.AdamW(torch_model.parameters(), foreach=False, **kwargs),
+    )
+
+
+def run_both(ours, theirs, change, steps_before=3, steps_after=3):
+    """Train both, apply ``change(model, optimizer)`` to each, train on; then compare."""
+    for model, optimizer in (ours, theirs):
+        train("mlp", model, optimizer, steps_before)
+        change(model, optimizer)
+        train("mlp", model, optimizer, steps_after, start=steps_before)
+    assert_same_params(ours[0], theirs[0])
+    assert_same_states(ours[1], theirs[1])
+
+
+def test_the_plan_is_reused_while_nothing_changes(watch):
+    (model, optimizer), _ = pair()
+    train("mlp", model, optimizer, 2)
+    plan = optimizer._step_plan
+    assert plan is not None and (plan.watch is not None) == (watch == "native")
+    train("mlp", model, optimizer, 2, start=2)
+    assert optimizer._step_plan is plan
+
+
+def test_a_param_whose_data_is_replaced_is_followed(watch):
+    """``p.data = x`` (weight tying, re-initialisation, a loaded tensor) moves the param's storage:
+    a plan that kept the old address would update memory the model no longer uses."""
+
+    def replace(model, optimizer):
+        weight = model[0].weight
+        weight.data = weight.detach().clone() * 0.5
+
+    ours, theirs = pair()
+    run_both(ours, theirs, replace)
+
+
+def test_a_param_whose_dtype_changes_voids_the_plan(watch):
+    """model.double() between steps: the same Parameter objects, new storage and dtype. The next
+    step must go through the full path (its checks, its dtype handling), not the old addresses."""
+    (model, optimizer), _ = pair()
+    train("mlp", model, optimizer, 2)
+    plan = optimizer._step_plan
+    model.double()
+    assert optimizer._plan_key() == plan.key  # nothing Python sees at once: the per-param check must
+    optimizer.zero_grad()
+    loss_of("mlp", model, 2).backward()
+    before = [p.detach().clone() for p in model.parameters()]
+    optimizer.step()
+    assert optimizer._step_plan is not plan
+    for p, old in zip(model.parameters(), before):
+        assert p.dtype == torch.float64 and torch.isfinite(p).all() and not torch.equal(p, old)
+
+
+def test_a_params_list_edited_in_place_voids_the_plan(watch):
+    """A param appended to (or swapped into) a group's own list is stepped from then on."""
+
+    def edit(model, optimizer):
+        group = optimizer.param_groups[0]
+        last = group["params"].pop()
+        group["params"].insert(0, last)
+
+    ours, theirs = pair()
+    run_both(ours, theirs, edit)
+
+
+def test_a_state_dict_replaced_or_a_state_tensor_reset_voids_the_plan(watch):
+    def reset(model, optimizer):
+        first, second, third = list(model.parameters())[:3]
+        optimizer.state[first] = {}  # starts over
+        optimizer.state[second]["exp_avg"] = torch.zeros_like(second)  # a new tensor in its dict
+        optimizer.state[third].update(exp_avg_sq=torch.zeros_like(third))
+
+    ours, theirs = pair()
+    run_both(ours, theirs, reset)
+
+
+def test_add_param_group_and_load_state_dict_void_the_plan(watch):
+    ours, theirs = pair()
+    for model, optimizer in (ours, theirs):
+        optimizer.param_groups[0]["params"] = list(model[:2].parameters())
+        train("mlp", model, optimizer, 2)
+        optimizer.add_param_group({"params": list(model[2:].parameters()), "lr": 1e-2})
+        train("mlp", model, optimizer, 2, start=2)
+        saved = io.BytesIO()
+        torch.save(optimizer.state_dict(), saved)
+        train("mlp", model, optimizer, 1, start=4)
+        saved.seek(0)
+        optimizer.load_state_dict(torch.load(saved))
+        train("mlp", model, optimizer, 2, start=5)
+    assert_same_params(ours[0], theirs[0])
+    assert_same_states(ours[1], theirs[1])
+
+
+def test_grads_kept_between_steps_and_grads_remade_both_work(watch):
+    """zero_grad(set_to_none=False) keeps the same grad tensors (the plan sees them unchanged);
+    set_to_none=True makes new ones every backward."""
+    ours, theirs = pair()
+    for model, optimizer in (ours, theirs):
+        for step in range(6):
+            optimizer.zero_grad(set_to_none=step % 3 == 0)
+            loss_of("mlp", model, step).backward()
+            optimizer.step()
+    assert_same_params(ours[0], theirs[0])
+    assert_same_states(ours[1], theirs[1])
+
+
+def test_the_plan_does_not_keep_grads_alive_between_steps(watch):
+    """zero_grad(set_to_none=True) frees the grads until the next backward, plan or no plan."""
+    (model, optimizer), _ = pair()
+    train("mlp", model, optimizer, 2)
+    loss_of("mlp", model, 2).backward()
+    optimizer.step()
+    grads = [weakref.ref(p.grad) for p in model.parameters()]
+    optimizer.zero_grad(set_to_none=True)
+    gc.collect()
+    assert all(ref() is None for ref in grads)
+
+
+def test_state_dicts_pickle_as_torchs(watch):
+    """The state table counts changes for the plan, but what is saved is torch's layout: plain
+    dicts that torch.optim.AdamW loads, and an optimizer copy keeps counting."""
+    (model, optimizer), (torch_model, theirs) = pair()
+    train("mlp", model, optimizer, 2)
+    state_dict = pickle.loads(pickle.dumps(optimizer.state_dict()))
+    assert all(type(state) is dict for state in state_dict["state"].values())
+    theirs.load_state_dict(state_dict)
+    copied = copy.deepcopy(optimizer)
+    assert type(copied.state) is type(optimizer.state) and copied.state.changes >= 0
+    assert type(pickle.loads(pickle.dumps(optimizer.state))) is not type(optimizer.state)  # a defaultdict
+    copied_model_params = [p for group in copied.param_groups for p in group["params"]]
+    for p in copied_model_params:
+        p.grad = torch.randn_like(p)
+    copied.step()  # the copy builds its own plan over its own tensors
+    assert copied._step_plan is not None
+
+
+def test_a_bad_grad_changes_nothing_and_the_next_good_step_goes_on(watch):
+    ours, theirs = pair()
+    for model, optimizer in (ours, theirs):
+        train("mlp", model, optimizer, 2)
+    model, optimizer = ours
+    optimizer.zero_grad()
+    loss_of("mlp", model, 2).backward()
+    model[0].bias.grad.data = torch.randn(3)
+    with pytest.raises(ValueError, match=r"grads\[1\] has shape \(3,\) but its param has shape"):
+        optimizer.step()
+    for model, optimizer in (ours, theirs):
+        train("mlp", model, optimizer, 2, start=2)
+    assert_same_params(ours[0], theirs[0])
+    assert_same_states(ours[1], theirs[1])
