@@ -17,6 +17,7 @@ import torch
 from fastopt.optim import AdamW
 from fastopt.optim import adamw as adamw_module
 from tests.test_optim_adamw import assert_same_params, assert_same_states
+from tests.models import batch as models_batch
 from tests.models import loss_of, make_model, train, twin
 
 
@@ -186,3 +187,42 @@ def test_a_bad_grad_changes_nothing_and_the_next_good_step_goes_on(watch):
         train("mlp", model, optimizer, 2, start=2)
     assert_same_params(ours[0], theirs[0])
     assert_same_states(ours[1], theirs[1])
+
+
+@pytest.mark.cuda
+def test_a_whole_training_step_captured_in_a_cuda_graph_tracks_eager_torch():
+    """The route to no host time at all: forward, backward and the step in one CUDA graph. Flat
+    grads make it capturable as it stands: their buffer is zeroed inside the graph, and backward
+    accumulates into the same memory on every replay."""
+    model = make_model("mlp").cuda()
+    torch_model = twin(model)
+    optimizer = AdamW(model.parameters(), lr=torch.tensor(3e-3, device="cuda"), max_grad_norm=1.0, flat_grads=True)
+    theirs = torch.optim.AdamW(torch_model.parameters(), lr=3e-3, foreach=False)
+    batches = [tuple(t.cuda() for t in models_batch("mlp", step)) for step in range(8)]
+    static_inputs, static_targets = (t.clone() for t in batches[0])
+
+    def training_step(net, opt, inputs, targets):
+        opt.zero_grad()
+        torch.nn.functional.cross_entropy(net(inputs), targets).backward()
+        if opt is theirs:
+            torch.nn.utils.clip_grad_norm_(net.parameters(), 1.0)
+        opt.step()
+
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):  # warm-up on a side stream, as capture requires
+        for inputs, targets in batches[:3]:
+            static_inputs.copy_(inputs), static_targets.copy_(targets)
+            training_step(model, optimizer, static_inputs, static_targets)
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        training_step(model, optimizer, static_inputs, static_targets)
+    for inputs, targets in batches[3:]:
+        static_inputs.copy_(inputs), static_targets.copy_(targets)
+        graph.replay()
+    for inputs, targets in batches[:3] + batches[3:]:
+        training_step(torch_model, theirs, inputs, targets)
+    torch.cuda.synchronize()
+    for ours, reference in zip(model.parameters(), torch_model.parameters()):
+        torch.testing.assert_close(ours, reference, rtol=1e-4, atol=1e-5)

@@ -68,7 +68,8 @@ struct ParamRecord {
 
 }  // namespace step_plan_detail
 
-class GradWatch {
+// Hidden, as pybind11's own types are: it holds pybind11 objects.
+class __attribute__((visibility("hidden"))) GradWatch {
  public:
   using Tensor = at::Tensor;
 
@@ -125,21 +126,23 @@ class GradWatch {
       for (size_t i = 0; i < members.size(); ++i)
         if (PyList_GET_ITEM(list, i) != members[i].ptr()) return -1;
     }
-    for (size_t j = 0; j < params_.size(); ++j) {
-      if (!records_[j].matches(params_[j])) return -1;
-      if (params_[j].grad().defined() != (slots_[j] >= 0)) return -1;
-    }
-    // Every grad is checked before the plan takes any: a refusal leaves it as it was.
-    for (size_t j = 0; j < params_.size(); ++j)
-      if (slots_[j] >= 0) check_grad(params_[j].grad(), j, slots_[j]);
+    // One pass over the params (each visit reads the param, its autograd meta and its grad: the
+    // cache misses are the cost). A refusal part way leaves only grads_ half renewed, which no
+    // one reads before the next refresh; the lists and tensors are untouched.
     bool changed = false;
     for (size_t j = 0; j < params_.size(); ++j) {
+      const Tensor& param = params_[j];
+      if (!records_[j].matches(param)) return -1;
+      const Tensor& grad = param.grad();
       const int64_t k = slots_[j];
+      if (grad.defined() != (k >= 0)) return -1;
       if (k < 0) continue;
-      grads_[k] = params_[j].grad();
-      const void* data = step_plan_detail::data_of(grads_[k]);
+      const void* data = step_plan_detail::data_of(grad);
+      // A grad where a checked one was (flat grads) cannot overlap what it did not overlap then.
+      check_grad(grad, j, k, /*overlap=*/data != seen_data_[k]);
       changed |= data != seen_data_[k];
       seen_data_[k] = data;
+      grads_[k] = grad;
     }
     return changed ? 1 : 0;
   }
@@ -168,10 +171,11 @@ class GradWatch {
  private:
   // The checks of fastopt.ops.check_replacement, with its messages; grads[i] is the grad's index
   // in its plan list.
-  void check_grad(const Tensor& grad, size_t j, int64_t k) const {
+  void check_grad(const Tensor& grad, size_t j, int64_t k, bool overlap) const {
     const Tensor& param = params_[j];
     const bool bad = grad.layout() != at::kStrided || !step_plan_detail::is_floating(grad.scalar_type()) ||
-                     !grad.sizes().equals(param.sizes()) || grad.device() != param.device() || overlaps_written(grad);
+                     !grad.sizes().equals(param.sizes()) || grad.device() != param.device() ||
+                     (overlap && overlaps_written(grad));
     if (bad) refuse(grad, param, "grads[" + std::to_string(positions_[k]) + "]");
   }
 

@@ -259,8 +259,7 @@ def _grad_watch_type():
     return None if cpu._C is None else cpu._C.GradWatch
 
 
-def _grad_of(param: Tensor) -> Tensor | None:
-    return param.grad
+_GRAD_OF = operator.attrgetter("grad")
 
 
 def _views_of(buffer: Tensor, like: list[Tensor]) -> list[Tensor]:
@@ -546,7 +545,7 @@ class AdamW(torch.optim.Optimizer):
         with torch.autograd.profiler.record_function(self._zero_grad_profile_name):
             for buffer, params, views in self._flat_grads:
                 buffer.zero_()
-                if not all(map(operator.is_, map(_grad_of, params), views)):
+                if not all(map(operator.is_, map(_GRAD_OF, params), views)):
                     for param, view in zip(params, views):
                         if param.grad is not view:
                             param.grad = view
