@@ -920,8 +920,11 @@ class AdamW(torch.optim.Optimizer):
 
     def _lists_needed(self, plan: _StepPlan) -> bool:
         """Whether this step needs the grads in Python lists: unless every device's backend reads
-        them from the plan's watch (the cpu backend) and no group clips with AGC."""
-        return any(group["agc_clip_factor"] is not None for group in self.param_groups) or not all(
+        them from the plan's watch (the cpu backend), no group clips with AGC and no process group
+        makes the norm global (those take lists)."""
+        if self.process_group is not None or any(group["agc_clip_factor"] is not None for group in self.param_groups):
+            return True
+        return not all(
             getattr(backends.select(device), "READS_GRAD_WATCH", False) for device in plan.norm_plans
         )
 
