@@ -343,9 +343,9 @@ def adamw_planned_(lists: dict[str, list[Tensor]], plan: dict, *, lr, beta1, bet
     table, private to it; a call re-reads only the grads (dtype, contiguity, pointers) and the
     params' pointers (``p.data = x`` keeps the param but moves its storage; the params' dtypes
     and sizes are re-read only then): four C passes over two lists, where a cached ``adamw_``
-    reads every list. States are trusted to keep their
-    storage, as the step plan trusts them. Falls back to ``adamw_`` for non-contiguous tensors
-    and during CUDA-graph capture (whose tables are private)."""
+    reads every list. States are trusted to keep their storage, as the step plan trusts them.
+    Falls back to ``adamw_`` for non-contiguous tensors and during CUDA-graph capture (whose
+    tables are private)."""
     hyper = dict(lr=lr, beta1=beta1, beta2=beta2, eps=eps, weight_decay=weight_decay, maximize=maximize,
                  grad_scale=grad_scale, found_inf=found_inf, clip_coef=clip_coef)  # fmt: skip
     rows = [lists[name] for name in _ROWS if name in lists]

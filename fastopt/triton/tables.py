@@ -270,7 +270,7 @@ def _write_row(host: Tensor, row: int, column) -> None:
         host[row] = torch.frombuffer(column, dtype=torch.int64)
 
 
-def _low_bits(column, positions: list[int] | None) -> int:
+def _low_bits(column, positions) -> int:
     """The low 4 bits of the pointers at ``positions`` (all when None), or'ed together."""
     if numpy is not None:
         selected = column if positions is None else column[positions]
