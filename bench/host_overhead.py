@@ -95,10 +95,12 @@ def stubbed_backend(name: str):
 
 def emulated_cuda_backend():
     """fastopt.cuda on the emulated build of csrc/ops.cpp, its launches returning before their
-    grids run; None when that build is missing."""
+    grids run; None when that build is missing or older than its ``_skip_grids`` hook."""
     try:
         extension = importlib.import_module("fastopt._C_emulated")
     except ImportError:
+        return None
+    if not hasattr(extension, "_skip_grids"):
         return None
     from fastopt import cuda as module
 
@@ -207,7 +209,7 @@ def main() -> None:
     if args.backend == "cuda":
         backend = emulated_cuda_backend()
         if backend is None:
-            print("with ops.cpp: n/a (fastopt._C_emulated is not built: python csrc/emulation/build.py)")
+            print("with ops.cpp: n/a (fastopt._C_emulated is missing or stale: python csrc/emulation/build.py)")
             return
         print("backend cuda with ops.cpp (fastopt._C_emulated, CPU tensors), kernel launches return before their grids run:")
         report(backend, args.params, args.steps)
