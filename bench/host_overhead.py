@@ -3,7 +3,7 @@ kernel runs.
 
     python bench/host_overhead.py [--params 5000] [--steps 20]
     python bench/host_overhead.py --backend triton [--params 5000] [--steps 20]
-    python bench/host_overhead.py --backend cuda [--params 5000] [--steps 20]
+    python bench/host_overhead.py --backend cuda [--params 5000] [--steps 20]   # after python csrc/emulation/build.py
 
 Without ``--backend``: the median host milliseconds of ``fastopt.optim.AdamW.step`` with in-step
 clipping, the backend replaced by one that launches nothing; the first step (full validation of
@@ -11,9 +11,13 @@ every list) apart from the later ones (the reused step plan: only the new grads 
 
 With ``--backend triton`` or ``--backend cuda``: that backend's own preparation, its launches
 stubbed (so it runs on CPU tensors, no GPU needed): Triton's kernel launches are recorded instead
-of run; the CUDA backend's ``torch.ops.fastopt.*`` calls return at once (the extension's C++
-table building is then not measured, only the Python in front of it). Reported, over one list
-of ``--params`` tensors:
+of run; the CUDA backend's ``torch.ops.fastopt.*`` calls return at once (the Python in front of
+the extension), and then run for real on the emulated build of ``csrc/ops.cpp``
+(``fastopt._C_emulated``, CPU tensors; ``python csrc/emulation/build.py`` makes it) with every
+kernel launch returning before its grid runs: the extension's host work (argument conversion by
+``torch.ops``, checks, table lookup by layout and stream, the address column's refresh and
+upload, the arrival counters' reset) is timed, its kernels are not. Reported, over one list of
+``--params`` tensors:
 
 - ``cached adamw_``: one backend ``adamw_`` call whose layout is cached (grads re-made for
   each call, as zero_grad(set_to_none=True) + backward make them);
@@ -22,7 +26,10 @@ of ``--params`` tensors:
   since they were made;
 - ``planned, in a step``: the same after the step plan's check of the new grads
   (``ops.check_replacement``, not timed), as inside ``AdamW.step``;
-- ``optimizer step``: a whole ``AdamW.step`` with clipping on that backend, launches stubbed.
+- ``optimizer step``: a whole ``AdamW.step`` with clipping on that backend, launches stubbed;
+- (cuda, ``with ops.cpp``) ``torch.ops binding``: what handing the lists to C++ costs, the
+  emulated ``adamw_`` rejected at its first check (no params) with the other four lists given,
+  less the same call with every list empty.
 
 Grads are re-made every step, as zero_grad(set_to_none=True) + backward make them.
 """
@@ -30,6 +37,7 @@ Grads are re-made every step, as zero_grad(set_to_none=True) + backward make the
 from __future__ import annotations
 
 import argparse
+import importlib
 import statistics
 import time
 import types
@@ -83,6 +91,41 @@ def stubbed_backend(name: str):
             module.torch = TorchWithStubbedOps()
         return module
     raise SystemExit(f"--backend must be triton or cuda, got {name!r}")
+
+
+def emulated_cuda_backend():
+    """fastopt.cuda on the emulated build of csrc/ops.cpp, its launches returning before their
+    grids run; None when that build is missing or older than its ``_skip_grids`` hook."""
+    try:
+        extension = importlib.import_module("fastopt._C_emulated")
+    except ImportError:
+        return None
+    if not hasattr(extension, "_skip_grids"):
+        return None
+    from fastopt import cuda as module
+
+    extension._skip_grids(True)
+    module._OPS = torch.ops.fastopt_emulated
+    return module
+
+
+def binding_times(num_params: int, steps: int) -> tuple[float, float]:
+    """torch.ops' conversion of four lists of ``num_params`` tensors for the emulated adamw_ (see
+    the module doc): median and min milliseconds."""
+    tensors = [[torch.randn(SIZE) for _ in range(num_params)] for _ in range(3)] + [
+        [torch.zeros(()) for _ in range(num_params)]
+    ]
+    given, empty = [], []
+    for _ in range(steps + 1):
+        for lists, times in ((tensors, given), ([[]] * 4, empty)):
+            started = time.perf_counter()
+            try:
+                torch.ops.fastopt_emulated.adamw_([], *lists, 1e-3, None, 0.9, 0.999, 1e-8, 0.0, False, [], 1.0, None,
+                                                  None, 1.0, None)  # fmt: skip
+            except RuntimeError:  # "params must not be empty", before any other work
+                times.append(time.perf_counter() - started)
+    # Differences of the medians and of the minimums (a difference per call is as noisy as both).
+    return _median_ms(given[1:]) - _median_ms(empty[1:]), (min(given[1:]) - min(empty[1:])) * 1e3
 
 
 def _median_ms(times: list[float]) -> float:
@@ -160,10 +203,24 @@ def main() -> None:
         import triton
 
         print(f"triton {triton.__version__}")
-    print(f"backend {args.backend}, launches stubbed (median and min of {args.steps} calls, grads re-made for each):")
-    for name, ms in backend_call_times(backend, args.params, args.steps).items():
+    how = "torch.ops.fastopt.* return at once" if args.backend == "cuda" else "launches stubbed"
+    print(f"backend {args.backend}, {how} (median and min of {args.steps} calls, grads re-made for each):")
+    report(backend, args.params, args.steps)
+    if args.backend == "cuda":
+        backend = emulated_cuda_backend()
+        if backend is None:
+            print("with ops.cpp: n/a (fastopt._C_emulated is missing or stale: python csrc/emulation/build.py)")
+            return
+        print("backend cuda with ops.cpp (fastopt._C_emulated, CPU tensors), kernel launches return before their grids run:")
+        report(backend, args.params, args.steps)
+        ms = binding_times(args.params, args.steps)
+        print(f"  {'torch.ops binding:':<22}{ms[0]:.2f} ms host (min {ms[1]:.2f}; four lists, inside the times above)")
+
+
+def report(backend, num_params: int, steps: int) -> None:
+    for name, ms in backend_call_times(backend, num_params, steps).items():
         print(f"  {name + ':':<22}" + ("n/a (the backend has none)" if ms is None else f"{ms[0]:.2f} ms host (min {ms[1]:.2f})"))
-    times = optimizer_step_times(backend, args.params, args.steps)
+    times = optimizer_step_times(backend, num_params, steps)
     print(f"  {'optimizer step:':<22}{_median_ms(times[1:]):.2f} ms host (clipped; first step {times[0] * 1e3:.1f} ms)")
 
 

@@ -633,6 +633,30 @@ def fastopt_kernel_launches(call) -> int:
     return sum(1 for e in profiler.events() if e.device_type == DeviceType.CUDA and "fastopt" in e.name)
 
 
+@pytest.mark.skipif(not EMULATED, reason="a hook of the emulated device")
+def test_skipped_grids_leave_only_the_host_work():
+    """bench/host_overhead.py times ops.cpp's host work with the emulation's grids skipped: a
+    launch is then counted and returns, no kernel writes, and the table still follows the tensors
+    (the next call, grids running, scales the right ones)."""
+    tensors = random_values([(7,), (33, 17), (40000,)], seed=75)
+    expected = [t.clone() for t in tensors]
+    fastopt.scale_(tensors, 0.5)  # builds the table
+    expected = [e * 0.5 for e in expected]
+    moved = [t.clone() for t in tensors]  # the same layout at new addresses: the address column changes
+    try:
+        extension()._skip_grids(True)
+        before = extension()._launch_count()
+        fastopt.scale_(moved, 0.25)
+        assert extension()._launch_count() == before + 1
+    finally:
+        extension()._skip_grids(False)
+    for m, e in zip(moved, expected):
+        assert_bitwise_equal(m, e)
+    fastopt.scale_(moved, 0.25)
+    for m, e in zip(moved, expected):
+        assert_bitwise_equal(m, e * 0.25)
+
+
 def test_one_launch_per_pass_at_5000_tensors():
     shapes = many_shapes(seed=70)
     grads = random_values(shapes, seed=71)

@@ -573,6 +573,35 @@ def test_planned_adamw_keeps_its_table_and_refreshes_only_the_grads_row():
 
 @runs_here
 @pytest.mark.usefixtures("triton_backend")
+def test_planned_adamw_rebuilds_its_table_for_a_param_swapped_to_another_dtype():
+    """``p.data = x`` with x of another dtype: the plan's table (made for the old dtype) must not
+    run it; the call builds a table for the new layout and gives the reference's results."""
+    shapes = [(5, 3), (1024 + 7,), (4,)]
+    params = random_tensors(shapes, device=DEVICE, seed=33)
+    state = adamw_state(params)
+    plan = {}
+    hyper = dict(HYPER, maximize=False, grad_scale=None, found_inf=None, clip_coef=None)
+    for step in range(2):
+        grads = random_tensors(shapes, device=DEVICE, seed=70 + step)
+        lists = dict(params=params, grads=grads, exp_avgs=state[0], exp_avg_sqs=state[1], steps=state[2])
+        launch.adamw_planned_(lists, plan, **hyper)
+    (table,) = (entry.table for entry in plan.values())
+    params[1].data = params[1].data.double()
+    expected_params, expected_state = clone_all(params), [clone_all(s) for s in state]
+    grads = random_tensors(shapes, device=DEVICE, seed=72)
+    lists = dict(params=params, grads=grads, exp_avgs=state[0], exp_avg_sqs=state[1], steps=state[2])
+    launch.adamw_planned_(lists, plan, **hyper)
+    reference.adamw_(expected_params, grads, *expected_state, **hyper, max_exp_avg_sqs=None)
+    (entry,) = plan.values()
+    assert entry.table is not table and entry.table.groups != table.groups
+    for actual, want in zip([params, *state], [expected_params, *expected_state]):
+        for a, w in zip(actual, want):
+            assert a.dtype == w.dtype
+            torch.testing.assert_close(a, w, **tolerance(torch.float32))
+
+
+@runs_here
+@pytest.mark.usefixtures("triton_backend")
 def test_the_optimizer_step_plan_holds_the_triton_table():
     params = [torch.nn.Parameter(t) for t in random_tensors([(4, 3), (1500,)], device=DEVICE, seed=32)]
     reference_params = [torch.nn.Parameter(p.detach().clone()) for p in params]

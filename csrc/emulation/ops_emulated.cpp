@@ -13,12 +13,20 @@
 
 #include "runtime.h"
 
-// Test hooks of the emulation itself, beside ops.cpp's: kernel launches so far.
+// Test hooks of the emulation itself, beside ops.cpp's: kernel launches so far, and a switch that
+// makes every launch return without running its grid (the ops' host work alone, for timing it).
 static PyObject* emulated_launch_count(PyObject*, PyObject*) {
   return PyLong_FromUnsignedLongLong(fastopt_emu::launch_count());
 }
+static PyObject* skip_grids(PyObject*, PyObject* skipped) {
+  const int value = PyObject_IsTrue(skipped);
+  if (value < 0) return nullptr;
+  fastopt_emu::set_grids_skipped(value != 0);
+  Py_RETURN_NONE;
+}
 static PyMethodDef emulation_methods[] = {
     {"_launch_count", emulated_launch_count, METH_NOARGS, "kernel launches on the emulated device so far"},
+    {"_skip_grids", skip_grids, METH_O, "bench hook: launches return at once, their grids not run"},
     {nullptr, nullptr, 0, nullptr}};
 
 PyMODINIT_FUNC PyInit__C_emulated(void) {

@@ -35,7 +35,15 @@ import triton.language as tl
 from torch import Tensor
 
 from fastopt.triton import kernels
-from fastopt.triton.tables import BLOCK_SIZE, ChunkTable, TableCache, capturing, dtype_signature, stream_key
+from fastopt.triton.tables import (
+    BLOCK_SIZE,
+    ChunkTable,
+    TableCache,
+    capturing,
+    dtype_signature,
+    numel_column,
+    stream_key,
+)
 
 # Partials that one program of a reduction's second pass reads per step; the total's program
 # (which reads every chunk's partial) reads this many.
@@ -300,22 +308,30 @@ def _adamw_launches(table: ChunkTable, amsgrad: bool, *, lr, beta1, beta2, eps, 
 
 class _PlannedAdamW:
     """The AdamW table of one optimizer step plan on one stream: built once, then only its grads
-    row follows the new grads."""
+    row follows the new grads (and its params row a param whose storage moved)."""
 
-    __slots__ = ("table", "grad_dtypes")
+    __slots__ = ("table", "param_layout", "grad_dtypes")
 
-    def __init__(self, table: ChunkTable, grad_dtypes):
-        self.table, self.grad_dtypes = table, grad_dtypes
+    def __init__(self, table: ChunkTable, params: list[Tensor], signature: tuple):
+        self.table, self.grad_dtypes = table, signature[1]
+        self.param_layout = (signature[0], numel_column(params).tobytes())
+
+    def follow(self, params: list[Tensor], grads: list[Tensor]) -> bool:
+        """Point the table at these grads and params; False when it cannot run them: grads of
+        another dtype or strided, or a param swapped (``p.data = x``: same tensor, another
+        storage) for one of another dtype, size or layout."""
+        # The grads' pointers first: that pass brings the new grads' metadata into the cache for
+        # the dtype and contiguity passes that follow.
+        self.table.point_row_to(int(kernels.GRADS), grads)
+        if self.grad_dtypes != dtype_signature([grads])[0] or not all(map(Tensor.is_contiguous, grads)):
+            return False
+        if not self.table.point_row_to(int(kernels.PARAMS), params):
+            return True  # the usual step: no param moved, nothing more to read
+        layout = (dtype_signature([params])[0], numel_column(params).tobytes())
+        return layout == self.param_layout and all(map(Tensor.is_contiguous, params))
 
 
 _ROWS = ("params", "grads", "exp_avgs", "exp_avg_sqs", "steps", "max_exp_avg_sqs")
-_dtype_of = Tensor.dtype.__get__
-
-
-def _one_dtype(tensors: list[Tensor]):
-    """The tensors' dtype signature as ``dtype_signature`` gives it for one list."""
-    dtypes = set(map(_dtype_of, tensors))
-    return dtypes.pop() if len(dtypes) == 1 else tuple(map(_dtype_of, tensors))
 
 
 def adamw_planned_(lists: dict[str, list[Tensor]], plan: dict, *, lr, beta1, beta2, eps, weight_decay, maximize,
@@ -325,10 +341,11 @@ def adamw_planned_(lists: dict[str, list[Tensor]], plan: dict, *, lr, beta1, bet
     storage, validated by ``fastopt.ops.adamw_``) and grads of the same shapes, checked by
     ``fastopt.ops.check_replacement`` (fastopt.optim.AdamW's step plan). The plan keeps the AdamW
     table, private to it; a call re-reads only the grads (dtype, contiguity, pointers) and the
-    params' pointers (``p.data = x`` keeps the param but moves its storage): a few C passes over
-    two lists, where a cached ``adamw_`` reads every list. States are trusted to keep their
-    storage, as the step plan trusts them. Falls back to ``adamw_`` for non-contiguous tensors
-    and during CUDA-graph capture (whose tables are private)."""
+    params' pointers (``p.data = x`` keeps the param but moves its storage; the params' dtypes
+    and sizes are re-read only then): four C passes over two lists, where a cached ``adamw_``
+    reads every list. States are trusted to keep their storage, as the step plan trusts them.
+    Falls back to ``adamw_`` for non-contiguous tensors and during CUDA-graph capture (whose
+    tables are private)."""
     hyper = dict(lr=lr, beta1=beta1, beta2=beta2, eps=eps, weight_decay=weight_decay, maximize=maximize,
                  grad_scale=grad_scale, found_inf=found_inf, clip_coef=clip_coef)  # fmt: skip
     rows = [lists[name] for name in _ROWS if name in lists]
@@ -340,22 +357,14 @@ def adamw_planned_(lists: dict[str, list[Tensor]], plan: dict, *, lr, beta1, bet
     with _on(device):
         key = ("triton", stream_key(device))
         entry = None if capturing(device) else plan.get(key)
-        if entry is not None:
-            # The grads' pointers first: that pass brings the new grads' metadata into the cache
-            # for the dtype and contiguity passes that follow.
-            entry.table.point_row_to(int(kernels.GRADS), grads)
-            if entry.grad_dtypes != _one_dtype(grads) or not all(map(Tensor.is_contiguous, grads)):
-                entry = None  # grads of another dtype, or strided: built anew below, or the full path
-            # A param's storage swapped under the plan (``p.data = x``) moves its pointer: follow it.
-            elif entry.table.point_row_to(int(kernels.PARAMS), params) and not all(map(Tensor.is_contiguous, params)):
-                entry = None
-            if entry is None:
-                del plan[key]
+        if entry is not None and not entry.follow(params, grads):
+            entry = None  # built anew below, or the full path for strided tensors
+            del plan[key]
         if entry is None and not capturing(device) and all(all(map(Tensor.is_contiguous, t)) for t in rows):
             signature = dtype_signature(rows)
             table = ChunkTable(rows, signature, list(map(Tensor.numel, params)), None, True, True)
             table.point_to(rows)
-            entry = plan[key] = _PlannedAdamW(table, signature[1])
+            entry = plan[key] = _PlannedAdamW(table, params, signature)
         if entry is None:
             adamw_(*rows[:5], max_exp_avg_sqs=rows[5] if amsgrad else None, **hyper)
         else:

@@ -172,7 +172,7 @@ class ChunkTable:
         # their length is whole blocks. (Python ints: no tensor value is read on the host.)
         self._whole_blocks = units is None or all((n // u) % BLOCK_SIZE == 0 for n, u in zip(numels, units) if u > 1)
         # Per group, its tensors' positions (None: all of them), to check alignment per group.
-        self._group_positions = [None if ids is None else ids.tolist() for ids in self._group_tensors]
+        self._group_positions = [None if ids is None else _positions(ids) for ids in self._group_tensors]
         self.chunks = _to_device(torch.cat(all_chunks, dim=1).contiguous(), device, self._staging)
         self.segments = _to_device(torch.cat(all_segments, dim=1).contiguous(), device, self._staging)
         self.arrivals = torch.zeros(num_segments, dtype=torch.int32, device=device) if arrivals else None
@@ -201,7 +201,7 @@ class ChunkTable:
             return False
         if self.capturing and self._rows[row] is not None:
             raise RuntimeError("fastopt: a table captured in a CUDA graph cannot point elsewhere")
-        self._host[row] = _as_tensor(pointers)
+        _write_row(self._host, row, pointers)
         self._rows[row] = pointers
         # Per group: whether a pointer of this row is not 16-byte aligned (its low bits, or'ed).
         self._misaligned[row] = [_low_bits(pointers, ids) != 0 for ids in self._group_positions]
@@ -229,8 +229,10 @@ class ChunkTable:
         return [not any(self._misaligned[row][group] for row in rows) for group in range(len(self.groups))]
 
 
-# Address columns: one C-level pass over the tensors (numpy where present, else the array module),
-# no Python object per tensor, and neither a torch op nor a value read from a tensor.
+# Address columns: one C-level pass over the tensors (numpy where present, else the array module)
+# that keeps no Python object per tensor (each pointer's int is freed as the next is read: a
+# list of 5,000 fresh ints costs more than the pass), and neither a torch op nor a value read
+# from a tensor.
 try:
     import numpy
 except ImportError:  # pragma: no cover (numpy comes with triton's interpreter and most torch installs)
@@ -247,11 +249,28 @@ def _same_column(a, b) -> bool:
     return bool(numpy.array_equal(a, b)) if numpy is not None else a == b
 
 
-def _as_tensor(column) -> Tensor:
-    return torch.from_numpy(column) if numpy is not None else torch.frombuffer(column, dtype=torch.int64)
+def numel_column(tensors: list[Tensor]):
+    """The tensors' sizes, an int64 column (``_pointer_column``'s pass: no int kept per tensor;
+    ``.tobytes()`` makes it a key that is hashed and compared in C)."""
+    if numpy is not None:
+        return numpy.fromiter(map(Tensor.numel, tensors), numpy.int64, len(tensors))
+    return array.array("q", map(Tensor.numel, tensors))
 
 
-def _low_bits(column, positions: list[int] | None) -> int:
+def _positions(tensor_ids: Tensor):
+    """A group's tensor indices, in the form ``_low_bits`` indexes a column with."""
+    return tensor_ids.numpy() if numpy is not None else tensor_ids.tolist()
+
+
+def _write_row(host: Tensor, row: int, column) -> None:
+    """``host[row] = column`` (through a numpy view where present: a torch index costs more)."""
+    if numpy is not None:
+        host.numpy()[row] = column
+    else:
+        host[row] = torch.frombuffer(column, dtype=torch.int64)
+
+
+def _low_bits(column, positions) -> int:
     """The low 4 bits of the pointers at ``positions`` (all when None), or'ed together."""
     if numpy is not None:
         selected = column if positions is None else column[positions]
@@ -311,15 +330,15 @@ class TableCache:
         (default 1); ``min_one_chunk``: give empty tensors a chunk too."""
         device = lists[0][0].device
         signature = dtype_signature(lists)
-        numels = list(map(Tensor.numel, lists[0]))
+        numels = numel_column(lists[0])
         units_key = None if units is None else tuple(units)
-        key = (device, stream_key(device), signature, tuple(numels), units_key, min_one_chunk, arrivals)
+        key = (device, stream_key(device), signature, numels.tobytes(), units_key, min_one_chunk, arrivals)
         if capturing(device):
             key += (tuple(itertools.chain.from_iterable(map(Tensor.data_ptr, tensors) for tensors in lists)),)
             table = self._captured.get(key)
             if table is None:
                 self.misses += 1
-                table = ChunkTable(lists, signature, numels, units, min_one_chunk, arrivals, capturing=True)
+                table = ChunkTable(lists, signature, numels.tolist(), units, min_one_chunk, arrivals, capturing=True)
                 table.point_to(lists)
                 self._captured[key] = table
             else:
@@ -328,7 +347,7 @@ class TableCache:
         table = self._tables.get(key)
         if table is None:
             self.misses += 1
-            table = ChunkTable(lists, signature, numels, units, min_one_chunk, arrivals)
+            table = ChunkTable(lists, signature, numels.tolist(), units, min_one_chunk, arrivals)
             self._tables[key] = table
             if len(self._tables) > self.capacity:
                 self._tables.popitem(last=False)
