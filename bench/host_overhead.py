@@ -2,12 +2,17 @@
 kernel runs.
 
     python bench/host_overhead.py [--params 5000] [--steps 20]
+    python bench/host_overhead.py --versus-torch [--params 5000] [--steps 20]
     python bench/host_overhead.py --backend triton [--params 5000] [--steps 20]
     python bench/host_overhead.py --backend cuda [--params 5000] [--steps 20]   # after python csrc/emulation/build.py
 
 Without ``--backend``: the median host milliseconds of ``fastopt.optim.AdamW.step`` with in-step
 clipping, the backend replaced by one that launches nothing; the first step (full validation of
-every list) apart from the later ones (the reused step plan: only the new grads are checked).
+every list) apart from the later ones (the reused step plan: only the new grads are checked), and
+with ``flat_states`` / ``flat_grads``; then the same steps on the cpu backend with its kernels.
+
+``--versus-torch``: a whole clipped step with the real CPU kernels against torch's
+``AdamW(fused=True)`` + ``clip_grad_norm_(foreach=True)``, alternating in the same run.
 
 With ``--backend triton`` or ``--backend cuda``: that backend's own preparation, its launches
 stubbed (so it runs on CPU tensors, no GPU needed): Triton's kernel launches are recorded instead
@@ -132,18 +137,65 @@ def _median_ms(times: list[float]) -> float:
     return statistics.median(times) * 1e3
 
 
-def optimizer_step_times(backend, num_params: int, steps: int) -> list[float]:
-    backends.select = lambda device: backend  # this process only
+def optimizer_step_times(backend, num_params: int, steps: int, flat: bool = False) -> list[float]:
+    """Host seconds of each ``AdamW.step`` (clipped), the first one included. Grads are re-made
+    for every step, or with ``flat`` (flat_states and flat_grads) zeroed in their buffer by
+    ``zero_grad()``, as a training loop would; neither is timed. ``backend`` None: the backend
+    fastopt picks (real kernels)."""
+    if backend is not None:
+        backends.select = lambda device: backend  # this process only
     params = [torch.nn.Parameter(torch.randn(SIZE)) for _ in range(num_params)]
-    optimizer = fastopt.optim.AdamW(params, lr=1e-3, max_grad_norm=1.0)
+    optimizer = fastopt.optim.AdamW(params, lr=1e-3, max_grad_norm=1.0, flat_states=flat, flat_grads=flat)
     times = []
     for _ in range(steps + 1):
-        for p in params:
-            p.grad = torch.ones(SIZE)
+        if flat:
+            optimizer.zero_grad()
+        else:
+            for p in params:
+                p.grad = torch.ones(SIZE)
         started = time.perf_counter()
         optimizer.step()
         times.append(time.perf_counter() - started)
     return times
+
+
+def versus_torch(num_params: int, rounds: int, size: int = 16) -> dict[str, float]:
+    """A whole clipped step over ``num_params`` tensors of ``size`` elements on the backend fastopt
+    picks for CPU tensors (real kernels), against torch's ``AdamW(fused=True)`` after
+    ``clip_grad_norm_(foreach=True)`` on a copy, in rounds that alternate which runs first. Grads
+    are re-made before every step, untimed, as backward makes them. Medians in ms, and the
+    median of the per-round ratios."""
+    torch.manual_seed(0)
+    ours = [torch.nn.Parameter(torch.randn(size)) for _ in range(num_params)]
+    theirs = [torch.nn.Parameter(p.detach().clone()) for p in ours]
+    ours_opt = fastopt.optim.AdamW(ours, lr=1e-3, max_grad_norm=1.0)
+    theirs_opt = torch.optim.AdamW(theirs, lr=1e-3, fused=True)
+
+    def ours_step() -> float:
+        for p in ours:
+            p.grad = torch.randn(size)
+        started = time.perf_counter()
+        ours_opt.step()
+        return time.perf_counter() - started
+
+    def theirs_step() -> float:
+        for p in theirs:
+            p.grad = torch.randn(size)
+        started = time.perf_counter()
+        torch.nn.utils.clip_grad_norm_(theirs, 1.0, foreach=True)
+        theirs_opt.step()
+        return time.perf_counter() - started
+
+    for _ in range(3):  # warm-up: fastopt's first step builds its plan
+        ours_step(), theirs_step()
+    ours_times, theirs_times = [], []
+    for r in range(rounds):
+        if r % 2:
+            ours_times.append(ours_step()), theirs_times.append(theirs_step())
+        else:
+            theirs_times.append(theirs_step()), ours_times.append(ours_step())
+    ratios = [t / o for o, t in zip(ours_times, theirs_times)]
+    return {"fastopt": _median_ms(ours_times), "torch": _median_ms(theirs_times), "ratio": statistics.median(ratios)}
 
 
 def backend_call_times(backend, num_params: int, steps: int) -> dict[str, tuple[float, float] | None]:
@@ -189,13 +241,33 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--backend", choices=["triton", "cuda"], default=None,
                         help="measure this backend's own preparation, its launches stubbed")  # fmt: skip
+    parser.add_argument("--versus-torch", action="store_true",
+                        help="a whole step with the real CPU kernels against torch's fused AdamW + clip_grad_norm_, "
+                             "16-element tensors")  # fmt: skip
     args = parser.parse_args()
 
     print(f"fastopt {fastopt.__version__}, torch {torch.__version__}, {args.params} params, {torch.get_num_threads()} threads")
+    if args.versus_torch:
+        name = backends.select(torch.device("cpu")).__name__
+        result = versus_torch(args.params, args.steps)
+        print(f"clipped AdamW step over {args.params} tensors of 16 elements, median of {args.steps} alternating rounds:")
+        print(f"  fastopt ({name}): {result['fastopt']:.2f} ms; torch AdamW(fused=True) + clip_grad_norm_(foreach=True):"
+              f" {result['torch']:.2f} ms; ratio (median of rounds) {result['ratio']:.3g}x")
+        return
     if args.backend is None:
         times = optimizer_step_times(no_op_backend(), args.params, args.steps)
-        print(f"first step (full validation): {times[0] * 1e3:.1f} ms host")
-        print(f"later steps (reused plan):    {_median_ms(times[1:]):.2f} ms host (median of {args.steps})")
+        print("backend replaced by one that launches nothing:")
+        print(f"  first step (full validation): {times[0] * 1e3:.1f} ms host")
+        print(f"  later steps (reused plan):    {_median_ms(times[1:]):.2f} ms host (median of {args.steps})")
+        times = optimizer_step_times(no_op_backend(), args.params, args.steps, flat=True)
+        print(f"  flat grads and states:        {_median_ms(times[1:]):.2f} ms host (min {min(times[1:]) * 1e3:.2f})")
+        cpu = backends.status("cpu")
+        if cpu.available:
+            print("the cpu backend, its real kernels (17-element tensors: the kernels' own work is a few microseconds):")
+            for flat in (False, True):
+                times = optimizer_step_times(cpu.module, args.params, args.steps, flat=flat)
+                label = "flat grads and states:" if flat else "later steps (reused plan):"
+                print(f"  {label:<30}{_median_ms(times[1:]):.2f} ms (min {min(times[1:]) * 1e3:.2f})")
         return
 
     backend = stubbed_backend(args.backend)
@@ -222,6 +294,8 @@ def report(backend, num_params: int, steps: int) -> None:
         print(f"  {name + ':':<22}" + ("n/a (the backend has none)" if ms is None else f"{ms[0]:.2f} ms host (min {ms[1]:.2f})"))
     times = optimizer_step_times(backend, num_params, steps)
     print(f"  {'optimizer step:':<22}{_median_ms(times[1:]):.2f} ms host (clipped; first step {times[0] * 1e3:.1f} ms)")
+    times = optimizer_step_times(backend, num_params, steps, flat=True)
+    print(f"  {'step, flat storage:':<22}{_median_ms(times[1:]):.2f} ms host (min {min(times[1:]) * 1e3:.2f})")
 
 
 if __name__ == "__main__":

@@ -107,7 +107,8 @@ def test_a_state_dict_replaced_or_a_state_tensor_reset_voids_the_plan(watch):
         first, second, third = list(model.parameters())[:3]
         optimizer.state[first] = {}  # starts over
         optimizer.state[second]["exp_avg"] = torch.zeros_like(second)  # a new tensor in its dict
-        optimizer.state[third].update(exp_avg_sq=torch.zeros_like(third))
+        # Both moments: a zero exp_avg_sq under a kept exp_avg divides rounding noise by ~|g|.
+        optimizer.state[third].update(exp_avg=torch.zeros_like(third), exp_avg_sq=torch.zeros_like(third))
 
     ours, theirs = pair()
     run_both(ours, theirs, reset)
