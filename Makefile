@@ -19,10 +19,12 @@ bench: $(STAMP)
 
 # README.md's and bench/RESULTS.md's figures from one fresh run: the bench (as `make bench`), then
 # `fastopt report` rewrites their marked blocks and bench/results-cpu.png from that run's JSON.
+# FIGURES_ARGS narrows the run (fastopt bench's flags), e.g. on a machine too busy for all of it.
 FIGURES_OUT ?= bench-results/figures
+FIGURES_ARGS ?=
 .PHONY: figures
 figures: $(STAMP)
-	$(PY) -m fastopt bench --out $(FIGURES_OUT)
+	$(PY) -m fastopt bench --out $(FIGURES_OUT) $(FIGURES_ARGS)
 	$(PY) -m fastopt report $(FIGURES_OUT) --update README.md bench/RESULTS.md --png bench/results-$(if $(shell command -v nvidia-smi 2>/dev/null),cuda,cpu).png
 
 test: $(STAMP)

@@ -63,7 +63,7 @@ def _progress(quiet: bool):
                 print(f"  [{done + 1}/{total}] {description}", file=sys.stderr, flush=True)
             return
         if bar is None:
-            bar = tqdm(total=total, file=sys.stderr, unit="row", leave=False)
+            bar = tqdm(total=total, file=sys.stderr, unit="group", leave=False)
         bar.set_description_str(description[:70])
         bar.update(done - bar.n)
         if done >= total:

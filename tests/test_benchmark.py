@@ -263,18 +263,23 @@ def test_every_implementation_does_the_same_work(op, dtype):
             torch.testing.assert_close(got.float(), want.float(), rtol=rtol, atol=1e-6, msg=lambda m: f"{name}: {m}")
 
 
+def _implementations_and_skip_reasons():
+    """What runs and why the rest does not, with peers detected afresh (their cache cleared)."""
+    cases.peer_unavailable.cache_clear()
+    try:
+        found, skipped = benchmark.implementations(CPU, ["torch"])
+    finally:
+        cases.peer_unavailable.cache_clear()
+    return found, {s.implementation: s.reason for s in skipped}
+
+
 def test_absent_peers_are_listed_with_reasons(monkeypatch):
     real_find_spec = cases.importlib.util.find_spec
     absent = {p.package for p in cases.PEERS} | {"timm"}
     monkeypatch.setattr(
         cases.importlib.util, "find_spec", lambda name, *a: None if name in absent else real_find_spec(name, *a)
     )
-    cases.peer_unavailable.cache_clear()
-    try:
-        found, skipped = benchmark.implementations(CPU, ["torch"])
-    finally:
-        cases.peer_unavailable.cache_clear()
-    reasons = {s.implementation: s.reason for s in skipped}
+    found, reasons = _implementations_and_skip_reasons()
     assert reasons["DeepSpeed FusedAdam"] == "deepspeed is not installed (pip install deepspeed)"
     assert reasons["DeepSpeed CPUAdam"].startswith("deepspeed is not installed (pip install deepspeed")
     assert reasons["TransformerEngine FusedAdam"] == "transformer_engine is not installed"
@@ -304,12 +309,7 @@ def test_a_peer_that_imports_but_cannot_step_is_skipped_with_why(monkeypatch):
     peer = cases.Peer("Broken Adam", "torch", lambda: _BrokenAdam, cases.CPU)
     working = cases.Peer("Plain Adam", "torch", lambda: torch.optim.AdamW, cases.CPU)
     monkeypatch.setattr(cases, "PEERS", (peer, working))
-    cases.peer_unavailable.cache_clear()
-    try:
-        found, skipped = benchmark.implementations(CPU, ["torch"])
-    finally:
-        cases.peer_unavailable.cache_clear()
-    reasons = {s.implementation: s.reason for s in skipped}
+    found, reasons = _implementations_and_skip_reasons()
     assert reasons["Broken Adam"] == (
         "installed, but a step on cpu tensors failed: RuntimeError: Error building extension 'cpu_adam'"
     )
@@ -444,3 +444,18 @@ def test_flags_reach_the_table_the_json_and_the_chart(tmp_path):
     finally:
         plt.Figure.savefig = real_savefig
     assert "2.0x!" in drawn["texts"] and any("1 of 2 rows flagged" in t for t in drawn["texts"])
+
+
+def test_make_test_counts_skips_by_reason():
+    """tests/conftest.py's last line of `make test` (the suite's own skips, not the bench's)."""
+    from types import SimpleNamespace
+
+    from tests.conftest import skip_summary
+
+    reports = [SimpleNamespace(longrepr=("t.py", 1, "Skipped: needs a CUDA GPU"))] * 3
+    reports += [SimpleNamespace(longrepr=("t.py", 9, "Skipped: timm is not installed"))]
+    reports += [SimpleNamespace(longrepr=("t.py", 5, "Skipped: apex is not installed"))] * 2
+    assert skip_summary(reports) == (
+        "skipped 6: 3 needs a CUDA GPU; 2 apex is not installed; 1 timm is not installed"
+    )
+    assert skip_summary([]) == ""

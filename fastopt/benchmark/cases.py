@@ -378,17 +378,18 @@ def peer_unavailable(name: str, device_type: str) -> str | None:
     try:
         optimizer_class = peer.optimizer_class()
     except Exception as exc:  # noqa: BLE001
-        return f"importing it failed: {_first_line(exc)}"
+        return f"importing it failed: {short_error(exc)}"
     try:  # installed is not working: one step on a small tensor (builds the peer's op if it builds on use)
         param = torch.nn.Parameter(torch.randn(64, device=device_type))
         param.grad = torch.randn_like(param)
         optimizer_class([param], lr=LR, weight_decay=WEIGHT_DECAY, **peer.options).step()
     except Exception as exc:  # noqa: BLE001
-        return f"installed, but a step on {device_type} tensors failed: {_first_line(exc)}"
+        return f"installed, but a step on {device_type} tensors failed: {short_error(exc)}"
     return None
 
 
-def _first_line(exc: BaseException) -> str:
+def short_error(exc: BaseException) -> str:
+    """An exception in one line: its type and the first line of its message."""
     text = str(exc).strip().splitlines()
     return f"{type(exc).__name__}: {text[0] if text else ''}"[:300]
 

@@ -16,7 +16,7 @@ import torch
 from fastopt import backends
 from fastopt.benchmark import timing
 from fastopt.benchmark.cases import OPS, Implementation, Skipped, TensorSet, bytes_touched, floor_bytes, implementations
-from fastopt.benchmark.cases import mixed_grads_unsupported
+from fastopt.benchmark.cases import mixed_grads_unsupported, short_error
 from fastopt.benchmark.workloads import Workload
 
 
@@ -179,11 +179,6 @@ def _notes(item: PlanItem) -> str:
     return "; ".join(notes)
 
 
-def _short_error(exc: BaseException) -> str:
-    message = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
-    return f"{type(exc).__name__}: {message}"[:300]
-
-
 def _memory_budget(device: torch.device) -> int:
     """Bytes a row group may hold at once: half of what the device has free."""
     if device.type == "cuda":
@@ -286,7 +281,7 @@ def _measure_chunk(items, chunk, rows, per_round, copies, touched, device, min_r
                 prepared[i] = prepare(items[i], device, copies[i])
                 rows[i].first_call_ms = timing.first_calls(prepared[i].steps, prepared[i].after, device)
             except Exception as exc:  # noqa: BLE001 - one broken implementation must not end the run
-                rows[i].error = _short_error(exc)
+                rows[i].error = short_error(exc)
                 prepared.pop(i, None)
         if not prepared:
             return
@@ -297,7 +292,7 @@ def _measure_chunk(items, chunk, rows, per_round, copies, touched, device, min_r
             rounds = timing.time_rounds(contenders, device, min_run_time, min_rounds=min_rounds)
         except Exception as exc:  # noqa: BLE001 - the rows of this chunk say what failed
             for i in order:
-                rows[i].error = f"failed during the rounds: {_short_error(exc)}"
+                rows[i].error = f"failed during the rounds: {short_error(exc)}"
             return
         ratios, floors, fractions = timing.per_round_figures(
             rounds.samples_ms[:-1],
@@ -333,7 +328,7 @@ def _count_and_replay(item: PlanItem, prepared: Prepared, row: Row, device: torc
         try:
             row.launches = timing.count_launches(prepared.steps[0], device)
         except Exception as exc:  # noqa: BLE001 - the timing stands without the count
-            _add_note(row, f"launches not counted: {_short_error(exc)}")
+            _add_note(row, f"launches not counted: {short_error(exc)}")
         if prepared.after is not None:
             prepared.after(0)
     if device.type != "cuda":
@@ -342,7 +337,7 @@ def _count_and_replay(item: PlanItem, prepared: Prepared, row: Row, device: torc
         try:
             row.graph_ms = timing.graph_replay_ms(prepared.steps, prepared.after, device)
         except Exception as exc:  # noqa: BLE001 - a step that cannot be captured is a finding
-            row.graph_note = f"not capturable: {_short_error(exc)}"
+            row.graph_note = f"not capturable: {short_error(exc)}"
             with contextlib.suppress(Exception):  # a failed capture may leave an error to clear
                 torch.cuda.synchronize(device)
 
