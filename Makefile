@@ -14,7 +14,7 @@ TORCH_INDEX ?=
 .PHONY: bench test test-cpu test-reference test-triton test-cuda-build ctest info clean
 
 bench: $(STAMP)
-	@echo "make bench: every op on this machine's device, in rounds (about 5 minutes on 2 CPU cores; progress below)"
+	@echo "make bench: every op on this machine's device, in rounds (a few minutes on 2 idle CPU cores, far longer on busy ones; progress below)"
 	$(PY) -m fastopt bench
 
 # README.md's and bench/RESULTS.md's figures from one fresh run: the bench (as `make bench`), then

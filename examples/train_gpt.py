@@ -284,7 +284,9 @@ def parse_args(argv=None):
     parser.add_argument("--spike-guard", type=float, default=None, help="skip steps whose grad norm jumps k-fold")
     parser.add_argument("--amp", choices=["bf16", "fp16", "none"], default="bf16", help="fp16 uses a GradScaler")
     parser.add_argument("--compare-torch", action="store_true", help="also run torch's pipeline on the same steps")
-    parser.add_argument("--out", type=pathlib.Path, default=pathlib.Path("runs/train_gpt"), help="metrics, plot, checkpoint")
+    parser.add_argument(
+        "--out", type=pathlib.Path, default=pathlib.Path("runs/train_gpt"), help="metrics, plot and checkpoint"
+    )
     parser.add_argument("--checkpoint-every", type=int, default=0, help="save a checkpoint every N steps (0: never)")
     parser.add_argument("--resume", type=pathlib.Path, help="a checkpoint to continue from")
     parser.add_argument("--stop-at", type=int, default=0, help="stop after this step, saving a checkpoint (preemption)")

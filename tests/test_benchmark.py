@@ -415,8 +415,8 @@ def test_report_rerenders_a_run_and_updates_marked_blocks(tmp_path, capsys):
 
 def test_flags_reach_the_table_the_json_and_the_chart(tmp_path):
     rows = [_row("multi_tensor_norm", "torch foreach", "torch", 2.0, vs_torch_best=1.0),
-            _row("multi_tensor_norm", "fastopt[cpu]", "fastopt", 1.0, q1_ms=0.5, q3_ms=1.5, min_ms=0.5, vs_torch_best=2.0,
-                 floor_fraction=0.5, samples_ms=[0.5, 1.0, 1.5], rounds=3)]  # fmt: skip
+            _row("multi_tensor_norm", "fastopt[cpu]", "fastopt", 1.0, q1_ms=0.5, q3_ms=1.5, min_ms=0.5,
+                 vs_torch_best=2.0, floor_fraction=0.5, samples_ms=[0.5, 1.0, 1.5], rounds=3)]  # fmt: skip
     benchmark.flag_rows(rows)
     results = benchmark.Results("cpu", 1e10, 1 << 20, rows, [], {"min_rounds": 3}, 1.0, 0.0)
     env = report.environment(CPU, "python -m fastopt bench --test")

@@ -348,7 +348,7 @@ PEERS = (
     Peer("DeepSpeed FusedAdam", "deepspeed", _class_from("deepspeed.ops.adam", "FusedAdam"), CUDA, ADAMW_MODE,
          "pip install deepspeed"),
     # The AdamW a CPU user would pick (ZeRO-Offload's): deepspeed builds its C++ op with ninja on
-    # first use, which takes a minute or two; afterwards it loads from deepspeed's cache.
+    # first use (4 CPU-minutes on a 2-core machine); afterwards it loads from deepspeed's cache.
     Peer("DeepSpeed CPUAdam", "deepspeed", _class_from("deepspeed.ops.adam", "DeepSpeedCPUAdam"), CPU,
          {"adamw_mode": True}, "pip install deepspeed (with torch's CPU build: README.md, Benchmarks)"),
     Peer("TransformerEngine FusedAdam", "transformer_engine",
@@ -379,7 +379,7 @@ def peer_unavailable(name: str, device_type: str) -> str | None:
         optimizer_class = peer.optimizer_class()
     except Exception as exc:  # noqa: BLE001
         return f"importing it failed: {short_error(exc)}"
-    try:  # installed is not working: one step on a small tensor (builds the peer's op if it builds on use)
+    try:  # installed is not yet working: one step on a small tensor (builds the op of a peer that builds on use)
         param = torch.nn.Parameter(torch.randn(64, device=device_type))
         param.grad = torch.randn_like(param)
         optimizer_class([param], lr=LR, weight_decay=WEIGHT_DECAY, **peer.options).step()

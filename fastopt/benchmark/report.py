@@ -137,7 +137,8 @@ def summary_table(results: Results) -> str:
             f"| {_ms(fastopt_row.median_ms if fastopt_row else None)} "
             f"| {ratio_text(fastopt_row.vs_torch_best if fastopt_row else None)} | {_ms(_group_floor(rows))} "
             f"| {_percent(fastopt_row.floor_fraction if fastopt_row else None)} "
-            f"| {peer_row.implementation if peer_row else '—'} | {ratio_text(peer_row.vs_torch_best if peer_row else None)} "
+            f"| {peer_row.implementation if peer_row else '—'} "
+            f"| {ratio_text(peer_row.vs_torch_best if peer_row else None)} "
             f"| {'; '.join(flags) or '—'} |"
         )
     return "\n".join(lines)
@@ -404,18 +405,20 @@ def plot(results: Results, env: dict, path: pathlib.Path) -> None:
     groups = _groups(results)
     ops = sorted({op for _, op in groups}, key=_op_order)
     fastopt_names = sorted({r.implementation for r in results.rows if r.role == "fastopt" and r.plotted})
-    series = ["torch best"] + fastopt_names
+    peers = any(r.role == "peer" and r.median_ms is not None for r in results.rows)
+    series = ["torch best"] + fastopt_names + (["best peer"] if peers else [])
     colors = dict(zip(series, ["#8c8c8c", "#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd"]))
     columns = 2 if len(ops) > 1 else 1
     panel_rows = math.ceil(len(ops) / columns)
-    figure, axes = plt.subplots(panel_rows, columns, figsize=(8 * columns, 3.4 * panel_rows + 1.2), squeeze=False)
+    height = 3.4 * panel_rows + 1.4  # inches: the panels, then a two-line title and the legend above them
+    figure, axes = plt.subplots(panel_rows, columns, figsize=(8 * columns, height), squeeze=False)
     width = 0.8 / len(series)
     for panel, op in zip(axes.flat, ops):
         workloads = [w for (w, o) in groups if o == op]
         heights = []
         for x, workload in enumerate(workloads):
             rows = groups[(workload, op)]
-            bars = {"torch best": best(rows, "torch")}
+            bars = {"torch best": best(rows, "torch"), "best peer": best(rows, "peer")}
             bars.update({r.implementation: r for r in rows if r.role == "fastopt" and r.plotted})
             for i, name in enumerate(series):
                 row = bars.get(name)
@@ -450,15 +453,15 @@ def plot(results: Results, env: dict, path: pathlib.Path) -> None:
     handles = [Patch(color=colors[name], label=name) for name in series]
     handles.append(Line2D([], [], color="black", linewidth=2, label="memory floor (bytes / in-place-add bandwidth)"))
     handles.append(Patch(facecolor="white", edgecolor="black", hatch="///", label="flagged (!): see the tables"))
-    figure.legend(handles=handles, loc="upper center", ncol=len(handles), fontsize=8, bbox_to_anchor=(0.5, 0.965))
+    figure.legend(handles=handles, loc="upper center", ncol=len(handles), fontsize=8, bbox_to_anchor=(0.5, 1 - 0.5 / height))
     figure.suptitle(
         f"fastopt vs torch's best eager path: {env['device']}, {env['date'][:10]}, torch {env['torch']}; "
         f"labels: speed vs torch (above 1x is faster; median of per-round ratios); whiskers: IQR; "
         f"{flag_count(results)} of {len(results.rows)} rows flagged\n`{env['command']}`",
         fontsize=9,
-        y=0.995,
+        y=1 - 0.04 / height,
     )
-    figure.tight_layout(rect=(0, 0, 1, 0.95))
+    figure.tight_layout(rect=(0, 0, 1, 1 - 0.8 / height))
     figure.savefig(path, dpi=110)
     plt.close(figure)
 
