@@ -377,12 +377,17 @@ def test_progress_falls_back_to_plain_lines_without_tqdm(monkeypatch, capsys):
     assert cli._progress(quiet=True) is None
 
 
-def test_installed_users_are_not_sent_to_a_file_the_wheel_lacks(capsys):
+def test_installed_users_are_not_sent_to_a_file_the_wheel_lacks(capsys, monkeypatch):
     reason = "torch 2.13.0+cpu is a CPU-only build; the CUDA extension fastopt._C is not built (see csrc/README.md)"
-    assert "csrc/README.md" not in report.for_installed_users(reason)
-    assert "pip install -v --no-build-isolation ." in report.for_installed_users(reason)
+    assert report.in_source_checkout()  # the tests run from the repository, which has the file
+    assert report.for_installed_users(reason, checkout=True) == reason
+    installed = report.for_installed_users(reason, checkout=False)
+    assert "csrc/README.md" not in installed and "pip install -v --no-build-isolation ." in installed
+    monkeypatch.setattr(report, "in_source_checkout", lambda: False)
+    monkeypatch.setattr(cli.backends, "unavailable_backends", lambda: {"cuda": reason})
     assert cli.main(["info"]) == 0
-    assert "csrc/README.md" not in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "cuda    missing: torch 2.13.0+cpu" in out and "csrc/README.md" not in out
 
 
 def test_bench_help_cites_the_design_document_in_the_repository(capsys):

@@ -1,4 +1,5 @@
-"""examples/train_gpt.py: its smallest config trains, resumes bit-exactly and matches torch."""
+"""examples/train_gpt.py: its smallest config trains, resumes bit-exactly and matches torch; its help shows
+every default and its first line comes before the slow setup."""
 
 import importlib.util
 import pathlib

@@ -285,9 +285,18 @@ def flag_count(results: Results) -> int:
 BUILD_HINT = "to build it: a CUDA build of torch, nvcc, and pip install -v --no-build-isolation . in a source checkout"
 
 
-def for_installed_users(reason: str) -> str:
-    """A backend's reason as an installed package can act on it: csrc/README.md is in the source
-    repository, not in the wheel."""
+def in_source_checkout() -> bool:
+    """Whether fastopt runs from a checkout of its repository (where csrc/README.md is)."""
+    import fastopt
+
+    return (pathlib.Path(fastopt.__file__).resolve().parents[1] / "csrc" / "README.md").is_file()
+
+
+def for_installed_users(reason: str, checkout: bool | None = None) -> str:
+    """A backend's reason as the reader can act on it: csrc/README.md is in the source
+    repository, not in the wheel, so an installed package says how to build instead."""
+    if in_source_checkout() if checkout is None else checkout:
+        return reason
     return re.sub(r"\(see csrc/README\.md\)", f"({BUILD_HINT})", reason)
 
 
