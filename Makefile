@@ -131,7 +131,7 @@ $(STAMP): pyproject.toml setup.py
 	@if $(PY) -c "import torch" 2>/dev/null; then \
 		echo "make: [2/4] torch is already installed: $$($(PY) -c 'import torch; print(torch.__version__)')"; \
 	else \
-		echo "make: [2/4] installing $(TORCH_SPEC)$(if $(TORCH_INDEX), from $(TORCH_INDEX)) (the CPU build: about 1-2 minutes)"; \
+		echo "make: [2/4] installing $(TORCH_SPEC)$(if $(TORCH_INDEX), from $(TORCH_INDEX)) (about 1-2 minutes from a local or CPU wheel;$(if $(TORCH_INDEX),, from PyPI on Linux it is the CUDA build, several GB: README.md, Install))"; \
 		$(PY) -m pip install -q "$(TORCH_SPEC)" $(if $(TORCH_INDEX),--index-url $(TORCH_INDEX)) || exit 1; \
 	fi
 	@echo "make: [3/4] installing setuptools and wheel, the build tools (seconds)"
