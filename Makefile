@@ -6,14 +6,29 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.fastopt-installed
 # torch's CPU build without a GPU (a local wheel on these machines), the CUDA build with one.
 # A python that already has torch (e.g. a GPU machine's) keeps it: the venv sees its packages.
+# From PyPI, pip on Linux picks torch's CUDA build (several GB); TORCH_INDEX=https://download.pytorch.org/whl/cpu
+# fetches the CPU build instead (README.md, Install).
 TORCH_SPEC ?= $(if $(shell command -v nvidia-smi 2>/dev/null),torch==2.14.1,torch==2.13.0)
+TORCH_INDEX ?=
 
 .PHONY: bench test test-cpu test-reference test-triton test-cuda-build ctest info clean
 
 bench: $(STAMP)
+	@echo "make bench: every op on this machine's device, in rounds (a few minutes on 2 idle CPU cores, far longer on busy ones; progress below)"
 	$(PY) -m fastopt bench
 
+# README.md's and bench/RESULTS.md's figures from one fresh run: the bench (as `make bench`), then
+# `fastopt report` rewrites their marked blocks and bench/results-cpu.png from that run's JSON.
+# FIGURES_ARGS narrows the run (fastopt bench's flags), e.g. on a machine too busy for all of it.
+FIGURES_OUT ?= bench-results/figures
+FIGURES_ARGS ?=
+.PHONY: figures
+figures: $(STAMP)
+	$(PY) -m fastopt bench --out $(FIGURES_OUT) $(FIGURES_ARGS)
+	$(PY) -m fastopt report $(FIGURES_OUT) --update README.md bench/RESULTS.md --png bench/results-$(if $(shell command -v nvidia-smi 2>/dev/null),cuda,cpu).png
+
 test: $(STAMP)
+	@echo "make test: the suite on CPU (about 3 minutes on 2 idle cores; the last lines count skips by reason)"
 	$(PY) -m pytest
 
 # The suite forced onto the cpu backend (the C++ extension; plain `make test` picks it for CPU
@@ -68,7 +83,7 @@ test-cuda-build: $(CUDA_STAMP) ctest
 
 $(CUDA_STAMP):
 	$(PYTHON) -m venv $(CUDA_VENV)
-	$(CUDA_PY) -m pip install -q "$(CUDA_TORCH_SPEC)" numpy pytest expecttest "setuptools>=64" wheel ninja
+	$(CUDA_PY) -m pip install -q "$(CUDA_TORCH_SPEC)" numpy pytest expecttest "setuptools>=77" wheel ninja
 	@touch $@
 
 ctest:
@@ -108,13 +123,24 @@ gpu-results: $(STAMP)
 	@test -n "$(JSON)" || { echo 'usage: make gpu-results JSON="path/gpu-check-main.json [path/gpu-check-extra.json]"'; exit 2; }
 	$(PY) scripts/gpu_results.py render $(JSON)
 
+# First use only: 4 steps, each announced with what it does and how long it took on a 2-core
+# machine (README.md, Two commands).
 $(STAMP): pyproject.toml setup.py
+	@echo "make: [1/4] creating $(VENV), which sees this python's packages (seconds)"
 	$(PYTHON) -m venv --system-site-packages $(VENV)
-	$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install -q "$(TORCH_SPEC)"
-	$(PY) -m pip install -q "setuptools>=64" wheel
+	@if $(PY) -c "import torch" 2>/dev/null; then \
+		echo "make: [2/4] torch is already installed: $$($(PY) -c 'import torch; print(torch.__version__)')"; \
+	else \
+		echo "make: [2/4] installing $(TORCH_SPEC)$(if $(TORCH_INDEX), from $(TORCH_INDEX)) (about 1-2 minutes from a local or CPU wheel;$(if $(TORCH_INDEX),, from PyPI on Linux it is the CUDA build, several GB: README.md, Install))"; \
+		$(PY) -m pip install -q "$(TORCH_SPEC)" $(if $(TORCH_INDEX),--index-url $(TORCH_INDEX)) || exit 1; \
+	fi
+	@echo "make: [3/4] installing setuptools and wheel, the build tools (seconds)"
+	$(PY) -m pip install -q "setuptools>=77" wheel
+	@echo "make: [4/4] installing fastopt (editable) with its test and bench packages, and compiling its C++ CPU extension (about 2-3 minutes; log: $(VENV)/install.log)"
 	$(PY) -m pip install -v --no-build-isolation -e ".[test,bench]" > $(VENV)/install.log 2>&1 \
 		|| { tail -n 40 $(VENV)/install.log; exit 1; }
 	@grep -m1 -o "fastopt: CUDA extension.*" $(VENV)/install.log || true
+	@grep -m1 -o "fastopt: CPU extension.*" $(VENV)/install.log || true
 	@touch $@
 
 clean:

@@ -1,79 +1,51 @@
 """pytest-benchmark suite: each op and full step, by torch, each available fastopt backend and
-the peers that import here, on the workloads of ``python -m fastopt bench``.
+the peers that import here, on the workloads of ``python -m fastopt bench``, measured and
+reported the same way.
 
     pytest bench/ --benchmark-only                      # grouped by workload and op
     pytest bench/ --benchmark-only -k "gpt-like/fp32"   # one workload
     pytest bench/ --benchmark-only --bench-compile      # also torch.compile (slow)
+    pytest bench/ --benchmark-only --bench-out results  # also the JSON, markdown and PNG of the bench
 
-Rows of one group do the same work on the same data; compare them with each other only. Each
-round is one call's wall time, ending with a synchronize on a GPU (``python -m fastopt bench``
-times the device with CUDA events instead); calls rotate over copies of the tensors and grads
-an op changes are restored between rounds, untimed. Implementations that cannot run here (peers
-not installed, backends without their device) are listed as skipped tests with the reason.
-extra_info carries each row's memory floor, the fraction of it reached, and launches per step.
+The first test of a row group (one op on one workload) times every implementation of the group
+together, in rounds (``fastopt.benchmark.runner.measure_group``: each round calls each of them
+once, in rotating order, beside the in-place-add bandwidth reference); each test then hands its
+implementation's per-round times to pytest-benchmark, so its table shows them. extra_info
+carries what the bench's tables show: the ratio to torch's best (median of per-round ratios),
+the floor and the fraction of it reached, the spread, launches per step and the row's flags.
+At the end the bench's own tables are printed (flags included). Implementations that cannot run
+here (peers not installed, backends without their device) are skipped tests with the reason.
 """
 
 import pytest
-import torch
 
-from fastopt.benchmark import default_workloads, plan, prepare, timing
-from fastopt.benchmark.cases import bytes_touched, floor_bytes
+from fastopt.benchmark import timing
 
 
-def _id(*parts: str) -> str:
-    return "/".join(parts).replace(" ", "-")
-
-
-def pytest_generate_tests(metafunc):
-    if "case" not in metafunc.fixturenames:
-        return
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    workloads = default_workloads(device, size=metafunc.config.getoption("--bench-size"))
-    items, skipped = plan(workloads, device, compile=metafunc.config.getoption("--bench-compile"))
-    params = [pytest.param(case, id=_id(case.workload.key, case.op, case.implementation.name)) for case in items]
-    params += [
-        pytest.param(None, id=_id("skipped", s.implementation, op), marks=pytest.mark.skip(reason=s.reason))
-        for s in skipped
-        for op in s.ops
-    ]
-    metafunc.parametrize("case", params)
-
-
-def test_bench(benchmark, case, device, copy_bandwidth, cache_bytes, request):
-    one_copy = case.implementation.one_copy
-    copies = 1 if one_copy else timing.copies_to_rotate(bytes_touched(case.op, case.workload), cache_bytes)
-    prepared = prepare(case, device, copies)
-    timing.first_calls(prepared.steps, prepared.after, device)  # state creation, compilation
-
-    # Rounds for about --bench-min-time seconds, from one steady call.
-    probe = timing.host_time_ms(prepared.steps, prepared.after, device, reps=1)
-    rounds = int(min(500, max(5, request.config.getoption("--bench-min-time") * 1e3 / max(probe, 1e-3))))
-    state = {"copy": 0, "last": None}
-
-    def setup():  # untimed: restore what the previous call changed, then move to the next copy
-        if state["last"] is not None and prepared.after is not None:
-            prepared.after(state["last"])
-        state["copy"] = (state["copy"] + 1) % copies
-
-    def target():
-        prepared.steps[state["copy"]]()
-        timing.synchronize(device)
-        state["last"] = state["copy"]
-
-    moved = floor_bytes(case.op, case.workload)
+def test_bench(benchmark, case, device, measured_groups):
+    rows = measured_groups.rows_of(case)  # the group's first test times all of its implementations together
+    row = next(r for r in rows if r.implementation == case.implementation.name)
+    if row.error:
+        pytest.fail(f"{case.implementation.name} failed: {row.error}")
     benchmark.group = f"{case.workload.describe()} | {case.op}"
     benchmark.extra_info.update(
-        role=case.implementation.role,
-        copies=copies,
-        floor_bytes=moved,
-        floor_ms=moved / copy_bandwidth * 1e3,
-        copy_bandwidth_GBps=copy_bandwidth / 1e9,
+        role=row.role,
+        copies=row.copies,
+        rounds=row.rounds,
+        vs_torch_best=row.vs_torch_best,
+        floor_bytes=row.floor_bytes,
+        floor_ms=row.floor_ms,
+        floor_fraction=row.floor_fraction,
+        spread=row.spread,
+        contention=row.contention,
+        flags=row.flags,
+        **{timing.launch_unit(device): row.launches},
     )
-    benchmark.pedantic(target, setup=setup, rounds=rounds, warmup_rounds=copies)
-    if prepared.after is not None and state["last"] is not None:
-        prepared.after(state["last"])
-    if benchmark.stats is not None:
-        median_ms = benchmark.stats.stats.median * 1e3
-        benchmark.extra_info["floor_fraction"] = benchmark.extra_info["floor_ms"] / median_ms
-    if case.implementation.role != "torch.compile" or device.type == "cuda":  # inductor's CPU code is no aten op
-        benchmark.extra_info[timing.launch_unit(device)] = timing.count_launches(prepared.steps[0], device)
+    if benchmark.disabled:
+        return
+    # pytest-benchmark times a callable itself; these samples come from the shared rounds, so they
+    # go to its statistics directly (the same call its pedantic mode makes per round).
+    benchmark._mode = "fastopt rounds"  # what pytest-benchmark records as how the fixture was used
+    stats = benchmark._make_stats(1)
+    for sample_ms in row.samples_ms:
+        stats.update(sample_ms / 1e3)

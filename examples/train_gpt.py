@@ -8,7 +8,7 @@ bit-exact resume, and a PNG of loss, grad norm, learning rate and skipped steps.
 The corpus is generated, not downloaded: the docstrings of a fixed list of standard-library
 modules, which every Python installation has.
 
-    python examples/train_gpt.py                      # ~2 minutes on a 2-core CPU, loss falls
+    python examples/train_gpt.py                      # under 4 minutes on an idle 2-core CPU, loss falls
     python examples/train_gpt.py --compare-torch      # the same steps with torch's pipeline too
     python examples/train_gpt.py --device cuda --amp fp16 --layers 12 --width 768 --context 256 \\
         --batch-size 64 --steps 5000                  # a GPU-sized run
@@ -33,6 +33,10 @@ from torch import nn
 import fastopt
 from fastopt.benchmark.cases import agc_per_tensor_loop
 from fastopt.monitor import TrainingMonitor
+
+# With the other defaults, a step costs 2.4 CPU-seconds on the 2-core machine of README.md (1.2-2.4 s
+# of wall time on its two idle cores): 100 steps stay under the docstring's 4 minutes.
+DEFAULT_STEPS = 100
 
 CORPUS_MODULES = [
     "json", "collections", "itertools", "functools", "textwrap", "string", "random", "statistics",
@@ -257,31 +261,37 @@ def plot(runs: list[Run], path: pathlib.Path) -> bool:
     return True
 
 
+class HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
+    """The docstring as written, and every option's default."""
+
+
 def parse_args(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--steps", type=int, default=300, help="optimizer steps")
-    parser.add_argument("--batch-size", type=int, default=32, help="sequences per micro batch")
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cpu or cuda")
+    parser.add_argument("--steps", type=int, default=DEFAULT_STEPS, help="optimizer steps")
+    parser.add_argument("--batch-size", type=int, default=16, help="sequences per micro batch")
     parser.add_argument("--accumulate", type=int, default=2, help="micro batches per optimizer step")
-    parser.add_argument("--context", type=int, default=64)
-    parser.add_argument("--width", type=int, default=128)
-    parser.add_argument("--layers", type=int, default=4)
-    parser.add_argument("--heads", type=int, default=4)
-    parser.add_argument("--lr", type=float, default=3e-3)
-    parser.add_argument("--weight-decay", type=float, default=0.1)
-    parser.add_argument("--warmup-fraction", type=float, default=0.1)
-    parser.add_argument("--clip", choices=["norm", "agc", "none"], default="norm")
-    parser.add_argument("--max-grad-norm", type=float, default=1.0)
-    parser.add_argument("--agc-clip-factor", type=float, default=0.02)
+    parser.add_argument("--context", type=int, default=64, help="characters per sequence")
+    parser.add_argument("--width", type=int, default=128, help="model width")
+    parser.add_argument("--layers", type=int, default=4, help="transformer blocks")
+    parser.add_argument("--heads", type=int, default=4, help="attention heads")
+    parser.add_argument("--lr", type=float, default=3e-3, help="peak learning rate")
+    parser.add_argument("--weight-decay", type=float, default=0.1, help="AdamW's decoupled weight decay")
+    parser.add_argument("--warmup-fraction", type=float, default=0.1, help="share of the steps warming up linearly")
+    parser.add_argument("--clip", choices=["norm", "agc", "none"], default="norm", help="clip by global norm or AGC")
+    parser.add_argument("--max-grad-norm", type=float, default=1.0, help="with --clip norm")
+    parser.add_argument("--agc-clip-factor", type=float, default=0.02, help="with --clip agc")
     parser.add_argument("--spike-guard", type=float, default=None, help="skip steps whose grad norm jumps k-fold")
     parser.add_argument("--amp", choices=["bf16", "fp16", "none"], default="bf16", help="fp16 uses a GradScaler")
     parser.add_argument("--compare-torch", action="store_true", help="also run torch's pipeline on the same steps")
-    parser.add_argument("--out", type=pathlib.Path, default=pathlib.Path("runs/train_gpt"))
+    parser.add_argument(
+        "--out", type=pathlib.Path, default=pathlib.Path("runs/train_gpt"), help="metrics, plot and checkpoint"
+    )
     parser.add_argument("--checkpoint-every", type=int, default=0, help="save a checkpoint every N steps (0: never)")
     parser.add_argument("--resume", type=pathlib.Path, help="a checkpoint to continue from")
     parser.add_argument("--stop-at", type=int, default=0, help="stop after this step, saving a checkpoint (preemption)")
-    parser.add_argument("--log-every", type=int, default=25)
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--log-every", type=int, default=10, help="steps between log lines (step 1 is always logged)")
+    parser.add_argument("--seed", type=int, default=0, help="seeds the model's initialisation")
     args = parser.parse_args(argv)
     if args.amp == "fp16" and not args.device.startswith("cuda"):
         parser.error("--amp fp16 needs a CUDA device (use bf16 on CPU)")
@@ -292,6 +302,10 @@ def parse_args(argv=None):
 
 def main(argv=None) -> dict:
     args = parse_args(argv)
+    # The first line comes before the corpus and the models are built, so a run is seen to start.
+    print(f"train_gpt: {args.steps} steps of {args.accumulate} x {args.batch_size} sequences of {args.context} "
+          f"characters, {args.layers} layers of width {args.width}, on {args.device}; building the corpus",
+          flush=True)  # fmt: skip
     args.out.mkdir(parents=True, exist_ok=True)
     data = CharData(build_corpus(), args.context)
     runs = [Run(args, data, "fastopt")] + ([Run(args, data, "torch")] if args.compare_torch else [])
@@ -300,12 +314,12 @@ def main(argv=None) -> dict:
             run.load(state)
     params = sum(p.numel() for p in runs[0].model.parameters())
     print(f"{params / 1e6:.2f} M params, {len(data.tokens) / 1e3:.0f} K characters, vocab {data.vocab_size}, "
-          f"device {args.device}, amp {args.amp}, clip {args.clip}")  # fmt: skip
+          f"device {args.device}, amp {args.amp}, clip {args.clip}", flush=True)  # fmt: skip
     while runs[0].step < args.steps:
         for run in runs:
             run.train_step()
         step = runs[0].step
-        if step % args.log_every == 0 or step == args.steps:
+        if step % args.log_every == 0 or step in (1, args.steps):
             line = f"step {step:5d}"
             for run in runs:
                 line += f" | {run.pipeline}: loss {run.metrics['loss'][-1]:.4f} {run.metrics['step_ms'][-1]:6.1f} ms"
@@ -313,7 +327,7 @@ def main(argv=None) -> dict:
                 summary = runs[0].monitor.summary(top=1)
                 line += f" | grad norm {summary['grad_norm']:.3f} clip rate {summary['clip_rate']:.2f}"
                 line += f" skipped {summary['skipped_steps']}"
-            print(line)
+            print(line, flush=True)
         stopping = step == args.stop_at
         if stopping or (args.checkpoint_every and step % args.checkpoint_every == 0):
             torch.save({"runs": [run.state() for run in runs]}, args.out / "checkpoint.pt")

@@ -1,8 +1,9 @@
-"""``python -m fastopt info`` and ``python -m fastopt bench``."""
+"""``python -m fastopt info``, ``python -m fastopt bench`` and ``python -m fastopt report``."""
 
 from __future__ import annotations
 
 import argparse
+import pathlib
 import platform
 import shlex
 import sys
@@ -27,6 +28,7 @@ def _device_description() -> str:
 
 def info(_args: argparse.Namespace) -> int:
     import fastopt
+    from fastopt.benchmark import report
 
     print(f"fastopt  {fastopt.__version__}")
     print(f"python   {platform.python_version()}")
@@ -38,7 +40,8 @@ def info(_args: argparse.Namespace) -> int:
     print("backends")
     unavailable = backends.unavailable_backends()
     for spec in backends.BACKENDS:
-        state = "available" if spec.name not in unavailable else f"missing: {unavailable[spec.name]}"
+        reason = unavailable.get(spec.name)
+        state = "available" if reason is None else f"missing: {report.for_installed_users(reason)}"
         print(f"  {spec.name:<7} {state}")
     return 0
 
@@ -60,7 +63,7 @@ def _progress(quiet: bool):
                 print(f"  [{done + 1}/{total}] {description}", file=sys.stderr, flush=True)
             return
         if bar is None:
-            bar = tqdm(total=total, file=sys.stderr, unit="row", leave=False)
+            bar = tqdm(total=total, file=sys.stderr, unit="group", leave=False)
         bar.set_description_str(description[:70])
         bar.update(done - bar.n)
         if done >= total:
@@ -70,8 +73,6 @@ def _progress(quiet: bool):
 
 
 def bench(args: argparse.Namespace) -> int:
-    import pathlib
-
     from fastopt import benchmark
     from fastopt.benchmark import report
 
@@ -91,6 +92,7 @@ def bench(args: argparse.Namespace) -> int:
         compile=args.compile,
         graphs=False if args.no_graphs else None,
         min_run_time=args.min_run_time,
+        min_rounds=args.min_rounds,
         progress=_progress(args.quiet),
     )
     print()
@@ -109,6 +111,45 @@ def bench(args: argparse.Namespace) -> int:
         print(f"\nIncomplete: {results.settings['interrupted']}", file=sys.stderr)
         return 1
     return 1 if any(row.error for row in results.rows if row.role == "fastopt") else 0
+
+
+BEGIN, END = "<!-- fastopt report: begin (python -m fastopt report --update) -->", "<!-- fastopt report: end -->"
+
+
+def replace_marked_block(text: str, block: str, where: str) -> str:
+    """``text`` with what lies between the report's markers replaced by ``block``."""
+    if text.count(BEGIN) != 1 or text.count(END) != 1 or text.index(BEGIN) > text.index(END):
+        raise SystemExit(f"{where}: needs one pair of lines {BEGIN} ... {END} around the figures to replace")
+    head, rest = text.split(BEGIN)
+    _, tail = rest.split(END)
+    return f"{head}{BEGIN}\n{block}\n{END}{tail}"
+
+
+def report_command(args: argparse.Namespace) -> int:
+    """Render a bench run's JSON again, without measuring: print it, update the marked blocks of
+    README.md (the summary) and bench/RESULTS.md (every table), redraw the chart."""
+    from fastopt.benchmark import report
+
+    path = pathlib.Path(args.json)
+    if path.is_dir():  # the newest run in a --out folder
+        runs = sorted(path.glob("bench-*.json"))
+        if not runs:
+            raise SystemExit(f"{path}: no bench-*.json in it")
+        path = runs[-1]
+    results, env = report.read_json(path)
+    full = report.markdown(results, env)
+    brief = report.readme_block(results, env)
+    for target in args.update:
+        target = pathlib.Path(target)
+        block = brief if target.name == "README.md" else full
+        target.write_text(replace_marked_block(target.read_text(), block, str(target)))
+        print(f"updated {target} from {path}", file=sys.stderr)
+    if args.png:
+        report.plot(results, env, pathlib.Path(args.png))
+        print(f"drew {args.png} from {path}", file=sys.stderr)
+    if not args.update and not args.png:
+        print(brief if args.brief else full)
+    return 0
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -148,7 +189,12 @@ def main(argv: list[str] | None = None) -> int:
     )
     bench_parser.add_argument("--no-peers", action="store_true", help="skip timm, DeepSpeed, TransformerEngine, ...")
     bench_parser.add_argument("--no-graphs", action="store_true", help="GPU: skip the CUDA-graph replay timings")
-    bench_parser.add_argument("--min-run-time", type=float, default=0.2, help="seconds of timing per row")
+    bench_parser.add_argument(
+        "--min-run-time", type=float, default=0.2, help="seconds of rounds per implementation of a row (default: 0.2)"
+    )
+    bench_parser.add_argument(
+        "--min-rounds", type=int, default=15, help="rounds per row group, at least (default: 15)"
+    )
     bench_parser.add_argument(
         "--threads", type=int, help="torch CPU threads (default: torch's); 1 resists other jobs sharing the cores"
     )
@@ -157,6 +203,18 @@ def main(argv: list[str] | None = None) -> int:
     )
     bench_parser.add_argument("--quiet", action="store_true", help="no progress bar")
     bench_parser.set_defaults(func=bench)
+    report_parser = commands.add_parser(
+        "report",
+        help="render a bench run's JSON again (tables, chart) and update README.md / bench/RESULTS.md",
+        description="Render a bench run's JSON without measuring again. With --update, replace the figures "
+        f"between the lines '{BEGIN}' and '{END}' of each file: README.md gets the summary, any other file "
+        "(bench/RESULTS.md) every table. `make figures` runs the bench and this in one go.",
+    )
+    report_parser.add_argument("json", help="a bench-*.json, or a --out folder (its newest run)")
+    report_parser.add_argument("--update", nargs="+", default=[], metavar="FILE", help="files whose block to replace")
+    report_parser.add_argument("--png", help="redraw the chart into this file")
+    report_parser.add_argument("--brief", action="store_true", help="print README's summary block, not every table")
+    report_parser.set_defaults(func=report_command)
     argv = sys.argv[1:] if argv is None else argv
     args = parser.parse_args(argv)
     args.command_line = argv

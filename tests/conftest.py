@@ -19,3 +19,26 @@ def _fresh_backend_status():
     backends.refresh()
     yield
     backends.refresh()
+
+
+def skip_summary(reports) -> str:
+    """One line counting skipped tests by reason, most frequent first: "skipped 490: 312 needs a
+    CUDA GPU; 120 timm is not installed; ...". Empty when nothing was skipped."""
+    counts: dict[str, int] = {}
+    for report in reports:
+        longrepr = report.longrepr
+        # a skip's longrepr is (path, line, "Skipped: reason")
+        reason = longrepr[2] if isinstance(longrepr, tuple) and len(longrepr) == 3 else str(longrepr)
+        reason = reason.removeprefix("Skipped: ")
+        counts[reason] = counts.get(reason, 0) + 1
+    if not counts:
+        return ""
+    ranked = sorted(counts.items(), key=lambda item: (-item[1], item[0]))
+    return f"skipped {sum(counts.values())}: " + "; ".join(f"{n} {reason}" for reason, n in ranked)
+
+
+def pytest_terminal_summary(terminalreporter):
+    """`make test` ends with why tests were skipped, counted by reason."""
+    line = skip_summary(terminalreporter.stats.get("skipped", []))
+    if line:
+        terminalreporter.write_line(line)

@@ -4,13 +4,14 @@ files a run writes. Fast, on CPU, on tiny workloads (timings themselves live in 
 
 import json
 import math
+import statistics
 
 import pytest
 import torch
 
 from fastopt import __main__ as cli
 from fastopt import benchmark
-from fastopt.benchmark import cases, report, timing
+from fastopt.benchmark import cases, report, runner, timing
 
 CPU = torch.device("cpu")
 
@@ -77,6 +78,8 @@ def test_bytes_touched_counts_each_tensor_once():
 
 
 def _row(op, implementation, role, median_ms, floor_ms=1.0, workload="w/fp32", **extra):
+    fields = dict(q1_ms=median_ms, q3_ms=median_ms, min_ms=median_ms) if median_ms is not None else {}
+    fields.update(extra)
     return benchmark.Row(
         workload=workload,
         workload_description=workload,
@@ -87,27 +90,119 @@ def _row(op, implementation, role, median_ms, floor_ms=1.0, workload="w/fp32", *
         plotted=True,
         copies=1,
         floor_bytes=int(floor_ms * 1e6),
-        floor_ms=floor_ms,
         launch_unit="aten ops",
+        floor_ms=floor_ms,
         median_ms=median_ms,
-        **extra,
+        **fields,
     )
 
 
-def test_ratios_are_against_torchs_best_eager_path_and_floor_fraction_is_floor_over_time():
+def test_ratio_is_the_median_of_per_round_ratios_and_the_floor_that_of_the_rounds_reference():
+    """Synthetic rounds where the ratio of medians (3 / 6 = 0.5) is not the median of per-round
+    ratios: a slow round (contention) hits both, so per round the contender is 2x slower... or not."""
+    baseline = [1.0, 2.0, 3.0, 4.0, 100.0]
+    contender = [2.0, 4.0, 6.0, 8.0, 1.0]
+    second_baseline = [0.5, 9.0, 9.0, 9.0, 9.0]  # the fastest baseline of each round counts
+    reference_ms = [1.0, 1.0, 2.0, 2.0, 2.0]
+    ratios, floors, fractions = timing.per_round_figures(
+        [baseline, contender, second_baseline], [True, False, True], reference_ms, reference_bytes=100, floor_bytes=50
+    )
+    assert ratios[1] == [0.25, 0.5, 0.5, 0.5, 9.0]  # min(baselines) / contender, round by round
+    assert ratios[0] == [0.5, 1.0, 1.0, 1.0, 0.09]
+    assert floors == [0.5, 0.5, 1.0, 1.0, 1.0]  # 50 bytes at 100 bytes per reference time
+    assert fractions[1] == [0.25, 0.125, 1.0 / 6.0, 0.125, 1.0]
+    assert timing.per_round_figures([contender], [False], reference_ms, 100, 50)[0] == [[None] * 5]
+    with pytest.raises(ValueError, match="one sample per round"):
+        timing.per_round_figures([baseline, contender[:3]], [True, False], reference_ms, 100, 50)
+
+
+def test_spread_gives_quartiles_of_the_samples():
+    stats = timing.spread([5.0, 1.0, 3.0, 2.0, 4.0])
+    assert (stats.min_ms, stats.q1_ms, stats.median_ms, stats.q3_ms) == (1.0, 2.0, 3.0, 4.0)
+    assert stats.relative_iqr == pytest.approx(2.0 / 3.0)
+    assert timing.spread([7.0]).relative_iqr == 0.0
+    with pytest.raises(ValueError):
+        timing.spread([])
+
+
+@pytest.mark.parametrize(
+    "value, text",
+    [(0.002, "0.0020"), (0.00204, "0.0020"), (15.07, "15"), (1.0, "1.0"), (0.999, "1.0"), (0.4449, "0.44"),
+     (9.96, "10"), (123.4, "120"), (1.04, "1.0"), (1.05, "1.1"), (2.5e-5, "0.000025")],
+)  # fmt: skip
+def test_ratios_print_with_two_significant_digits(value, text):
+    assert report.significant(value) == text
+    assert report.ratio_text(value) == text + "x"
+
+
+def test_flags_mark_spread_contention_floor_and_a_part_slower_than_its_whole():
     rows = [
-        _row("adamw step", "torch foreach", "torch", 8.0),
-        _row("adamw step", "torch fused", "torch", 4.0),
-        _row("adamw step", "torch.compile foreach", "torch.compile", 2.0),  # not a baseline
-        _row("adamw step", "fastopt[torch]", "fastopt", 16.0),
-        _row("adamw step", "fastopt[broken]", "fastopt", None, error="RuntimeError: x"),
-        _row("adamw step", "torch fused", "torch", 1.0, workload="other/fp32"),  # another group
+        # the issue's run: torch foreach's adamw step at 1026 ms, its clip + adamw step at 70.4 ms
+        _row("adamw step", "torch foreach", "torch", 1026.0, q1_ms=900.0, q3_ms=1100.0),
+        _row("clip + adamw step", "torch foreach", "torch", 70.4, q1_ms=69.0, q3_ms=72.0),
+        # a part a little slower than its whole, within noise (quartiles overlap): no flag
+        _row("adamw step", "fastopt[cpu]", "fastopt", 10.5, q1_ms=10.0, q3_ms=12.0),
+        _row("clip + adamw step", "fastopt[cpu]", "fastopt", 10.0, q1_ms=9.5, q3_ms=11.0),
+        _row("multi_tensor_norm", "fastopt[cpu]", "fastopt", 1.0, q1_ms=0.6, q3_ms=1.4),  # IQR 80%
+        _row("multi_tensor_norm", "torch foreach", "torch", 2.0, q1_ms=1.9, q3_ms=2.1, contention=0.79),
+        _row("clip_grad_norm_", "torch foreach", "torch", 3.0, floor_fraction=9.17),
+        _row("clip_grad_norm_", "fastopt[cpu]", "fastopt", 3.0, floor_fraction=0.8, contention=0.05),
+        _row("adamw step", "broken", "fastopt", None, error="RuntimeError: x"),
     ]
-    benchmark.fill_ratios(rows)
-    assert [r.vs_torch_best for r in rows] == [0.5, 1.0, 2.0, 0.25, None, 1.0]
-    assert rows[3].floor_fraction == 1.0 / 16.0 and rows[4].floor_fraction is None
-    compiled = _row("clip + adamw step", "torch.compile foreach", "torch.compile", 2.0, first_call_ms=60_002.0)
-    assert compiled.compile_s == 60.0 and rows[0].compile_s is None
+    benchmark.flag_rows(rows)
+    flags = [row.flags for row in rows]
+    assert flags[0] == ["slower than its whole (clip + adamw step: 70.4 ms)"]
+    assert flags[1] == ["faster than its part (adamw step: 1.03e+03 ms)"]
+    assert flags[2] == [] and flags[3] == []
+    assert flags[4] == ["wide spread (IQR 80% of median)"]
+    assert flags[5] == ["contention (79% of the row)"]
+    assert flags[6] == ["beats the floor (917%)"]
+    assert flags[7] == [] and flags[8] == []
+    benchmark.flag_rows(rows)  # flagging again does not pile the flags up
+    assert rows[0].flags == flags[0] and len(rows[1].flags) == 1
+
+
+def test_rounds_call_every_contender_once_in_rotating_order():
+    calls, restored = [], []
+
+    def contender(name, copies):
+        steps = [lambda c=c: calls.append((name, c)) for c in range(copies)]
+        return timing.Contender(steps, lambda copy, name=name: restored.append((name, copy)))
+
+    contenders = [contender("a", 2), contender("b", 3), contender("c", 1)]
+    rounds = timing.time_rounds(contenders, CPU, min_run_time=0.0, min_rounds=4, warmup_rounds=1)
+    assert [len(s) for s in rounds.samples_ms] == [4, 4, 4] and rounds.wall_s > 0
+    assert calls == restored  # each call is followed by its own copy's restore
+    warmup, timed = calls[:3], calls[3:]
+    assert [name for name, _ in warmup] == ["a", "b", "c"]
+    assert [name for name, _ in timed] == list("abc" "bca" "cab" "abc")  # round r starts with contender r mod 3
+    assert [c for name, c in calls if name == "b"] == [0, 1, 2, 0, 1]  # each contender rotates its copies
+    assert rounds.host_ms == [statistics.median(s) for s in rounds.samples_ms]
+
+
+def test_a_group_too_big_for_memory_is_split_with_torch_in_every_chunk():
+    workload = benchmark.Workload("w", ((10,),))
+    found, _ = benchmark.implementations(CPU, ["torch"], peers=False)
+    items = [benchmark.PlanItem(workload, impl) for impl in found if impl.op == "adamw step"]
+    baselines = [i for i, item in enumerate(items) if item.implementation.role == "torch"]
+    assert len(baselines) == 2 and len(items) == 4
+    assert runner._chunks(items, [10] * 4, budget=40) == [[0, 1, 2, 3]]
+    chunks = runner._chunks(items, [10] * 4, budget=30)
+    assert chunks == [baselines + [2], baselines + [3]]
+
+
+def test_measure_group_times_every_implementation_in_the_same_rounds():
+    workload = benchmark.Workload("tiny", ((6, 4), (5,)), ops=("clip + adamw step",))
+    items, _ = benchmark.plan([workload], CPU, ["torch"], peers=False)
+    rows = benchmark.measure_group(items, CPU, cache_bytes=1 << 20, min_run_time=0.0, min_rounds=7)
+    assert [r.implementation for r in rows] == ["torch foreach", "torch fused", "fastopt[torch]"]
+    assert all(r.error is None and r.rounds == 7 and len(r.samples_ms) == 7 for r in rows)
+    assert all(r.min_ms <= r.q1_ms <= r.median_ms <= r.q3_ms and r.floor_ms > 0 for r in rows)
+    assert all(r.vs_torch_best <= 1.0 for r in rows if r.role == "torch")  # a baseline never beats the best
+    assert max(r.vs_torch_best for r in rows if r.role == "torch") > 0.5
+    with pytest.raises(ValueError, match="one workload and op"):
+        other = benchmark.Workload("other", ((3,),), ops=("clip + adamw step",))
+        benchmark.measure_group(items + benchmark.plan([other], CPU, ["torch"], peers=False)[0], CPU, 1 << 20)
 
 
 def test_copies_to_rotate_cover_twice_the_cache():
@@ -168,28 +263,58 @@ def test_every_implementation_does_the_same_work(op, dtype):
             torch.testing.assert_close(got.float(), want.float(), rtol=rtol, atol=1e-6, msg=lambda m: f"{name}: {m}")
 
 
+def _implementations_and_skip_reasons():
+    """What runs and why the rest does not, with peers detected afresh (their cache cleared)."""
+    cases.peer_unavailable.cache_clear()
+    try:
+        found, skipped = benchmark.implementations(CPU, ["torch"])
+    finally:
+        cases.peer_unavailable.cache_clear()
+    return found, {s.implementation: s.reason for s in skipped}
+
+
 def test_absent_peers_are_listed_with_reasons(monkeypatch):
     real_find_spec = cases.importlib.util.find_spec
     absent = {p.package for p in cases.PEERS} | {"timm"}
     monkeypatch.setattr(
         cases.importlib.util, "find_spec", lambda name, *a: None if name in absent else real_find_spec(name, *a)
     )
-    cases.peer_unavailable.cache_clear()
-    try:
-        found, skipped = benchmark.implementations(CPU, ["torch"])
-    finally:
-        cases.peer_unavailable.cache_clear()
-    reasons = {s.implementation: s.reason for s in skipped}
-    assert reasons["DeepSpeed FusedAdam"] == "deepspeed is not installed"
+    found, reasons = _implementations_and_skip_reasons()
+    assert reasons["DeepSpeed FusedAdam"] == "deepspeed is not installed (pip install deepspeed)"
+    assert reasons["DeepSpeed CPUAdam"].startswith("deepspeed is not installed (pip install deepspeed")
     assert reasons["TransformerEngine FusedAdam"] == "transformer_engine is not installed"
-    assert reasons["torchao AdamW"] == "torchao is not installed"
+    assert reasons["torchao AdamW"] == "torchao is not installed (pip install torchao)"
     assert reasons["timm adaptive_clip_grad"] == "timm is not installed"
     assert reasons["torch.compile foreach"].startswith("opt-in")
     assert not any(impl.role == "peer" for impl in found)
     # A peer that is installed but runs only on CUDA says so on a CPU.
     monkeypatch.setattr(cases.importlib.util, "find_spec", lambda name, *a: object() if name == "apex" else None)
     assert cases.peer_unavailable("apex FusedAdam", "cpu") == "apex FusedAdam runs on CUDA tensors only"
+    monkeypatch.setattr(cases.importlib.util, "find_spec", lambda name, *a: object() if name == "deepspeed" else None)
+    assert cases.peer_unavailable("DeepSpeed CPUAdam", "cuda") == "DeepSpeed CPUAdam runs on CPU tensors only"
     cases.peer_unavailable.cache_clear()
+
+
+class _BrokenAdam(torch.optim.Optimizer):
+    """Imports fine, fails on its first step (as a peer whose C++ op does not build)."""
+
+    def __init__(self, params, **_options):
+        super().__init__(params, {})
+
+    def step(self, closure=None):
+        raise RuntimeError("Error building extension 'cpu_adam'\nninja: build stopped")
+
+
+def test_a_peer_that_imports_but_cannot_step_is_skipped_with_why(monkeypatch):
+    peer = cases.Peer("Broken Adam", "torch", lambda: _BrokenAdam, cases.CPU)
+    working = cases.Peer("Plain Adam", "torch", lambda: torch.optim.AdamW, cases.CPU)
+    monkeypatch.setattr(cases, "PEERS", (peer, working))
+    found, reasons = _implementations_and_skip_reasons()
+    assert reasons["Broken Adam"] == (
+        "installed, but a step on cpu tensors failed: RuntimeError: Error building extension 'cpu_adam'"
+    )
+    plain = [impl for impl in found if impl.name == "Plain Adam"]
+    assert [impl.op for impl in plain] == list(cases.PEER_OPS) and plain[1].notes == "clip by torch"
 
 
 def test_run_writes_json_markdown_and_png(tmp_path):
@@ -199,7 +324,8 @@ def test_run_writes_json_markdown_and_png(tmp_path):
     assert all(r.error is None and r.median_ms > 0 and r.launches > 0 for r in results.rows)
     norm_torch = next(r for r in results.rows if r.op == "multi_tensor_norm" and r.role == "torch")
     assert norm_torch.vs_torch_best == 1.0 and norm_torch.floor_bytes == 4 * 29
-    assert math.isclose(norm_torch.floor_ms, norm_torch.floor_bytes / results.copy_bandwidth * 1e3)
+    assert len({r.floor_ms for r in results.rows if r.op == "multi_tensor_norm"}) == 1  # one reference per group
+    assert norm_torch.floor_ms > 0 and norm_torch.floor_fraction > 0
 
     env = report.environment(CPU, "python -m fastopt bench --test")
     written = report.write_all(results, env, tmp_path / "out")
@@ -249,3 +375,92 @@ def test_progress_falls_back_to_plain_lines_without_tqdm(monkeypatch, capsys):
     report_progress(2, 2, "done")
     assert capsys.readouterr().err == "  [1/2] gpt-like/fp32: adamw step [torch fused]\n"
     assert cli._progress(quiet=True) is None
+
+
+def test_installed_users_are_not_sent_to_a_file_the_wheel_lacks(capsys, monkeypatch):
+    reason = "torch 2.13.0+cpu is a CPU-only build; the CUDA extension fastopt._C is not built (see csrc/README.md)"
+    assert report.in_source_checkout()  # the tests run from the repository, which has the file
+    assert report.for_installed_users(reason, checkout=True) == reason
+    installed = report.for_installed_users(reason, checkout=False)
+    assert "csrc/README.md" not in installed and "pip install -v --no-build-isolation ." in installed
+    monkeypatch.setattr(report, "in_source_checkout", lambda: False)
+    monkeypatch.setattr(cli.backends, "unavailable_backends", lambda: {"cuda": reason})
+    assert cli.main(["info"]) == 0
+    out = capsys.readouterr().out
+    assert "cuda    missing: torch 2.13.0+cpu" in out and "csrc/README.md" not in out
+
+
+def test_bench_help_cites_the_design_document_in_the_repository(capsys):
+    with pytest.raises(SystemExit):
+        cli.main(["bench", "--help"])
+    text = capsys.readouterr().out
+    assert "docs/design.md" in text and "DESIGN.md" not in text
+
+
+def test_report_rerenders_a_run_and_updates_marked_blocks(tmp_path, capsys):
+    workloads = [benchmark.Workload("tiny", ((6, 4), (5,)), ops=("multi_tensor_norm",))]
+    results = benchmark.run(workloads, CPU, ["torch"], peers=False, min_run_time=0.0, min_rounds=3)
+    env = report.environment(CPU, "python -m fastopt bench --test")
+    written = report.write_all(results, env, tmp_path / "run")
+    readme, notes = tmp_path / "README.md", tmp_path / "RESULTS.md"
+    for path in (readme, notes):
+        path.write_text(f"intro\n{cli.BEGIN}\nold figures\n{cli.END}\noutro\n")
+    assert cli.main(["report", str(tmp_path / "run"), "--update", str(readme), str(notes)]) == 0
+    updated = readme.read_text()
+    assert updated.startswith(f"intro\n{cli.BEGIN}\n") and updated.endswith(f"\n{cli.END}\noutro\n")
+    assert "old figures" not in updated and report.readme_block(results, env) in updated
+    assert report.markdown(results, env) in notes.read_text()
+    assert cli.main(["report", str(written["json"]), "--brief"]) == 0
+    assert capsys.readouterr().out.strip() == report.readme_block(results, env)
+    (tmp_path / "bare.md").write_text("no markers\n")
+    with pytest.raises(SystemExit, match="needs one pair of lines"):
+        cli.main(["report", str(written["json"]), "--update", str(tmp_path / "bare.md")])
+    assert (tmp_path / "bare.md").read_text() == "no markers\n"
+
+
+def test_flags_reach_the_table_the_json_and_the_chart(tmp_path):
+    rows = [_row("multi_tensor_norm", "torch foreach", "torch", 2.0, vs_torch_best=1.0),
+            _row("multi_tensor_norm", "fastopt[cpu]", "fastopt", 1.0, q1_ms=0.5, q3_ms=1.5, min_ms=0.5,
+                 vs_torch_best=2.0, floor_fraction=0.5, samples_ms=[0.5, 1.0, 1.5], rounds=3)]  # fmt: skip
+    benchmark.flag_rows(rows)
+    results = benchmark.Results("cpu", 1e10, 1 << 20, rows, [], {"min_rounds": 3}, 1.0, 0.0)
+    env = report.environment(CPU, "python -m fastopt bench --test")
+    text = report.markdown(results, env)
+    assert "| multi_tensor_norm | fastopt[cpu] | 1.00 | 0.500 | 100% | 3 | 2.0x |" in text
+    assert "wide spread (IQR 100% of median)" in text and "Rows flagged: 1 of 2" in text
+    assert "fastopt[cpu]: wide spread" in report.summary_table(results)
+    written = report.write_all(results, env, tmp_path)
+    payload = json.loads(written["json"].read_text())
+    assert payload["rows"][1]["flags"] == ["wide spread (IQR 100% of median)"] and payload["rows"][0]["flags"] == []
+    assert payload["rows"][1]["spread"] == 1.0 and payload["rows"][1]["samples_ms"] == [0.5, 1.0, 1.5]
+    pytest.importorskip("matplotlib")
+    import matplotlib.pyplot as plt
+
+    drawn = {}
+    real_savefig = plt.Figure.savefig
+
+    def keep_texts(figure, path, **kwargs):
+        drawn["texts"] = [t.get_text() for ax in figure.axes for t in ax.texts] + [figure._suptitle.get_text()]
+        return real_savefig(figure, path, **kwargs)
+
+    plt.Figure.savefig = keep_texts
+    try:
+        report.plot(results, env, tmp_path / "chart.png")
+    finally:
+        plt.Figure.savefig = real_savefig
+    assert "2.0x!" in drawn["texts"] and any("1 of 2 rows flagged" in t for t in drawn["texts"])
+
+
+def test_make_test_counts_skips_by_reason():
+    """tests/conftest.py's last line of `make test` (the suite's own skips, not the bench's)."""
+    from types import SimpleNamespace
+
+    from tests.conftest import skip_summary
+
+    reports = [SimpleNamespace(longrepr=("t.py", 1, "Skipped: needs a CUDA GPU"))] * 3
+    reports += [SimpleNamespace(longrepr=("t.py", 9, "Skipped: timm is not installed"))]
+    reports += [SimpleNamespace(longrepr=("t.py", 5, "Skipped: apex is not installed"))] * 2
+    assert skip_summary(reports) == (
+        "skipped 6: 3 needs a CUDA GPU; 2 apex is not installed; 1 timm is not installed"
+    )
+    assert skip_summary([]) == ""

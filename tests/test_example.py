@@ -1,7 +1,12 @@
-"""examples/train_gpt.py: its smallest config trains, resumes bit-exactly and matches torch."""
+"""examples/train_gpt.py: its smallest config trains, resumes bit-exactly and matches torch; its help shows
+every default and its first line comes before the slow setup."""
 
 import importlib.util
 import pathlib
+import re
+import subprocess
+import sys
+import time
 
 import pytest
 import torch
@@ -45,3 +50,35 @@ def test_compare_torch_runs_the_same_steps(train_gpt, tmp_path, clip):
     )
     ours, theirs = (torch.tensor(results[k]["loss"]) for k in ("fastopt", "torch"))
     torch.testing.assert_close(ours, theirs, rtol=1e-4, atol=1e-5)
+
+
+def test_help_shows_every_default():
+    result = subprocess.run([sys.executable, str(EXAMPLE), "--help"], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    text = " ".join(result.stdout.split())  # argparse wraps lines
+    assert "--steps STEPS optimizer steps (default: " in text
+    assert "--batch-size BATCH_SIZE sequences per micro batch (default: 16)" in text
+    assert "--clip {norm,agc,none} clip by global norm or AGC (default: norm)" in text
+    blocks = re.split(r"\n  (?=--)", result.stdout.split("options:", 1)[1])[1:]  # one per option
+    options = {block.split()[0]: " ".join(block.split()) for block in blocks}
+    missing = [o for o, block in options.items() if o != "--resume" and "(default: " not in block]
+    assert len(options) > 20 and not missing
+
+
+def test_first_line_comes_before_the_corpus_and_models_are_built(tmp_path):
+    """Not a timing test: a generous bound (the machine may be shared) on when the first line
+    appears, which the script prints before its slow setup."""
+    started = time.monotonic()
+    process = subprocess.Popen(
+        [sys.executable, str(EXAMPLE), "--steps", "2", "--out", str(tmp_path), *TINY],
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+    )  # fmt: skip
+    try:
+        first = process.stdout.readline()
+        waited = time.monotonic() - started
+        rest, _ = process.communicate(timeout=300)
+    finally:
+        process.kill()
+    assert first.startswith("train_gpt: 2 steps of 2 x 8 sequences of 16 characters"), first + rest
+    assert waited < 60, f"first line after {waited:.0f} s"
+    assert process.returncode == 0 and "step     1 | fastopt: loss" in rest and "step     2 |" in rest

@@ -326,8 +326,9 @@ class Peer:
     name: str
     package: str  # the top-level module whose presence is detected (never installed by us)
     optimizer_class: Callable[[], type]
-    cuda_only: bool
+    devices: tuple[str, ...]  # device types whose tensors it steps
     options: dict = dataclasses.field(default_factory=dict)
+    install: str = ""  # how to get it, for the skip reason
 
 
 def _class_from(module: str, name: str) -> Callable[[], type]:
@@ -342,18 +343,19 @@ def _torchao_adamw() -> type:
 
 
 ADAMW_MODE = {"adam_w_mode": True}  # the fused Adams of apex lineage do AdamW with this flag
+CUDA, CPU, ANY = ("cuda",), ("cpu",), ("cpu", "cuda")
 PEERS = (
-    Peer("DeepSpeed FusedAdam", "deepspeed", _class_from("deepspeed.ops.adam", "FusedAdam"), True, ADAMW_MODE),
-    Peer(
-        "TransformerEngine FusedAdam",
-        "transformer_engine",
-        _class_from("transformer_engine.pytorch.optimizers", "FusedAdam"),
-        True,
-        ADAMW_MODE,
-    ),
-    Peer("apex FusedAdam", "apex", _class_from("apex.optimizers", "FusedAdam"), True, ADAMW_MODE),
-    Peer("torchao AdamW", "torchao", _torchao_adamw, False),
-)
+    Peer("DeepSpeed FusedAdam", "deepspeed", _class_from("deepspeed.ops.adam", "FusedAdam"), CUDA, ADAMW_MODE,
+         "pip install deepspeed"),
+    # The AdamW a CPU user would pick (ZeRO-Offload's): deepspeed builds its C++ op with ninja on
+    # first use (4 CPU-minutes on a 2-core machine); afterwards it loads from deepspeed's cache.
+    Peer("DeepSpeed CPUAdam", "deepspeed", _class_from("deepspeed.ops.adam", "DeepSpeedCPUAdam"), CPU,
+         {"adamw_mode": True}, "pip install deepspeed (with torch's CPU build: README.md, Benchmarks)"),
+    Peer("TransformerEngine FusedAdam", "transformer_engine",
+         _class_from("transformer_engine.pytorch.optimizers", "FusedAdam"), CUDA, ADAMW_MODE),
+    Peer("apex FusedAdam", "apex", _class_from("apex.optimizers", "FusedAdam"), CUDA, ADAMW_MODE),
+    Peer("torchao AdamW", "torchao", _torchao_adamw, ANY, install="pip install torchao"),
+)  # fmt: skip
 PEER_OPS = ("adamw step", "clip + adamw step")
 
 
@@ -370,14 +372,26 @@ def peer_unavailable(name: str, device_type: str) -> str | None:
         return None
     peer = next(p for p in PEERS if p.name == name)
     if importlib.util.find_spec(peer.package) is None:
-        return f"{peer.package} is not installed"
-    if peer.cuda_only and device_type != "cuda":
-        return f"{peer.name} runs on CUDA tensors only"
+        return f"{peer.package} is not installed" + (f" ({peer.install})" if peer.install else "")
+    if device_type not in peer.devices:
+        return f"{peer.name} runs on {' and '.join(d.upper() for d in peer.devices)} tensors only"
     try:
-        peer.optimizer_class()
+        optimizer_class = peer.optimizer_class()
     except Exception as exc:  # noqa: BLE001
-        return f"importing it failed: {type(exc).__name__}: {exc}"
+        return f"importing it failed: {short_error(exc)}"
+    try:  # installed is not yet working: one step on a small tensor (builds the op of a peer that builds on use)
+        param = torch.nn.Parameter(torch.randn(64, device=device_type))
+        param.grad = torch.randn_like(param)
+        optimizer_class([param], lr=LR, weight_decay=WEIGHT_DECAY, **peer.options).step()
+    except Exception as exc:  # noqa: BLE001
+        return f"installed, but a step on {device_type} tensors failed: {short_error(exc)}"
     return None
+
+
+def short_error(exc: BaseException) -> str:
+    """An exception in one line: its type and the first line of its message."""
+    text = str(exc).strip().splitlines()
+    return f"{type(exc).__name__}: {text[0] if text else ''}"[:300]
 
 
 def _peer_optimizer(peer: Peer) -> Callable[[list], object]:

@@ -9,11 +9,13 @@ import json
 import math
 import pathlib
 import platform
+import re
+import statistics
 
 import torch
 
 from fastopt.benchmark.cases import OPS, Skipped
-from fastopt.benchmark.runner import Results, Row
+from fastopt.benchmark.runner import CONTENDED, WIDE_SPREAD, Results, Row
 from fastopt.benchmark.workloads import ALL_OPS
 
 
@@ -63,7 +65,8 @@ def header_line(env: dict) -> str:
     timer = "CUDA events" if env["device"].startswith("cuda") else "wall time per call"
     return (
         f"{env['date'][:10]}, {env['device']}; torch {env['torch']}, triton {env['triton']}, "
-        f"python {env['python']}; `{env['command']}`; median of timed calls after warm-up ({timer})"
+        f"python {env['python']}; `{env['command']}`; rounds of every implementation of a row, in rotating "
+        f"order, after warm-up ({timer})"
     )
 
 
@@ -79,8 +82,17 @@ def _ms(value: float | None) -> str:
     return f"{value:.3f}"
 
 
-def _ratio(value: float | None) -> str:
-    return "—" if value is None else f"{value:.2f}x"
+def significant(value: float, digits: int = 2) -> str:
+    """``value`` with ``digits`` significant digits, trailing zeros kept: 0.0020, 1.0, 15, 120."""
+    if value == 0 or not math.isfinite(value):
+        return f"{value:g}"
+    rounded = float(f"{value:.{digits - 1}e}")  # 0.999 -> 1.0: count the digits after rounding
+    decimals = digits - 1 - math.floor(math.log10(abs(rounded)))
+    return f"{rounded:.{max(decimals, 0)}f}"
+
+
+def ratio_text(value: float | None) -> str:
+    return "—" if value is None else f"{significant(value)}x"
 
 
 def _percent(value: float | None) -> str:
@@ -107,22 +119,40 @@ def best(rows: list[Row], role: str) -> Row | None:
 
 
 def summary_table(results: Results) -> str:
-    """One line per (workload, op): torch's best eager path against fastopt's best backend."""
+    """One line per (workload, op): torch's best eager path against fastopt's best backend, and
+    the fastest peer that ran."""
     lines = [
-        "| workload | op | torch best | ms | fastopt | ms | fastopt vs torch | floor ms | fastopt at floor |",
-        "|---|---|---|---:|---|---:|---:|---:|---:|",
+        "| workload | op | torch best | ms | fastopt | ms | fastopt vs torch | floor ms | fastopt at floor | best peer "
+        "| peer vs torch | flags |",
+        "|---|---|---|---:|---|---:|---:|---:|---:|---|---:|---|",
     ]
     for (workload, op), rows in _groups(results).items():
-        torch_row, fastopt_row = best(rows, "torch"), best(rows, "fastopt")
+        torch_row, fastopt_row, peer_row = best(rows, "torch"), best(rows, "fastopt"), best(rows, "peer")
+        flags = [f"{r.implementation}: {_short_flag(f)}" for r in (torch_row, fastopt_row, peer_row) if r is not None
+                 for f in r.flags]  # fmt: skip
         lines.append(
             f"| {workload} | {op} | {torch_row.implementation if torch_row else '—'} "
             f"| {_ms(torch_row.median_ms if torch_row else None)} "
             f"| {fastopt_row.implementation if fastopt_row else '—'} "
             f"| {_ms(fastopt_row.median_ms if fastopt_row else None)} "
-            f"| {_ratio(fastopt_row.vs_torch_best if fastopt_row else None)} | {_ms(rows[0].floor_ms)} "
-            f"| {_percent(fastopt_row.floor_fraction if fastopt_row else None)} |"
+            f"| {ratio_text(fastopt_row.vs_torch_best if fastopt_row else None)} | {_ms(_group_floor(rows))} "
+            f"| {_percent(fastopt_row.floor_fraction if fastopt_row else None)} "
+            f"| {peer_row.implementation if peer_row else '—'} "
+            f"| {ratio_text(peer_row.vs_torch_best if peer_row else None)} "
+            f"| {'; '.join(flags) or '—'} |"
         )
     return "\n".join(lines)
+
+
+def _short_flag(flag: str) -> str:
+    """A flag without its figures (the detail tables have them): "wide spread", "contention"."""
+    return flag.split(" (", 1)[0]
+
+
+def _group_floor(rows: list[Row]) -> float | None:
+    """The floor of a row group: the same rounds' reference for every row; the median over them."""
+    floors = [r.floor_ms for r in rows if r.floor_ms is not None]
+    return statistics.median(floors) if floors else None
 
 
 # The issue's speed goals for the fused backends on a GPU, on the full-size fp32 workloads.
@@ -151,11 +181,11 @@ def targets(results: Results) -> list[dict]:
     for name in names:
         for workload, goal in STEP_FLOOR_GOALS:
             row = find(name, workload, "AMP step")
-            value = row.median_ms / row.floor_ms if row and row.median_ms else None
+            value = row.median_ms / row.floor_ms if row and row.median_ms and row.floor_ms else None
             measured = (row.error if row else None) or "—"
             if value is not None:
                 measured = (f"{_ms(row.median_ms)} ms, floor {_ms(row.floor_ms)} ms: {value:.2f}x floor; "
-                            f"{_ratio(row.vs_torch_best)} vs torch best")  # fmt: skip
+                            f"{ratio_text(row.vs_torch_best)} vs torch best")  # fmt: skip
             out.append({"goal": f"AMP step (unscale + clip + AdamW), {workload}: time <= {goal}x the floor",
                         "implementation": name, "measured": measured, "value": value,
                         "met": None if value is None else value <= goal})  # fmt: skip
@@ -203,9 +233,10 @@ def detail_tables(results: Results) -> str:
     """Every row, one table per workload."""
     on_gpu = results.device == "cuda"
     unit = results.rows[0].launch_unit if results.rows else "launches"
-    columns = ["op", "implementation", "median ms", "vs torch best", "floor ms", "floor reached", "host ms", unit]
+    columns = ["op", "implementation", "median ms", "min ms", "IQR", "rounds", "vs torch best", "floor ms",
+               "floor reached", "host ms", unit]  # fmt: skip
     columns += ["graph ms"] if on_gpu else []
-    columns += ["notes"]
+    columns += ["flags", "notes"]
     sections = []
     by_workload: dict[str, list[Row]] = {}
     for row in results.rows:
@@ -217,7 +248,7 @@ def detail_tables(results: Results) -> str:
             f"#### {rows[0].workload_description}; tensor sets rotated: {copies}",
             "",
             "| " + " | ".join(columns) + " |",
-            "|" + "|".join("---" if c in ("op", "implementation", "notes") else "---:" for c in columns) + "|",
+            "|" + "|".join("---" if c in ("op", "implementation", "flags", "notes") else "---:" for c in columns) + "|",
         ]
         for row in sorted(rows, key=lambda r: _op_order(r.op)):
             notes = [row.notes] if row.notes else []
@@ -231,21 +262,46 @@ def detail_tables(results: Results) -> str:
                 row.op,
                 row.implementation,
                 _ms(row.median_ms),
-                _ratio(row.vs_torch_best),
+                _ms(row.min_ms),
+                _percent(row.spread),
+                str(row.rounds) if row.rounds else "—",
+                ratio_text(row.vs_torch_best),
                 _ms(row.floor_ms),
                 _percent(row.floor_fraction),
                 _ms(row.host_ms),
                 "—" if row.launches is None else str(row.launches),
             ]
             cells += [_ms(row.graph_ms)] if on_gpu else []
-            cells += ["; ".join(notes).replace("|", "/")]
+            cells += ["; ".join(row.flags).replace("|", "/") or "—", "; ".join(notes).replace("|", "/")]
             lines.append("| " + " | ".join(cells) + " |")
         sections.append("\n".join(lines))
     return "\n\n".join(sections)
 
 
+def flag_count(results: Results) -> int:
+    return sum(1 for row in results.rows if row.flags)
+
+
+BUILD_HINT = "to build it: a CUDA build of torch, nvcc, and pip install -v --no-build-isolation . in a source checkout"
+
+
+def in_source_checkout() -> bool:
+    """Whether fastopt runs from a checkout of its repository (where csrc/README.md is)."""
+    import fastopt
+
+    return (pathlib.Path(fastopt.__file__).resolve().parents[1] / "csrc" / "README.md").is_file()
+
+
+def for_installed_users(reason: str, checkout: bool | None = None) -> str:
+    """A backend's reason as the reader can act on it: csrc/README.md is in the source
+    repository, not in the wheel, so an installed package says how to build instead."""
+    if in_source_checkout() if checkout is None else checkout:
+        return reason
+    return re.sub(r"\(see csrc/README\.md\)", f"({BUILD_HINT})", reason)
+
+
 def skipped_list(results: Results) -> str:
-    lines = [f"- {s.implementation} ({', '.join(s.ops)}): {s.reason}" for s in results.skipped]
+    lines = [f"- {s.implementation} ({', '.join(s.ops)}): {for_installed_users(s.reason)}" for s in results.skipped]
     return "\n".join(lines) if lines else "- nothing"
 
 
@@ -257,12 +313,21 @@ def how_to_read(results: Results) -> str:
         else "aten ops: top-level aten calls per step in torch.profiler (a foreach call counts once)"
     )
     host = "wall time of the Python call, started with the GPU idle" if on_gpu else "the same as the median on a CPU"
+    rounds = results.settings.get("min_rounds", 15)
     lines = [
-        f"Copy bandwidth measured in this run: {results.copy_bandwidth / 1e9:.1f} GB/s (a large tensor copy, "
-        "read + write). floor ms: the bytes an op's math must move over that bandwidth; floor reached: floor / median "
-        "(it can pass 100% where an op reads more than it writes, or works in place: a copy also pays for its target).",
-        f"vs torch best: torch's fastest eager path's median over this row's (above 1 is faster). host ms: {host}. "
-        f"{launches}."
+        f"Each row group (one op on one workload) is timed in rounds, at least {rounds}: a round calls every "
+        "implementation once, in an order that rotates from round to round, and an in-place add `a += b` over the "
+        "bytes the op touches (the bandwidth reference). median / min ms and IQR (interquartile range over the "
+        "median) are over the rounds; vs torch best is the median over rounds of torch's fastest eager time in the "
+        "round over this row's (above 1x is faster).",
+        "floor ms: the bytes an op's math must move at the in-place-add bandwidth of the same round (median over "
+        "rounds); floor reached: floor / time. Nothing moves bytes faster than that add, so above 100% means a bug "
+        "in the op's byte count or its timing, and is flagged.",
+        f"Flags: wide spread (IQR over {100 * WIDE_SPREAD:.0f}% of the median); contention (some task waited for "
+        f"a CPU during over {100 * CONTENDED:.0f}% of the row's rounds, /proc/pressure/cpu); beats the floor; a "
+        "part slower than the whole that contains it (clip_grad_norm_ in clip + adamw, ...), quartiles apart. "
+        "A flagged row's figure is not to be trusted as it stands: rerun it.",
+        f"host ms: {host}. {launches}."
         + (" graph ms: CUDA-graph replay of the captured step." if on_gpu else " CUDA-graph replay: GPU only."),
         "Inputs are random; calls rotate over the tensor sets shown, so caches do not flatter; grads that an op "
         "changes are restored (untimed) after each call.",
@@ -274,11 +339,11 @@ def how_to_read(results: Results) -> str:
         )
     if results.settings.get("interrupted"):
         lines.append(f"This run was cut short ({results.settings['interrupted']}): the rows below are those measured.")
+    run_line = f"The run took {results.wall_s:.0f} s"
     if results.cpu_contention is not None:
-        lines.append(
-            f"The run took {results.wall_s:.0f} s; during {100 * results.cpu_contention:.0f}% of it some task waited "
-            "for a CPU (/proc/pressure/cpu): other jobs on these cores, whose share makes CPU figures noisy."
-        )
+        run_line += (f"; during {100 * results.cpu_contention:.0f}% of it some task waited for a CPU "
+                     "(/proc/pressure/cpu): other jobs on these cores")  # fmt: skip
+    lines.append(f"{run_line}. Rows flagged: {flag_count(results)} of {len(results.rows)}.")
     return "\n".join(lines)
 
 
@@ -295,6 +360,19 @@ def markdown(results: Results, env: dict) -> str:
             "Skipped:\n" + skipped_list(results),
         ]
     )
+
+
+def readme_block(results: Results, env: dict) -> str:
+    """The figures README.md shows: the run's header, how long it took and how contended, and
+    the summary table."""
+    contention = "" if results.cpu_contention is None else (
+        f"; some task waited for a CPU during {100 * results.cpu_contention:.0f}% of it")
+    return "\n\n".join([
+        header_line(env),
+        f"The run took {results.wall_s:.0f} s{contention}; {flag_count(results)} of {len(results.rows)} rows flagged "
+        "(bench/RESULTS.md has every row, its spread and flags).",
+        summary_table(results),
+    ])  # fmt: skip
 
 
 def write_json(results: Results, env: dict, path: pathlib.Path) -> None:
@@ -336,31 +414,41 @@ def plot(results: Results, env: dict, path: pathlib.Path) -> None:
     groups = _groups(results)
     ops = sorted({op for _, op in groups}, key=_op_order)
     fastopt_names = sorted({r.implementation for r in results.rows if r.role == "fastopt" and r.plotted})
-    series = ["torch best"] + fastopt_names
+    peers = any(r.role == "peer" and r.median_ms is not None for r in results.rows)
+    series = ["torch best"] + fastopt_names + (["best peer"] if peers else [])
     colors = dict(zip(series, ["#8c8c8c", "#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd"]))
     columns = 2 if len(ops) > 1 else 1
     panel_rows = math.ceil(len(ops) / columns)
-    figure, axes = plt.subplots(panel_rows, columns, figsize=(8 * columns, 3.4 * panel_rows + 1.2), squeeze=False)
+    height = 3.4 * panel_rows + 1.4  # inches: the panels, then a two-line title and the legend above them
+    figure, axes = plt.subplots(panel_rows, columns, figsize=(8 * columns, height), squeeze=False)
     width = 0.8 / len(series)
     for panel, op in zip(axes.flat, ops):
         workloads = [w for (w, o) in groups if o == op]
         heights = []
         for x, workload in enumerate(workloads):
             rows = groups[(workload, op)]
-            bars = {"torch best": best(rows, "torch")}
+            bars = {"torch best": best(rows, "torch"), "best peer": best(rows, "peer")}
             bars.update({r.implementation: r for r in rows if r.role == "fastopt" and r.plotted})
             for i, name in enumerate(series):
                 row = bars.get(name)
                 if row is None or row.median_ms is None:
                     continue
                 center = x - 0.4 + (i + 0.5) * width
-                panel.bar(center, row.median_ms, width, color=colors[name])
+                flagged = bool(row.flags)  # hatched, its label marked: not to be taken at face value
+                panel.bar(center, row.median_ms, width, color=colors[name], hatch="///" if flagged else None,
+                          edgecolor="black" if flagged else None, linewidth=0.5)  # fmt: skip
+                # the interquartile range as an error bar
+                if row.q1_ms is not None and row.q3_ms is not None:
+                    panel.vlines(center, row.q1_ms, row.q3_ms, colors="black", linewidth=0.8)
                 heights.append(row.median_ms)
-                if name != "torch best" and row.vs_torch_best is not None:
-                    panel.annotate(f"{row.vs_torch_best:.2f}x", (center, row.median_ms), ha="center", va="bottom",
-                                   fontsize=7, xytext=(0, 1), textcoords="offset points")  # fmt: skip
-            panel.hlines(rows[0].floor_ms, x - 0.45, x + 0.45, colors="black", linewidth=2)
-            heights.append(rows[0].floor_ms)
+                label = ratio_text(row.vs_torch_best) if name != "torch best" and row.vs_torch_best else ""
+                if label or flagged:
+                    panel.annotate(label + ("!" if flagged else ""), (center, row.median_ms), ha="center",
+                                   va="bottom", fontsize=7, xytext=(0, 1), textcoords="offset points")  # fmt: skip
+            floor = _group_floor(rows)
+            if floor is not None:
+                panel.hlines(floor, x - 0.45, x + 0.45, colors="black", linewidth=2)
+                heights.append(floor)
         panel.set_yscale("log")
         if heights:  # room above the tallest bar for its label, below the floor for the line
             panel.set_ylim(min(heights) / 2, max(heights) * 2.5)
@@ -372,15 +460,17 @@ def plot(results: Results, env: dict, path: pathlib.Path) -> None:
     for panel in list(axes.flat)[len(ops) :]:
         panel.set_visible(False)
     handles = [Patch(color=colors[name], label=name) for name in series]
-    handles.append(Line2D([], [], color="black", linewidth=2, label="memory floor (bytes / copy bandwidth)"))
-    figure.legend(handles=handles, loc="upper center", ncol=len(handles), fontsize=8, bbox_to_anchor=(0.5, 0.965))
+    handles.append(Line2D([], [], color="black", linewidth=2, label="memory floor (bytes / in-place-add bandwidth)"))
+    handles.append(Patch(facecolor="white", edgecolor="black", hatch="///", label="flagged (!): see the tables"))
+    figure.legend(handles=handles, loc="upper center", ncol=len(handles), fontsize=8, bbox_to_anchor=(0.5, 1 - 0.5 / height))
     figure.suptitle(
         f"fastopt vs torch's best eager path: {env['device']}, {env['date'][:10]}, torch {env['torch']}; "
-        f"labels: speed vs torch (above 1x is faster)\n`{env['command']}`",
+        f"labels: speed vs torch (above 1x is faster; median of per-round ratios); whiskers: IQR; "
+        f"{flag_count(results)} of {len(results.rows)} rows flagged\n`{env['command']}`",
         fontsize=9,
-        y=0.995,
+        y=1 - 0.04 / height,
     )
-    figure.tight_layout(rect=(0, 0, 1, 0.95))
+    figure.tight_layout(rect=(0, 0, 1, 1 - 0.8 / height))
     figure.savefig(path, dpi=110)
     plt.close(figure)
 

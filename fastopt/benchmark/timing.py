@@ -1,9 +1,15 @@
-"""How a step is timed: device time, host time, launches, CUDA-graph replay, copy bandwidth.
+"""How a step is timed: rounds over every implementation of a row, device and host time,
+launches, CUDA-graph replay, the in-place-add bandwidth reference, and the statistics of samples.
 
 A measured step is a list of callables, one per copy of the workload's tensors; calls rotate
 over the copies so that what one call reads was not left in cache by the call before. After
 each call an optional ``after(copy)`` runs untimed (it restores that copy's grads, so every
 timed call sees the same random data).
+
+Implementations compared in a row are timed in rounds: each round calls every one of them once,
+in an order that rotates from round to round, together with an in-place add over as many bytes
+(the bandwidth reference). What slows a round down (another job on the cores, a clock change)
+slows all of them, so per-round ratios stay honest where absolute times do not.
 """
 
 from __future__ import annotations
@@ -112,6 +118,153 @@ def host_time_ms(steps: list[Callable[[], object]], after: After, device: torch.
         synchronize(device)
         _run_after(after, copy)
     return statistics.median(samples)
+
+
+@dataclasses.dataclass(frozen=True)
+class Spread:
+    """Order statistics of one implementation's samples (ms)."""
+
+    min_ms: float
+    q1_ms: float
+    median_ms: float
+    q3_ms: float
+
+    @property
+    def relative_iqr(self) -> float:
+        """Interquartile range over the median: the row's spread, independent of its scale."""
+        return (self.q3_ms - self.q1_ms) / self.median_ms if self.median_ms > 0 else 0.0
+
+
+def spread(samples_ms: list[float]) -> Spread:
+    if not samples_ms:
+        raise ValueError("no samples")
+    if len(samples_ms) == 1:
+        only = samples_ms[0]
+        return Spread(only, only, only, only)
+    q1, median, q3 = statistics.quantiles(samples_ms, n=4, method="inclusive")
+    return Spread(min(samples_ms), q1, median, q3)
+
+
+@dataclasses.dataclass
+class Contender:
+    """One implementation in a row's rounds: a step per rotated copy, and what restores a copy."""
+
+    steps: list[Callable[[], object]]
+    after: After = None
+    next_copy: int = 0
+
+    def call(self) -> int:
+        """Call the step of the next copy; return that copy (for ``finish``)."""
+        copy = self.next_copy
+        self.steps[copy]()
+        self.next_copy = (copy + 1) % len(self.steps)
+        return copy
+
+    def finish(self, copy: int) -> None:
+        _run_after(self.after, copy)
+
+
+@dataclasses.dataclass
+class Rounds:
+    """What ``time_rounds`` measured: ``samples_ms[i][r]`` is contender i's time in round r."""
+
+    samples_ms: list[list[float]]
+    host_ms: list[float]
+    wall_s: float
+    contention: float | None  # fraction of the rounds' wall time during which some task waited for a CPU
+
+
+def in_place_add_reference(nbytes: int, copies: int, device: torch.device) -> tuple[Contender, int]:
+    """The bandwidth reference of a row: ``a += b`` over ``copies`` pairs of fp32 tensors whose
+    two halves together hold ``nbytes`` (at least 1 MiB), rotated as the row's steps are. An
+    in-place add reads two tensors and writes one, as the in-place ops measured do, with nothing
+    to compute; no op can move its bytes faster. Returns the contender and the bytes one call moves."""
+    elements = max(nbytes, 1 << 20) // 8  # two fp32 halves
+    pairs = [
+        (torch.empty(elements, device=device).uniform_(), torch.empty(elements, device=device).uniform_(-1e-6, 1e-6))
+        for _ in range(copies)
+    ]
+    return Contender([lambda a=a, b=b: a.add_(b) for a, b in pairs]), 3 * 4 * elements
+
+
+def time_rounds(
+    contenders: list[Contender],
+    device: torch.device,
+    min_run_time: float,
+    min_rounds: int = 15,
+    max_rounds: int = 1000,
+    warmup_rounds: int = 2,
+) -> Rounds:
+    """Time ``contenders`` (their first calls already made) in rounds: each round calls every
+    contender once, the first one of round r being contender r mod n, so that none always runs
+    after the same neighbour. After ``warmup_rounds``, rounds go on until ``min_rounds`` are done
+    and about ``min_run_time`` seconds per contender have passed. CUDA events per call on a GPU,
+    wall time per call on a CPU."""
+    count = len(contenders)
+    for _ in range(warmup_rounds):
+        for contender in contenders:
+            contender.finish(contender.call())
+    synchronize(device)
+
+    samples: list[list[float]] = [[] for _ in contenders]
+    stalled_before, started = cpu_stall_us(), time.perf_counter()
+    rounds = 0
+    while rounds < max_rounds and (rounds < min_rounds or time.perf_counter() - started < min_run_time * count):
+        events = []
+        for index in [(rounds + k) % count for k in range(count)]:
+            contender = contenders[index]
+            if device.type == "cuda":
+                begin, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+                begin.record()
+                copy = contender.call()
+                end.record()
+                events.append((index, begin, end))
+            else:
+                t0 = time.perf_counter()
+                copy = contender.call()
+                samples[index].append((time.perf_counter() - t0) * 1e3)
+            contender.finish(copy)
+        if events:
+            synchronize(device)
+            for index, begin, end in events:
+                samples[index].append(begin.elapsed_time(end))
+        rounds += 1
+    wall_s = time.perf_counter() - started
+    stalled_after = cpu_stall_us()
+    contention = None
+    if stalled_before is not None and stalled_after is not None and wall_s > 0:
+        contention = (stalled_after - stalled_before) / (wall_s * 1e6)
+    if device.type == "cuda":
+        host = [host_time_ms(c.steps, c.after, device, reps=min(rounds, 20)) for c in contenders]
+    else:
+        host = [statistics.median(s) for s in samples]  # on a CPU the call is the work
+    return Rounds(samples, host, wall_s, contention)
+
+
+def per_round_figures(
+    samples_ms: list[list[float]],
+    baselines: list[bool],
+    reference_ms: list[float],
+    reference_bytes: int,
+    floor_bytes: int,
+) -> tuple[list[list[float | None]], list[float], list[list[float]]]:
+    """From one set of rounds: each contender's ratio to the fastest baseline of the same round
+    (above 1 is faster; None without a baseline), the floor of each round (``floor_bytes`` at
+    the in-place-add bandwidth of that round, in ms), and each contender's floor fraction
+    (that floor over its time) per round."""
+    rounds = len(reference_ms)
+    if any(len(s) != rounds for s in samples_ms):
+        raise ValueError("every contender needs one sample per round")
+    floors = [floor_bytes * ms / reference_bytes for ms in reference_ms]
+    ratios, fractions = [], []
+    for samples in samples_ms:
+        ratio_row: list[float | None] = []
+        for r, sample in enumerate(samples):
+            baseline = [s[r] for s, is_baseline in zip(samples_ms, baselines) if is_baseline]
+            ratio_row.append(min(baseline) / sample if baseline and sample > 0 else None)
+        ratios.append(ratio_row)
+        fractions.append([floor / sample if sample > 0 else math.inf for floor, sample in zip(floors, samples)])
+    return ratios, floors, fractions
 
 
 @contextlib.contextmanager
