@@ -134,7 +134,7 @@ def bench_sections(steps: list[dict]) -> tuple[list[str], list[str], dict]:
                 if row.role == "fastopt" and row.plotted and row.op in HEADLINE_OPS:
                     cell = (f"{row.vs_torch_best:.2f}x, {row.floor_ms / row.median_ms:.0%} floor"
                             if row.median_ms and row.vs_torch_best else "failed" if row.error else "-")
-                    headline.setdefault(f"{row.workload} {row.dtype} / {row.op}", {})[row.implementation] = cell
+                    headline.setdefault(f"{row.workload} / {row.op}", {})[row.implementation] = cell
     except Exception as exc:  # noqa: BLE001 - the rest of the summary must still be written
         sections.append(f"(the benchmark tables could not be rendered: {type(exc).__name__}: {exc})")
     return sections, targets_lines, headline

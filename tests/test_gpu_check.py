@@ -121,3 +121,4 @@ def test_returned_files_render_into_results_md(tmp_path):
     assert "| tests | FAIL | 40 s | 1 passed, 1 failed, 0 errors, 1 skipped |" in text
     assert "Steps that failed: tests, memcheck" in text
     assert "multi_tensor_norm" in text  # the benchmark's own tables
+    assert "could not be rendered" not in text
