@@ -170,19 +170,27 @@ FASTOPT_HD A max_propagating_nan_select(A a, A b) {
   return (bool(a != a) | bool(a > b)) ? a : b;
 }
 
-// Written as torch's vector code is (one fma on selected operands): no branch in a loop.
-template <typename A>
+// Written as torch's vector code is: one fma, from the start when the weight is small, else from
+// the end. The end is a template argument: a step's weight is the same for every element, so a
+// loop picks it once and its body has no select (with one, g++ leaves the AVX2 16-bit loops scalar).
+template <bool FromStart, typename A>
 FASTOPT_HD A lerp_fused(A start, A end, A weight) {
-  const bool small = weight < A(0.5);
-  return std::fma(small ? weight : weight - A(1), end - start, small ? start : end);
+  return FromStart ? std::fma(weight, end - start, start) : std::fma(weight - A(1), end - start, end);
+}
+
+// Whether lerp_fused evaluates from the start for this weight.
+template <typename A>
+FASTOPT_HD bool lerp_from_start(A weight) {
+  return weight < A(0.5);
 }
 
 // adamw_update with torch's CPU rounding (lerp_fused, the fused addcmul); otherwise the same order.
-template <typename A>
+// LerpFromStart: lerp_from_start(c.one_minus_beta1).
+template <bool LerpFromStart, typename A>
 FASTOPT_HD void adamw_update_fused(A& param, A grad, A& exp_avg, A& exp_avg_sq, A* max_exp_avg_sq,
                                    const AdamWConstants<A>& c) {
   param *= c.decay_factor;
-  exp_avg = lerp_fused(exp_avg, grad, c.one_minus_beta1);
+  exp_avg = lerp_fused<LerpFromStart>(exp_avg, grad, c.one_minus_beta1);
   exp_avg_sq = std::fma(c.one_minus_beta2 * grad, grad, exp_avg_sq * c.beta2);
   A second_moment = exp_avg_sq;
   if (max_exp_avg_sq != nullptr) {

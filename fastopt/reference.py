@@ -7,7 +7,8 @@ or 0-d tensors for scalars), so they do no checking of their own.
 
 Vectorised ``torch._foreach_*`` calls are used where torch has them; a list comprehension of
 single torch calls stands in where it has none (dim-wise norms, ``where``). No function here
-reads a tensor's value on the host.
+reads a tensor's value on the host, but one: ``adamw_`` reads ``found_inf`` when it is a CPU
+tensor, which costs nothing (no device to wait for), to skip an overflowed step at once.
 """
 
 from __future__ import annotations
@@ -150,6 +151,16 @@ def agc_coef(weight_norm: Tensor, grad_norm: Tensor, clip_factor: float, eps: fl
     return torch.where(grad_norm > max_norm, max_norm / grad_norm.clamp_min(NORM_EPS), 1.0)
 
 
+def _host_flag(found_inf: Tensor) -> bool | None:
+    """Whether found_inf is non-zero, when that can be read at no cost: a plain CPU tensor, read
+    from its memory (no dispatcher call, so no host read a GPU would sync on), outside
+    torch.compile's tracing (a traced step must not branch on a value). None otherwise: the
+    step then decides on the device."""
+    if type(found_inf) is not Tensor or found_inf.device.type != "cpu" or torch.compiler.is_compiling():
+        return None
+    return any(value != 0 for value in found_inf.reshape(-1).tolist())
+
+
 def adamw_(
     params: list[Tensor],
     grads: list[Tensor],
@@ -170,12 +181,20 @@ def adamw_(
 ) -> None:
     """torch.optim.AdamW's single-tensor math in fp32 (fp64 for fp64 params).
 
-    When the step may be skipped (``found_inf`` given) or a tensor is not in the compute dtype,
-    the math runs on copies that are written back at the end (through ``where`` when skipping),
-    so that a skipped step keeps every old bit; otherwise it runs in place, as torch's does.
+    A CPU ``found_inf`` is read on the host: non-zero returns before anything is touched, zero
+    steps as without it. Otherwise, when the step may be skipped (``found_inf`` on a device, or
+    under torch.compile) or a tensor is not in the compute dtype, the math runs on copies that
+    are written back at the end (through ``where`` when skipping), so that a skipped step keeps
+    every old bit; otherwise it runs in place, as torch's does.
     """
     if not params:
         return
+    if found_inf is not None:
+        skip_now = _host_flag(found_inf)
+        if skip_now:
+            return
+        if skip_now is False:
+            found_inf = None
     compute_dtypes = [_accumulate_dtype(p.dtype) for p in params]
 
     def working(tensors: list[Tensor]) -> list[Tensor]:

@@ -60,12 +60,15 @@ FASTOPT_CPU_INLINE uint32_t select_bits(bool condition, uint32_t a, uint32_t b) 
   return (a & mask) | (b & ~mask);
 }
 
-// bf16 <-> fp32 as c10::BFloat16 converts (round to nearest even; nan -> 0x7FC0).
+// bf16 <-> fp32 as c10::BFloat16 converts (round to nearest even; nan -> 0x7FC0). The nan test is
+// on the bits (a signed compare: AVX2 has no unsigned one): g++ folds f != f into the select of
+// AMSGrad's max and then cannot vectorise the select of two masks.
 FASTOPT_CPU_INLINE float bf16_to_float(uint16_t h) { return bits_float(uint32_t(h) << 16); }
 FASTOPT_CPU_INLINE uint16_t float_to_bf16(float f) {
   const uint32_t u = float_bits(f);
   const uint32_t rounded = (u + (((u >> 16) & 1u) + 0x7FFFu)) >> 16;
-  return uint16_t(select_bits(f != f, 0x7FC0u, rounded));
+  const bool nan = int32_t(u & 0x7FFFFFFFu) > int32_t(0x7F800000u);
+  return uint16_t(select_bits(nan, 0x7FC0u, rounded));
 }
 
 // fp16 <-> fp32 without branches (so loops vectorise), as c10::Half converts without F16C
@@ -207,6 +210,29 @@ FASTOPT_CPU_CLONES void clamp_block(T* __restrict x, int64_t n, double limit_val
   for (int64_t i = 0; i < n; ++i) store(x[i], clamp_symmetric(load<A>(x[i]), limit));
 }
 
+// The elements of one AdamW block (see adamw_block), with the lerp's end fixed.
+template <typename P, typename G, typename S, bool AMSGrad, bool Scaled, bool LerpFromStart>
+FASTOPT_CPU_INLINE void adamw_elements(P* __restrict param, const G* __restrict grad, S* __restrict exp_avg,
+                                       S* __restrict exp_avg_sq, S* __restrict max_exp_avg_sq, int64_t n,
+                                       const AdamWConstants<acc_t<P>>& c, acc_t<P> grad_scale, acc_t<P> clip_coef) {
+  using A = acc_t<P>;
+  for (int64_t i = 0; i < n; ++i) {
+    A p = load<A>(param[i]), m = load<A>(exp_avg[i]), v = load<A>(exp_avg_sq[i]);
+    A g = load<A>(grad[i]);
+    if constexpr (Scaled) g = effective_grad(g, grad_scale, clip_coef, false);
+    if constexpr (AMSGrad) {
+      A v_max = load<A>(max_exp_avg_sq[i]);
+      adamw_update_fused<LerpFromStart>(p, g, m, v, &v_max, c);
+      store(max_exp_avg_sq[i], v_max);
+    } else {
+      adamw_update_fused<LerpFromStart, A>(p, g, m, v, nullptr, c);
+    }
+    store(param[i], p);
+    store(exp_avg[i], m);
+    store(exp_avg_sq[i], v);
+  }
+}
+
 // One block of AdamW. The grad is g / grad_scale * clip_coef when Scaled (maximize folds into a
 // negative grad_scale: -(g / s) == g / -s exactly), else g itself.
 template <typename P, typename G, typename S, bool AMSGrad, bool Scaled>
@@ -217,21 +243,12 @@ FASTOPT_CPU_CLONES void adamw_block(P* __restrict param, const G* __restrict gra
   using A = acc_t<P>;
   const AdamWConstants<A> c = adamw_constants_as<A>(constants);
   const A grad_scale = A(grad_scale_value), clip_coef = A(clip_coef_value);
-  for (int64_t i = 0; i < n; ++i) {
-    A p = load<A>(param[i]), m = load<A>(exp_avg[i]), v = load<A>(exp_avg_sq[i]);
-    A g = load<A>(grad[i]);
-    if constexpr (Scaled) g = effective_grad(g, grad_scale, clip_coef, false);
-    if constexpr (AMSGrad) {
-      A v_max = load<A>(max_exp_avg_sq[i]);
-      adamw_update_fused(p, g, m, v, &v_max, c);
-      store(max_exp_avg_sq[i], v_max);
-    } else {
-      adamw_update_fused<A>(p, g, m, v, nullptr, c);
-    }
-    store(param[i], p);
-    store(exp_avg[i], m);
-    store(exp_avg_sq[i], v);
-  }
+  if (lerp_from_start(c.one_minus_beta1))
+    adamw_elements<P, G, S, AMSGrad, Scaled, true>(param, grad, exp_avg, exp_avg_sq, max_exp_avg_sq, n, c, grad_scale,
+                                                   clip_coef);
+  else
+    adamw_elements<P, G, S, AMSGrad, Scaled, false>(param, grad, exp_avg, exp_avg_sq, max_exp_avg_sq, n, c, grad_scale,
+                                                    clip_coef);
 }
 
 }  // namespace cpu

@@ -12,6 +12,8 @@
 #include <torch/csrc/autograd/python_variable.h>
 #include <torch/csrc/autograd/variable.h>
 
+#include <algorithm>
+#include <atomic>
 #include <optional>
 #include <tuple>
 #include <vector>
@@ -69,15 +71,37 @@ int64_t sum_of(const std::vector<int64_t>& values) {
   return total;
 }
 
-// Run f(block) for every block; across threads when there is enough work to share.
+// Run f(block) for every block of `plan` (total_elements in all); across threads when there is
+// enough work to share. The threads claim work items from a shared counter, not fixed halves of
+// the block range: blocks differ in size (a tensor's last block, the many small tensors of a
+// layout), and a fixed split of them gave one thread 59% of a GPT-like step's elements; a thread
+// slowed by another process also leaves its share to the others. A work item is a run of
+// consecutive blocks of about kBlockSize elements in all, so small blocks cost one claim per item.
+// f writes each block's result into that block's own slot, so who runs a block changes no bit.
 template <typename F>
-void for_blocks(int64_t num_blocks, int64_t total_elements, const F& f) {
-  if (num_blocks <= 1 || total_elements < 2 * kBlockSize || at::in_parallel_region()) {
+void for_blocks(const ChunkPlan& plan, int64_t total_elements, const F& f) {
+  const int64_t num_blocks = plan.num_chunks();
+  const int max_threads = at::get_num_threads();
+  if (num_blocks <= 1 || total_elements < 2 * kBlockSize || max_threads <= 1 || at::in_parallel_region()) {
     for (int64_t b = 0; b < num_blocks; ++b) f(b);
     return;
   }
-  at::parallel_for(0, num_blocks, 1, [&](int64_t begin, int64_t end) {
-    for (int64_t b = begin; b < end; ++b) f(b);
+  std::vector<int64_t> item_ends;  // one past each work item's last block
+  item_ends.reserve(total_elements / kBlockSize + 2);
+  int64_t item_elements = 0;
+  for (int64_t b = 0; b < num_blocks; ++b) {
+    item_elements += plan.chunk_end[b] - plan.chunk_start[b];
+    if (item_elements >= kBlockSize || b + 1 == num_blocks) {
+      item_ends.push_back(b + 1);
+      item_elements = 0;
+    }
+  }
+  const int64_t num_items = static_cast<int64_t>(item_ends.size());
+  std::atomic<int64_t> next_item{0};
+  at::parallel_for(0, std::min<int64_t>(max_threads, num_items), 1, [&](int64_t, int64_t) {
+    for (int64_t item = next_item.fetch_add(1, std::memory_order_relaxed); item < num_items;
+         item = next_item.fetch_add(1, std::memory_order_relaxed))
+      for (int64_t b = item == 0 ? 0 : item_ends[item - 1]; b < item_ends[item]; ++b) f(b);
   });
 }
 
@@ -176,7 +200,7 @@ NormPass run_norm_pass(const Contiguous& tensors, const ChunkPlan& plan, NormKin
   const int64_t num_blocks = plan.num_chunks();
   pass.partials.assign(num_blocks, 0.0);
   std::vector<uint8_t> nonfinite(num_blocks, 0);
-  for_blocks(num_blocks, total_elements, [&](int64_t b) {
+  for_blocks(plan, total_elements, [&](int64_t b) {
     const int64_t t = plan.chunk_tensor[b], start = plan.chunk_start[b];
     bool bad = false;
     fns[t](offset(data[t], start, element_sizes[t]), plan.chunk_end[b] - start, p, scale, &pass.partials[b], &bad);
@@ -255,7 +279,7 @@ void elementwise(const std::vector<Tensor>& tensors, const FnFor& fn_for, Value 
     data[i] = numels[i] > 0 ? work.data(i) : nullptr;
     sizes[i] = work[i].element_size();
   }
-  for_blocks(plan.num_chunks(), sum_of(numels), [&](int64_t b) {
+  for_blocks(plan, sum_of(numels), [&](int64_t b) {
     const int64_t t = plan.chunk_tensor[b], start = plan.chunk_start[b];
     fns[t](offset(data[t], start, sizes[t]), plan.chunk_end[b] - start, value(t));
   });
@@ -318,7 +342,7 @@ void adaptive_clip_(const std::vector<Tensor>& params, const std::vector<Tensor>
   // Pass 2: scale the grads of the units that are clipped.
   std::vector<ElementFn> fns(grads.size());
   for (size_t i = 0; i < grads.size(); ++i) fns[i] = scale_fn(work[i].scalar_type());
-  for_blocks(plan.num_chunks(), total, [&](int64_t b) {
+  for_blocks(plan, total, [&](int64_t b) {
     const double coef = coefs[plan.chunk_segment[b]];
     if (coef == 1.0) return;
     const int64_t t = plan.chunk_tensor[b], start = plan.chunk_start[b];
@@ -437,7 +461,7 @@ struct AdamWPointers {
 void run_adamw_pass(const ChunkPlan& plan, int64_t total_elements, const std::vector<AdamWBlockFn>& fns,
                     const std::vector<AdamWPointers>& pointers, const std::vector<AdamWConstants<double>>& constants,
                     const AdamWCall& call) {
-  for_blocks(plan.num_chunks(), total_elements, [&](int64_t b) {
+  for_blocks(plan, total_elements, [&](int64_t b) {
     const int64_t t = plan.chunk_tensor[b], start = plan.chunk_start[b];
     const AdamWPointers& q = pointers[t];
     fns[t](offset(q.p, start, q.p_size), offset(const_cast<void*>(q.g), start, q.g_size),
