@@ -183,18 +183,32 @@ struct NormPass {
 };
 
 // The norm pass over the blocks of `plan` (whose chunks index `tensors`).
-NormPass run_norm_pass(const Contiguous& tensors, const ChunkPlan& plan, NormKind kind, double p, bool unscale,
-                       double scale, int64_t total_elements) {
-  const size_t count = tensors.size();
+// What a pass reads of one contiguous tensor: gathered in one visit of each tensor, so that the
+// pass itself never touches a TensorImpl again (with thousands of small tensors, those visits are
+// cache misses, the cost of a call).
+struct TensorSpan {
+  void* data;  // null when empty
+  int64_t numel;
+  at::ScalarType type;
+  int64_t element_size;
+};
+
+std::vector<TensorSpan> spans_of(const Contiguous& tensors) {
+  std::vector<TensorSpan> spans(tensors.size());
+  for (size_t i = 0; i < tensors.size(); ++i) {
+    const int64_t numel = tensors[i].numel();
+    spans[i] = {numel > 0 ? tensors.data(i) : nullptr, numel, tensors[i].scalar_type(), tensors[i].element_size()};
+  }
+  return spans;
+}
+
+NormPass run_norm_pass(const std::vector<TensorSpan>& spans, const ChunkPlan& plan, NormKind kind, double p,
+                       bool unscale, double scale, int64_t total_elements) {
+  const size_t count = spans.size();
   std::vector<NormBlockFn> fns(count);
-  std::vector<void*> data(count);
-  std::vector<int64_t> element_sizes(count);
   for (size_t i = 0; i < count; ++i) {
     // The unscale runs without a norm (unscale_and_check_); the check rides on its read.
-    fns[i] = unscale ? norm_block_for<kNoNorm, true>(tensors[i].scalar_type())
-                     : norm_block_fn(kind, tensors[i].scalar_type());
-    data[i] = tensors[i].numel() > 0 ? tensors.data(i) : nullptr;
-    element_sizes[i] = tensors[i].element_size();
+    fns[i] = unscale ? norm_block_for<kNoNorm, true>(spans[i].type) : norm_block_fn(kind, spans[i].type);
   }
   NormPass pass;
   const int64_t num_blocks = plan.num_chunks();
@@ -203,11 +217,17 @@ NormPass run_norm_pass(const Contiguous& tensors, const ChunkPlan& plan, NormKin
   for_blocks(plan, total_elements, [&](int64_t b) {
     const int64_t t = plan.chunk_tensor[b], start = plan.chunk_start[b];
     bool bad = false;
-    fns[t](offset(data[t], start, element_sizes[t]), plan.chunk_end[b] - start, p, scale, &pass.partials[b], &bad);
+    fns[t](offset(spans[t].data, start, spans[t].element_size), plan.chunk_end[b] - start, p, scale,
+           &pass.partials[b], &bad);
     nonfinite[b] = bad;
   });
   for (uint8_t bad : nonfinite) pass.nonfinite |= bad != 0;
   return pass;
+}
+
+NormPass run_norm_pass(const Contiguous& tensors, const ChunkPlan& plan, NormKind kind, double p, bool unscale,
+                       double scale, int64_t total_elements) {
+  return run_norm_pass(spans_of(tensors), plan, kind, p, unscale, scale, total_elements);
 }
 
 // Fold the block partials of each segment, in block order.
@@ -231,26 +251,33 @@ void set_flag(const std::optional<Tensor>& found_inf) {
 
 // --------------------------------------------------------------------------------------- ops
 
-std::tuple<Tensor, Tensor> multi_tensor_norm(const std::vector<Tensor>& tensors, double p, bool per_tensor,
-                                             const std::optional<Tensor>& found_inf) {
+// The norms of the tensors behind `spans` (see multi_tensor_norm).
+std::tuple<Tensor, Tensor> norm_of_spans(const std::vector<TensorSpan>& spans, double p, bool per_tensor,
+                                         const std::optional<Tensor>& found_inf) {
   const NormKind kind = norm_kind(p);
-  Contiguous work(tensors, false);
-  const std::vector<int64_t> numels = numels_of(tensors);
+  std::vector<int64_t> numels(spans.size());
+  for (size_t i = 0; i < spans.size(); ++i) numels[i] = spans[i].numel;
   const ChunkPlan plan = plan_chunks(numels, {}, {}, kBlockSize, false);
-  const NormPass pass = run_norm_pass(work, plan, kind, p, false, 1.0, sum_of(numels));
+  const NormPass pass = run_norm_pass(spans, plan, kind, p, false, 1.0, sum_of(numels));
   // With no units and one group, segment i is tensor i.
   const std::vector<double> per = segment_partials(plan, pass.partials, kind);
   double all = 0.0;
   for (double partial : per) all = norm_combine(all, partial, kind);
   Tensor total = at::empty({}, at::TensorOptions().dtype(at::kFloat));
   *total.data_ptr<float>() = float(norm_finish(all, kind, p));
-  Tensor norms = at::empty({per_tensor ? int64_t(tensors.size()) : 0}, at::TensorOptions().dtype(at::kFloat));
+  Tensor norms = at::empty({per_tensor ? int64_t(spans.size()) : 0}, at::TensorOptions().dtype(at::kFloat));
   if (per_tensor) {
     float* out = norms.data_ptr<float>();
     for (size_t i = 0; i < per.size(); ++i) out[i] = float(norm_finish(per[i], kind, p));
   }
   if (pass.nonfinite) set_flag(found_inf);
   return {total, norms};
+}
+
+std::tuple<Tensor, Tensor> multi_tensor_norm(const std::vector<Tensor>& tensors, double p, bool per_tensor,
+                                             const std::optional<Tensor>& found_inf) {
+  Contiguous work(tensors, false);
+  return norm_of_spans(spans_of(work), p, per_tensor, found_inf);
 }
 
 void unscale_and_check_(const std::vector<Tensor>& tensors, double inv_scale_value,
@@ -426,20 +453,25 @@ struct AdamWCall {
 
 // Adds one to every step count (CPU scalars, read and written here) and gives each tensor its
 // constants, in double. Equal counts (the usual case) share one computation of the powers.
+// Adds one to a step count (a CPU scalar, float32 or float64) and returns the new count.
+double advance_step(const Tensor& step) {
+  double value;
+  if (step.scalar_type() == at::kDouble) {
+    double* data = step.data_ptr<double>();
+    value = *data += 1.0;
+  } else {
+    float* data = step.data_ptr<float>();
+    value = *data += 1.0f;
+  }
+  torch::autograd::impl::bump_version(step);
+  return value;
+}
+
 std::vector<AdamWConstants<double>> advance_steps(const std::vector<Tensor>& steps, const AdamWCall& call) {
   std::vector<AdamWConstants<double>> constants(steps.size());
   double last_value = -1.0;
   for (size_t i = 0; i < steps.size(); ++i) {
-    const Tensor& step = steps[i];
-    double value;
-    if (step.scalar_type() == at::kDouble) {
-      double* data = step.data_ptr<double>();
-      value = *data += 1.0;
-    } else {
-      float* data = step.data_ptr<float>();
-      value = *data += 1.0f;
-    }
-    torch::autograd::impl::bump_version(step);
+    const double value = advance_step(steps[i]);
     constants[i] = i > 0 && value == last_value
                        ? constants[i - 1]
                        : adamw_constants<double>(call.lr, call.beta1, call.beta2, call.eps, call.weight_decay, value);
@@ -595,18 +627,18 @@ class AdamWPlan {
   template <typename GradAt>
   bool step(const GradAt& grad_at, const AdamWArguments& a) {
     if (skipped(a.found_inf)) return true;  // no bit changes
+    const AdamWCall call = adamw_call(a.lr_value, a.lr_tensor, a.beta1, a.beta2, a.eps, a.weight_decay, a.maximize,
+                                      a.grad_scale_value, a.grad_scale_tensor, a.clip_coef_value, a.clip_coef_tensor,
+                                      a.has_grad_scale, a.has_clip_coef);
+    // One read-only visit per tensor: the param still where the plan has it, the grad's address,
+    // and the block functions again where a grad's dtype changed (this may raise: nothing is
+    // written yet).
+    std::vector<Tensor> copies;  // contiguous copies of non-contiguous grads, alive for the pass
+    copies.reserve(params_.size());
     for (size_t i = 0; i < params_.size(); ++i) {
       const Tensor& p = params_[i];
       if (p.numel() != numels_[i] || (numels_[i] > 0 && p.const_data_ptr() != pointers_[i].p) || !p.is_contiguous())
         return false;
-    }
-    const AdamWCall call = adamw_call(a.lr_value, a.lr_tensor, a.beta1, a.beta2, a.eps, a.weight_decay, a.maximize,
-                                      a.grad_scale_value, a.grad_scale_tensor, a.clip_coef_value, a.clip_coef_tensor,
-                                      a.has_grad_scale, a.has_clip_coef);
-    // The grads: their addresses, and the block functions again where a grad's dtype changed.
-    std::vector<Tensor> copies;  // contiguous copies of non-contiguous grads, alive for the pass
-    copies.reserve(params_.size());
-    for (size_t i = 0; i < params_.size(); ++i) {
       const Tensor* g = &grad_at(i);
       TORCH_CHECK(g->defined(), "AdamWPlan: a grad is missing");
       if (g->scalar_type() != grad_types_[i]) retype(i, *g);
@@ -618,9 +650,22 @@ class AdamWPlan {
       pointers_[i].g = g->const_data_ptr();
       pointers_[i].g_size = g->element_size();
     }
-    const std::vector<AdamWConstants<double>> constants = advance_steps(steps_, call);
-    for (const auto* list : {&params_, &exp_avgs_, &exp_avg_sqs_, &max_exp_avg_sqs_})
-      for (const Tensor& t : *list) torch::autograd::impl::bump_version(t);
+    // One writing visit per tensor: its step count, its constants, the version counters of what
+    // the pass updates in place.
+    const bool amsgrad = !max_exp_avg_sqs_.empty();
+    std::vector<AdamWConstants<double>> constants(params_.size());
+    double last_value = -1.0;
+    for (size_t i = 0; i < params_.size(); ++i) {
+      const double value = advance_step(steps_[i]);
+      constants[i] = i > 0 && value == last_value ? constants[i - 1]
+                                                  : adamw_constants<double>(call.lr, call.beta1, call.beta2, call.eps,
+                                                                            call.weight_decay, value);
+      last_value = value;
+      torch::autograd::impl::bump_version(params_[i]);
+      torch::autograd::impl::bump_version(exp_avgs_[i]);
+      torch::autograd::impl::bump_version(exp_avg_sqs_[i]);
+      if (amsgrad) torch::autograd::impl::bump_version(max_exp_avg_sqs_[i]);
+    }
     run_adamw_pass(chunks_, total_, fns_[call.scaled], pointers_, constants, call);
     return true;
   }
@@ -652,12 +697,22 @@ class AdamWPlan {
 std::tuple<Tensor, Tensor> planned_norm(const GradWatch& watch, const std::vector<std::pair<int64_t, int64_t>>& ranges,
                                         double p, bool per_tensor, const std::optional<Tensor>& found_inf) {
   const std::vector<Tensor>& grads = watch.grads();
-  std::vector<Tensor> tensors;
+  std::vector<TensorSpan> spans;
+  bool contiguous = true;
   for (const auto& [first, count] : ranges) {
     TORCH_CHECK(first >= 0 && count >= 0 && size_t(first + count) <= grads.size(), "planned_norm: entries past the watch's");
-    tensors.insert(tensors.end(), grads.begin() + first, grads.begin() + first + count);
+    for (int64_t k = first; k < first + count; ++k) {
+      const Tensor& g = grads[k];
+      TORCH_CHECK(g.defined(), "planned_norm: a grad is missing");
+      contiguous = contiguous && g.is_contiguous();
+      const int64_t numel = g.numel();
+      spans.push_back({numel > 0 ? const_cast<void*>(g.const_data_ptr()) : nullptr, numel, g.scalar_type(),
+                       int64_t(g.element_size())});
+    }
   }
-  for (const Tensor& t : tensors) TORCH_CHECK(t.defined(), "planned_norm: a grad is missing");
+  if (contiguous) return norm_of_spans(spans, p, per_tensor, found_inf);
+  std::vector<Tensor> tensors;  // a strided grad: the general path, which reads a contiguous copy
+  for (const auto& [first, count] : ranges) tensors.insert(tensors.end(), grads.begin() + first, grads.begin() + first + count);
   return multi_tensor_norm(tensors, p, per_tensor, found_inf);
 }
 
