@@ -160,13 +160,10 @@ def adamw_planned_(lists: dict[str, list[Tensor]], plan: dict, *, lr, beta1, bet
             lists.get("max_exp_avg_sqs") or [], lists["steps"],
         )  # fmt: skip
         step()
-    except NotImplementedError:  # a dtype combination not compiled: raised before any write
-        plan["cpu"] = False
-        _adamw_listed(lists, plan, hyper)
-    except RuntimeError as exc:
-        if "AdamWPlan:" not in str(exc):  # lists the plan cannot hold (raised before any write)
+    except RuntimeError as exc:  # NotImplementedError too: a dtype combination not compiled
+        if not isinstance(exc, NotImplementedError) and "AdamWPlan:" not in str(exc):
             raise
-        plan["cpu"] = False
+        plan["cpu"] = False  # lists the plan cannot hold; raised before any write
         _adamw_listed(lists, plan, hyper)
 
 

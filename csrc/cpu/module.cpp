@@ -467,16 +467,29 @@ double advance_step(const Tensor& step) {
   return value;
 }
 
+// The per-tensor constants of a call by step count: equal counts in a row (the usual case) share
+// one computation of the powers.
+class ConstantsByStep {
+ public:
+  explicit ConstantsByStep(const AdamWCall& call) : call_(call) {}
+  const AdamWConstants<double>& operator()(double step) {
+    if (step != last_step_) {
+      constants_ = adamw_constants<double>(call_.lr, call_.beta1, call_.beta2, call_.eps, call_.weight_decay, step);
+      last_step_ = step;
+    }
+    return constants_;
+  }
+
+ private:
+  const AdamWCall& call_;
+  double last_step_ = -1.0;  // no step count is negative
+  AdamWConstants<double> constants_{};
+};
+
 std::vector<AdamWConstants<double>> advance_steps(const std::vector<Tensor>& steps, const AdamWCall& call) {
   std::vector<AdamWConstants<double>> constants(steps.size());
-  double last_value = -1.0;
-  for (size_t i = 0; i < steps.size(); ++i) {
-    const double value = advance_step(steps[i]);
-    constants[i] = i > 0 && value == last_value
-                       ? constants[i - 1]
-                       : adamw_constants<double>(call.lr, call.beta1, call.beta2, call.eps, call.weight_decay, value);
-    last_value = value;
-  }
+  ConstantsByStep constants_by_step(call);
+  for (size_t i = 0; i < steps.size(); ++i) constants[i] = constants_by_step(advance_step(steps[i]));
   return constants;
 }
 
@@ -654,13 +667,9 @@ class AdamWPlan {
     // the pass updates in place.
     const bool amsgrad = !max_exp_avg_sqs_.empty();
     std::vector<AdamWConstants<double>> constants(params_.size());
-    double last_value = -1.0;
+    ConstantsByStep constants_by_step(call);
     for (size_t i = 0; i < params_.size(); ++i) {
-      const double value = advance_step(steps_[i]);
-      constants[i] = i > 0 && value == last_value ? constants[i - 1]
-                                                  : adamw_constants<double>(call.lr, call.beta1, call.beta2, call.eps,
-                                                                            call.weight_decay, value);
-      last_value = value;
+      constants[i] = constants_by_step(advance_step(steps_[i]));
       torch::autograd::impl::bump_version(params_[i]);
       torch::autograd::impl::bump_version(exp_avgs_[i]);
       torch::autograd::impl::bump_version(exp_avg_sqs_[i]);

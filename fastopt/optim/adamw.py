@@ -186,7 +186,7 @@ class _StepPlan:
         return True
 
     def refresh_in_python(self, param_groups: list) -> bool:
-        with_grads = tuple(tuple(id(p) for p in group["params"] if p.grad is not None) for group in param_groups)
+        with_grads = _ids_with_grads(param_groups)
         if with_grads != self.with_grads:
             return False
         for _, by_device in self.gathered:
@@ -223,7 +223,7 @@ class _StepPlan:
         ))  # fmt: skip
         pointers = frozenset(map(Tensor.data_ptr, written)) - {0}
         shapes = {id(g): [tuple(p.size()) for p in g.params] for g in lists}
-        with_grads = tuple(tuple(id(p) for p in group["params"] if p.grad is not None) for group in param_groups)
+        with_grads = _ids_with_grads(param_groups)
         records = {id(g): list(map(_param_record, g.params)) for g in lists}
         plan = cls(key, gathered, shapes, pointers, with_grads, records)
         native = _grad_watch_type()
@@ -250,6 +250,11 @@ class _StepPlan:
             for lists in by_device.values():
                 lists.backend_plan["watch"] = (self.watch, lists.backend_plan["watch"])
         self.norm_plans = {device: {"watch": (self.watch, device_ranges)} for device, device_ranges in ranges.items()}
+
+
+def _ids_with_grads(param_groups: list) -> tuple:
+    """Which params have a grad, per group (the Python check's key)."""
+    return tuple(tuple(id(p) for p in group["params"] if p.grad is not None) for group in param_groups)
 
 
 def _grad_watch_type():
