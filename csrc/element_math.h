@@ -116,13 +116,17 @@ struct AdamWConstants {
   A bias_correction2_sqrt;  // sqrt(1 - beta2^step)
   A eps;
   A neg_step_size;          // -lr / (1 - beta1^step)
+  A l2_weight_decay;        // Adam's (decoupled_weight_decay=False) weight decay, added to the grad; else 0
 };
 
+// decoupled: AdamW's decay of the param (decay_factor); otherwise torch.optim.Adam's L2 term
+// (l2_weight_decay, with decay_factor 1). The update templates take the choice as L2.
 template <typename A>
 FASTOPT_HD AdamWConstants<A> adamw_constants(double lr, double beta1, double beta2, double eps,
-                                             double weight_decay, double step) {
+                                             double weight_decay, double step, bool decoupled = true) {
   AdamWConstants<A> c;
-  c.decay_factor = A(1.0 - lr * weight_decay);
+  c.decay_factor = A(decoupled ? 1.0 - lr * weight_decay : 1.0);
+  c.l2_weight_decay = A(decoupled ? 0.0 : weight_decay);
   c.one_minus_beta1 = A(1.0 - beta1);
   c.beta2 = A(beta2);
   c.one_minus_beta2 = A(1.0 - beta2);
@@ -139,12 +143,28 @@ FASTOPT_HD A effective_grad(A g, A grad_scale, A clip_coef, bool maximize) {
   return maximize ? -value : value;
 }
 
-// One element of torch.optim.AdamW's update (decoupled weight decay), in the reference's order.
-// max_exp_avg_sq is null without AMSGrad.
+// torch.optim.Adam's L2 weight decay: weight_decay * param added to the (negated, if maximizing)
+// grad before the moments see it. torch's CPU kernels fuse it (add with alpha: one fma).
 template <typename A>
+FASTOPT_HD A l2_decayed_grad(A grad, A param, A weight_decay) {
+  return grad + weight_decay * param;
+}
+template <typename A>
+FASTOPT_HD A l2_decayed_grad_fused(A grad, A param, A weight_decay) {
+  return std::fma(param, weight_decay, grad);
+}
+
+// One element of torch.optim.AdamW's update (decoupled weight decay), in the reference's order;
+// with L2 (adamw_update<A, true>), torch.optim.Adam's: the decay added to the grad, the param not
+// decayed. max_exp_avg_sq is null without AMSGrad.
+template <typename A, bool L2 = false>
 FASTOPT_HD void adamw_update(A& param, A grad, A& exp_avg, A& exp_avg_sq, A* max_exp_avg_sq,
                              const AdamWConstants<A>& c) {
-  param *= c.decay_factor;
+  if (L2) {
+    grad = l2_decayed_grad(grad, param, c.l2_weight_decay);
+  } else {
+    param *= c.decay_factor;
+  }
   exp_avg = lerp(exp_avg, grad, c.one_minus_beta1);
   exp_avg_sq = exp_avg_sq * c.beta2 + c.one_minus_beta2 * grad * grad;
   A second_moment = exp_avg_sq;
@@ -186,10 +206,14 @@ FASTOPT_HD bool lerp_from_start(A weight) {
 
 // adamw_update with torch's CPU rounding (lerp_fused, the fused addcmul); otherwise the same order.
 // LerpFromStart: lerp_from_start(c.one_minus_beta1).
-template <bool LerpFromStart, typename A>
+template <bool LerpFromStart, typename A, bool L2 = false>
 FASTOPT_HD void adamw_update_fused(A& param, A grad, A& exp_avg, A& exp_avg_sq, A* max_exp_avg_sq,
                                    const AdamWConstants<A>& c) {
-  param *= c.decay_factor;
+  if (L2) {
+    grad = l2_decayed_grad_fused(grad, param, c.l2_weight_decay);
+  } else {
+    param *= c.decay_factor;
+  }
   exp_avg = lerp_fused<LerpFromStart>(exp_avg, grad, c.one_minus_beta1);
   exp_avg_sq = std::fma(c.one_minus_beta2 * grad, grad, exp_avg_sq * c.beta2);
   A second_moment = exp_avg_sq;
@@ -206,7 +230,85 @@ FASTOPT_HD void adamw_update_fused(A& param, A grad, A& exp_avg, A& exp_avg_sq, 
 template <typename A>
 FASTOPT_HD AdamWConstants<A> adamw_constants_as(const AdamWConstants<double>& d) {
   return {A(d.decay_factor), A(d.one_minus_beta1), A(d.beta2), A(d.one_minus_beta2),
-          A(d.bias_correction2_sqrt), A(d.eps), A(d.neg_step_size)};
+          A(d.bias_correction2_sqrt), A(d.eps), A(d.neg_step_size), A(d.l2_weight_decay)};
+}
+
+// ---------------------------------------------------------------------------------------------
+// SGD and Lion. Their constants need no step count: formed once per call (lr may be a device
+// scalar, read where the kernel reads it).
+
+// torch.optim.SGD: weight decay added to the grad (torch skips it when 0: so do the callers, which
+// keeps a nan param from reaching the grad through 0 * nan), momentum with dampening, Nesterov.
+template <typename A>
+struct SGDConstants {
+  A weight_decay;
+  A momentum;
+  A one_minus_dampening;
+  A neg_lr;
+};
+
+template <typename A>
+FASTOPT_HD SGDConstants<A> sgd_constants(double lr, double momentum, double dampening, double weight_decay) {
+  return {A(weight_decay), A(momentum), A(1.0 - dampening), A(-lr)};
+}
+
+// One element of torch.optim.SGD's update, in its order. momentum_buffer is null without momentum;
+// First: the buffer holds no history yet (torch's first step: buf = grad, not dampened), and is
+// only written. The flags are template arguments: a call's choice is the same for every element.
+template <bool WeightDecay, bool First, bool Nesterov, typename A>
+FASTOPT_HD void sgd_update(A& param, A grad, A* momentum_buffer, const SGDConstants<A>& c) {
+  if (WeightDecay) grad = grad + c.weight_decay * param;
+  if (momentum_buffer != nullptr) {
+    const A buffer = First ? grad : *momentum_buffer * c.momentum + c.one_minus_dampening * grad;
+    *momentum_buffer = buffer;
+    grad = Nesterov ? grad + c.momentum * buffer : buffer;
+  }
+  param = param + c.neg_lr * grad;
+}
+
+// sgd_update with torch's CPU rounding: each add with alpha is one fma (add(x, alpha=a) as
+// fma(x, a, self)), buf.mul_(momentum) rounds before the dampened grad is added.
+template <bool WeightDecay, bool First, bool Nesterov, typename A>
+FASTOPT_HD void sgd_update_fused(A& param, A grad, A* momentum_buffer, const SGDConstants<A>& c) {
+  if (WeightDecay) grad = std::fma(param, c.weight_decay, grad);
+  if (momentum_buffer != nullptr) {
+    const A buffer = First ? grad : std::fma(grad, c.one_minus_dampening, *momentum_buffer * c.momentum);
+    *momentum_buffer = buffer;
+    grad = Nesterov ? std::fma(buffer, c.momentum, grad) : buffer;
+  }
+  param = std::fma(grad, c.neg_lr, param);
+}
+
+// torch.sign: +-1, zero kept (with its sign), nan kept.
+template <typename A>
+FASTOPT_HD A sign_of(A x) {
+  return x > A(0) ? A(1) : (x < A(0) ? A(-1) : x);
+}
+
+// Lion (Chen et al. 2023, "Symbolic Discovery of Optimization Algorithms"): the sign of an
+// interpolation of momentum and grad moves the param by lr; decoupled weight decay; the momentum
+// is then interpolated with a second beta.
+template <typename A>
+struct LionConstants {
+  A decay_factor;     // 1 - lr * weight_decay
+  A one_minus_beta1;  // the interpolation that gives the update's direction
+  A one_minus_beta2;  // the momentum's own update
+  A neg_lr;
+};
+
+template <typename A>
+FASTOPT_HD LionConstants<A> lion_constants(double lr, double beta1, double beta2, double weight_decay) {
+  return {A(1.0 - lr * weight_decay), A(1.0 - beta1), A(1.0 - beta2), A(-lr)};
+}
+
+// One element of Lion's update. The direction is +-1 or 0, so p * decay + (-lr) * direction rounds
+// once whether or not the last product is fused: every backend gives the same bits from the same
+// direction. The lerps are torch.lerp's (lerp_fused on the CPU backend, as for AdamW).
+template <typename A>
+FASTOPT_HD void lion_update(A& param, A grad, A& exp_avg, const LionConstants<A>& c) {
+  const A direction = sign_of(lerp(exp_avg, grad, c.one_minus_beta1));
+  param = param * c.decay_factor + c.neg_lr * direction;
+  exp_avg = lerp(exp_avg, grad, c.one_minus_beta2);
 }
 
 }  // namespace fastopt

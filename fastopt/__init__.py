@@ -9,7 +9,7 @@ available for the tensors' device (``available_backends()``); ``use_backend(name
 from fastopt import amp, optim
 from fastopt.backends import available_backends, use_backend
 from fastopt.clip import adaptive_clip_grad_, clip_grad_norm_, clip_grad_value_
-from fastopt.ops import adamw_, multi_tensor_norm, scale_, unscale_and_check_
+from fastopt.ops import adamw_, lion_, multi_tensor_norm, scale_, sgd_, unscale_and_check_
 
 __version__ = "0.1.0"
 
@@ -21,6 +21,8 @@ __all__ = [
     "clip_grad_value_",
     "adaptive_clip_grad_",
     "adamw_",
+    "sgd_",
+    "lion_",
     "available_backends",
     "use_backend",
     "amp",

@@ -24,6 +24,8 @@ __all__ = [
     "clamp_",
     "adaptive_clip_",
     "adamw_",
+    "sgd_",
+    "lion_",
 ]
 
 FLOAT_DTYPES = frozenset({torch.float16, torch.bfloat16, torch.float32, torch.float64})
@@ -410,6 +412,41 @@ def adaptive_clip_(params, grads, clip_factor=0.01, eps=1e-3, norm_type=2.0, *, 
         backends.select(device).adaptive_clip_(named["params"], named["grads"], clip_factor, eps, p, bool(unitwise))
 
 
+# ---------------------------------------------------------------------------- optimizer updates
+#
+# Every update op (adamw_, sgd_, lion_) takes params, grads and per-param state lists, changes them
+# in place, reads the grads, and takes the same step-wide scalars: lr (a float or a device scalar)
+# and the AMP / clipping trio grad_scale, clip_coef, found_inf. Checked here in one way for all.
+
+
+def _validated_update_lists(**named) -> tuple[dict[str, list[Tensor]], torch.device | None]:
+    """The lists of an update (params first, then grads and the states; None: an absent list),
+    checked: dense floating tensors, as many as params, of the params' shapes (``steps``: any
+    shape, checked by the caller), all on one device. DTensors become their local shards."""
+    named = _tensor_lists(**named)
+    _check_lengths(named)
+    shaped = {k: v for k, v in named.items() if k not in ("params", "steps")}
+    _check_shapes("params", named["params"], shaped)
+    named = _localize(named)
+    return named, _common_device(named)
+
+
+def _step_scalars(device: torch.device | None, lr, grad_scale, found_inf, clip_coef) -> dict:
+    return {
+        "lr": _scalar("lr", lr, device, minimum=0.0),
+        "grad_scale": None if grad_scale is None else _scalar("grad_scale", grad_scale, device, above=0.0),
+        "clip_coef": None if clip_coef is None else _scalar("clip_coef", clip_coef, device, minimum=0.0),
+        "found_inf": None if found_inf is None else _found_inf(found_inf, device),
+    }
+
+
+def _check_update_writable(named: dict[str, list[Tensor]], scalars: dict) -> None:
+    """What an update writes (all but the grads) shares memory with nothing else it touches."""
+    written = {k: v for k, v in named.items() if k != "grads"}
+    read = {"grads": named["grads"], **{k: scalars[k] for k in ("lr", "grad_scale", "clip_coef", "found_inf")}}
+    check_writable(written, read_only=read)
+
+
 @torch.no_grad()
 def adamw_(
     params,
@@ -428,8 +465,11 @@ def adamw_(
     grad_scale=None,
     found_inf=None,
     clip_coef=None,
+    decoupled_weight_decay: bool = True,
 ) -> None:
-    """One AdamW update of ``params`` with torch.optim.AdamW's math, in place.
+    """One AdamW update of ``params`` with torch.optim.AdamW's math, in place; with
+    ``decoupled_weight_decay=False``, torch.optim.Adam's (``weight_decay * param`` added to the
+    grad instead of the param decayed), as torch's ``Adam(decoupled_weight_decay=...)``.
 
     ``steps``: 0-d float32 tensors, one per param, incremented by the op and used for the bias
     corrections. ``lr``: a float or a 1-element tensor. Each grad is used as
@@ -439,70 +479,160 @@ def adamw_(
     Grads are read, never written. Params, grads and states may have different floating dtypes
     (e.g. bf16 params and grads with fp32 states); the math runs in fp32 (fp64 for fp64 params).
     """
-    named = _tensor_lists(
-        params=params,
-        grads=grads,
-        exp_avgs=exp_avgs,
-        exp_avg_sqs=exp_avg_sqs,
-        max_exp_avg_sqs=max_exp_avg_sqs,
+    named, device = _validated_update_lists(
+        params=params, grads=grads, exp_avgs=exp_avgs, exp_avg_sqs=exp_avg_sqs, max_exp_avg_sqs=max_exp_avg_sqs,
         steps=steps,
-    )
-    _check_lengths(named)
-    shaped = {k: v for k, v in named.items() if k not in ("params", "steps")}
-    _check_shapes("params", named["params"], shaped)
-    named = _localize(named)
+    )  # fmt: skip
     bad_step = next((i for i, s in enumerate(named["steps"]) if s.ndim != 0 or s.dtype not in (torch.float32, torch.float64)), None)
     if bad_step is not None:
         s = named["steps"][bad_step]
         raise ValueError(f"steps[{bad_step}] must be a 0-d float32 (or float64) tensor, got shape {tuple(s.shape)} and dtype {s.dtype}")
-    device = _common_device(named)
-    scalars = _adamw_scalars(device, lr, beta1, beta2, eps, weight_decay, grad_scale, found_inf, clip_coef)
-    written = {k: v for k, v in named.items() if k != "grads"}
-    read = {"grads": named["grads"], **{k: scalars[k] for k in ("lr", "grad_scale", "clip_coef", "found_inf")}}
-    check_writable(written, read_only=read)
+    hyper = _adamw_hyper(device, lr, beta1, beta2, eps, weight_decay, maximize, grad_scale, found_inf, clip_coef,
+                         decoupled_weight_decay)  # fmt: skip
+    _check_update_writable(named, hyper)
     if device is not None:
-        _adamw_dispatch(named, device, bool(maximize), scalars)
+        _dispatch_update("adamw_", named, device, hyper)
 
 
-def _adamw_scalars(device, lr, beta1, beta2, eps, weight_decay, grad_scale, found_inf, clip_coef) -> dict:
+def _adamw_hyper(device, lr, beta1, beta2, eps, weight_decay, maximize, grad_scale, found_inf, clip_coef,
+                 decoupled_weight_decay) -> dict:  # fmt: skip
     return {
-        "lr": _scalar("lr", lr, device, minimum=0.0),
+        **_step_scalars(device, lr, grad_scale, found_inf, clip_coef),
         "beta1": check_real("beta1", beta1, minimum=0.0, below=1.0),
         "beta2": check_real("beta2", beta2, minimum=0.0, below=1.0),
         "eps": check_real("eps", eps, minimum=0.0),
         "weight_decay": check_real("weight_decay", weight_decay, minimum=0.0),
-        "grad_scale": None if grad_scale is None else _scalar("grad_scale", grad_scale, device, above=0.0),
-        "clip_coef": None if clip_coef is None else _scalar("clip_coef", clip_coef, device, minimum=0.0),
-        "found_inf": None if found_inf is None else _found_inf(found_inf, device),
+        "maximize": bool(maximize),
+        "decoupled_weight_decay": bool(decoupled_weight_decay),
     }
 
 
-def _adamw_dispatch(named: dict[str, list[Tensor]], device: torch.device, maximize: bool, scalars: dict) -> None:
-    backends.select(device).adamw_(
-        named["params"],
-        named["grads"],
-        named["exp_avgs"],
-        named["exp_avg_sqs"],
-        named["steps"],
-        maximize=maximize,
-        max_exp_avg_sqs=named.get("max_exp_avg_sqs"),
-        **scalars,
-    )
+@torch.no_grad()
+def sgd_(
+    params,
+    grads,
+    momentum_buffers=None,
+    *,
+    lr,
+    momentum: float = 0.0,
+    dampening: float = 0.0,
+    weight_decay: float = 0.0,
+    nesterov: bool = False,
+    maximize: bool = False,
+    first_step: bool = False,
+    grad_scale=None,
+    found_inf=None,
+    clip_coef=None,
+) -> None:
+    """One SGD update of ``params`` with torch.optim.SGD's math, in place.
+
+    The grad (``g / grad_scale * clip_coef``, negated when ``maximize``) gets ``weight_decay *
+    param`` added; with ``momentum`` (then ``momentum_buffers``, one per param, is required) the
+    buffer becomes ``momentum * buf + (1 - dampening) * g`` and the step uses it (Nesterov:
+    ``g + momentum * buf``); then ``param -= lr * step``. ``first_step=True``: the buffers hold no
+    history yet (torch's state before the first step) and are set to ``g``, not read. A non-zero
+    ``found_inf`` changes nothing. Mixed dtypes and precision as ``adamw_``.
+    """
+    momentum = check_real("momentum", momentum, minimum=0.0)
+    if momentum_buffers is None and momentum != 0:
+        raise ValueError("sgd_ with momentum needs momentum_buffers (one per param)")
+    if momentum_buffers is not None and momentum == 0:
+        raise ValueError("momentum_buffers were given but momentum is 0: SGD without momentum keeps no buffers")
+    named, device = _validated_update_lists(params=params, grads=grads, momentum_buffers=momentum_buffers)
+    hyper = _sgd_hyper(device, lr, momentum, dampening, weight_decay, nesterov, maximize, first_step, grad_scale,
+                       found_inf, clip_coef)  # fmt: skip
+    _check_update_writable(named, hyper)
+    if device is not None:
+        _dispatch_update("sgd_", named, device, hyper)
+
+
+def _sgd_hyper(device, lr, momentum, dampening, weight_decay, nesterov, maximize, first_step, grad_scale, found_inf,
+               clip_coef) -> dict:  # fmt: skip
+    momentum = check_real("momentum", momentum, minimum=0.0)
+    dampening = check_real("dampening", dampening)
+    if nesterov and (momentum <= 0 or dampening != 0):
+        raise ValueError("Nesterov momentum requires a momentum and zero dampening")
+    return {
+        **_step_scalars(device, lr, grad_scale, found_inf, clip_coef),
+        "momentum": momentum,
+        "dampening": dampening,
+        "weight_decay": check_real("weight_decay", weight_decay, minimum=0.0),
+        "nesterov": bool(nesterov),
+        "maximize": bool(maximize),
+        "first_step": bool(first_step),
+    }
 
 
 @torch.no_grad()
-def adamw_prechecked_(lists: dict[str, list[Tensor]], device: torch.device, *, lr, beta1, beta2, eps, weight_decay,
-                      maximize: bool = False, grad_scale=None, found_inf=None, clip_coef=None,
-                      plan: dict | None = None) -> None:  # fmt: skip
-    """``adamw_`` on plain (not DTensor) lists on ``device`` that ``adamw_`` has validated before
-    and that keep their layout (fastopt.optim.AdamW's cached step; grads re-checked with
-    ``check_replacement``): ``lists`` holds params, grads, exp_avgs, exp_avg_sqs, steps and
-    optionally max_exp_avg_sqs. The scalars are checked here, as ``adamw_`` checks them.
-    ``plan``: a dict the caller keeps while these lists keep their params and states, where a
-    backend that defines ``adamw_planned_`` keeps what it prepared for them (its tables)."""
-    scalars = _adamw_scalars(device, lr, beta1, beta2, eps, weight_decay, grad_scale, found_inf, clip_coef)
-    planned = None if plan is None else getattr(backends.select(device), "adamw_planned_", None)
+def lion_(
+    params,
+    grads,
+    exp_avgs,
+    *,
+    lr,
+    beta1: float = 0.9,
+    beta2: float = 0.99,
+    weight_decay: float = 0.0,
+    maximize: bool = False,
+    grad_scale=None,
+    found_inf=None,
+    clip_coef=None,
+) -> None:
+    """One Lion update (Chen et al. 2023, "Symbolic Discovery of Optimization Algorithms") of
+    ``params``, in place: ``param = param * (1 - lr * weight_decay) - lr * sign(beta1 * m +
+    (1 - beta1) * g)``, then ``m = beta2 * m + (1 - beta2) * g`` (``exp_avgs``: one m per param).
+    The grad as ``adamw_`` forms it; a non-zero ``found_inf`` changes nothing. Mixed dtypes and
+    precision as ``adamw_``.
+    """
+    named, device = _validated_update_lists(params=params, grads=grads, exp_avgs=exp_avgs)
+    hyper = _lion_hyper(device, lr, beta1, beta2, weight_decay, maximize, grad_scale, found_inf, clip_coef)
+    _check_update_writable(named, hyper)
+    if device is not None:
+        _dispatch_update("lion_", named, device, hyper)
+
+
+def _lion_hyper(device, lr, beta1, beta2, weight_decay, maximize, grad_scale, found_inf, clip_coef) -> dict:
+    return {
+        **_step_scalars(device, lr, grad_scale, found_inf, clip_coef),
+        "beta1": check_real("beta1", beta1, minimum=0.0, below=1.0),
+        "beta2": check_real("beta2", beta2, minimum=0.0, below=1.0),
+        "weight_decay": check_real("weight_decay", weight_decay, minimum=0.0),
+        "maximize": bool(maximize),
+    }
+
+
+# The list arguments of each update op, as the backends take them (positional first, then the
+# keyword lists), and its scalar checks for a prechecked call.
+_UPDATE_POSITIONAL = {
+    "adamw_": ("params", "grads", "exp_avgs", "exp_avg_sqs", "steps"),
+    "sgd_": ("params", "grads", "momentum_buffers"),
+    "lion_": ("params", "grads", "exp_avgs"),
+}
+_UPDATE_KEYWORD_LISTS = {"adamw_": ("max_exp_avg_sqs",), "sgd_": (), "lion_": ()}
+
+
+def _dispatch_update(op: str, named: dict[str, list[Tensor]], device: torch.device, hyper: dict) -> None:
+    positional = [named.get(name) for name in _UPDATE_POSITIONAL[op]]
+    keyword = {name: named.get(name) for name in _UPDATE_KEYWORD_LISTS[op]}
+    getattr(backends.select(device), op)(*positional, **keyword, **hyper)
+
+
+# Each update op's scalar checks (keyword arguments as the op takes them, with the device first).
+_UPDATE_HYPER = {"adamw_": _adamw_hyper, "sgd_": _sgd_hyper, "lion_": _lion_hyper}
+
+
+@torch.no_grad()
+def update_prechecked_(op: str, lists: dict[str, list[Tensor]], device: torch.device, *, plan: dict | None = None,
+                       **hyper) -> None:  # fmt: skip
+    """An update op (``"adamw_"``, ``"sgd_"``, ``"lion_"``) on plain (not DTensor) lists on
+    ``device`` that the op has validated before and that keep their layout (fastopt.optim's cached
+    step; grads re-checked with ``check_replacement``): ``lists`` holds the op's lists by name.
+    ``hyper``: the op's keyword scalars, checked here as the op checks them. ``plan``: a dict the
+    caller keeps while these lists keep their params and states, where a backend that defines
+    ``<op>planned_`` (e.g. ``adamw_planned_``) keeps what it prepared for them."""
+    hyper = _UPDATE_HYPER[op](device, **hyper)
+    planned = None if plan is None else getattr(backends.select(device), op + "planned_", None)
     if planned is not None:
-        planned(lists, plan, maximize=bool(maximize), **scalars)
+        planned(lists, plan, **hyper)
     else:
-        _adamw_dispatch(lists, device, bool(maximize), scalars)
+        _dispatch_update(op, lists, device, hyper)

@@ -161,6 +161,68 @@ def _host_flag(found_inf: Tensor) -> bool | None:
     return any(value != 0 for value in found_inf.reshape(-1).tolist())
 
 
+class _Outputs:
+    """The tensors an update writes, as the math sees them: the tensors themselves when it can run
+    in place (nothing may skip it, every tensor in its compute dtype), else copies in the compute
+    dtype, written back by ``commit`` (through ``where`` when ``skip`` is given, so that a skipped
+    step keeps every old bit)."""
+
+    def __init__(self, compute_dtypes: list[torch.dtype], skip: Tensor | None):
+        self.compute_dtypes, self.skip, self.pairs = compute_dtypes, skip, []
+
+    def working(self, tensors: list[Tensor]) -> list[Tensor]:
+        in_place = self.skip is None and all(t.dtype == d for t, d in zip(tensors, self.compute_dtypes))
+        values = tensors if in_place else [t.to(d, copy=True) for t, d in zip(tensors, self.compute_dtypes)]
+        self.pairs.append((tensors, values))
+        return values
+
+    def commit(self) -> None:
+        skip = None if self.skip is None else self.skip.reshape(()) != 0
+        for targets, values in self.pairs:
+            if values is targets:
+                continue
+            if skip is None:
+                torch._foreach_copy_(targets, values)
+                continue
+            for old, new in zip(targets, values):  # the old value where skipping, in one pass
+                torch.where(skip, old, new.to(old.dtype), out=old)
+
+
+def _skip_flag(found_inf: Tensor | None) -> tuple[bool, Tensor | None]:
+    """(return now, the flag the math must still skip on): a CPU found_inf is read on the host
+    (non-zero: nothing to do; zero: as without it); otherwise the step decides on the device."""
+    if found_inf is None:
+        return False, None
+    skip_now = _host_flag(found_inf)
+    if skip_now is None:
+        return False, found_inf
+    return skip_now, None
+
+
+def _effective_grads(grads: list[Tensor], compute_dtypes: list[torch.dtype], maximize: bool,
+                     grad_scale: float | Tensor | None, clip_coef: float | Tensor | None) -> list[Tensor]:
+    """Each grad as an update uses it, in its compute dtype: g / grad_scale * clip_coef, negated
+    when maximizing (torch's order: the negation first; the factors are exact on it)."""
+    values = [g.to(d) for g, d in zip(grads, compute_dtypes)]  # read only: no copy needed
+    if maximize:
+        values = torch._foreach_neg(values)
+    if grad_scale is not None:
+        values = torch._foreach_div(values, grad_scale)
+    if clip_coef is not None:
+        values = torch._foreach_mul(values, clip_coef)
+    return values
+
+
+def _add_scaled_by_lr_(targets: list[Tensor], values: list[Tensor], lr: float | Tensor) -> None:
+    """targets += -lr * values, as torch's add with alpha (one fused multiply-add on CPU): addcmul
+    with the 0-d lr when it is a tensor (never read on the host)."""
+    if isinstance(lr, Tensor):
+        lrs = [lr.to(device=t.device, dtype=t.dtype) for t in targets]
+        torch._foreach_addcmul_(targets, values, lrs, value=-1)
+    else:
+        torch._foreach_add_(targets, values, alpha=-lr)
+
+
 def adamw_(
     params: list[Tensor],
     grads: list[Tensor],
@@ -178,8 +240,10 @@ def adamw_(
     grad_scale: float | Tensor | None,
     found_inf: Tensor | None,
     clip_coef: float | Tensor | None,
+    decoupled_weight_decay: bool = True,
 ) -> None:
-    """torch.optim.AdamW's single-tensor math in fp32 (fp64 for fp64 params).
+    """torch.optim.AdamW's single-tensor math in fp32 (fp64 for fp64 params); with
+    ``decoupled_weight_decay=False``, torch.optim.Adam's (weight_decay * param added to the grad).
 
     A CPU ``found_inf`` is read on the host: non-zero returns before anything is touched, zero
     steps as without it. Otherwise, when the step may be skipped (``found_inf`` on a device, or
@@ -189,27 +253,16 @@ def adamw_(
     """
     if not params:
         return
-    if found_inf is not None:
-        skip_now = _host_flag(found_inf)
-        if skip_now:
-            return
-        if skip_now is False:
-            found_inf = None
+    skip_now, found_inf = _skip_flag(found_inf)
+    if skip_now:
+        return
     compute_dtypes = [_accumulate_dtype(p.dtype) for p in params]
+    outputs = _Outputs(compute_dtypes, found_inf)
+    grad_vals = _effective_grads(grads, compute_dtypes, maximize, grad_scale, clip_coef)
+    if not decoupled_weight_decay and weight_decay != 0:
+        grad_vals = torch._foreach_add(grad_vals, [p.to(d) for p, d in zip(params, compute_dtypes)], alpha=weight_decay)
 
-    def working(tensors: list[Tensor]) -> list[Tensor]:
-        in_place = found_inf is None and all(t.dtype == d for t, d in zip(tensors, compute_dtypes))
-        return tensors if in_place else [t.to(d, copy=True) for t, d in zip(tensors, compute_dtypes)]
-
-    grad_vals = [g.to(d) for g, d in zip(grads, compute_dtypes)]  # read only: no copy needed
-    if maximize:
-        grad_vals = torch._foreach_neg(grad_vals)
-    if grad_scale is not None:
-        grad_vals = torch._foreach_div(grad_vals, grad_scale)
-    if clip_coef is not None:
-        grad_vals = torch._foreach_mul(grad_vals, clip_coef)
-
-    new_steps = working(steps)
+    new_steps = outputs.working(steps)
     torch._foreach_add_(new_steps, 1)
     # Bias corrections in fp64, as torch.optim.AdamW(foreach=False) forms them on the host,
     # but from the device step counters: the step count is never read back.
@@ -222,20 +275,18 @@ def adamw_(
     def per_tensor(values64: Tensor) -> list[Tensor]:
         return [v.to(d) for v, d in zip(values64.unbind(), compute_dtypes)]
 
-    new_params = working(params)
-    if weight_decay != 0:
+    new_params = outputs.working(params)
+    if decoupled_weight_decay and weight_decay != 0:
         torch._foreach_mul_(new_params, 1 - lr64 * weight_decay)
-    new_exp_avgs = working(exp_avgs)
+    new_exp_avgs = outputs.working(exp_avgs)
     torch._foreach_lerp_(new_exp_avgs, grad_vals, 1 - beta1)
-    new_exp_avg_sqs = working(exp_avg_sqs)
+    new_exp_avg_sqs = outputs.working(exp_avg_sqs)
     torch._foreach_mul_(new_exp_avg_sqs, beta2)
     torch._foreach_addcmul_(new_exp_avg_sqs, grad_vals, grad_vals, value=1 - beta2)
     second_moment = new_exp_avg_sqs
-    new_max_exp_avg_sqs = None
     if max_exp_avg_sqs is not None:
-        new_max_exp_avg_sqs = working(max_exp_avg_sqs)
-        torch._foreach_maximum_(new_max_exp_avg_sqs, new_exp_avg_sqs)
-        second_moment = new_max_exp_avg_sqs
+        second_moment = outputs.working(max_exp_avg_sqs)
+        torch._foreach_maximum_(second_moment, new_exp_avg_sqs)
 
     denom = torch._foreach_sqrt(second_moment)
     torch._foreach_div_(denom, per_tensor(bias_correction2_sqrt))
@@ -244,16 +295,82 @@ def adamw_(
     update = torch._foreach_mul(new_exp_avgs, per_tensor(neg_step_size))
     torch._foreach_div_(update, denom)
     torch._foreach_add_(new_params, update)
+    outputs.commit()
 
-    outputs = [(params, new_params), (exp_avgs, new_exp_avgs), (exp_avg_sqs, new_exp_avg_sqs), (steps, new_steps)]
-    if max_exp_avg_sqs is not None:
-        outputs.append((max_exp_avg_sqs, new_max_exp_avg_sqs))
-    skip = None if found_inf is None else found_inf.reshape(()) != 0
-    for targets, values in outputs:
-        if values is targets:
-            continue
-        if skip is None:
-            torch._foreach_copy_(targets, values)
-            continue
-        for old, new in zip(targets, values):  # the old value where skipping, in one pass
-            torch.where(skip, old, new.to(old.dtype), out=old)
+
+def sgd_(
+    params: list[Tensor],
+    grads: list[Tensor],
+    momentum_buffers: list[Tensor] | None,
+    *,
+    lr: float | Tensor,
+    momentum: float,
+    dampening: float,
+    weight_decay: float,
+    nesterov: bool,
+    maximize: bool,
+    first_step: bool,
+    grad_scale: float | Tensor | None,
+    found_inf: Tensor | None,
+    clip_coef: float | Tensor | None,
+) -> None:
+    """torch.optim.SGD's single-tensor math in fp32 (fp64 for fp64 params). ``momentum_buffers``
+    is None without momentum; ``first_step``: the buffers hold no history yet and are set to the
+    grad (torch's first step), not read. Skipping as ``adamw_``."""
+    if not params:
+        return
+    skip_now, found_inf = _skip_flag(found_inf)
+    if skip_now:
+        return
+    compute_dtypes = [_accumulate_dtype(p.dtype) for p in params]
+    outputs = _Outputs(compute_dtypes, found_inf)
+    grad_vals = _effective_grads(grads, compute_dtypes, maximize, grad_scale, clip_coef)
+    new_params = outputs.working(params)
+    if weight_decay != 0:
+        grad_vals = torch._foreach_add(grad_vals, new_params, alpha=weight_decay)
+    if momentum_buffers is not None:
+        buffers = outputs.working(momentum_buffers)
+        if first_step:
+            torch._foreach_copy_(buffers, grad_vals)
+        else:
+            torch._foreach_mul_(buffers, momentum)
+            torch._foreach_add_(buffers, grad_vals, alpha=1 - dampening)
+        grad_vals = torch._foreach_add(grad_vals, buffers, alpha=momentum) if nesterov else buffers
+    _add_scaled_by_lr_(new_params, grad_vals, lr)
+    outputs.commit()
+
+
+def lion_(
+    params: list[Tensor],
+    grads: list[Tensor],
+    exp_avgs: list[Tensor],
+    *,
+    lr: float | Tensor,
+    beta1: float,
+    beta2: float,
+    weight_decay: float,
+    maximize: bool,
+    grad_scale: float | Tensor | None,
+    found_inf: Tensor | None,
+    clip_coef: float | Tensor | None,
+) -> None:
+    """Lion (Chen et al. 2023): p = p * (1 - lr * weight_decay) - lr * sign(lerp(m, g, 1 - beta1)),
+    then m = lerp(m, g, 1 - beta2); in fp32 (fp64 for fp64 params). Skipping as ``adamw_``."""
+    if not params:
+        return
+    skip_now, found_inf = _skip_flag(found_inf)
+    if skip_now:
+        return
+    compute_dtypes = [_accumulate_dtype(p.dtype) for p in params]
+    outputs = _Outputs(compute_dtypes, found_inf)
+    grad_vals = _effective_grads(grads, compute_dtypes, maximize, grad_scale, clip_coef)
+    new_exp_avgs = outputs.working(exp_avgs)
+    directions = torch._foreach_lerp(new_exp_avgs, grad_vals, 1 - beta1)
+    torch._foreach_sign_(directions)
+    new_params = outputs.working(params)
+    if weight_decay != 0:
+        lr64 = lr.to(torch.float64) if isinstance(lr, Tensor) else lr
+        torch._foreach_mul_(new_params, 1 - lr64 * weight_decay)
+    _add_scaled_by_lr_(new_params, directions, lr)
+    torch._foreach_lerp_(new_exp_avgs, grad_vals, 1 - beta2)
+    outputs.commit()
