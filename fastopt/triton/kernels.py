@@ -14,6 +14,10 @@ visit the elements in the same order, so results do not depend on alignment.
 Reductions are two-stage and deterministic: pass 1 writes one fp64 partial per chunk (and per
 input list), pass 2 reduces each tensor's (or unit's) partials in chunk order. No float atomics.
 
+The optimizer updates round as torch's CPU kernels do (csrc/element_math.h's ``*_fused``): an
+add with alpha, a lerp or an addcmul is one explicit fma, everything else rounds per operation;
+SGD, Lion and the AdamW moments match the reference bit for bit under the interpreter.
+
 Scalars that the ops accept as a Python float or a 0-d device tensor arrive as a pair
 ``(value, value_ptr)``: the tensor is read on the device when ``value_ptr`` is not None.
 Python floats are fp64 arguments (annotated ``tl.float64``; a bare float argument would be

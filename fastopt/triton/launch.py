@@ -52,7 +52,8 @@ PARTIALS_BLOCK = 256
 TOTAL_BLOCK = 4096
 
 # Compile options of every launch, explicit: triton 3.10 changes the default of FP fusion. Off:
-# each operation rounds as torch's own ops (and the interpreter) round, no fused multiply-adds.
+# each operation rounds as written, as the interpreter rounds it; the kernels fuse only where they
+# say so (tl.fma, where torch's CPU kernels fuse: kernels._fma).
 COMPILE_OPTIONS = {"enable_fp_fusion": False}
 
 # The chunk tables of recent layouts, shared by every op (clip_grad_norm_'s norm and scale reuse one).
