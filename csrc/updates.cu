@@ -61,9 +61,19 @@ struct SGDStep {
   }
 };
 
-// Lion's step. torch rounds the decayed param (p * (1 - lr * weight_decay)) before adding -lr * sign:
-// the product is rounded here on its own (rounded_product), and lion_update then adds the step to
-// it with a decay factor of 1 (exact, whether or not nvcc fuses that sum).
+// torch.lerp as torch's kernels round it: one fma, from the nearer end (what nvcc makes of torch's
+// CUDA lerp, and what its CPU kernels do). Written out, so the host build of these kernels
+// (csrc/emulation), which contracts nothing, rounds as the GPU does. The weight is per launch.
+template <typename A>
+__device__ __forceinline__ A torch_lerp(A start, A end, A weight) {
+  return lerp_from_start(weight) ? lerp_fused<true>(start, end, weight) : lerp_fused<false>(start, end, weight);
+}
+
+// Lion's step: lion_update's order with torch's rounding, bit for bit as the reference. The lerps
+// are torch_lerp (a plain lerp would round the direction's interpolation differently, and an
+// interpolation that is 0 in one rounding is not in the other: a step of lr apart). The decayed
+// param is rounded before the signed step is added, as torch's mul_ then add_ round it
+// (rounded_product: nvcc may not contract the two); -lr * direction is exact (direction: +-1, 0).
 template <typename A>
 struct LionStep {
   using Args = LionArgs;
@@ -72,18 +82,16 @@ struct LionStep {
 
   EffectiveGrad<A> grad;
   LionConstants<A> c;
-  A decay_factor;
 
   __device__ explicit LionStep(const LionArgs& args)
       : grad(args.grad_scale, args.clip_coef, args.maximize),
-        c(lion_constants<A>(read_scalar(args.lr), args.beta1, args.beta2, args.weight_decay)),
-        decay_factor(c.decay_factor) {
-    c.decay_factor = A(1);
-  }
+        c(lion_constants<A>(read_scalar(args.lr), args.beta1, args.beta2, args.weight_decay)) {}
 
   __device__ __forceinline__ void operator()(A& param, A g, A& exp_avg) const {
-    param = rounded_product(param, decay_factor);
-    lion_update(param, grad(g), exp_avg, c);
+    g = grad(g);
+    const A direction = sign_of(torch_lerp(exp_avg, g, c.one_minus_beta1));
+    param = rounded_product(param, c.decay_factor) + c.neg_lr * direction;
+    exp_avg = torch_lerp(exp_avg, g, c.one_minus_beta2);
   }
 };
 
