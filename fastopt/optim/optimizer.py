@@ -910,7 +910,11 @@ class FusedOptimizer(torch.optim.Optimizer):
         firsts = list(itertools.accumulate((len(g["params"]) for g in self.param_groups[:-1]), initial=0))
         gathered = [(group, self._gather(group, first)) for group, first in zip(self.param_groups, firsts)]
         if self.flat_states and self._flatten_states():  # new states (or loaded ones) moved into the buffers
-            gathered = [(group, self._gather(group, first)) for group, first in zip(self.param_groups, firsts)]
+            regathered = [(group, self._gather(group, first)) for group, first in zip(self.param_groups, firsts)]
+            for (_, before), (_, after) in zip(gathered, regathered):
+                for device, lists in after.items():  # the moved states are as new as they were
+                    lists.fresh[:] = before[device].fresh
+            gathered = regathered
         # The key after gathering, which creates the states of params stepped for the first time.
         return gathered, _StepPlan.of(self._plan_key(), gathered, self.param_groups), False
 
