@@ -330,9 +330,9 @@ def test_foreach_lion_is_the_papers_lion():
     momenta = [torch.zeros_like(p) for p in params]
     groups = [{"params": params[:2]}, {"params": params[2:], "lr": 0.5, "weight_decay": 0.0}]
     optimizer = cases.ForeachLion(groups, lr=0.1, betas=(0.8, 0.9), weight_decay=0.3)
-    for _ in range(3):
+    for step in range(3):
         for k, p in enumerate(params):
-            p.grad = torch.randn_like(p) if k != 1 or _ == 0 else None  # params[1] gets a grad once
+            p.grad = torch.randn_like(p) if k != 1 or step == 0 else None  # params[1] gets a grad once
         optimizer.step()
         for k, (p, m) in enumerate(zip(params, momenta)):
             if p.grad is None:
