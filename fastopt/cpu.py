@@ -81,6 +81,33 @@ def adaptive_clip_(params, grads, clip_factor: float, eps: float, norm_type: flo
         _C.adaptive_clip_(params, grads, float(clip_factor), float(eps), float(norm_type), bool(unitwise))
 
 
+def _step_arguments(lr, maximize, grad_scale, found_inf, clip_coef):
+    """The step-wide scalars of an update as the extension takes them."""
+    return _C.StepArguments(
+        *_split(lr), bool(maximize), *_split(grad_scale), found_inf, *_split(clip_coef), grad_scale is not None,
+        clip_coef is not None,
+    )  # fmt: skip
+
+
+def _adamw_arguments(*, lr, beta1, beta2, eps, weight_decay, maximize, grad_scale, found_inf, clip_coef,
+                     decoupled_weight_decay):  # fmt: skip
+    step = _step_arguments(lr, maximize, grad_scale, found_inf, clip_coef)
+    return _C.AdamWArguments(step, float(beta1), float(beta2), float(eps), float(weight_decay),
+                             bool(decoupled_weight_decay))  # fmt: skip
+
+
+def _sgd_arguments(*, lr, momentum, dampening, weight_decay, nesterov, maximize, first_step, grad_scale, found_inf,
+                   clip_coef):  # fmt: skip
+    step = _step_arguments(lr, maximize, grad_scale, found_inf, clip_coef)
+    return _C.SGDArguments(step, float(momentum), float(dampening), float(weight_decay), bool(nesterov),
+                           bool(first_step))  # fmt: skip
+
+
+def _lion_arguments(*, lr, beta1, beta2, weight_decay, maximize, grad_scale, found_inf, clip_coef):
+    step = _step_arguments(lr, maximize, grad_scale, found_inf, clip_coef)
+    return _C.LionArguments(step, float(beta1), float(beta2), float(weight_decay))
+
+
 def adamw_(
     params: list[Tensor],
     grads: list[Tensor],
@@ -98,50 +125,100 @@ def adamw_(
     grad_scale: float | Tensor | None,
     found_inf: Tensor | None,
     clip_coef: float | Tensor | None,
+    decoupled_weight_decay: bool = True,
 ) -> None:
     if not params:
         return
+    hyper = dict(lr=lr, beta1=beta1, beta2=beta2, eps=eps, weight_decay=weight_decay, maximize=maximize,
+                 grad_scale=grad_scale, found_inf=found_inf, clip_coef=clip_coef,
+                 decoupled_weight_decay=decoupled_weight_decay)  # fmt: skip
     try:
-        _C.adamw_(
-            params, grads, exp_avgs, exp_avg_sqs, steps, *_split(lr), float(beta1), float(beta2), float(eps),
-            float(weight_decay), bool(maximize), max_exp_avg_sqs or [], *_split(grad_scale), found_inf,
-            *_split(clip_coef), grad_scale is not None, clip_coef is not None,
-        )  # fmt: skip
+        _C.adamw_(params, grads, exp_avgs, exp_avg_sqs, steps, max_exp_avg_sqs or [], _adamw_arguments(**hyper))
     except NotImplementedError:  # a dtype combination not compiled; raised before any write
-        reference.adamw_(
-            params, grads, exp_avgs, exp_avg_sqs, steps, lr=lr, beta1=beta1, beta2=beta2, eps=eps,
-            weight_decay=weight_decay, maximize=maximize, max_exp_avg_sqs=max_exp_avg_sqs,
-            grad_scale=grad_scale, found_inf=found_inf, clip_coef=clip_coef,
-        )  # fmt: skip
+        reference.adamw_(params, grads, exp_avgs, exp_avg_sqs, steps, max_exp_avg_sqs=max_exp_avg_sqs, **hyper)
+
+
+def sgd_(
+    params: list[Tensor],
+    grads: list[Tensor],
+    momentum_buffers: list[Tensor] | None,
+    *,
+    lr: float | Tensor,
+    momentum: float,
+    dampening: float,
+    weight_decay: float,
+    nesterov: bool,
+    maximize: bool,
+    first_step: bool,
+    grad_scale: float | Tensor | None,
+    found_inf: Tensor | None,
+    clip_coef: float | Tensor | None,
+) -> None:
+    if not params:
+        return
+    hyper = dict(lr=lr, momentum=momentum, dampening=dampening, weight_decay=weight_decay, nesterov=nesterov,
+                 maximize=maximize, first_step=first_step, grad_scale=grad_scale, found_inf=found_inf,
+                 clip_coef=clip_coef)  # fmt: skip
+    try:
+        _C.sgd_(params, grads, momentum_buffers or [], _sgd_arguments(**hyper))
+    except NotImplementedError:  # a dtype combination not compiled; raised before any write
+        reference.sgd_(params, grads, momentum_buffers, **hyper)
+
+
+def lion_(
+    params: list[Tensor],
+    grads: list[Tensor],
+    exp_avgs: list[Tensor],
+    *,
+    lr: float | Tensor,
+    beta1: float,
+    beta2: float,
+    weight_decay: float,
+    maximize: bool,
+    grad_scale: float | Tensor | None,
+    found_inf: Tensor | None,
+    clip_coef: float | Tensor | None,
+) -> None:
+    if not params:
+        return
+    hyper = dict(lr=lr, beta1=beta1, beta2=beta2, weight_decay=weight_decay, maximize=maximize, grad_scale=grad_scale,
+                 found_inf=found_inf, clip_coef=clip_coef)  # fmt: skip
+    try:
+        _C.lion_(params, grads, exp_avgs, _lion_arguments(**hyper))
+    except NotImplementedError:  # a dtype combination not compiled; raised before any write
+        reference.lion_(params, grads, exp_avgs, **hyper)
 
 
 def multi_tensor_norm_planned(plan: dict, norm_type: float, per_tensor: bool, found_inf: Tensor | None = None):
-    """``multi_tensor_norm`` of the grads that fastopt.optim.AdamW's step plan holds for one device
+    """``multi_tensor_norm`` of the grads that fastopt.optim's step plan holds for one device
     (``plan["watch"]``: its GradWatch and the entries' ranges), read as C++ tensors."""
     watch, ranges = plan["watch"]
     total, norms = _C.planned_norm(watch, ranges, float(norm_type), per_tensor, found_inf)
     return (total, norms) if per_tensor else total
 
 
-def adamw_planned_(lists: dict[str, list[Tensor]], plan: dict, *, lr, beta1, beta2, eps, weight_decay, maximize,
-                   grad_scale, found_inf, clip_coef) -> None:  # fmt: skip
-    """``adamw_`` for a caller that keeps ``plan`` (a dict, empty at first) while ``lists`` holds the
-    same params and states, validated by ``fastopt.ops.adamw_``, and grads of their shapes, checked
-    (fastopt.optim.AdamW's step plan; see ``fastopt.ops.adamw_prechecked_``). The extension's
-    ``AdamWPlan`` kept there has worked out the chunks, addresses and loops once: a call reads
-    only the grads' addresses and dtypes, from the step plan's GradWatch when ``plan["watch"]``
-    is there (then ``lists["grads"]`` may be unfilled), else from ``lists["grads"]``. Lists that
-    cannot be planned (a non-contiguous param or state, a dtype combination not compiled) take
-    ``adamw_``."""
-    hyper = dict(lr=lr, beta1=beta1, beta2=beta2, eps=eps, weight_decay=weight_decay, maximize=maximize,
-                 grad_scale=grad_scale, found_inf=found_inf, clip_coef=clip_coef)  # fmt: skip
+# The planned updates: each op's extension plan (AdamWPlan, SGDPlan, LionPlan), how its arguments
+# are made, its state lists (as the plan's constructor takes them) and the unplanned op.
+_PLANNED = {
+    "adamw_": ("AdamWPlan", _adamw_arguments, ("exp_avgs", "exp_avg_sqs", "max_exp_avg_sqs", "steps")),
+    "sgd_": ("SGDPlan", _sgd_arguments, ("momentum_buffers",)),
+    "lion_": ("LionPlan", _lion_arguments, ("exp_avgs",)),
+}
+
+
+def _planned(op: str, lists: dict[str, list[Tensor]], plan: dict, hyper: dict) -> None:
+    """An update for a caller that keeps ``plan`` (a dict, empty at first) while ``lists`` holds the
+    same params and states, validated by the op in ``fastopt.ops``, and grads of their shapes,
+    checked (fastopt.optim's step plan; see ``fastopt.ops.update_prechecked_``). The extension's
+    plan kept there has worked out the chunks, addresses and loops once: a call reads only the
+    grads' addresses and dtypes, from the step plan's GradWatch when ``plan["watch"]`` is there
+    (then ``lists["grads"]`` may be unfilled), else from ``lists["grads"]``. Lists that cannot be
+    planned (a non-contiguous param or state, a dtype combination not compiled) take the op."""
+    plan_name, make_arguments, state_names = _PLANNED[op]
     native = plan.get("cpu")
     if native is False or not lists["params"]:
-        return _adamw_listed(lists, plan, hyper)
-    arguments = _C.AdamWArguments(
-        *_split(lr), float(beta1), float(beta2), float(eps), float(weight_decay), bool(maximize), *_split(grad_scale),
-        found_inf, *_split(clip_coef), grad_scale is not None, clip_coef is not None,
-    )  # fmt: skip
+        return _listed(op, lists, plan, hyper)
+    arguments = make_arguments(**hyper)
     watched = plan.get("watch")
 
     def step() -> bool:
@@ -155,22 +232,49 @@ def adamw_planned_(lists: dict[str, list[Tensor]], plan: dict, *, lr, beta1, bet
         # First call, or a param moved since (p.data = x): plan these lists, with their grads.
         if watched is not None:
             watched[0].fill_lists()
-        native = plan["cpu"] = _C.AdamWPlan(
-            lists["params"], lists["grads"], lists["exp_avgs"], lists["exp_avg_sqs"],
-            lists.get("max_exp_avg_sqs") or [], lists["steps"],
-        )  # fmt: skip
+        native = plan["cpu"] = getattr(_C, plan_name)(
+            lists["params"], lists["grads"], *[lists.get(name) or [] for name in state_names]
+        )
         step()
     except RuntimeError as exc:  # NotImplementedError too: a dtype combination not compiled
-        if not isinstance(exc, NotImplementedError) and "AdamWPlan:" not in str(exc):
+        if not isinstance(exc, NotImplementedError) and f"{plan_name}:" not in str(exc):
             raise
         plan["cpu"] = False  # lists the plan cannot hold; raised before any write
-        _adamw_listed(lists, plan, hyper)
+        _listed(op, lists, plan, hyper)
 
 
-def _adamw_listed(lists: dict[str, list[Tensor]], plan: dict, hyper: dict) -> None:
-    """``adamw_`` on the lists, filled first from the step plan's GradWatch when there is one."""
+def _listed(op: str, lists: dict[str, list[Tensor]], plan: dict, hyper: dict) -> None:
+    """The op on the lists, filled first from the step plan's GradWatch when there is one."""
     watched = plan.get("watch")
     if watched is not None:
         watched[0].fill_lists()
-    adamw_(lists["params"], lists["grads"], lists["exp_avgs"], lists["exp_avg_sqs"], lists["steps"],
-           max_exp_avg_sqs=lists.get("max_exp_avg_sqs"), **hyper)  # fmt: skip
+    if op == "adamw_":
+        adamw_(lists["params"], lists["grads"], lists["exp_avgs"], lists["exp_avg_sqs"], lists["steps"],
+               max_exp_avg_sqs=lists.get("max_exp_avg_sqs"), **hyper)  # fmt: skip
+    elif op == "sgd_":
+        sgd_(lists["params"], lists["grads"], lists.get("momentum_buffers"), **hyper)
+    else:
+        lion_(lists["params"], lists["grads"], lists["exp_avgs"], **hyper)
+
+
+def adamw_planned_(lists: dict[str, list[Tensor]], plan: dict, *, lr, beta1, beta2, eps, weight_decay, maximize,
+                   grad_scale, found_inf, clip_coef, decoupled_weight_decay=True) -> None:  # fmt: skip
+    """``adamw_`` for fastopt.optim's step plan (see ``_planned``)."""
+    _planned("adamw_", lists, plan, dict(lr=lr, beta1=beta1, beta2=beta2, eps=eps, weight_decay=weight_decay,
+                                         maximize=maximize, grad_scale=grad_scale, found_inf=found_inf,
+                                         clip_coef=clip_coef, decoupled_weight_decay=decoupled_weight_decay))  # fmt: skip
+
+
+def sgd_planned_(lists: dict[str, list[Tensor]], plan: dict, *, lr, momentum, dampening, weight_decay, nesterov,
+                 maximize, first_step, grad_scale, found_inf, clip_coef) -> None:  # fmt: skip
+    """``sgd_`` for fastopt.optim's step plan (see ``_planned``)."""
+    _planned("sgd_", lists, plan, dict(lr=lr, momentum=momentum, dampening=dampening, weight_decay=weight_decay,
+                                       nesterov=nesterov, maximize=maximize, first_step=first_step,
+                                       grad_scale=grad_scale, found_inf=found_inf, clip_coef=clip_coef))  # fmt: skip
+
+
+def lion_planned_(lists: dict[str, list[Tensor]], plan: dict, *, lr, beta1, beta2, weight_decay, maximize, grad_scale,
+                  found_inf, clip_coef) -> None:  # fmt: skip
+    """``lion_`` for fastopt.optim's step plan (see ``_planned``)."""
+    _planned("lion_", lists, plan, dict(lr=lr, beta1=beta1, beta2=beta2, weight_decay=weight_decay, maximize=maximize,
+                                        grad_scale=grad_scale, found_inf=found_inf, clip_coef=clip_coef))  # fmt: skip

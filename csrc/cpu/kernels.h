@@ -210,8 +210,9 @@ FASTOPT_CPU_CLONES void clamp_block(T* __restrict x, int64_t n, double limit_val
   for (int64_t i = 0; i < n; ++i) store(x[i], clamp_symmetric(load<A>(x[i]), limit));
 }
 
-// The elements of one AdamW block (see adamw_block), with the lerp's end fixed.
-template <typename P, typename G, typename S, bool AMSGrad, bool Scaled, bool LerpFromStart>
+// The elements of one AdamW block (see adamw_block), with the lerp's end fixed. L2: Adam's weight
+// decay (decoupled_weight_decay=False), added to the grad.
+template <typename P, typename G, typename S, bool AMSGrad, bool Scaled, bool L2, bool LerpFromStart>
 FASTOPT_CPU_INLINE void adamw_elements(P* __restrict param, const G* __restrict grad, S* __restrict exp_avg,
                                        S* __restrict exp_avg_sq, S* __restrict max_exp_avg_sq, int64_t n,
                                        const AdamWConstants<acc_t<P>>& c, acc_t<P> grad_scale, acc_t<P> clip_coef) {
@@ -222,10 +223,10 @@ FASTOPT_CPU_INLINE void adamw_elements(P* __restrict param, const G* __restrict 
     if constexpr (Scaled) g = effective_grad(g, grad_scale, clip_coef, false);
     if constexpr (AMSGrad) {
       A v_max = load<A>(max_exp_avg_sq[i]);
-      adamw_update_fused<LerpFromStart>(p, g, m, v, &v_max, c);
+      adamw_update_fused<LerpFromStart, A, L2>(p, g, m, v, &v_max, c);
       store(max_exp_avg_sq[i], v_max);
     } else {
-      adamw_update_fused<LerpFromStart, A>(p, g, m, v, nullptr, c);
+      adamw_update_fused<LerpFromStart, A, L2>(p, g, m, v, nullptr, c);
     }
     store(param[i], p);
     store(exp_avg[i], m);
@@ -235,7 +236,7 @@ FASTOPT_CPU_INLINE void adamw_elements(P* __restrict param, const G* __restrict 
 
 // One block of AdamW. The grad is g / grad_scale * clip_coef when Scaled (maximize folds into a
 // negative grad_scale: -(g / s) == g / -s exactly), else g itself.
-template <typename P, typename G, typename S, bool AMSGrad, bool Scaled>
+template <typename P, typename G, typename S, bool AMSGrad, bool Scaled, bool L2>
 FASTOPT_CPU_CLONES void adamw_block(P* __restrict param, const G* __restrict grad, S* __restrict exp_avg,
                                     S* __restrict exp_avg_sq, S* __restrict max_exp_avg_sq, int64_t n,
                                     const AdamWConstants<double>& constants, double grad_scale_value,
@@ -244,11 +245,86 @@ FASTOPT_CPU_CLONES void adamw_block(P* __restrict param, const G* __restrict gra
   const AdamWConstants<A> c = adamw_constants_as<A>(constants);
   const A grad_scale = A(grad_scale_value), clip_coef = A(clip_coef_value);
   if (lerp_from_start(c.one_minus_beta1))
-    adamw_elements<P, G, S, AMSGrad, Scaled, true>(param, grad, exp_avg, exp_avg_sq, max_exp_avg_sq, n, c, grad_scale,
-                                                   clip_coef);
+    adamw_elements<P, G, S, AMSGrad, Scaled, L2, true>(param, grad, exp_avg, exp_avg_sq, max_exp_avg_sq, n, c,
+                                                       grad_scale, clip_coef);
   else
-    adamw_elements<P, G, S, AMSGrad, Scaled, false>(param, grad, exp_avg, exp_avg_sq, max_exp_avg_sq, n, c, grad_scale,
-                                                    clip_coef);
+    adamw_elements<P, G, S, AMSGrad, Scaled, L2, false>(param, grad, exp_avg, exp_avg_sq, max_exp_avg_sq, n, c,
+                                                        grad_scale, clip_coef);
+}
+
+// One block of SGD (torch.optim.SGD's order, each add-with-alpha one fma as torch's CPU kernels
+// round it). Momentum: momentum_buffer is read (unless First) and written; without it, it is
+// null. The flags are template arguments so that the loop has no branch and vectorises. The
+// grad as adamw_block forms it.
+template <typename P, typename G, typename S, bool Momentum, bool First, bool Nesterov, bool WeightDecay, bool Scaled>
+FASTOPT_CPU_CLONES void sgd_block(P* __restrict param, const G* __restrict grad, S* __restrict momentum_buffer,
+                                  int64_t n, const SGDConstants<double>& constants, double grad_scale_value,
+                                  double clip_coef_value) {
+  using A = acc_t<P>;
+  const SGDConstants<A> c{A(constants.weight_decay), A(constants.momentum), A(constants.one_minus_dampening),
+                          A(constants.neg_lr)};
+  const A grad_scale = A(grad_scale_value), clip_coef = A(clip_coef_value);
+  for (int64_t i = 0; i < n; ++i) {
+    A p = load<A>(param[i]);
+    A g = load<A>(grad[i]);
+    if constexpr (Scaled) g = effective_grad(g, grad_scale, clip_coef, false);
+    if constexpr (Momentum) {
+      A buffer = First ? A(0) : load<A>(momentum_buffer[i]);
+      sgd_update_fused<WeightDecay, First, Nesterov>(p, g, &buffer, c);
+      store(momentum_buffer[i], buffer);
+    } else {
+      sgd_update_fused<WeightDecay, false, false, A>(p, g, nullptr, c);
+    }
+    store(param[i], p);
+  }
+}
+
+// element_math.h's lion_update with torch's CPU rounding of its two lerps (lerp_fused, each from
+// the end its weight picks, as adamw_update_fused). The direction is +-1 or 0, so the param's
+// update rounds as the reference's add with alpha.
+template <bool DirectionFromStart, bool MomentumFromStart, typename A>
+FASTOPT_CPU_INLINE void lion_update_fused(A& param, A grad, A& exp_avg, const LionConstants<A>& c) {
+  const A direction = sign_of(lerp_fused<DirectionFromStart>(exp_avg, grad, c.one_minus_beta1));
+  param = param * c.decay_factor + c.neg_lr * direction;
+  exp_avg = lerp_fused<MomentumFromStart>(exp_avg, grad, c.one_minus_beta2);
+}
+
+// The elements of one Lion block (see lion_block), with the lerps' ends fixed.
+template <typename P, typename G, typename S, bool Scaled, bool DirectionFromStart, bool MomentumFromStart>
+FASTOPT_CPU_INLINE void lion_elements(P* __restrict param, const G* __restrict grad, S* __restrict exp_avg, int64_t n,
+                                      const LionConstants<acc_t<P>>& c, acc_t<P> grad_scale, acc_t<P> clip_coef) {
+  using A = acc_t<P>;
+  for (int64_t i = 0; i < n; ++i) {
+    A p = load<A>(param[i]), m = load<A>(exp_avg[i]);
+    A g = load<A>(grad[i]);
+    if constexpr (Scaled) g = effective_grad(g, grad_scale, clip_coef, false);
+    lion_update_fused<DirectionFromStart, MomentumFromStart>(p, g, m, c);
+    store(param[i], p);
+    store(exp_avg[i], m);
+  }
+}
+
+// One block of Lion; the grad as adamw_block forms it.
+template <typename P, typename G, typename S, bool Scaled>
+FASTOPT_CPU_CLONES void lion_block(P* __restrict param, const G* __restrict grad, S* __restrict exp_avg, int64_t n,
+                                   const LionConstants<double>& constants, double grad_scale_value,
+                                   double clip_coef_value) {
+  using A = acc_t<P>;
+  const LionConstants<A> c{A(constants.decay_factor), A(constants.one_minus_beta1), A(constants.one_minus_beta2),
+                           A(constants.neg_lr)};
+  const A grad_scale = A(grad_scale_value), clip_coef = A(clip_coef_value);
+  const bool direction_from_start = lerp_from_start(c.one_minus_beta1);
+  if (lerp_from_start(c.one_minus_beta2)) {
+    if (direction_from_start)
+      lion_elements<P, G, S, Scaled, true, true>(param, grad, exp_avg, n, c, grad_scale, clip_coef);
+    else
+      lion_elements<P, G, S, Scaled, false, true>(param, grad, exp_avg, n, c, grad_scale, clip_coef);
+  } else {
+    if (direction_from_start)
+      lion_elements<P, G, S, Scaled, true, false>(param, grad, exp_avg, n, c, grad_scale, clip_coef);
+    else
+      lion_elements<P, G, S, Scaled, false, false>(param, grad, exp_avg, n, c, grad_scale, clip_coef);
+  }
 }
 
 }  // namespace cpu

@@ -378,81 +378,167 @@ void adaptive_clip_(const std::vector<Tensor>& params, const std::vector<Tensor>
   work.finish();
 }
 
-// ----------------------------------------------------------------------------------------- AdamW
+// ------------------------------------------------------------------------------- update ops
+//
+// AdamW (and Adam's L2 variant), SGD and Lion share one machinery: the dtype combinations
+// compiled, the block function of each tensor chosen before anything is written, one pass over
+// the chunk plan's blocks, and the planned step of fastopt.optim (UpdatePlan). What differs is
+// an op's traits (AdamWOp, SGDOp, LionOp): its state lists, its variants (the flags that are
+// template arguments of its loop, so that the loop has no branch and vectorises) and constants.
 
-using AdamWBlockFn = void (*)(void*, const void*, void*, void*, void*, int64_t, const AdamWConstants<double>&,
-                              double, double);
+// One block of an update: param, grad, up to kMaxStates states (null past the op's), the element
+// count, the op's constants, grad_scale and clip_coef.
+template <typename Constants>
+using UpdateBlockFn = void (*)(void*, const void*, void*, void*, void*, int64_t, const Constants&, double, double);
+constexpr size_t kMaxStates = 3;
 
-template <typename P, typename G, typename S>
-AdamWBlockFn adamw_fn(bool amsgrad, bool scaled) {
-#define FASTOPT_ADAMW_FN(AMS, SCALED)                                                                         \
-  [](void* p, const void* g, void* m, void* v, void* vmax, int64_t n, const AdamWConstants<double>& c,       \
-     double gs, double cc) {                                                                                  \
-    adamw_block<P, G, S, AMS, SCALED>(static_cast<P*>(p), static_cast<const G*>(g), static_cast<S*>(m),      \
-                                      static_cast<S*>(v), static_cast<S*>(vmax), n, c, gs, cc);              \
-  }
-  if (amsgrad) return scaled ? AdamWBlockFn(FASTOPT_ADAMW_FN(true, true)) : AdamWBlockFn(FASTOPT_ADAMW_FN(true, false));
-  return scaled ? AdamWBlockFn(FASTOPT_ADAMW_FN(false, true)) : AdamWBlockFn(FASTOPT_ADAMW_FN(false, false));
-#undef FASTOPT_ADAMW_FN
+// f.template operator()<flags...>() with runtime flags as template arguments.
+template <bool... Chosen, typename F>
+auto with_flags(const F& f) {
+  return f.template operator()<Chosen...>();
+}
+template <bool... Chosen, typename F, typename... Rest>
+auto with_flags(const F& f, bool flag, Rest... rest) {
+  return flag ? with_flags<Chosen..., true>(f, rest...) : with_flags<Chosen..., false>(f, rest...);
 }
 
-// The (param, grad, state) dtype combinations compiled, as the CUDA backend's (fastopt/cuda.py,
-// ADAMW_BUILDS): fp64; fp32 params and states with fp32, bf16 or fp16 grads; bf16 / fp16 params
-// with grads of their dtype or fp32 and states of their dtype or fp32. nullptr otherwise.
-AdamWBlockFn adamw_fn_for(at::ScalarType p, at::ScalarType g, at::ScalarType s, bool amsgrad, bool scaled) {
+// The (param, grad, state) dtype combinations compiled, for every update op as the CUDA backend's
+// AdamW (fastopt/cuda.py, ADAMW_BUILDS): fp64; fp32 params and states with fp32, bf16 or fp16
+// grads; bf16 / fp16 params with grads of their dtype or fp32 and states of their dtype or fp32.
+// Op::fn<P, G, S>(variant) for one of them; nullptr otherwise.
+template <typename Op>
+typename Op::Fn combination_fn(at::ScalarType p, at::ScalarType g, at::ScalarType s, unsigned variant) {
   using at::kBFloat16;
   using at::kDouble;
   using at::kFloat;
   using at::kHalf;
-  if (p == kDouble) return g == kDouble && s == kDouble ? adamw_fn<double, double, double>(amsgrad, scaled) : nullptr;
+  if (p == kDouble) return g == kDouble && s == kDouble ? Op::template fn<double, double, double>(variant) : nullptr;
   if (p == kFloat) {
     if (s != kFloat) return nullptr;
-    if (g == kFloat) return adamw_fn<float, float, float>(amsgrad, scaled);
-    if (g == kBFloat16) return adamw_fn<float, BF16, float>(amsgrad, scaled);
-    if (g == kHalf) return adamw_fn<float, F16, float>(amsgrad, scaled);
+    if (g == kFloat) return Op::template fn<float, float, float>(variant);
+    if (g == kBFloat16) return Op::template fn<float, BF16, float>(variant);
+    if (g == kHalf) return Op::template fn<float, F16, float>(variant);
     return nullptr;
   }
   if (p == kBFloat16) {
-    if (g == kBFloat16 && s == kBFloat16) return adamw_fn<BF16, BF16, BF16>(amsgrad, scaled);
-    if (g == kBFloat16 && s == kFloat) return adamw_fn<BF16, BF16, float>(amsgrad, scaled);
-    if (g == kFloat && s == kBFloat16) return adamw_fn<BF16, float, BF16>(amsgrad, scaled);
-    if (g == kFloat && s == kFloat) return adamw_fn<BF16, float, float>(amsgrad, scaled);
+    if (g == kBFloat16 && s == kBFloat16) return Op::template fn<BF16, BF16, BF16>(variant);
+    if (g == kBFloat16 && s == kFloat) return Op::template fn<BF16, BF16, float>(variant);
+    if (g == kFloat && s == kBFloat16) return Op::template fn<BF16, float, BF16>(variant);
+    if (g == kFloat && s == kFloat) return Op::template fn<BF16, float, float>(variant);
     return nullptr;
   }
   if (p == kHalf) {
-    if (g == kHalf && s == kHalf) return adamw_fn<F16, F16, F16>(amsgrad, scaled);
-    if (g == kHalf && s == kFloat) return adamw_fn<F16, F16, float>(amsgrad, scaled);
-    if (g == kFloat && s == kHalf) return adamw_fn<F16, float, F16>(amsgrad, scaled);
-    if (g == kFloat && s == kFloat) return adamw_fn<F16, float, float>(amsgrad, scaled);
+    if (g == kHalf && s == kHalf) return Op::template fn<F16, F16, F16>(variant);
+    if (g == kHalf && s == kFloat) return Op::template fn<F16, F16, float>(variant);
+    if (g == kFloat && s == kHalf) return Op::template fn<F16, float, F16>(variant);
+    if (g == kFloat && s == kFloat) return Op::template fn<F16, float, float>(variant);
   }
   return nullptr;
 }
 
-// The block function of each tensor, decided before anything is written: a dtype combination not
-// compiled raises NotImplementedError (fastopt/cpu.py then runs the reference).
-std::vector<AdamWBlockFn> adamw_fns(const std::vector<Tensor>& params, const std::vector<Tensor>& grads,
-                                    const std::vector<Tensor>& exp_avgs, const std::vector<Tensor>& exp_avg_sqs,
-                                    const std::vector<Tensor>& max_exp_avg_sqs, bool scaled) {
-  const bool amsgrad = !max_exp_avg_sqs.empty();
-  std::vector<AdamWBlockFn> fns(params.size());
-  for (size_t i = 0; i < params.size(); ++i) {
-    const at::ScalarType s = exp_avgs[i].scalar_type();
-    const bool same_states = exp_avg_sqs[i].scalar_type() == s && (!amsgrad || max_exp_avg_sqs[i].scalar_type() == s);
-    fns[i] = same_states ? adamw_fn_for(params[i].scalar_type(), grads[i].scalar_type(), s, amsgrad, scaled) : nullptr;
-    TORCH_CHECK_NOT_IMPLEMENTED(fns[i] != nullptr, "fastopt cpu backend: AdamW is not compiled for params ",
-                                params[i].scalar_type(), ", grads ", grads[i].scalar_type(), ", states ", s);
-  }
+// The block function of one tensor, given its states (all of one dtype; with none, as SGD without
+// momentum, the param's dtype stands in). A combination not compiled raises NotImplementedError
+// (fastopt/cpu.py then runs the reference), always before anything is written.
+template <typename Op>
+typename Op::Fn update_fn(const Tensor& param, at::ScalarType grad_type, const std::vector<const Tensor*>& states,
+                          unsigned variant) {
+  const at::ScalarType s = states.empty() ? param.scalar_type() : states[0]->scalar_type();
+  bool same_states = true;
+  for (const Tensor* state : states) same_states = same_states && state->scalar_type() == s;
+  const typename Op::Fn fn = same_states ? combination_fn<Op>(param.scalar_type(), grad_type, s, variant) : nullptr;
+  TORCH_CHECK_NOT_IMPLEMENTED(fn != nullptr, "fastopt cpu backend: ", Op::kName, " is not compiled for params ",
+                              param.scalar_type(), ", grads ", grad_type, ", states ", s);
+  return fn;
+}
+
+// The states of tensor i: one tensor of each state list.
+std::vector<const Tensor*> states_at(const std::vector<const std::vector<Tensor>*>& lists, size_t i) {
+  std::vector<const Tensor*> states;
+  for (const std::vector<Tensor>* list : lists) states.push_back(&(*list)[i]);
+  return states;
+}
+
+template <typename Op>
+std::vector<typename Op::Fn> update_fns(const std::vector<Tensor>& params, const std::vector<Tensor>& grads,
+                                        const std::vector<const std::vector<Tensor>*>& states, unsigned variant) {
+  std::vector<typename Op::Fn> fns(params.size());
+  for (size_t i = 0; i < params.size(); ++i)
+    fns[i] = update_fn<Op>(params[i], grads[i].scalar_type(), states_at(states, i), variant);
   return fns;
 }
 
-// The hyperparameters of one call, with the scalars read from their tensors.
-struct AdamWCall {
-  double lr, beta1, beta2, eps, weight_decay, grad_scale, clip_coef;
-  bool scaled;  // grads go through grad_scale / clip_coef / maximize's sign
+// Where one tensor's param, grad and states start, and their element sizes.
+struct UpdatePointers {
+  void* p;
+  const void* g;
+  void* s[kMaxStates];  // null past the op's states
+  int64_t p_size, g_size, s_size;
 };
 
-// Adds one to every step count (CPU scalars, read and written here) and gives each tensor its
-// constants, in double. Equal counts (the usual case) share one computation of the powers.
+// One pass of an update over every block. constants: one per tensor, or one for all.
+template <typename Fn, typename Constants>
+void run_update_pass(const ChunkPlan& plan, int64_t total_elements, const std::vector<Fn>& fns,
+                     const std::vector<UpdatePointers>& pointers, const std::vector<Constants>& constants,
+                     double grad_scale, double clip_coef) {
+  const bool shared = constants.size() == 1;
+  for_blocks(plan, total_elements, [&](int64_t b) {
+    const int64_t t = plan.chunk_tensor[b], start = plan.chunk_start[b];
+    const UpdatePointers& q = pointers[t];
+    void* s[kMaxStates];
+    for (size_t k = 0; k < kMaxStates; ++k) s[k] = q.s[k] == nullptr ? nullptr : offset(q.s[k], start, q.s_size);
+    fns[t](offset(q.p, start, q.p_size), offset(const_cast<void*>(q.g), start, q.g_size), s[0], s[1], s[2],
+           plan.chunk_end[b] - start, constants[shared ? 0 : t], grad_scale, clip_coef);
+  });
+}
+
+// The step-wide scalars of an update, read: maximize is folded into the grad scale's sign
+// (-(g / s) == g / -s exactly); without grad_scale, clip_coef or maximize the grads are used as
+// they are (not scaled).
+struct StepScalars {
+  double lr, grad_scale, clip_coef;
+  bool scaled;
+};
+
+// The step-wide scalars as fastopt/cpu.py passes them: (value, tensor or None).
+struct StepArguments {
+  double lr_value;
+  std::optional<Tensor> lr_tensor;
+  bool maximize;
+  double grad_scale_value;
+  std::optional<Tensor> grad_scale_tensor, found_inf;
+  double clip_coef_value;
+  std::optional<Tensor> clip_coef_tensor;
+  bool has_grad_scale, has_clip_coef;
+
+  // A non-zero found_inf: the step changes no bit.
+  bool skipped() const { return found_inf.has_value() && scalar_value(0.0, found_inf) != 0.0; }
+
+  StepScalars read() const {
+    const double scale = has_grad_scale ? scalar_value(grad_scale_value, grad_scale_tensor) : 1.0;
+    return {scalar_value(lr_value, lr_tensor), maximize ? -scale : scale,
+            has_clip_coef ? scalar_value(clip_coef_value, clip_coef_tensor) : 1.0,
+            has_grad_scale || has_clip_coef || maximize};
+  }
+};
+
+// Each op's arguments: the step's scalars and the op's own hyperparameters.
+struct AdamWArguments {
+  StepArguments step;
+  double beta1, beta2, eps, weight_decay;
+  bool decoupled_weight_decay;
+};
+
+struct SGDArguments {
+  StepArguments step;
+  double momentum, dampening, weight_decay;
+  bool nesterov, first_step;
+};
+
+struct LionArguments {
+  StepArguments step;
+  double beta1, beta2, weight_decay;
+};
+
 // Adds one to a step count (a CPU scalar, float32 or float64) and returns the new count.
 double advance_step(const Tensor& step) {
   double value;
@@ -467,182 +553,261 @@ double advance_step(const Tensor& step) {
   return value;
 }
 
-// The per-tensor constants of a call by step count: equal counts in a row (the usual case) share
-// one computation of the powers.
-class ConstantsByStep {
- public:
-  explicit ConstantsByStep(const AdamWCall& call) : call_(call) {}
-  const AdamWConstants<double>& operator()(double step) {
-    if (step != last_step_) {
-      constants_ = adamw_constants<double>(call_.lr, call_.beta1, call_.beta2, call_.eps, call_.weight_decay, step);
-      last_step_ = step;
+// ------------------------------------------------------------------------------------ the ops
+
+// AdamW; with decoupled_weight_decay=False, Adam (L2: the decay added to the grad). States:
+// exp_avg, exp_avg_sq and, with AMSGrad, max_exp_avg_sq. Constants per tensor, from its step.
+struct AdamWOp {
+  using Constants = AdamWConstants<double>;
+  using Fn = UpdateBlockFn<Constants>;
+  using Arguments = AdamWArguments;
+  static constexpr const char* kName = "AdamW";
+  static constexpr unsigned kAMSGrad = 1, kScaled = 2, kL2 = 4;
+
+  template <typename P, typename G, typename S>
+  struct Make {
+    template <bool AMSGrad, bool Scaled, bool L2>
+    Fn operator()() const {
+      return [](void* p, const void* g, void* m, void* v, void* vmax, int64_t n, const Constants& c, double gs,
+                double cc) {
+        adamw_block<P, G, S, AMSGrad, Scaled, L2>(static_cast<P*>(p), static_cast<const G*>(g), static_cast<S*>(m),
+                                                  static_cast<S*>(v), static_cast<S*>(vmax), n, c, gs, cc);
+      };
     }
-    return constants_;
+  };
+  template <typename P, typename G, typename S>
+  static Fn fn(unsigned variant) {
+    return with_flags(Make<P, G, S>{}, variant & kAMSGrad, variant & kScaled, variant & kL2);
   }
 
- private:
-  const AdamWCall& call_;
-  double last_step_ = -1.0;  // no step count is negative
-  AdamWConstants<double> constants_{};
+  // Torch skips a zero weight decay; so does the L2 loop (0 * a nan param would reach the grad).
+  static unsigned variant(const Arguments& a, const StepScalars& scalars, size_t num_states) {
+    return (num_states == 3 ? kAMSGrad : 0) | (scalars.scaled ? kScaled : 0) |
+           (!a.decoupled_weight_decay && a.weight_decay != 0.0 ? kL2 : 0);
+  }
+
+  // Advances every step count and gives each tensor its constants, in double. Equal counts in a
+  // row (the usual case) share one computation of the powers.
+  static std::vector<Constants> constants(const Arguments& a, const StepScalars& scalars,
+                                          const std::vector<Tensor>& steps) {
+    std::vector<Constants> constants(steps.size());
+    double last_step = -1.0;  // no step count is negative
+    for (size_t i = 0; i < steps.size(); ++i) {
+      const double step = advance_step(steps[i]);
+      if (step != last_step)
+        constants[i] = adamw_constants<double>(scalars.lr, a.beta1, a.beta2, a.eps, a.weight_decay, step,
+                                               a.decoupled_weight_decay);
+      else
+        constants[i] = constants[i - 1];
+      last_step = step;
+    }
+    return constants;
+  }
 };
 
-std::vector<AdamWConstants<double>> advance_steps(const std::vector<Tensor>& steps, const AdamWCall& call) {
-  std::vector<AdamWConstants<double>> constants(steps.size());
-  ConstantsByStep constants_by_step(call);
-  for (size_t i = 0; i < steps.size(); ++i) constants[i] = constants_by_step(advance_step(steps[i]));
-  return constants;
-}
+// SGD; the state, with momentum only, is the momentum buffer. One set of constants.
+struct SGDOp {
+  using Constants = SGDConstants<double>;
+  using Fn = UpdateBlockFn<Constants>;
+  using Arguments = SGDArguments;
+  static constexpr const char* kName = "SGD";
+  static constexpr unsigned kMomentum = 1, kFirst = 2, kNesterov = 4, kWeightDecay = 8, kScaled = 16;
 
-// Where one tensor's param, grad and states start, and their element sizes.
-struct AdamWPointers {
-  void* p;
-  const void* g;
-  void* m;
-  void* v;
-  void* vmax;
-  int64_t p_size, g_size, s_size;
+  template <typename P, typename G, typename S>
+  struct MakeWithMomentum {
+    template <bool First, bool Nesterov, bool WeightDecay, bool Scaled>
+    Fn operator()() const {
+      return [](void* p, const void* g, void* buffer, void*, void*, int64_t n, const Constants& c, double gs,
+                double cc) {
+        sgd_block<P, G, S, true, First, Nesterov, WeightDecay, Scaled>(
+            static_cast<P*>(p), static_cast<const G*>(g), static_cast<S*>(buffer), n, c, gs, cc);
+      };
+    }
+  };
+  template <typename P, typename G>
+  struct MakeWithoutMomentum {
+    template <bool WeightDecay, bool Scaled>
+    Fn operator()() const {
+      return [](void* p, const void* g, void*, void*, void*, int64_t n, const Constants& c, double gs, double cc) {
+        sgd_block<P, G, P, false, false, false, WeightDecay, Scaled>(static_cast<P*>(p), static_cast<const G*>(g),
+                                                                      nullptr, n, c, gs, cc);
+      };
+    }
+  };
+  // Without momentum there is no state: S is the param's type (update_fn), so those loops are
+  // compiled once per (param, grad) pair.
+  template <typename P, typename G, typename S>
+  static Fn fn(unsigned variant) {
+    if (variant & kMomentum)
+      return with_flags(MakeWithMomentum<P, G, S>{}, variant & kFirst, variant & kNesterov, variant & kWeightDecay,
+                        variant & kScaled);
+    if constexpr (std::is_same_v<P, S>) {
+      return with_flags(MakeWithoutMomentum<P, G>{}, variant & kWeightDecay, variant & kScaled);
+    } else {
+      return nullptr;  // update_fn never asks: without a state, S is P
+    }
+  }
+
+  // Torch skips a zero weight decay (0 * a nan param would reach the grad); so does the loop.
+  static unsigned variant(const Arguments& a, const StepScalars& scalars, size_t num_states) {
+    const bool momentum = num_states == 1;
+    TORCH_CHECK(momentum == (a.momentum != 0.0), "SGD: momentum buffers go with a non-zero momentum, and only then");
+    return (momentum ? kMomentum : 0) | (momentum && a.first_step ? kFirst : 0) |
+           (momentum && a.nesterov ? kNesterov : 0) | (a.weight_decay != 0.0 ? kWeightDecay : 0) |
+           (scalars.scaled ? kScaled : 0);
+  }
+
+  static std::vector<Constants> constants(const Arguments& a, const StepScalars& scalars, const std::vector<Tensor>&) {
+    return {sgd_constants<double>(scalars.lr, a.momentum, a.dampening, a.weight_decay)};
+  }
 };
 
-void run_adamw_pass(const ChunkPlan& plan, int64_t total_elements, const std::vector<AdamWBlockFn>& fns,
-                    const std::vector<AdamWPointers>& pointers, const std::vector<AdamWConstants<double>>& constants,
-                    const AdamWCall& call) {
-  for_blocks(plan, total_elements, [&](int64_t b) {
-    const int64_t t = plan.chunk_tensor[b], start = plan.chunk_start[b];
-    const AdamWPointers& q = pointers[t];
-    fns[t](offset(q.p, start, q.p_size), offset(const_cast<void*>(q.g), start, q.g_size),
-           offset(q.m, start, q.s_size), offset(q.v, start, q.s_size),
-           q.vmax == nullptr ? nullptr : offset(q.vmax, start, q.s_size), plan.chunk_end[b] - start, constants[t],
-           call.grad_scale, call.clip_coef);
-  });
-}
+// Lion; the state is its momentum (exp_avg). One set of constants.
+struct LionOp {
+  using Constants = LionConstants<double>;
+  using Fn = UpdateBlockFn<Constants>;
+  using Arguments = LionArguments;
+  static constexpr const char* kName = "Lion";
+  static constexpr unsigned kScaled = 1;
 
-// A planned step's arguments as fastopt/cpu.py passes them (the scalars of adamw_).
-struct AdamWArguments {
-  double lr_value;
-  std::optional<Tensor> lr_tensor;
-  double beta1, beta2, eps, weight_decay;
-  bool maximize;
-  double grad_scale_value;
-  std::optional<Tensor> grad_scale_tensor, found_inf;
-  double clip_coef_value;
-  std::optional<Tensor> clip_coef_tensor;
-  bool has_grad_scale, has_clip_coef;
+  template <typename P, typename G, typename S>
+  struct Make {
+    template <bool Scaled>
+    Fn operator()() const {
+      return [](void* p, const void* g, void* m, void*, void*, int64_t n, const Constants& c, double gs, double cc) {
+        lion_block<P, G, S, Scaled>(static_cast<P*>(p), static_cast<const G*>(g), static_cast<S*>(m), n, c, gs, cc);
+      };
+    }
+  };
+  template <typename P, typename G, typename S>
+  static Fn fn(unsigned variant) {
+    return with_flags(Make<P, G, S>{}, variant & kScaled);
+  }
+
+  static unsigned variant(const Arguments&, const StepScalars& scalars, size_t) { return scalars.scaled ? kScaled : 0; }
+
+  static std::vector<Constants> constants(const Arguments& a, const StepScalars& scalars, const std::vector<Tensor>&) {
+    return {lion_constants<double>(scalars.lr, a.beta1, a.beta2, a.weight_decay)};
+  }
 };
 
-// The scalars of a call (value, or a 1-element CPU tensor) as numbers. maximize is folded into
-// the grad scale's sign (-(g / s) == g / -s exactly); without grad_scale, clip_coef or maximize
-// the grads are used as they are.
-AdamWCall adamw_call(double lr_value, const std::optional<Tensor>& lr_tensor, double beta1, double beta2, double eps,
-                     double weight_decay, bool maximize, double grad_scale_value,
-                     const std::optional<Tensor>& grad_scale_tensor, double clip_coef_value,
-                     const std::optional<Tensor>& clip_coef_tensor, bool has_grad_scale, bool has_clip_coef) {
-  const double scale = has_grad_scale ? scalar_value(grad_scale_value, grad_scale_tensor) : 1.0;
-  return {scalar_value(lr_value, lr_tensor),
-          beta1,
-          beta2,
-          eps,
-          weight_decay,
-          maximize ? -scale : scale,
-          has_clip_coef ? scalar_value(clip_coef_value, clip_coef_tensor) : 1.0,
-          has_grad_scale || has_clip_coef || maximize};
-}
-
-bool skipped(const std::optional<Tensor>& found_inf) {
-  return found_inf.has_value() && scalar_value(0.0, found_inf) != 0.0;
-}
-
-// One AdamW step. Scalars come as (value, tensor or None); a non-zero found_inf returns before
-// anything is touched.
-void adamw_(const std::vector<Tensor>& params, const std::vector<Tensor>& grads, const std::vector<Tensor>& exp_avgs,
-            const std::vector<Tensor>& exp_avg_sqs, const std::vector<Tensor>& steps, double lr_value,
-            const std::optional<Tensor>& lr_tensor, double beta1, double beta2, double eps, double weight_decay,
-            bool maximize, const std::vector<Tensor>& max_exp_avg_sqs, double grad_scale_value,
-            const std::optional<Tensor>& grad_scale_tensor, const std::optional<Tensor>& found_inf,
-            double clip_coef_value, const std::optional<Tensor>& clip_coef_tensor, bool has_grad_scale,
-            bool has_clip_coef) {
-  if (skipped(found_inf)) return;  // no bit changes
-  const AdamWCall call = adamw_call(lr_value, lr_tensor, beta1, beta2, eps, weight_decay, maximize, grad_scale_value,
-                                    grad_scale_tensor, clip_coef_value, clip_coef_tensor, has_grad_scale, has_clip_coef);
-  const bool amsgrad = !max_exp_avg_sqs.empty();
-  const std::vector<AdamWBlockFn> fns = adamw_fns(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, call.scaled);
-  const std::vector<AdamWConstants<double>> constants = advance_steps(steps, call);
-  Contiguous p(params, true), g(grads, false), m(exp_avgs, true), v(exp_avg_sqs, true),
-      vmax(amsgrad ? max_exp_avg_sqs : std::vector<Tensor>{}, true);
+// One step of an update op on lists (non-contiguous tensors run on contiguous copies, copied back).
+// states: the op's state lists, in its block function's order; steps: AdamW's step counts. A
+// non-zero found_inf returns before anything is touched; so does a dtype combination not compiled.
+template <typename Op>
+void update_(const std::vector<Tensor>& params, const std::vector<Tensor>& grads,
+             const std::vector<const std::vector<Tensor>*>& states, const std::vector<Tensor>& steps,
+             const typename Op::Arguments& a) {
+  if (a.step.skipped()) return;  // no bit changes
+  const StepScalars scalars = a.step.read();
+  const unsigned variant = Op::variant(a, scalars, states.size());
+  const std::vector<typename Op::Fn> fns = update_fns<Op>(params, grads, states, variant);
+  const std::vector<typename Op::Constants> constants = Op::constants(a, scalars, steps);
+  Contiguous p(params, true), g(grads, false);
+  std::vector<Contiguous> s;
+  s.reserve(states.size());
+  for (const std::vector<Tensor>* list : states) s.emplace_back(*list, true);
   const std::vector<int64_t> numels = numels_of(params);
   const ChunkPlan plan = plan_chunks(numels, {}, {}, kBlockSize, false);
-  std::vector<AdamWPointers> pointers(params.size());
+  std::vector<UpdatePointers> pointers(params.size());
   for (size_t i = 0; i < params.size(); ++i) {
     if (numels[i] == 0) continue;
-    pointers[i] = {p.data(i), g.data(i), m.data(i), v.data(i), amsgrad ? vmax.data(i) : nullptr,
-                   p[i].element_size(), g[i].element_size(), m[i].element_size()};
+    UpdatePointers& q = pointers[i];
+    q = {p.data(i), g.data(i), {nullptr, nullptr, nullptr}, p[i].element_size(), g[i].element_size(), 0};
+    for (size_t k = 0; k < s.size(); ++k) q.s[k] = s[k].data(i);
+    if (!s.empty()) q.s_size = s[0][i].element_size();
   }
-  run_adamw_pass(plan, sum_of(numels), fns, pointers, constants, call);
+  run_update_pass(plan, sum_of(numels), fns, pointers, constants, scalars.grad_scale, scalars.clip_coef);
   p.finish();
-  m.finish();
-  v.finish();
-  vmax.finish();
+  for (Contiguous& list : s) list.finish();
 }
 
-// adamw_ for lists that stay the same from step to step but for their grads (fastopt.optim's step
-// plan; fastopt/cpu.py adamw_planned_): the chunk plan, the params' and states' addresses and the
-// block functions are worked out once. A call reads the grads' addresses and dtypes (the caller
-// has checked them: shapes and devices of the params, CPU, floating), from a Python list or from
-// the plan's GradWatch (no Python object per grad), and runs the pass. Lists with a non-contiguous
-// param or state are not planned (adamw_ copies those).
-class AdamWPlan {
+void adamw_(const std::vector<Tensor>& params, const std::vector<Tensor>& grads, const std::vector<Tensor>& exp_avgs,
+            const std::vector<Tensor>& exp_avg_sqs, const std::vector<Tensor>& steps,
+            const std::vector<Tensor>& max_exp_avg_sqs, const AdamWArguments& arguments) {
+  std::vector<const std::vector<Tensor>*> states{&exp_avgs, &exp_avg_sqs};
+  if (!max_exp_avg_sqs.empty()) states.push_back(&max_exp_avg_sqs);
+  update_<AdamWOp>(params, grads, states, steps, arguments);
+}
+
+// momentum_buffers: empty without momentum.
+void sgd_(const std::vector<Tensor>& params, const std::vector<Tensor>& grads,
+          const std::vector<Tensor>& momentum_buffers, const SGDArguments& arguments) {
+  std::vector<const std::vector<Tensor>*> states;
+  if (!momentum_buffers.empty()) states.push_back(&momentum_buffers);
+  update_<SGDOp>(params, grads, states, {}, arguments);
+}
+
+void lion_(const std::vector<Tensor>& params, const std::vector<Tensor>& grads, const std::vector<Tensor>& exp_avgs,
+           const LionArguments& arguments) {
+  update_<LionOp>(params, grads, {&exp_avgs}, {}, arguments);
+}
+
+// An update op for lists that stay the same from step to step but for their grads (fastopt.optim's
+// step plan; fastopt/cpu.py <op>_planned_): the chunk plan, the params' and states' addresses and
+// the block functions (per variant used) are worked out once. A call reads the grads' addresses
+// and dtypes (the caller has checked them: shapes and devices of the params, CPU, floating), from
+// a Python list or from the plan's GradWatch (no Python object per grad), and runs the pass. Lists
+// with a non-contiguous param or state are not planned (update_ copies those).
+template <typename Op>
+class UpdatePlan {
  public:
-  AdamWPlan(std::vector<Tensor> params, const std::vector<Tensor>& grads, std::vector<Tensor> exp_avgs,
-            std::vector<Tensor> exp_avg_sqs, std::vector<Tensor> max_exp_avg_sqs, std::vector<Tensor> steps)
+  using Fn = typename Op::Fn;
+
+  UpdatePlan(std::vector<Tensor> params, const std::vector<Tensor>& grads, std::vector<std::vector<Tensor>> states,
+             std::vector<Tensor> steps)
       : params_(std::move(params)),
-        exp_avgs_(std::move(exp_avgs)),
-        exp_avg_sqs_(std::move(exp_avg_sqs)),
-        max_exp_avg_sqs_(std::move(max_exp_avg_sqs)),
+        states_(std::move(states)),
         steps_(std::move(steps)),
         numels_(numels_of(params_)),
         total_(sum_of(numels_)),
         chunks_(plan_chunks(numels_, {}, {}, kBlockSize, false)) {
-    const bool amsgrad = !max_exp_avg_sqs_.empty();
-    for (const auto* list : {&params_, &exp_avgs_, &exp_avg_sqs_, &max_exp_avg_sqs_})
-      for (const Tensor& t : *list)
-        TORCH_CHECK(t.is_contiguous() && t.device().is_cpu(), "AdamWPlan: params and states must be contiguous CPU tensors");
+    TORCH_CHECK(grads.size() == params_.size(), kName, "Plan: one grad per param");
+    for (const auto& list : states_) {
+      TORCH_CHECK(list.size() == params_.size(), kName, "Plan: one state per param in each state list");
+      for (const Tensor& t : list)
+        TORCH_CHECK(t.is_contiguous() && t.device().is_cpu(), kName, "Plan: params and states must be contiguous CPU tensors");
+    }
+    for (const Tensor& t : params_)
+      TORCH_CHECK(t.is_contiguous() && t.device().is_cpu(), kName, "Plan: params and states must be contiguous CPU tensors");
     grad_types_.reserve(grads.size());
     for (const Tensor& g : grads) grad_types_.push_back(g.scalar_type());
-    for (bool scaled : {false, true})
-      fns_[scaled] = adamw_fns(params_, grads, exp_avgs_, exp_avg_sqs_, max_exp_avg_sqs_, scaled);
     pointers_.resize(params_.size());
     for (size_t i = 0; i < params_.size(); ++i) {
       if (numels_[i] == 0) continue;
-      pointers_[i] = {params_[i].data_ptr(), nullptr, exp_avgs_[i].data_ptr(), exp_avg_sqs_[i].data_ptr(),
-                      amsgrad ? max_exp_avg_sqs_[i].data_ptr() : nullptr, params_[i].element_size(), 0,
-                      exp_avgs_[i].element_size()};
+      UpdatePointers& q = pointers_[i];
+      q = {params_[i].data_ptr(), nullptr, {nullptr, nullptr, nullptr}, params_[i].element_size(), 0, 0};
+      for (size_t k = 0; k < states_.size(); ++k) q.s[k] = states_[k][i].data_ptr();
+      if (!states_.empty()) q.s_size = states_[0][i].element_size();
     }
   }
 
   // One step with the grads of a Python list. False, with nothing done, when a param is no longer
   // what the plan holds (``p.data = x`` moved or resized it): the caller builds a new plan.
-  bool step_list(const pybind11::list& grads, const AdamWArguments& arguments) {
-    TORCH_CHECK(size_t(PyList_GET_SIZE(grads.ptr())) == params_.size(), "AdamWPlan: one grad per param");
+  bool step_list(const pybind11::list& grads, const typename Op::Arguments& arguments) {
+    TORCH_CHECK(size_t(PyList_GET_SIZE(grads.ptr())) == params_.size(), kName, "Plan: one grad per param");
     return step([&](size_t i) -> const Tensor& {
       PyObject* item = PyList_GET_ITEM(grads.ptr(), i);
-      TORCH_CHECK(THPVariable_Check(item), "AdamWPlan: grads must be tensors");
+      TORCH_CHECK(THPVariable_Check(item), kName, "Plan: grads must be tensors");
       return THPVariable_Unpack(item);
     }, arguments);
   }
 
   // The same with the grads of entries first, first + 1, ... of the step plan's GradWatch.
-  bool step_watched(const GradWatch& watch, int64_t first, const AdamWArguments& arguments) {
+  bool step_watched(const GradWatch& watch, int64_t first, const typename Op::Arguments& arguments) {
     const std::vector<Tensor>& grads = watch.grads();
-    TORCH_CHECK(first >= 0 && first + params_.size() <= grads.size(), "AdamWPlan: entries past the watch's");
+    TORCH_CHECK(first >= 0 && first + params_.size() <= grads.size(), kName, "Plan: entries past the watch's");
     return step([&](size_t i) -> const Tensor& { return grads[first + i]; }, arguments);
   }
 
  private:
+  static constexpr const char* kName = Op::kName;
+
   template <typename GradAt>
-  bool step(const GradAt& grad_at, const AdamWArguments& a) {
-    if (skipped(a.found_inf)) return true;  // no bit changes
-    const AdamWCall call = adamw_call(a.lr_value, a.lr_tensor, a.beta1, a.beta2, a.eps, a.weight_decay, a.maximize,
-                                      a.grad_scale_value, a.grad_scale_tensor, a.clip_coef_value, a.clip_coef_tensor,
-                                      a.has_grad_scale, a.has_clip_coef);
+  bool step(const GradAt& grad_at, const typename Op::Arguments& a) {
+    if (a.step.skipped()) return true;  // no bit changes
+    const StepScalars scalars = a.step.read();
+    std::vector<Fn>& fns = fns_for(Op::variant(a, scalars, states_.size()));  // may raise: nothing written yet
     // One read-only visit per tensor: the param still where the plan has it, the grad's address,
     // and the block functions again where a grad's dtype changed (this may raise: nothing is
     // written yet).
@@ -653,8 +818,8 @@ class AdamWPlan {
       if (p.numel() != numels_[i] || (numels_[i] > 0 && p.const_data_ptr() != pointers_[i].p) || !p.is_contiguous())
         return false;
       const Tensor* g = &grad_at(i);
-      TORCH_CHECK(g->defined(), "AdamWPlan: a grad is missing");
-      if (g->scalar_type() != grad_types_[i]) retype(i, *g);
+      TORCH_CHECK(g->defined(), kName, "Plan: a grad is missing");
+      if (g->scalar_type() != grad_types_[i]) retype(i, g->scalar_type());
       if (numels_[i] == 0) continue;
       if (!g->is_contiguous()) {
         copies.push_back(g->contiguous());
@@ -663,42 +828,50 @@ class AdamWPlan {
       pointers_[i].g = g->const_data_ptr();
       pointers_[i].g_size = g->element_size();
     }
-    // One writing visit per tensor: its step count, its constants, the version counters of what
-    // the pass updates in place.
-    const bool amsgrad = !max_exp_avg_sqs_.empty();
-    std::vector<AdamWConstants<double>> constants(params_.size());
-    ConstantsByStep constants_by_step(call);
+    // The writes begin: step counts and constants, the version counters of what the pass updates
+    // in place (one visit per tensor).
+    const std::vector<typename Op::Constants> constants = Op::constants(a, scalars, steps_);
     for (size_t i = 0; i < params_.size(); ++i) {
-      constants[i] = constants_by_step(advance_step(steps_[i]));
       torch::autograd::impl::bump_version(params_[i]);
-      torch::autograd::impl::bump_version(exp_avgs_[i]);
-      torch::autograd::impl::bump_version(exp_avg_sqs_[i]);
-      if (amsgrad) torch::autograd::impl::bump_version(max_exp_avg_sqs_[i]);
+      for (const auto& list : states_) torch::autograd::impl::bump_version(list[i]);
     }
-    run_adamw_pass(chunks_, total_, fns_[call.scaled], pointers_, constants, call);
+    run_update_pass(chunks_, total_, fns, pointers_, constants, scalars.grad_scale, scalars.clip_coef);
     return true;
   }
 
-  // A grad of another dtype than before: its block functions (raises, before any write, when the
-  // combination is not compiled).
-  void retype(size_t i, const Tensor& grad) {
-    const std::vector<Tensor> one_param{params_[i]}, one_grad{grad}, one_m{exp_avgs_[i]}, one_v{exp_avg_sqs_[i]};
-    const std::vector<Tensor> one_vmax = max_exp_avg_sqs_.empty() ? std::vector<Tensor>{}
-                                                                   : std::vector<Tensor>{max_exp_avg_sqs_[i]};
-    const AdamWBlockFn plain = adamw_fns(one_param, one_grad, one_m, one_v, one_vmax, false)[0];
-    const AdamWBlockFn scaled = adamw_fns(one_param, one_grad, one_m, one_v, one_vmax, true)[0];
-    fns_[false][i] = plain;
-    fns_[true][i] = scaled;
-    grad_types_[i] = grad.scalar_type();
+  std::vector<const Tensor*> states_of(size_t i) const {
+    std::vector<const Tensor*> states;
+    for (const auto& list : states_) states.push_back(&list[i]);
+    return states;
   }
 
-  std::vector<Tensor> params_, exp_avgs_, exp_avg_sqs_, max_exp_avg_sqs_, steps_;
+  // The block functions of a variant (a call's flags), worked out on its first use.
+  std::vector<Fn>& fns_for(unsigned variant) {
+    for (auto& [known, fns] : fns_)
+      if (known == variant) return fns;
+    std::vector<Fn> fns(params_.size());
+    for (size_t i = 0; i < params_.size(); ++i)
+      fns[i] = update_fn<Op>(params_[i], grad_types_[i], states_of(i), variant);
+    fns_.emplace_back(variant, std::move(fns));
+    return fns_.back().second;
+  }
+
+  // A grad of another dtype than before: its block functions in every variant known (raises,
+  // before any write, when the combination is not compiled).
+  void retype(size_t i, at::ScalarType grad_type) {
+    for (auto& [variant, fns] : fns_) fns[i] = update_fn<Op>(params_[i], grad_type, states_of(i), variant);
+    grad_types_[i] = grad_type;
+  }
+
+  std::vector<Tensor> params_;
+  std::vector<std::vector<Tensor>> states_;  // the op's state lists, in its block function's order
+  std::vector<Tensor> steps_;  // AdamW's step counts; empty for the others
   std::vector<int64_t> numels_;
   int64_t total_;
   ChunkPlan chunks_;
   std::vector<at::ScalarType> grad_types_;
-  std::vector<AdamWBlockFn> fns_[2];  // without and with the grad scale
-  std::vector<AdamWPointers> pointers_;
+  std::vector<std::pair<unsigned, std::vector<Fn>>> fns_;  // by variant (a few at most)
+  std::vector<UpdatePointers> pointers_;
 };
 
 // multi_tensor_norm of the grads of some entries of the step plan's GradWatch (the ranges
@@ -731,7 +904,7 @@ std::tuple<Tensor, Tensor> planned_norm(const GradWatch& watch, const std::vecto
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, module) {
   using namespace fastopt::cpu;
-  module.doc() = "fastopt's CPU backend: multi-tensor norm, unscale, scale, clamp, AGC and AdamW (csrc/cpu)";
+  module.doc() = "fastopt's CPU backend: multi-tensor norm, unscale, scale, clamp, AGC, AdamW, SGD and Lion (csrc/cpu)";
   module.attr("BLOCK_SIZE") = kBlockSize;
 #ifdef FASTOPT_TORCH_VERSION
   module.attr("TORCH_VERSION") = FASTOPT_TORCH_VERSION;  // the torch it was built against (setup.py)
@@ -743,18 +916,59 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, module) {
   module.def("scale_", &scale_, "t *= coef");
   module.def("clamp_", &clamp_, "clamp to [-clip_value, clip_value]");
   module.def("adaptive_clip_", &adaptive_clip_, "adaptive gradient clipping");
-  module.def("adamw_", &adamw_, "one AdamW step (not skipped)");
-  register_step_plan(module);  // GradWatch first: AdamWPlan and planned_norm take one
-  pybind11::class_<AdamWArguments>(module, "AdamWArguments", "the scalars of one planned AdamW step")
-      .def(pybind11::init<double, std::optional<at::Tensor>, double, double, double, double, bool, double,
-                          std::optional<at::Tensor>, std::optional<at::Tensor>, double, std::optional<at::Tensor>,
-                          bool, bool>());
-  pybind11::class_<AdamWPlan>(module, "AdamWPlan", "adamw_ for lists that keep their params and states")
-      .def(pybind11::init<std::vector<at::Tensor>, const std::vector<at::Tensor>&, std::vector<at::Tensor>,
-                          std::vector<at::Tensor>, std::vector<at::Tensor>, std::vector<at::Tensor>>(),
+  register_step_plan(module);  // GradWatch first: the plans and planned_norm take one
+  pybind11::class_<StepArguments>(module, "StepArguments", "the step-wide scalars of an update")
+      .def(pybind11::init<double, std::optional<at::Tensor>, bool, double, std::optional<at::Tensor>,
+                          std::optional<at::Tensor>, double, std::optional<at::Tensor>, bool, bool>(),
+           pybind11::arg("lr_value"), pybind11::arg("lr_tensor"), pybind11::arg("maximize"),
+           pybind11::arg("grad_scale_value"), pybind11::arg("grad_scale_tensor"), pybind11::arg("found_inf"),
+           pybind11::arg("clip_coef_value"), pybind11::arg("clip_coef_tensor"), pybind11::arg("has_grad_scale"),
+           pybind11::arg("has_clip_coef"));
+  pybind11::class_<AdamWArguments>(module, "AdamWArguments", "the scalars of one AdamW (Adam) step")
+      .def(pybind11::init<StepArguments, double, double, double, double, bool>(), pybind11::arg("step"),
+           pybind11::arg("beta1"), pybind11::arg("beta2"), pybind11::arg("eps"), pybind11::arg("weight_decay"),
+           pybind11::arg("decoupled_weight_decay"));
+  pybind11::class_<SGDArguments>(module, "SGDArguments", "the scalars of one SGD step")
+      .def(pybind11::init<StepArguments, double, double, double, bool, bool>(), pybind11::arg("step"),
+           pybind11::arg("momentum"), pybind11::arg("dampening"), pybind11::arg("weight_decay"),
+           pybind11::arg("nesterov"), pybind11::arg("first_step"));
+  pybind11::class_<LionArguments>(module, "LionArguments", "the scalars of one Lion step")
+      .def(pybind11::init<StepArguments, double, double, double>(), pybind11::arg("step"), pybind11::arg("beta1"),
+           pybind11::arg("beta2"), pybind11::arg("weight_decay"));
+  module.def("adamw_", &adamw_, "one AdamW (Adam) step", pybind11::arg("params"), pybind11::arg("grads"),
+             pybind11::arg("exp_avgs"), pybind11::arg("exp_avg_sqs"), pybind11::arg("steps"),
+             pybind11::arg("max_exp_avg_sqs"), pybind11::arg("arguments"));
+  module.def("sgd_", &sgd_, "one SGD step (momentum_buffers empty without momentum)", pybind11::arg("params"),
+             pybind11::arg("grads"), pybind11::arg("momentum_buffers"), pybind11::arg("arguments"));
+  module.def("lion_", &lion_, "one Lion step", pybind11::arg("params"), pybind11::arg("grads"),
+             pybind11::arg("exp_avgs"), pybind11::arg("arguments"));
+  using Tensors = std::vector<at::Tensor>;
+  pybind11::class_<UpdatePlan<AdamWOp>>(module, "AdamWPlan", "adamw_ for lists that keep their params and states")
+      .def(pybind11::init([](Tensors params, const Tensors& grads, Tensors exp_avgs, Tensors exp_avg_sqs,
+                             Tensors max_exp_avg_sqs, Tensors steps) {
+             std::vector<Tensors> states{std::move(exp_avgs), std::move(exp_avg_sqs)};
+             if (!max_exp_avg_sqs.empty()) states.push_back(std::move(max_exp_avg_sqs));
+             return new UpdatePlan<AdamWOp>(std::move(params), grads, std::move(states), std::move(steps));
+           }),
            pybind11::arg("params"), pybind11::arg("grads"), pybind11::arg("exp_avgs"), pybind11::arg("exp_avg_sqs"),
            pybind11::arg("max_exp_avg_sqs"), pybind11::arg("steps"))
-      .def("step_list", &AdamWPlan::step_list, "one AdamW step with these grads (checked by the caller)")
-      .def("step_watched", &AdamWPlan::step_watched, "one AdamW step with the grads of a GradWatch's entries");
+      .def("step_list", &UpdatePlan<AdamWOp>::step_list, "one step with these grads (checked by the caller)")
+      .def("step_watched", &UpdatePlan<AdamWOp>::step_watched, "one step with the grads of a GradWatch's entries");
+  pybind11::class_<UpdatePlan<SGDOp>>(module, "SGDPlan", "sgd_ for lists that keep their params and states")
+      .def(pybind11::init([](Tensors params, const Tensors& grads, Tensors momentum_buffers) {
+             std::vector<Tensors> states;
+             if (!momentum_buffers.empty()) states.push_back(std::move(momentum_buffers));
+             return new UpdatePlan<SGDOp>(std::move(params), grads, std::move(states), {});
+           }),
+           pybind11::arg("params"), pybind11::arg("grads"), pybind11::arg("momentum_buffers"))
+      .def("step_list", &UpdatePlan<SGDOp>::step_list, "one step with these grads (checked by the caller)")
+      .def("step_watched", &UpdatePlan<SGDOp>::step_watched, "one step with the grads of a GradWatch's entries");
+  pybind11::class_<UpdatePlan<LionOp>>(module, "LionPlan", "lion_ for lists that keep their params and states")
+      .def(pybind11::init([](Tensors params, const Tensors& grads, Tensors exp_avgs) {
+             return new UpdatePlan<LionOp>(std::move(params), grads, {std::move(exp_avgs)}, {});
+           }),
+           pybind11::arg("params"), pybind11::arg("grads"), pybind11::arg("exp_avgs"))
+      .def("step_list", &UpdatePlan<LionOp>::step_list, "one step with these grads (checked by the caller)")
+      .def("step_watched", &UpdatePlan<LionOp>::step_watched, "one step with the grads of a GradWatch's entries");
   module.def("planned_norm", &planned_norm, "multi_tensor_norm of the grads of a GradWatch's entries");
 }
