@@ -846,20 +846,37 @@ def test_update_tables_are_cached_by_what_their_kernels_read():
     assert launches() == {"sgd_kernel": 2, "lion_kernel": 1, "adamw_kernel": 1}
 
 
+# fastopt.optim's optimizers against torch's (Lion has none: fastopt's on the reference backend).
+STEP_PLAN_OPTIMIZERS = {
+    "adamw": (lambda ps: fastopt.optim.AdamW(ps, lr=1e-2, max_grad_norm=1.0), lambda ps: torch.optim.AdamW(ps, lr=1e-2)),
+    "adam-l2": (lambda ps: fastopt.optim.Adam(ps, lr=1e-2, weight_decay=0.1, max_grad_norm=1.0),
+                lambda ps: torch.optim.Adam(ps, lr=1e-2, weight_decay=0.1)),
+    "sgd-nesterov": (lambda ps: fastopt.optim.SGD(ps, lr=1e-2, momentum=0.9, nesterov=True, weight_decay=0.1,
+                                                  max_grad_norm=1.0),
+                     lambda ps: torch.optim.SGD(ps, lr=1e-2, momentum=0.9, nesterov=True, weight_decay=0.1)),
+    "lion": (lambda ps: fastopt.optim.Lion(ps, lr=1e-3, weight_decay=0.1, max_grad_norm=1.0),
+             lambda ps: fastopt.optim.Lion(ps, lr=1e-3, weight_decay=0.1)),
+}  # fmt: skip
+
+
 @runs_here
+@pytest.mark.parametrize("name", STEP_PLAN_OPTIMIZERS)
 @pytest.mark.usefixtures("triton_backend")
-def test_the_optimizer_step_plan_holds_the_triton_table():
+def test_the_optimizer_step_plan_holds_the_triton_table(name):
+    """Steps 2 and 3 of each optimizer run on the plan's own table of its op (SGD's first step, with
+    no momentum history, and the later ones on one table)."""
+    make_ours, make_torch = STEP_PLAN_OPTIMIZERS[name]
     params = [torch.nn.Parameter(t) for t in random_tensors([(4, 3), (1500,)], device=DEVICE, seed=32)]
     reference_params = [torch.nn.Parameter(p.detach().clone()) for p in params]
-    optimizer = fastopt.optim.AdamW(params, lr=1e-2, max_grad_norm=1.0)
-    expected = torch.optim.AdamW(reference_params, lr=1e-2)
+    optimizer, expected = make_ours(params), make_torch(reference_params)
     for step in range(3):
         for p, r in zip(params, reference_params):
             p.grad = torch.randn(p.shape, generator=torch.Generator().manual_seed(60 + step)).to(DEVICE) * 0.1
             r.grad = p.grad.clone()
         optimizer.step()
         torch.nn.utils.clip_grad_norm_(reference_params, 1.0)
-        expected.step()
+        with fastopt.use_backend("torch"):
+            expected.step()
     (lists,) = optimizer._step_plan.gathered[0][1].values()
     tables = [key for key in lists.backend_plan if isinstance(key, tuple) and key[0] == "triton"]
     assert len(tables) == 1  # steps 2 and 3 ran on the plan's own table
