@@ -603,7 +603,8 @@ def compile_every_launch_for_a_gpu(arch: int = 90) -> int:
             params, grads, buffers, lr=options.get("lr", 0.1), momentum=momentum, dampening=0.0,
             weight_decay=options.get("weight_decay", 0.0), nesterov=options.get("nesterov", False),
             maximize=options.get("maximize", False), first_step=options.get("first_step", False),
-            grad_scale=options.get("grad_scale"), found_inf=options.get("found_inf"), clip_coef=options.get("clip_coef"),
+            grad_scale=options.get("grad_scale"), found_inf=options.get("found_inf"),
+            clip_coef=options.get("clip_coef"),
         )  # fmt: skip
 
     def lion(dtypes, **options):
@@ -848,7 +849,8 @@ def test_update_tables_are_cached_by_what_their_kernels_read():
 
 # fastopt.optim's optimizers against torch's (Lion has none: fastopt's on the reference backend).
 STEP_PLAN_OPTIMIZERS = {
-    "adamw": (lambda ps: fastopt.optim.AdamW(ps, lr=1e-2, max_grad_norm=1.0), lambda ps: torch.optim.AdamW(ps, lr=1e-2)),
+    "adamw": (lambda ps: fastopt.optim.AdamW(ps, lr=1e-2, max_grad_norm=1.0),
+              lambda ps: torch.optim.AdamW(ps, lr=1e-2)),
     "adam-l2": (lambda ps: fastopt.optim.Adam(ps, lr=1e-2, weight_decay=0.1, max_grad_norm=1.0),
                 lambda ps: torch.optim.Adam(ps, lr=1e-2, weight_decay=0.1)),
     "sgd-nesterov": (lambda ps: fastopt.optim.SGD(ps, lr=1e-2, momentum=0.9, nesterov=True, weight_decay=0.1,

@@ -364,9 +364,9 @@ def sgd_(
     # Rows kernels.PARAMS, kernels.GRADS (and kernels.MOMENTUM_BUFFERS).
     lists = [dense_params, dense_grads] + ([dense_buffers] if momentum_buffers is not None else [])
     table = TABLES.lookup(lists)
-    _sgd_launches(table, momentum_buffers is not None, lr=lr, momentum=momentum, dampening=dampening, weight_decay=weight_decay, nesterov=nesterov,
-                  maximize=maximize, first_step=first_step, grad_scale=grad_scale, found_inf=found_inf,
-                  clip_coef=clip_coef)  # fmt: skip
+    _sgd_launches(table, momentum_buffers is not None, lr=lr, momentum=momentum, dampening=dampening,
+                  weight_decay=weight_decay, nesterov=nesterov, maximize=maximize, first_step=first_step,
+                  grad_scale=grad_scale, found_inf=found_inf, clip_coef=clip_coef)  # fmt: skip
     _write_back(copies)
 
 

@@ -186,7 +186,8 @@ def lion_op(
     launch.lion_(
         params, grads, exp_avgs,
         lr=_join(lr, lr_tensor), beta1=beta1, beta2=beta2, weight_decay=weight_decay, maximize=maximize,
-        grad_scale=_join(grad_scale, grad_scale_tensor), found_inf=found_inf, clip_coef=_join(clip_coef, clip_coef_tensor),
+        grad_scale=_join(grad_scale, grad_scale_tensor), found_inf=found_inf,
+        clip_coef=_join(clip_coef, clip_coef_tensor),
     )  # fmt: skip
 
 
