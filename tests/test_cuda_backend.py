@@ -561,7 +561,8 @@ def test_sgd_and_lion_change_nothing_when_found_inf_is_set(combo, first_step):
 def test_sgd_and_lion_take_the_reference_rounding():
     """fp32 and fp64: SGD (each add with alpha one fma) and Lion (torch's lerp as one fma, the
     decayed param rounded before the signed step is added) bit for bit as the reference: the
-    kernels round as torch's own kernels do."""
+    kernels round as torch's own kernels do (with a power-of-two grad_scale, as GradScaler's: the
+    kernels multiply by its exact inverse)."""
     for dtype in (F32, F64):
         combo = [(dtype, dtype, dtype)]
         sgd_lists = update_inputs(EDGE_SHAPES, combo, seed=26, states="momentum_buffers")
