@@ -11,18 +11,24 @@ namespace {
 
 enum UpdateList : int64_t { kParams = 0, kGrads = 1, kStates = 2 };
 
-// The effective grad exactly as the reference forms it (g / grad_scale * clip_coef, negated when
-// maximizing: one division per element). These kernels keep far under their register budget, so
-// IEEE division's slow path costs them nothing (AdamW hoists 1 / grad_scale instead, see adamw.cu).
+// The effective grad, g / grad_scale * clip_coef (negated when maximizing), as g * (1 / grad_scale) *
+// clip_coef: the same bits whenever grad_scale is a power of two (GradScaler's scales, 1), where
+// 1 / grad_scale is exact and both forms round the same real number; within an ulp otherwise. A
+// per-element IEEE division would bring its slow-path call, and the registers live across it spill
+// under the 40-register budget. Each product is rounded on its own (rounded_product), as torch
+// rounds the effective grad before the update uses it (nvcc may not contract it into the update).
 template <typename A>
 struct EffectiveGrad {
-  A grad_scale, clip_coef;
+  A inv_grad_scale, clip_coef;
   bool maximize;
 
   __device__ EffectiveGrad(const ScalarArg& scale, const ScalarArg& clip, bool maximize_)
-      : grad_scale(static_cast<A>(read_scalar(scale))), clip_coef(static_cast<A>(read_scalar(clip))),
+      : inv_grad_scale(static_cast<A>(1.0 / read_scalar(scale))), clip_coef(static_cast<A>(read_scalar(clip))),
         maximize(maximize_) {}
-  __device__ __forceinline__ A operator()(A g) const { return effective_grad(g, grad_scale, clip_coef, maximize); }
+  __device__ __forceinline__ A operator()(A g) const {
+    const A value = rounded_product(rounded_product(g, inv_grad_scale), clip_coef);
+    return maximize ? -value : value;
+  }
 };
 
 // torch.optim.SGD's step with torch's rounding (sgd_update_fused: each add with alpha one fma, as

@@ -53,7 +53,7 @@ done
 
 # step:cap-in-seconds, in order. main must stay within 480 s, extra within 360 s (CI checks both).
 case $PLAN in
-    main) STEPS=(versions:15 build:100 info:15 collect:20 tests:55 optests-cuda:55 optests-triton:50 memcheck:45
+    main) STEPS=(versions:15 build:100 info:15 collect:20 tests:55 optests-cuda:55 optests-triton:50 memcheck:50
                  bench-fp32:60 finalize:10) ;;
     extra) STEPS=(versions:15 build:100 info:15 racecheck:55 synccheck:40 memcheck-triton:45 bench-bf16:40 finalize:10) ;;
     *) echo "gpu-check: unknown plan '$PLAN' (main or extra)" >&2; exit 2 ;;
@@ -282,8 +282,8 @@ run_pytest() {  # run_pytest STEP ENV... -- PYTEST-ARGS...
 # The op-level suites: run with a backend forced (optests-*), left out of the cuda-marked run,
 # where their cuda cases would be held to the torch backend's bitwise results.
 OPTEST_FILES=()
-for f in tests/test_norm_scale.py tests/test_clip.py tests/test_adamw.py tests/test_optim_adamw.py tests/test_amp.py \
-    tests/test_no_sync.py; do
+for f in tests/test_norm_scale.py tests/test_clip.py tests/test_adamw.py tests/test_sgd.py tests/test_lion.py \
+    tests/test_optim_adamw.py tests/test_amp.py tests/test_no_sync.py; do
     [[ -e $f ]] && OPTEST_FILES+=("$f")
 done
 

@@ -8,7 +8,10 @@ misaligned views (a view starting one element into its buffer), fp32 / bf16 / fp
 of 600 small tensors; the ops: multi_tensor_norm (2, inf, 1; per-tensor; with found_inf),
 unscale_and_check_ (clean and with an inf), scale_, clamp_, clip_grad_norm_, clip_grad_value_,
 adaptive_clip_grad_, adamw_ (plain; AMSGrad with grad_scale, clip_coef and found_inf; skipped on
-found_inf; bf16 params with fp32 states), fastopt.optim.AdamW(amsgrad=True, max_grad_norm=1.0)
+found_inf; bf16 params with fp32 states; Adam's L2 weight decay), sgd_ (plain; momentum: the first
+step with Nesterov and device scalars, a later step, one skipped on found_inf; bf16 params with fp32
+buffers), lion_ (fp32 with device scalars; bf16 params with fp32 states; skipped on found_inf),
+fastopt.optim.AdamW(amsgrad=True, max_grad_norm=1.0)
 stepped through fastopt.amp.GradScaler, and AdamW with AGC in the step. Every result is also
 computed by the torch backend on CPU copies of the same inputs and compared, loosely (this is a
 memory check, not a precision test); the comparison runs on the CPU, so that besides fastopt's
@@ -130,7 +133,10 @@ class Driver:
         CPU result) as lists of (name, tensor, dtype) compared pairwise."""
         self.cases += 1
         try:
-            reference = fn(torch.device("cpu")) if self.check else None  # CPU tensors run on the torch backend
+            reference = None
+            if self.check:  # forced: CPU tensors would otherwise run on the cpu backend where it is built
+                with fastopt.use_backend("torch"):
+                    reference = fn(torch.device("cpu"))
         except (TypeError, ValueError) as exc:  # the ops' validation refuses it: nothing to check
             self.rejected += 1
             print(f"  rejected  {label}: {type(exc).__name__}: {exc}"[:300])
@@ -268,16 +274,27 @@ def main(argv=None) -> int:
         driver.run(f"clip_grad_value_ [{name}]", clip_value)
         driver.run(f"adaptive_clip_grad_ [{name}]", agc)
 
+    def device_scalars(device, skip):
+        """lr, grad_scale, clip_coef and found_inf (1: skip the step) as device tensors."""
+        return dict(
+            lr=torch.tensor(1e-3, device=device),
+            grad_scale=torch.full((1,), 4.0, device=device),
+            clip_coef=torch.tensor(0.5, device=device),
+            found_inf=flag(device, 1.0 if skip else 0.0),
+        )
+
     # adamw_: plain; AMSGrad with grad_scale / clip_coef / found_inf = 0; skipped (found_inf = 1);
-    # bf16 params and grads with fp32 states; a tensor lr.
+    # bf16 params and grads with fp32 states; a tensor lr; Adam's L2 weight decay.
     hyper = {"lr": 1e-3, "beta1": 0.9, "beta2": 0.999, "eps": 1e-8, "weight_decay": 0.01}
-    for label, param_dtype, state_dtype, amsgrad, extras, skip in (
-        ("fp32", torch.float32, torch.float32, False, False, False),
+    for label, param_dtype, state_dtype, amsgrad, extras, skip, decoupled in (
+        ("fp32", torch.float32, torch.float32, False, False, False, True),
         ("fp32 amsgrad + grad_scale + clip_coef + found_inf=0 + tensor lr", torch.float32, torch.float32, True, True,
+         False, True),
+        ("fp32 amsgrad, found_inf=1 (nothing may change)", torch.float32, torch.float32, True, True, True, True),
+        ("bf16 params, fp32 states, amsgrad", torch.bfloat16, torch.float32, True, False, False, True),
+        ("bf16 params and states", torch.bfloat16, torch.bfloat16, False, True, False, True),
+        ("Adam's L2 weight decay, fp32, amsgrad + device scalars", torch.float32, torch.float32, True, True, False,
          False),
-        ("fp32 amsgrad, found_inf=1 (nothing may change)", torch.float32, torch.float32, True, True, True),
-        ("bf16 params, fp32 states, amsgrad", torch.bfloat16, torch.float32, True, False, False),
-        ("bf16 params and states", torch.bfloat16, torch.bfloat16, False, True, False),
     ):  # fmt: skip
         params_cpu = tensor_list(SHAPES, [param_dtype], generator)
         grads_cpu = tensor_list(SHAPES, [param_dtype], generator, shift=1)
@@ -286,19 +303,15 @@ def main(argv=None) -> int:
         max_sqs_cpu = tensor_list(SHAPES, [state_dtype], generator, positive=True) if amsgrad else None
 
         def adamw(device, params_cpu=params_cpu, grads_cpu=grads_cpu, exp_avgs_cpu=exp_avgs_cpu,
-                  exp_avg_sqs_cpu=exp_avg_sqs_cpu, max_sqs_cpu=max_sqs_cpu, extras=extras, skip=skip):  # fmt: skip
+                  exp_avg_sqs_cpu=exp_avg_sqs_cpu, max_sqs_cpu=max_sqs_cpu, extras=extras, skip=skip,
+                  decoupled=decoupled):  # fmt: skip
             params, grads = on(device, params_cpu), on(device, grads_cpu)
             exp_avgs, exp_avg_sqs = on(device, exp_avgs_cpu), on(device, exp_avg_sqs_cpu)
             max_sqs = None if max_sqs_cpu is None else on(device, max_sqs_cpu)
             steps = [torch.full((), 3.0, device=device) for _ in params]
-            kwargs = dict(hyper)
+            kwargs = dict(hyper, decoupled_weight_decay=decoupled)
             if extras:
-                kwargs.update(
-                    lr=torch.tensor(1e-3, device=device),
-                    grad_scale=torch.full((1,), 4.0, device=device),
-                    clip_coef=torch.tensor(0.5, device=device),
-                    found_inf=flag(device, 1.0 if skip else 0.0),
-                )
+                kwargs.update(device_scalars(device, skip))
             fastopt.adamw_(params, grads, exp_avgs, exp_avg_sqs, steps, max_exp_avg_sqs=max_sqs, **kwargs)
             out = []
             for i in range(len(params)):
@@ -310,6 +323,52 @@ def main(argv=None) -> int:
             return out
 
         driver.run(f"adamw_ [{label}]", adamw)
+
+    # sgd_: no momentum; the first momentum step (buffers only written) with Nesterov and device
+    # scalars, then a later step (buffers read); a skipped step; bf16 params with fp32 buffers.
+    for label, param_dtype, buffer_dtype, sgd_options, extras, skip in (
+        ("fp32, no momentum, weight decay", torch.float32, None, {"weight_decay": 0.01}, False, False),
+        ("fp32 momentum, first step, Nesterov + device scalars", torch.float32, torch.float32,
+         {"momentum": 0.9, "nesterov": True, "first_step": True}, True, False),
+        ("bf16 params, fp32 buffers, momentum + dampening + weight decay", torch.bfloat16, torch.float32,
+         {"momentum": 0.9, "dampening": 0.1, "weight_decay": 0.01}, False, False),
+        ("fp32 momentum, found_inf=1 (nothing may change)", torch.float32, torch.float32, {"momentum": 0.9}, True,
+         True),
+    ):  # fmt: skip
+        params_cpu = tensor_list(SHAPES, [param_dtype], generator)
+        grads_cpu = tensor_list(SHAPES, [param_dtype], generator, shift=1)
+        buffers_cpu = tensor_list(SHAPES, [buffer_dtype], generator, shift=2) if buffer_dtype else None
+
+        def sgd(device, params_cpu=params_cpu, grads_cpu=grads_cpu, buffers_cpu=buffers_cpu, sgd_options=sgd_options,
+                extras=extras, skip=skip):  # fmt: skip
+            params, grads = on(device, params_cpu), on(device, grads_cpu)
+            buffers = None if buffers_cpu is None else on(device, buffers_cpu)
+            kwargs = {"lr": 1e-3, **sgd_options, **(device_scalars(device, skip) if extras else {})}
+            fastopt.sgd_(params, grads, buffers, **kwargs)
+            out = [(f"param{i}", p, p.dtype) for i, p in enumerate(params)]
+            return out + [(f"momentum_buffer{i}", b, b.dtype) for i, b in enumerate(buffers or [])]
+
+        driver.run(f"sgd_ [{label}]", sgd)
+
+    # lion_: fp32 with device scalars; bf16 params with fp32 states; a skipped step.
+    for label, param_dtype, state_dtype, extras, skip in (
+        ("fp32, device scalars", torch.float32, torch.float32, True, False),
+        ("bf16 params, fp32 states", torch.bfloat16, torch.float32, False, False),
+        ("fp32, found_inf=1 (nothing may change)", torch.float32, torch.float32, True, True),
+    ):
+        params_cpu = tensor_list(SHAPES, [param_dtype], generator)
+        grads_cpu = tensor_list(SHAPES, [param_dtype], generator, shift=1)
+        exp_avgs_cpu = tensor_list(SHAPES, [state_dtype], generator, shift=2)
+
+        def lion(device, params_cpu=params_cpu, grads_cpu=grads_cpu, exp_avgs_cpu=exp_avgs_cpu, extras=extras,
+                 skip=skip):  # fmt: skip
+            params, grads, exp_avgs = on(device, params_cpu), on(device, grads_cpu), on(device, exp_avgs_cpu)
+            kwargs = {"lr": 1e-4, "weight_decay": 0.1, **(device_scalars(device, skip) if extras else {})}
+            fastopt.lion_(params, grads, exp_avgs, **kwargs)
+            out = [(f"param{i}", p, p.dtype) for i, p in enumerate(params)]
+            return out + [(f"exp_avg{i}", m, m.dtype) for i, m in enumerate(exp_avgs)]
+
+        driver.run(f"lion_ [{label}]", lion)
 
     # The drop-ins: AdamW(amsgrad, in-step clipping) through GradScaler, two steps; AGC in the step.
     for label, options in (

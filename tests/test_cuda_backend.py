@@ -561,7 +561,8 @@ def test_sgd_and_lion_change_nothing_when_found_inf_is_set(combo, first_step):
 def test_sgd_and_lion_take_the_reference_rounding():
     """fp32 and fp64: SGD (each add with alpha one fma) and Lion (torch's lerp as one fma, the
     decayed param rounded before the signed step is added) bit for bit as the reference: the
-    kernels round as torch's own kernels do."""
+    kernels round as torch's own kernels do (with a power-of-two grad_scale, as GradScaler's: the
+    kernels multiply by its exact inverse)."""
     for dtype in (F32, F64):
         combo = [(dtype, dtype, dtype)]
         sgd_lists = update_inputs(EDGE_SHAPES, combo, seed=26, states="momentum_buffers")
@@ -1107,6 +1108,46 @@ def test_compiled_clipped_adamw_matches_eager(step, fullgraph):
     expected_total = step(*(expected[name] for name in ADAMW_ARGUMENTS))
     torch.testing.assert_close(total, expected_total, **tolerance(F32))
     for name in ADAMW_ARGUMENTS:
+        assert_lists_close(lists[name], expected[name], name)
+
+
+def clipped_sgd_and_lion_ops(params, grads, momentum_buffers, exp_avgs):
+    """Clipped SGD (Nesterov) and Lion steps written with the registered ops themselves."""
+    total, _ = OPS.multi_tensor_norm(grads, 2.0, False, None)
+    clip_coef = torch.clamp(1.0 / (total + 1e-6), max=1.0)
+    OPS.sgd_(params, grads, momentum_buffers, 1e-2, None, 0.9, 0.0, 0.01, True, False, False, 1.0, None, None, 1.0,
+             clip_coef)  # fmt: skip
+    OPS.lion_(params, grads, exp_avgs, 1e-3, None, 0.9, 0.99, 0.1, False, 1.0, None, None, 1.0, clip_coef)
+    return total
+
+
+def clipped_sgd_and_lion_public(params, grads, momentum_buffers, exp_avgs):
+    """The same steps through the public API (a combination without a kernel build falls back to
+    the reference, decided in Python under torch.compile)."""
+    total = fastopt.multi_tensor_norm(grads)
+    clip_coef = torch.clamp(1.0 / (total + 1e-6), max=1.0)
+    fastopt.sgd_(params, grads, momentum_buffers, lr=1e-2, momentum=0.9, nesterov=True, weight_decay=0.01,
+                 clip_coef=clip_coef)  # fmt: skip
+    fastopt.lion_(params, grads, exp_avgs, lr=1e-3, weight_decay=0.1, clip_coef=clip_coef)
+    return total
+
+
+@pytest.mark.parametrize(
+    "step, fullgraph, combo",
+    [(clipped_sgd_and_lion_ops, True, "fp32"), (clipped_sgd_and_lion_public, False, "bf16_params_fp32_states"),
+     (clipped_sgd_and_lion_public, False, "unsupported_fp16_params_bf16_grads")],
+    ids=["torch_ops_fullgraph", "public_api", "public_api_fallback"],
+)  # fmt: skip
+def test_compiled_clipped_sgd_and_lion_match_eager(step, fullgraph, combo):
+    sgd = update_inputs(COMPILE_SHAPES, ADAMW_COMBOS[combo], seed=121, states="momentum_buffers")
+    lists = clone_lists({**sgd, "exp_avgs": update_inputs(COMPILE_SHAPES, ADAMW_COMBOS[combo], seed=122,
+                                                          states="exp_avgs")["exp_avgs"]})  # fmt: skip
+    expected = clone_lists(lists)
+    names = ("params", "grads", "momentum_buffers", "exp_avgs")
+    total = torch.compile(step, fullgraph=fullgraph)(*(lists[name] for name in names))
+    expected_total = step(*(expected[name] for name in names))
+    torch.testing.assert_close(total, expected_total, **tolerance(F32))
+    for name in names:
         assert_lists_close(lists[name], expected[name], name)
 
 

@@ -38,6 +38,13 @@ SCHEMAS = {
     "adamw_": "fastopt::adamw_(Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] exp_avgs, Tensor(c!)[] exp_avg_sqs,"
     " Tensor(d!)[] steps, float lr, Tensor? lr_tensor, float beta1, float beta2, float eps, float weight_decay,"
     " bool maximize, Tensor(e!)[] max_exp_avg_sqs, float grad_scale, Tensor? grad_scale_tensor,"
+    " Tensor? found_inf, float clip_coef, Tensor? clip_coef_tensor, bool decoupled_weight_decay=True) -> ()",
+    "sgd_": "fastopt::sgd_(Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] momentum_buffers, float lr,"
+    " Tensor? lr_tensor, float momentum, float dampening, float weight_decay, bool nesterov, bool maximize,"
+    " bool first_step, float grad_scale, Tensor? grad_scale_tensor, Tensor? found_inf, float clip_coef,"
+    " Tensor? clip_coef_tensor) -> ()",
+    "lion_": "fastopt::lion_(Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] exp_avgs, float lr, Tensor? lr_tensor,"
+    " float beta1, float beta2, float weight_decay, bool maximize, float grad_scale, Tensor? grad_scale_tensor,"
     " Tensor? found_inf, float clip_coef, Tensor? clip_coef_tensor) -> ()",
 }
 
@@ -61,6 +68,22 @@ def adamw_args(param_dtype, grad_dtype, state_dtype, *, amsgrad, tensors_for_sca
     )  # fmt: skip
 
 
+def sgd_args(param_dtype, grad_dtype, buffer_dtype, *, momentum, first_step, tensors_for_scalars):
+    scalar = meta_scalar if tensors_for_scalars else (lambda: None)
+    return (
+        meta(dtype=param_dtype), meta(dtype=grad_dtype), meta(dtype=buffer_dtype) if momentum else [], 1e-3, scalar(),
+        0.9 if momentum else 0.0, 0.0, 0.01, momentum, False, first_step, 1.0, scalar(), scalar(), 1.0, scalar(),
+    )  # fmt: skip
+
+
+def lion_args(param_dtype, grad_dtype, state_dtype, *, tensors_for_scalars):
+    scalar = meta_scalar if tensors_for_scalars else (lambda: None)
+    return (
+        meta(dtype=param_dtype), meta(dtype=grad_dtype), meta(dtype=state_dtype), 1e-4, scalar(), 0.9, 0.99, 0.1,
+        True, 1.0, scalar(), scalar(), 1.0, scalar(),
+    )  # fmt: skip
+
+
 OPCHECK_CASES = {
     "norm": ("multi_tensor_norm", (meta(), 2.0, False, None), {}),
     "norm-per-tensor-found-inf": ("multi_tensor_norm", (meta(dtype=torch.bfloat16), float("inf"), True, meta_scalar()), {}),
@@ -76,6 +99,22 @@ OPCHECK_CASES = {
     "adamw-fp32": ("adamw_", adamw_args(torch.float32, torch.float32, torch.float32, amsgrad=False, tensors_for_scalars=False), {}),
     "adamw-bf16-fp32-states-amsgrad-device-scalars": (
         "adamw_", adamw_args(torch.bfloat16, torch.bfloat16, torch.float32, amsgrad=True, tensors_for_scalars=True), {},
+    ),
+    "adam-l2": (
+        "adamw_", adamw_args(torch.float32, torch.float32, torch.float32, amsgrad=False, tensors_for_scalars=False),
+        {"decoupled_weight_decay": False},
+    ),
+    "sgd-fp32": (
+        "sgd_", sgd_args(torch.float32, torch.float32, None, momentum=False, first_step=False, tensors_for_scalars=False),
+        {},
+    ),
+    "sgd-bf16-fp32-buffers-nesterov-first-step-device-scalars": (
+        "sgd_", sgd_args(torch.bfloat16, torch.bfloat16, torch.float32, momentum=True, first_step=True,
+                         tensors_for_scalars=True), {},
+    ),
+    "lion-fp32": ("lion_", lion_args(torch.float32, torch.float32, torch.float32, tensors_for_scalars=False), {}),
+    "lion-fp16-fp32-grads-device-scalars": (
+        "lion_", lion_args(torch.float16, torch.float32, torch.float16, tensors_for_scalars=True), {},
     ),
 }
 
@@ -157,17 +196,21 @@ def test_a_broken_extension_is_logged_and_the_ops_fall_back(monkeypatch, caplog)
     torch.testing.assert_close(fastopt.multi_tensor_norm(grads), expected)
 
 
-def test_python_knows_which_adamw_combinations_the_kernel_builds():
-    """Under torch.compile the fallback is decided in Python (fastopt.cuda.ADAMW_BUILDS), so that
-    set must be exactly the kernel's list of compiled combinations."""
+def test_python_knows_which_combinations_the_update_kernels_build():
+    """Under torch.compile the fallback is decided in Python (fastopt.cuda.UPDATE_BUILDS), so that
+    set must be exactly the kernels' list of compiled combinations (AdamW, SGD and Lion share it)."""
     import pathlib
     import re
 
-    source = (pathlib.Path(__file__).parents[1] / "csrc" / "adamw.cu").read_text()
+    csrc = pathlib.Path(__file__).parents[1] / "csrc"
+    source = (csrc / "multi_tensor.cuh").read_text()
+    listing = source[source.index("#define FASTOPT_UPDATE_COMBINATIONS(CASE)") :].split("\n\n")[0]
     codes = {"kFloat64": torch.float64, "kFloat32": torch.float32, "kBFloat16": torch.bfloat16, "kFloat16": torch.float16}
-    cases = re.findall(r"FASTOPT_ADAMW_CASE\((k\w+), (k\w+), (k\w+),", source)
+    cases = re.findall(r"CASE\((k\w+), (k\w+), (k\w+),", listing)
     assert len(cases) >= 4
-    assert {tuple(codes[c] for c in case) for case in cases} == cuda.ADAMW_BUILDS
+    assert {tuple(codes[c] for c in case) for case in cases} == cuda.UPDATE_BUILDS
+    for kernel in ("adamw.cu", "updates.cu"):  # every launcher table is that list
+        assert "FASTOPT_UPDATE_COMBINATIONS(" in (csrc / kernel).read_text(), kernel
 
 
 # --------------------------------------------------------------------------- the built kernels' SASS (sm_90)
@@ -259,9 +302,9 @@ def resources() -> dict[str, dict[str, int]]:
     return usage
 
 
-# Kernels whose tensor accesses must be global-memory instructions: AdamW and both norm passes
-# (every instantiation), named by what their mangled names contain.
-GLOBAL_ONLY_KERNELS = ("adamw_kernel", "norm_partials_kernel", "norm_finish_kernel")
+# Kernels whose tensor accesses must be global-memory instructions: AdamW, SGD and Lion (the
+# update kernel) and both norm passes (every instantiation), named by what their mangled names contain.
+GLOBAL_ONLY_KERNELS = ("adamw_kernel", "update_kernel", "norm_partials_kernel", "norm_finish_kernel")
 # Generic (not LDG/STG/LDS/STS/LDL/STL/LDC) loads and stores: "LD.E.128", "ST.E.64", "LD.E ".
 GENERIC_ACCESS = r"(?<![\w.])(?:LD|ST)(?:\.[\w.]+)?\s"
 
@@ -287,7 +330,7 @@ def test_adamw_fits_three_blocks_of_512_threads_per_sm_without_spills(sass, reso
     import re
 
     adamw = {name: usage for name, usage in resources.items() if "adamw_kernel" in name}
-    assert len(adamw) >= 24, sorted(adamw)  # 12 dtype combinations x (with, without AMSGrad)
+    assert len(adamw) >= 48, sorted(adamw)  # 12 dtype combinations x (with, without AMSGrad) x (AdamW, Adam's L2)
     for name, usage in adamw.items():
         fp64 = "adamw_kernelIddd" in name
         limit = 64 if fp64 else 40
@@ -296,3 +339,22 @@ def test_adamw_fits_three_blocks_of_512_threads_per_sm_without_spills(sass, reso
             assert usage["STACK"] == 0 and usage.get("LOCAL", 0) == 0, f"{name}: {usage}"
             assert not re.search(r"\b(?:LDL|STL)\b", sass[name]), f"{name}: local-memory spills"
             assert re.search(r"\b(?:LDG|STG)\.E\.(?:128|64)\b", sass[name]), f"{name}: no vector accesses"
+
+
+@needs_cuobjdump
+def test_sgd_and_lion_fit_three_blocks_of_512_threads_per_sm_without_spills(sass, resources):
+    """The update kernel (SGD without buffers, with buffers only written, with buffers read; Lion)
+    keeps AdamW's budget: at most 40 registers (fp64: 64), no stack, no local memory, 16-byte or
+    8-byte accesses."""
+    import re
+
+    updates = {name: usage for name, usage in resources.items() if "update_kernel" in name}
+    # SGD: 8 (param, grad) pairs without buffers, 12 combinations x 2 momentum modes; Lion: 12.
+    assert len(updates) >= 44, sorted(updates)
+    for name, usage in updates.items():
+        fp64 = re.search(r"(?:SGDStep|LionStep)Id", name) is not None
+        limit = 64 if fp64 else 40
+        assert usage["REG"] <= limit, f"{name}: {usage['REG']} registers > {limit}"
+        assert usage["STACK"] == 0 and usage.get("LOCAL", 0) == 0, f"{name}: {usage}"
+        assert not re.search(r"\b(?:LDL|STL)\b", sass[name]), f"{name}: local-memory spills"
+        assert re.search(r"\b(?:LDG|STG)\.E\.(?:128|64)\b", sass[name]), f"{name}: no vector accesses"
