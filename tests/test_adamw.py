@@ -230,7 +230,8 @@ def test_params_requiring_grad_update_in_place_without_autograd_error(dtype):
 
 @pytest.mark.parametrize("device", devices())
 @pytest.mark.parametrize(
-    "amsgrad, maximize, lr_tensor", list(itertools.product([False, True], [False, True], [False, True])),
+    "amsgrad, maximize, lr_tensor",
+    list(itertools.product([False, True], [False, True], [False, True])),
     ids=lambda v: str(v),
 )
 def test_trajectory_with_l2_weight_decay_matches_torch_adam(device, amsgrad, maximize, lr_tensor):

@@ -79,8 +79,8 @@ def lion_paper_float64(param, grad64, exp_avg, *, lr, beta1, beta2, weight_decay
 
 
 def lion_lucidrains_(params, grads, exp_avgs, *, lr, beta1, beta2, weight_decay, maximize=False):
-    """lucidrains' lion-pytorch ``update_fn`` (the paper's rule in another form), inline, on fp32
-    tensors: p *= 1 - lr * wd; p -= lr * sign(lerp(m, g, 1 - beta1)); m = lerp(m, g, 1 - beta2).
+    """lucidrains' lion-pytorch ``update_fn`` (the paper's rule in another form), inline, in the
+    tensors' own dtype: p *= 1 - lr * wd; p -= lr * sign(lerp(m, g, 1 - beta1)); m = lerp(m, g, 1 - beta2).
     A tensor lr is used as its value (``1 - lr * wd`` formed in double, as fastopt forms it)."""
     lr = float(lr)
     for p, g, m in zip(params, grads, exp_avgs):
@@ -167,6 +167,31 @@ def test_one_step_matches_paper_float64(device, combo, maximize, non_contiguous)
         assert_bitwise_equal(grads[i], grads_before[i])  # grads are read, never written
     if grad_dtype in (torch.float32, torch.float64):  # the ties made there are near-ties: some were checked
         assert sum(int(t.sum()) for t in ambiguous) > 100
+
+
+@pytest.mark.parametrize("device", devices())
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=describe_dtype)
+def test_param_update_is_bit_exact_on_every_backend_away_from_ties(device, dtype):
+    """csrc/element_math.h's lion_update: the direction is -1, 0 or +1, so p * (1 - lr * wd) - lr * s
+    rounds the same whether or not the last product is fused; from the same direction every
+    backend gives the param torch's ops give (p.mul_(decay) then p.add_(s, alpha=-lr)), bit for
+    bit. Only the momentum's lerp may round otherwise off the cpu backend."""
+    params = random_tensors(SHAPES, dtype, device, seed=80)
+    grads = random_tensors(SHAPES, dtype, device, seed=81)
+    exp_avgs = random_exp_avgs(params, seed=82)
+    ties = [near_tie(m, g, 0.9) for m, g in zip(exp_avgs, effective_grads64(grads))]
+    expected, expected_m = [p.clone() for p in params], [m.clone() for m in exp_avgs]
+    lion_lucidrains_(expected, grads, expected_m, lr=0.01, beta1=0.9, beta2=0.99, weight_decay=0.1)
+
+    fastopt.lion_(params, grads, exp_avgs, lr=0.01, beta1=0.9, beta2=0.99, weight_decay=0.1)
+
+    for i, tie in enumerate(ties):
+        keep = ~tie.to(device)
+        assert_bitwise_equal(params[i][keep], expected[i][keep], f"params[{i}]")
+        if dtype == torch.float32:
+            assert_state_matches(exp_avgs[i], expected_m[i], device, f"exp_avgs[{i}]")
+        else:
+            torch.testing.assert_close(exp_avgs[i], expected_m[i], **tolerance(torch.float64))
 
 
 @pytest.mark.parametrize("device", devices())
@@ -442,7 +467,7 @@ BAD_LION = {
     "expanded-param": (dict(edit=_set("params", 1, lambda kw: torch.randn(1, 4).expand(3, 4))), ValueError,
                        r"params\[1\] has elements that share memory"),
     "lr-is-an-exp_avg-element": (dict(edit=_lr_is_an_exp_avg), ValueError, r"lr shares memory with exp_avgs\[0\]"),
-}
+}  # fmt: skip
 
 
 @pytest.mark.parametrize("case", BAD_LION)
