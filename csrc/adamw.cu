@@ -1,7 +1,8 @@
 // The AdamW update: one read of p, g, m, v (and max v) and one write of p, m, v per element,
 // with 1 / grad_scale * clip_coef applied to g on the fly, lr / grad_scale / clip_coef /
 // found_inf / the step counts read on the device, and nothing at all written when found_inf != 0.
-// Compiled per dtype combination (param, grad, state) so the inner loop has no dtype branches.
+// Compiled per dtype combination (param, grad, state) so the inner loop has no dtype branches, and
+// with torch.optim.Adam's L2 weight decay (decoupled_weight_decay=False) as a build of its own.
 #include "multi_tensor.cuh"
 
 namespace fastopt {
@@ -14,11 +15,9 @@ enum AdamWList : int64_t { kParams = 0, kGrads = 1, kExpAvgs = 2, kExpAvgSqs = 3
 template <typename P, bool Amsgrad>
 constexpr __host__ __device__ int adamw_pack() { return sizeof(P) == 8 ? (Amsgrad ? 1 : 2) : 4; }
 
-// Blocks of kThreads per multiprocessor that the register budget must allow (sm_90: 64 K
-// registers per SM, so 3 blocks of 512 threads leave 40 registers a thread; fp64 needs twice the
-// registers per value and gets 2 blocks, 64 registers).
+// Blocks of kThreads per multiprocessor that the register budget must allow (multi_tensor.cuh).
 template <typename P>
-constexpr __host__ __device__ int adamw_min_blocks() { return sizeof(P) == 8 ? 2 : 3; }
+constexpr __host__ __device__ int adamw_min_blocks() { return update_min_blocks<P>(); }
 
 // element_math.h's adamw_update with its divisions by per-launch constants hoisted out of the
 // element loop: g * (clip_coef / grad_scale) for g / grad_scale * clip_coef, and sqrt(v) times
@@ -28,20 +27,23 @@ constexpr __host__ __device__ int adamw_min_blocks() { return sizeof(P) == 8 ? 2
 template <typename A>
 struct HoistedConstants {
   A decay_factor, one_minus_beta1, beta2, one_minus_beta2, inv_bias_correction2_sqrt, eps, neg_step_size;
-  A grad_factor;  // effective_grad's 1 / grad_scale * clip_coef, negated when maximizing
+  A grad_factor;      // effective_grad's 1 / grad_scale * clip_coef, negated when maximizing
+  A l2_weight_decay;  // Adam's L2 term (the L2 build); read from shared memory only there
 };
 
-template <typename A>
+// Volatile reads are never dropped: each build reads only the decay it uses.
+template <bool L2, typename A>
 __device__ __forceinline__ HoistedConstants<A> read_constants(const volatile HoistedConstants<A>& c) {
-  return {c.decay_factor, c.one_minus_beta1, c.beta2, c.one_minus_beta2, c.inv_bias_correction2_sqrt, c.eps,
-          c.neg_step_size, c.grad_factor};
+  return {L2 ? A(1) : c.decay_factor, c.one_minus_beta1, c.beta2, c.one_minus_beta2, c.inv_bias_correction2_sqrt,
+          c.eps, c.neg_step_size, c.grad_factor, L2 ? c.l2_weight_decay : A(0)};
 }
 
 // Formed by thread 0 per chunk (two fp64 pows, device scalars read): nothing that these calls
 // clobber stays live in the other threads' registers across them.
 template <typename A>
 __device__ __forceinline__ void form_constants(HoistedConstants<A>* out, double lr, const AdamWArgs& args, double step) {
-  const AdamWConstants<A> c = adamw_constants<A>(lr, args.beta1, args.beta2, args.eps, args.weight_decay, step);
+  const AdamWConstants<A> c =
+      adamw_constants<A>(lr, args.beta1, args.beta2, args.eps, args.weight_decay, step, args.decoupled_weight_decay);
   *out = {c.decay_factor,
           c.one_minus_beta1,
           c.beta2,
@@ -49,7 +51,8 @@ __device__ __forceinline__ void form_constants(HoistedConstants<A>* out, double 
           A(1) / c.bias_correction2_sqrt,
           c.eps,
           c.neg_step_size,
-          static_cast<A>((args.maximize ? -1.0 : 1.0) * read_scalar(args.clip_coef) / read_scalar(args.grad_scale))};
+          static_cast<A>((args.maximize ? -1.0 : 1.0) * read_scalar(args.clip_coef) / read_scalar(args.grad_scale)),
+          c.l2_weight_decay};
 }
 
 // The square root and the division of the update. IEEE sqrt.rn / div.rn keep a slow path for
@@ -71,10 +74,16 @@ __device__ __forceinline__ double update_sqrt(double x) { return sqrt(x); }
 __device__ __forceinline__ float divide(float x, float y) { return __fdividef(x, y); }
 __device__ __forceinline__ double divide(double x, double y) { return x / y; }
 
-template <typename A>
+// L2: torch.optim.Adam's weight decay, added to the grad (nvcc contracts it into one fma, as torch's
+// CPU kernels fuse it), instead of AdamW's decay of the param.
+template <bool L2, typename A>
 __device__ __forceinline__ void adamw_update_hoisted(A& param, A grad, A& exp_avg, A& exp_avg_sq, bool amsgrad,
                                                      A& max_exp_avg_sq, const HoistedConstants<A>& c) {
-  param *= c.decay_factor;
+  if constexpr (L2) {
+    grad = l2_decayed_grad(grad, param, c.l2_weight_decay);
+  } else {
+    param *= c.decay_factor;
+  }
   exp_avg = lerp(exp_avg, grad, c.one_minus_beta1);
   exp_avg_sq = exp_avg_sq * c.beta2 + c.one_minus_beta2 * grad * grad;
   A second_moment = exp_avg_sq;
@@ -87,8 +96,8 @@ __device__ __forceinline__ void adamw_update_hoisted(A& param, A grad, A& exp_av
 }
 
 // Compiled with and without AMSGrad (`Amsgrad`): the max list's values and pointer take registers
-// only in the build that uses them.
-template <typename P, typename G, typename S, bool Amsgrad>
+// only in the build that uses them; L2 (Adam's weight decay) likewise, so AdamW's code is as before.
+template <typename P, typename G, typename S, bool Amsgrad, bool L2>
 __global__ void __launch_bounds__(kThreads, adamw_min_blocks<P>())
     adamw_kernel(DeviceTable table, LaunchRange range, AdamWArgs args) {
   using A = typename Accumulate<P>::type;
@@ -132,10 +141,10 @@ __global__ void __launch_bounds__(kThreads, adamw_min_blocks<P>())
       load_pack<N>(exp_avg + i, m);
       load_pack<N>(exp_avg_sq + i, v);
       if constexpr (Amsgrad) load_pack<N>(max_exp_avg_sq + i, v_max);
-      const HoistedConstants<A> c = read_constants(shared_constants);
+      const HoistedConstants<A> c = read_constants<L2>(shared_constants);
 #pragma unroll
       for (int k = 0; k < N; ++k) {
-        adamw_update_hoisted(p[k], g[k] * c.grad_factor, m[k], v[k], Amsgrad, v_max[k], c);
+        adamw_update_hoisted<L2>(p[k], g[k] * c.grad_factor, m[k], v[k], Amsgrad, v_max[k], c);
       }
       store_pack<N>(param + i, p);
       store_pack<N>(exp_avg + i, m);
@@ -147,8 +156,8 @@ __global__ void __launch_bounds__(kThreads, adamw_min_blocks<P>())
       A p = load_element<false, A>(param + i), m = load_element<false, A>(exp_avg + i),
         v = load_element<false, A>(exp_avg_sq + i);
       A v_max = Amsgrad ? load_element<false, A>(max_exp_avg_sq + i) : A(0);
-      const HoistedConstants<A> c = read_constants(shared_constants);
-      adamw_update_hoisted(p, load_element<true, A>(grad + i) * c.grad_factor, m, v, Amsgrad, v_max, c);
+      const HoistedConstants<A> c = read_constants<L2>(shared_constants);
+      adamw_update_hoisted<L2>(p, load_element<true, A>(grad + i) * c.grad_factor, m, v, Amsgrad, v_max, c);
       store_element(param + i, p);
       store_element(exp_avg + i, m);
       store_element(exp_avg_sq + i, v);
@@ -172,43 +181,36 @@ __global__ void __launch_bounds__(kThreads, adamw_min_blocks<P>())
   });
 }
 
-template <typename P, typename G, typename S, bool Amsgrad>
+template <typename P, typename G, typename S, bool Amsgrad, bool L2>
 void launch_build(const DeviceTable& table, LaunchRange range, const AdamWArgs& args, cudaStream_t stream) {
   static const int per_multiprocessor =
-      resident_blocks_per_multiprocessor(adamw_kernel<P, G, S, Amsgrad>, kThreads);
-  FASTOPT_LAUNCH(persistent_grid(per_multiprocessor, range), kThreads, 0, stream, adamw_kernel<P, G, S, Amsgrad>)(
+      resident_blocks_per_multiprocessor(adamw_kernel<P, G, S, Amsgrad, L2>, kThreads);
+  FASTOPT_LAUNCH(persistent_grid(per_multiprocessor, range), kThreads, 0, stream, adamw_kernel<P, G, S, Amsgrad, L2>)(
       table, range, args);
 }
 
 template <typename P, typename G, typename S>
 void launch(const DeviceTable& table, LaunchRange range, const AdamWArgs& args, cudaStream_t stream) {
+  // torch adds no L2 term when weight_decay is 0 (0 * an inf param would be nan): the plain build,
+  // whose decay factor is then 1.
+  const bool l2 = !args.decoupled_weight_decay && args.weight_decay != 0.0;
   if (args.amsgrad) {
-    launch_build<P, G, S, true>(table, range, args, stream);
+    l2 ? launch_build<P, G, S, true, true>(table, range, args, stream)
+       : launch_build<P, G, S, true, false>(table, range, args, stream);
   } else {
-    launch_build<P, G, S, false>(table, range, args, stream);
+    l2 ? launch_build<P, G, S, false, true>(table, range, args, stream)
+       : launch_build<P, G, S, false, false>(table, range, args, stream);
   }
 }
 
 using Launcher = void (*)(const DeviceTable&, LaunchRange, const AdamWArgs&, cudaStream_t);
 
-// The compiled combinations (param, grad, state): fp64 alone; fp32 params and states with fp32,
-// bf16 or fp16 grads; bf16 / fp16 params with grads of their dtype or fp32, and states of their
-// dtype or fp32. Others run on the reference backend (ops.cpp raises NotImplementedError).
+// The compiled combinations (FASTOPT_UPDATE_COMBINATIONS). Others run on the reference backend
+// (ops.cpp raises NotImplementedError).
 Launcher find_launcher(DType param, DType grad, DType state) {
 #define FASTOPT_ADAMW_CASE(P_CODE, G_CODE, S_CODE, P, G, S) \
   if (param == P_CODE && grad == G_CODE && state == S_CODE) return &launch<P, G, S>;
-  FASTOPT_ADAMW_CASE(kFloat64, kFloat64, kFloat64, double, double, double)
-  FASTOPT_ADAMW_CASE(kFloat32, kFloat32, kFloat32, float, float, float)
-  FASTOPT_ADAMW_CASE(kFloat32, kBFloat16, kFloat32, float, __nv_bfloat16, float)
-  FASTOPT_ADAMW_CASE(kFloat32, kFloat16, kFloat32, float, __half, float)
-  FASTOPT_ADAMW_CASE(kBFloat16, kBFloat16, kBFloat16, __nv_bfloat16, __nv_bfloat16, __nv_bfloat16)
-  FASTOPT_ADAMW_CASE(kBFloat16, kBFloat16, kFloat32, __nv_bfloat16, __nv_bfloat16, float)
-  FASTOPT_ADAMW_CASE(kBFloat16, kFloat32, kFloat32, __nv_bfloat16, float, float)
-  FASTOPT_ADAMW_CASE(kBFloat16, kFloat32, kBFloat16, __nv_bfloat16, float, __nv_bfloat16)
-  FASTOPT_ADAMW_CASE(kFloat16, kFloat16, kFloat16, __half, __half, __half)
-  FASTOPT_ADAMW_CASE(kFloat16, kFloat16, kFloat32, __half, __half, float)
-  FASTOPT_ADAMW_CASE(kFloat16, kFloat32, kFloat32, __half, float, float)
-  FASTOPT_ADAMW_CASE(kFloat16, kFloat32, kFloat16, __half, float, __half)
+  FASTOPT_UPDATE_COMBINATIONS(FASTOPT_ADAMW_CASE)
 #undef FASTOPT_ADAMW_CASE
   return nullptr;
 }

@@ -99,11 +99,37 @@ struct AdamWArgs {
   const float* found_inf;  // may be null
   double beta1, beta2, eps, weight_decay;
   bool maximize, amsgrad;
+  bool decoupled_weight_decay;  // false: torch.optim.Adam's L2 term, weight_decay * param added to the grad
   int* arrivals;
 };
 bool adamw_supports(DType param, DType grad, DType state);
 void launch_adamw(const DeviceTable& table, LaunchRange range, DType param, DType grad, DType state,
                   const AdamWArgs& args, cudaStream_t stream);
+
+// The SGD update (torch.optim.SGD) over lists (params, grads[, momentum_buffers]): momentum
+// buffers are there when `momentum_buffers` (a list of the table) is set; `first_step`: they are
+// only written (set to the decayed grad). Without buffers, `state` is the param's dtype.
+// Nothing changes when *found_inf != 0.
+struct SGDArgs {
+  ScalarArg lr, grad_scale, clip_coef;
+  const float* found_inf;  // may be null
+  double momentum, dampening, weight_decay;
+  bool nesterov, maximize, momentum_buffers, first_step;
+};
+bool sgd_supports(DType param, DType grad, DType state);
+void launch_sgd(const DeviceTable& table, LaunchRange range, DType param, DType grad, DType state,
+                const SGDArgs& args, cudaStream_t stream);
+
+// The Lion update over lists (params, grads, exp_avgs). Nothing changes when *found_inf != 0.
+struct LionArgs {
+  ScalarArg lr, grad_scale, clip_coef;
+  const float* found_inf;  // may be null
+  double beta1, beta2, weight_decay;
+  bool maximize;
+};
+bool lion_supports(DType param, DType grad, DType state);
+void launch_lion(const DeviceTable& table, LaunchRange range, DType param, DType grad, DType state,
+                 const LionArgs& args, cudaStream_t stream);
 
 // Threads per block of the chunk kernels, and elements per chunk (64 per thread).
 constexpr int kThreads = 512;

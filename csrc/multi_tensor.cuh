@@ -151,6 +151,36 @@ __device__ __forceinline__ double read_scalar(const ScalarArg& arg) {
   }
 }
 
+// A product rounded on its own, which nvcc may not contract into a following addition (torch
+// rounds it before the sum: Lion's decayed param).
+__device__ __forceinline__ float rounded_product(float x, float y) { return __fmul_rn(x, y); }
+__device__ __forceinline__ double rounded_product(double x, double y) { return __dmul_rn(x, y); }
+
+// The (param, grad, state) dtype combinations that the update kernels (AdamW, SGD, Lion) are
+// compiled for: fp64 alone; fp32 params and states with fp32, bf16 or fp16 grads; bf16 / fp16
+// params with grads of their dtype or fp32, and states of their dtype or fp32. CASE(param code,
+// grad code, state code, param type, grad type, state type) for each; fastopt/cuda.py's
+// UPDATE_BUILDS is the same list (tests/test_cuda_extension.py compares them).
+#define FASTOPT_UPDATE_COMBINATIONS(CASE)                                            \
+  CASE(kFloat64, kFloat64, kFloat64, double, double, double)                        \
+  CASE(kFloat32, kFloat32, kFloat32, float, float, float)                           \
+  CASE(kFloat32, kBFloat16, kFloat32, float, __nv_bfloat16, float)                  \
+  CASE(kFloat32, kFloat16, kFloat32, float, __half, float)                          \
+  CASE(kBFloat16, kBFloat16, kBFloat16, __nv_bfloat16, __nv_bfloat16, __nv_bfloat16) \
+  CASE(kBFloat16, kBFloat16, kFloat32, __nv_bfloat16, __nv_bfloat16, float)         \
+  CASE(kBFloat16, kFloat32, kFloat32, __nv_bfloat16, float, float)                  \
+  CASE(kBFloat16, kFloat32, kBFloat16, __nv_bfloat16, float, __nv_bfloat16)         \
+  CASE(kFloat16, kFloat16, kFloat16, __half, __half, __half)                        \
+  CASE(kFloat16, kFloat16, kFloat32, __half, __half, float)                         \
+  CASE(kFloat16, kFloat32, kFloat32, __half, float, float)                          \
+  CASE(kFloat16, kFloat32, kFloat16, __half, float, __half)
+
+// Blocks of kThreads per multiprocessor that an update kernel's register budget must allow (sm_90:
+// 64 K registers per SM, so 3 blocks of 512 threads leave 40 registers a thread; fp64 needs twice
+// the registers per value and gets 2 blocks, 64 registers).
+template <typename P>
+constexpr __host__ __device__ int update_min_blocks() { return sizeof(P) == 8 ? 2 : 3; }
+
 // N elements moved by one instruction per 16 bytes (N * sizeof(T) of 2 to 16 bytes, or a
 // multiple of 16).
 template <typename T, int N>

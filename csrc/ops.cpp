@@ -134,7 +134,11 @@ struct DenseLists {
 
 // How tensors split into segments and groups; part of a table's identity.
 enum class Segments : int64_t { kTensors = 0, kUnits = 1 };
-enum class Grouping : int64_t { kNone = 0, kAdamW = 1 };
+// kDtypes: tensors grouped by their (param, grad, state) dtypes (lists 0, 1 and 2; without a list
+// 2, the param's dtype stands for the state's), for the update kernels compiled per combination.
+enum class Grouping : int64_t { kNone = 0, kDtypes = 1 };
+
+int64_t group_key(DType param, DType grad, DType state) { return param * 16 + grad * 4 + state; }
 
 int multiprocessor_count(int device) {
   static std::mutex mutex;
@@ -392,11 +396,11 @@ class TableCache {
       units.resize(num_tensors);
       for (int64_t i = 0; i < num_tensors; ++i) units[i] = first[i].dim() >= 2 ? first[i].size(0) : 1;
     }
-    if (grouping == Grouping::kAdamW) {  // (param, grad, state) dtypes, state being exp_avg's
+    if (grouping == Grouping::kDtypes) {  // (param, grad, state) dtypes, the state being list 2's
       group_keys.resize(num_tensors);
       for (int64_t i = 0; i < num_tensors; ++i)
-        group_keys[i] = dtype_code(lists[0][i], "params") * 16 + dtype_code(lists[1][i], "grads") * 4 +
-                        dtype_code(lists[2][i], "exp_avgs");
+        group_keys[i] = group_key(dtype_code(lists[0][i], "params"), dtype_code(lists[1][i], "grads"),
+                                  dtype_code(lists[num_lists > 2 ? 2 : 0][i], "states"));
     }
     const ChunkPlan plan = plan_chunks(numels, units, group_keys, kChunkSize, min_one_chunk);
     const int64_t num_chunks = plan.num_chunks(), num_segments = plan.num_segments();
@@ -483,6 +487,17 @@ TableCache& tables() {
 }
 
 cudaStream_t current_stream() { return c10::cuda::getCurrentCUDAStream().stream(); }
+
+// launch(range, param, grad, state) for each dtype group of a Grouping::kDtypes table: one launch
+// per (param, grad, state) combination present.
+template <typename Launch>
+void launch_per_dtype_group(const Table& table, Launch&& launch) {
+  for (const ChunkGroup& group : table.groups) {
+    launch(table.range(group.first_chunk, group.num_chunks), static_cast<DType>(group.key / 16),
+           static_cast<DType>(group.key / 4 % 4), static_cast<DType>(group.key % 4));
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  }
+}
 
 // --------------------------------------------------------------------------- the ops
 
@@ -603,7 +618,7 @@ void adamw_(const TensorList& params, const TensorList& grads, const TensorList&
             const TensorList& steps, double lr, const std::optional<at::Tensor>& lr_tensor, double beta1, double beta2,
             double eps, double weight_decay, bool maximize, const TensorList& max_exp_avg_sqs, double grad_scale,
             const std::optional<at::Tensor>& grad_scale_tensor, const std::optional<at::Tensor>& found_inf,
-            double clip_coef, const std::optional<at::Tensor>& clip_coef_tensor) {
+            double clip_coef, const std::optional<at::Tensor>& clip_coef_tensor, bool decoupled_weight_decay) {
   const bool amsgrad = !max_exp_avg_sqs.empty();
   std::vector<std::pair<const char*, const TensorList*>> named = {
       {"params", &params}, {"grads", &grads}, {"exp_avgs", &exp_avgs}, {"exp_avg_sqs", &exp_avg_sqs}, {"steps", &steps}};
@@ -627,6 +642,7 @@ void adamw_(const TensorList& params, const TensorList& grads, const TensorList&
   args.weight_decay = weight_decay;
   args.maximize = maximize;
   args.amsgrad = amsgrad;
+  args.decoupled_weight_decay = decoupled_weight_decay;
   // Every state of a param shares one dtype in the compiled combinations; checked before any write.
   for (size_t i = 0; i < params.size(); ++i) {
     const DType state = dtype_code(exp_avgs[i], "exp_avgs");
@@ -645,17 +661,96 @@ void adamw_(const TensorList& params, const TensorList& grads, const TensorList&
   dense.add(exp_avg_sqs, true);
   dense.add(steps, true);
   if (amsgrad) dense.add(max_exp_avg_sqs, true);
-  const std::shared_ptr<Table> table = tables().lookup(dense.lists, Segments::kTensors, Grouping::kAdamW, /*min_one_chunk=*/true);
+  const std::shared_ptr<Table> table = tables().lookup(dense.lists, Segments::kTensors, Grouping::kDtypes, /*min_one_chunk=*/true);
   args.arrivals = table->arrivals.data_ptr<int>();
   const cudaStream_t stream = current_stream();
   // Counters start at zero whatever an earlier (possibly aborted) launch left.
   C10_CUDA_CHECK(cudaMemsetAsync(args.arrivals, 0, table->arrivals.numel() * sizeof(int), stream));
-  for (const ChunkGroup& group : table->groups) {
-    const auto param = static_cast<DType>(group.key / 16), grad = static_cast<DType>(group.key / 4 % 4),
-               state = static_cast<DType>(group.key % 4);
-    launch_adamw(table->view, table->range(group.first_chunk, group.num_chunks), param, grad, state, args, stream);
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  launch_per_dtype_group(*table, [&](LaunchRange range, DType param, DType grad, DType state) {
+    launch_adamw(table->view, range, param, grad, state, args, stream);
+  });
+  dense.finish();
+}
+
+void sgd_(const TensorList& params, const TensorList& grads, const TensorList& momentum_buffers, double lr,
+          const std::optional<at::Tensor>& lr_tensor, double momentum, double dampening, double weight_decay,
+          bool nesterov, bool maximize, bool first_step, double grad_scale,
+          const std::optional<at::Tensor>& grad_scale_tensor, const std::optional<at::Tensor>& found_inf,
+          double clip_coef, const std::optional<at::Tensor>& clip_coef_tensor) {
+  const bool with_momentum = !momentum_buffers.empty();
+  std::vector<std::pair<const char*, const TensorList*>> named = {{"params", &params}, {"grads", &grads}};
+  if (with_momentum) named.emplace_back("momentum_buffers", &momentum_buffers);
+  check_lists(named);
+  check_same_numels("grads", grads, "params", params);
+  if (with_momentum) check_same_numels("momentum_buffers", momentum_buffers, "params", params);
+  const at::Device device = params.front().device();
+  c10::cuda::CUDAGuard guard(device);
+  SGDArgs args{};
+  args.lr = scalar_arg(lr, lr_tensor, device, "lr");
+  args.grad_scale = scalar_arg(grad_scale, grad_scale_tensor, device, "grad_scale");
+  args.clip_coef = scalar_arg(clip_coef, clip_coef_tensor, device, "clip_coef");
+  args.found_inf = found_inf_pointer(found_inf, device);
+  args.momentum = momentum;
+  args.dampening = dampening;
+  args.weight_decay = weight_decay;
+  args.nesterov = nesterov;
+  args.maximize = maximize;
+  args.momentum_buffers = with_momentum;
+  args.first_step = first_step;
+  for (size_t i = 0; i < params.size(); ++i) {
+    const DType param = dtype_code(params[i], "params");
+    TORCH_CHECK_NOT_IMPLEMENTED(
+        sgd_supports(param, dtype_code(grads[i], "grads"),
+                     with_momentum ? dtype_code(momentum_buffers[i], "momentum_buffers") : param),
+        "fastopt: the CUDA SGD kernel has no build for params ", params[i].scalar_type(), ", grads ",
+        grads[i].scalar_type(), with_momentum ? ", momentum_buffers " : "",
+        with_momentum ? c10::toString(momentum_buffers[i].scalar_type()) : "", " (tensor ", i, ")");
   }
+  DenseLists dense;
+  dense.add(params, true);
+  dense.add(grads, false);
+  if (with_momentum) dense.add(momentum_buffers, true);
+  const std::shared_ptr<Table> table = tables().lookup(dense.lists, Segments::kTensors, Grouping::kDtypes, false);
+  const cudaStream_t stream = current_stream();
+  launch_per_dtype_group(*table, [&](LaunchRange range, DType param, DType grad, DType state) {
+    launch_sgd(table->view, range, param, grad, state, args, stream);
+  });
+  dense.finish();
+}
+
+void lion_(const TensorList& params, const TensorList& grads, const TensorList& exp_avgs, double lr,
+           const std::optional<at::Tensor>& lr_tensor, double beta1, double beta2, double weight_decay, bool maximize,
+           double grad_scale, const std::optional<at::Tensor>& grad_scale_tensor,
+           const std::optional<at::Tensor>& found_inf, double clip_coef,
+           const std::optional<at::Tensor>& clip_coef_tensor) {
+  check_lists({{"params", &params}, {"grads", &grads}, {"exp_avgs", &exp_avgs}});
+  check_same_numels("grads", grads, "params", params);
+  check_same_numels("exp_avgs", exp_avgs, "params", params);
+  const at::Device device = params.front().device();
+  c10::cuda::CUDAGuard guard(device);
+  LionArgs args{};
+  args.lr = scalar_arg(lr, lr_tensor, device, "lr");
+  args.grad_scale = scalar_arg(grad_scale, grad_scale_tensor, device, "grad_scale");
+  args.clip_coef = scalar_arg(clip_coef, clip_coef_tensor, device, "clip_coef");
+  args.found_inf = found_inf_pointer(found_inf, device);
+  args.beta1 = beta1;
+  args.beta2 = beta2;
+  args.weight_decay = weight_decay;
+  args.maximize = maximize;
+  for (size_t i = 0; i < params.size(); ++i)
+    TORCH_CHECK_NOT_IMPLEMENTED(
+        lion_supports(dtype_code(params[i], "params"), dtype_code(grads[i], "grads"), dtype_code(exp_avgs[i], "exp_avgs")),
+        "fastopt: the CUDA Lion kernel has no build for params ", params[i].scalar_type(), ", grads ",
+        grads[i].scalar_type(), ", exp_avgs ", exp_avgs[i].scalar_type(), " (tensor ", i, ")");
+  DenseLists dense;
+  dense.add(params, true);
+  dense.add(grads, false);
+  dense.add(exp_avgs, true);
+  const std::shared_ptr<Table> table = tables().lookup(dense.lists, Segments::kTensors, Grouping::kDtypes, false);
+  const cudaStream_t stream = current_stream();
+  launch_per_dtype_group(*table, [&](LaunchRange range, DType param, DType grad, DType state) {
+    launch_lion(table->view, range, param, grad, state, args, stream);
+  });
   dense.finish();
 }
 
@@ -676,6 +771,14 @@ FASTOPT_TORCH_LIBRARY(FASTOPT_OPS_LIBRARY, m) {
       "adamw_(Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] exp_avgs, Tensor(c!)[] exp_avg_sqs, Tensor(d!)[] steps, "
       "float lr, Tensor? lr_tensor, float beta1, float beta2, float eps, float weight_decay, bool maximize, "
       "Tensor(e!)[] max_exp_avg_sqs, float grad_scale, Tensor? grad_scale_tensor, Tensor? found_inf, "
+      "float clip_coef, Tensor? clip_coef_tensor, bool decoupled_weight_decay=True) -> ()");
+  m.def(
+      "sgd_(Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] momentum_buffers, float lr, Tensor? lr_tensor, "
+      "float momentum, float dampening, float weight_decay, bool nesterov, bool maximize, bool first_step, "
+      "float grad_scale, Tensor? grad_scale_tensor, Tensor? found_inf, float clip_coef, Tensor? clip_coef_tensor) -> ()");
+  m.def(
+      "lion_(Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] exp_avgs, float lr, Tensor? lr_tensor, float beta1, "
+      "float beta2, float weight_decay, bool maximize, float grad_scale, Tensor? grad_scale_tensor, Tensor? found_inf, "
       "float clip_coef, Tensor? clip_coef_tensor) -> ()");
 }
 
@@ -686,6 +789,8 @@ FASTOPT_TORCH_LIBRARY_IMPL(FASTOPT_OPS_LIBRARY, FASTOPT_OPS_DISPATCH_KEY, m) {
   m.impl("clamp_", &fastopt::clamp_);
   m.impl("adaptive_clip_", &fastopt::adaptive_clip_);
   m.impl("adamw_", &fastopt::adamw_);
+  m.impl("sgd_", &fastopt::sgd_);
+  m.impl("lion_", &fastopt::lion_);
 }
 
 // Test hooks, not API: fastopt._C._table_cache_stats() -> (cached tables, tables kept only for

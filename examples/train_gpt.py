@@ -2,14 +2,16 @@
 
 Warmup + cosine learning rate (torch's schedulers), AMP (bf16 autocast; fp16 + GradScaler on
 CUDA), gradient accumulation (clipped once per optimizer step), clipping by global norm or AGC
-inside fastopt.optim.AdamW, a spike guard, a device-side training monitor, checkpoints with a
-bit-exact resume, and a PNG of loss, grad norm, learning rate and skipped steps.
+inside the optimizer's step (fastopt.optim.AdamW, or Adam, SGD or Lion with --optimizer), a spike
+guard, a device-side training monitor, checkpoints with a bit-exact resume, and a PNG of loss,
+grad norm, learning rate and skipped steps.
 
 The corpus is generated, not downloaded: the docstrings of a fixed list of standard-library
 modules, which every Python installation has.
 
     python examples/train_gpt.py                      # 15 s on an idle 2-core CPU (100 steps), loss falls
     python examples/train_gpt.py --compare-torch      # the same steps with torch's pipeline too
+    python examples/train_gpt.py --optimizer lion --compare-torch   # fastopt's Lion vs a foreach Lion
     python examples/train_gpt.py --device cuda --amp fp16 --layers 12 --width 768 --context 256 \\
         --batch-size 64 --steps 5000                  # a GPU-sized run
     python examples/train_gpt.py --steps 200 --stop-at 100    # preempted: checkpoint at step 100
@@ -31,12 +33,24 @@ import torch.nn.functional as F
 from torch import nn
 
 import fastopt
-from fastopt.benchmark.cases import agc_per_tensor_loop
+from fastopt.benchmark.cases import ForeachLion, agc_per_tensor_loop
 from fastopt.monitor import TrainingMonitor
 
 # With the other defaults, a step costs 2.4 CPU-seconds on the 2-core machine of README.md (1.2-2.4 s
 # of wall time on its two idle cores): 100 steps stay under the docstring's 4 minutes.
 DEFAULT_STEPS = 100
+
+# --optimizer: fastopt's optimizer, torch's counterpart (--compare-torch; torch has no Lion: a
+# foreach Lion of torch ops, the benchmark's Lion baseline), and the defaults of --lr and
+# --weight-decay. Lion: the paper's advice, an lr 3-10x smaller and a weight decay 3-10x larger
+# than AdamW's (3x here: at 10x this example's 100 steps learn little). SGD: momentum
+# (--momentum) and L2 weight decay, as torch's; Adam: L2 weight decay.
+OPTIMIZERS = {
+    "adamw": (fastopt.optim.AdamW, torch.optim.AdamW, {"lr": 3e-3, "weight_decay": 0.1}),
+    "adam": (fastopt.optim.Adam, torch.optim.Adam, {"lr": 3e-3, "weight_decay": 0.0}),
+    "sgd": (fastopt.optim.SGD, torch.optim.SGD, {"lr": 0.3, "weight_decay": 0.0}),
+    "lion": (fastopt.optim.Lion, ForeachLion, {"lr": 1e-3, "weight_decay": 0.3}),
+}
 
 CORPUS_MODULES = [
     "json", "collections", "itertools", "functools", "textwrap", "string", "random", "statistics",
@@ -145,11 +159,17 @@ class Run:
         self.body = [p for _, p in named_body]
         head = list(self.model.head.parameters())
         groups = [{"params": self.body}, {"params": head, "agc_clip_factor": None}]  # NFNets: no AGC on the head
+        fastopt_cls, torch_cls, _ = OPTIMIZERS[args.optimizer]
+        hyper = {"lr": args.lr, "weight_decay": args.weight_decay}
+        if args.optimizer in ("adamw", "adam"):
+            hyper["betas"] = (0.9, 0.95)
+        elif args.optimizer == "sgd":
+            hyper["momentum"] = args.momentum
         if pipeline == "fastopt":
             names = [n for n, _ in named_body] + [f"head.{n}" for n, _ in self.model.head.named_parameters()]
             self.monitor = TrainingMonitor(history=max(args.steps, 1), names=names)
-            self.optimizer = fastopt.optim.AdamW(
-                groups, lr=args.lr, weight_decay=args.weight_decay, betas=(0.9, 0.95),
+            self.optimizer = fastopt_cls(
+                groups, **hyper,
                 max_grad_norm=args.max_grad_norm if args.clip == "norm" else None,
                 agc_clip_factor=args.agc_clip_factor if args.clip == "agc" else None,
                 spike_guard=args.spike_guard, monitor=self.monitor,
@@ -157,7 +177,7 @@ class Run:
             scaler_cls = fastopt.amp.GradScaler
         else:
             self.monitor = None
-            self.optimizer = torch.optim.AdamW(groups, lr=args.lr, weight_decay=args.weight_decay, betas=(0.9, 0.95))
+            self.optimizer = torch_cls(groups, **hyper)
             scaler_cls = torch.amp.GradScaler
         self.scheduler = make_scheduler(self.optimizer, args)
         self.scaler = scaler_cls(self.device.type, enabled=args.amp == "fp16")
@@ -262,7 +282,15 @@ def plot(runs: list[Run], path: pathlib.Path) -> bool:
 
 
 class HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
-    """The docstring as written, and every option's default."""
+    """The docstring as written, and every option's default (an option that states its own keeps it)."""
+
+    def _get_help_string(self, action):
+        text = action.help or ""
+        return text if "(default: " in text else super()._get_help_string(action)
+
+
+def _per_optimizer(key: str) -> str:
+    return ", ".join(f"{name} {defaults[key]:g}" for name, (_, _, defaults) in OPTIMIZERS.items())
 
 
 def parse_args(argv=None):
@@ -275,8 +303,19 @@ def parse_args(argv=None):
     parser.add_argument("--width", type=int, default=128, help="model width")
     parser.add_argument("--layers", type=int, default=4, help="transformer blocks")
     parser.add_argument("--heads", type=int, default=4, help="attention heads")
-    parser.add_argument("--lr", type=float, default=3e-3, help="peak learning rate")
-    parser.add_argument("--weight-decay", type=float, default=0.1, help="AdamW's decoupled weight decay")
+    parser.add_argument(
+        "--optimizer", choices=list(OPTIMIZERS), default="adamw",
+        help="fastopt.optim's AdamW, Adam, SGD or Lion; --compare-torch runs torch.optim's (Lion: a foreach Lion)",
+    )  # fmt: skip
+    parser.add_argument(
+        "--lr", type=float, help=f"peak learning rate (default: by --optimizer: {_per_optimizer('lr')})"
+    )
+    parser.add_argument(
+        "--weight-decay", type=float,
+        help="decoupled (adamw, lion) or L2 (adam, sgd) weight decay (default: by --optimizer: "
+        f"{_per_optimizer('weight_decay')})",
+    )  # fmt: skip
+    parser.add_argument("--momentum", type=float, default=0.9, help="with --optimizer sgd")
     parser.add_argument("--warmup-fraction", type=float, default=0.1, help="share of the steps warming up linearly")
     parser.add_argument("--clip", choices=["norm", "agc", "none"], default="norm", help="clip by global norm or AGC")
     parser.add_argument("--max-grad-norm", type=float, default=1.0, help="with --clip norm")
@@ -297,6 +336,9 @@ def parse_args(argv=None):
         parser.error("--amp fp16 needs a CUDA device (use bf16 on CPU)")
     if args.amp == "none":
         args.amp = None
+    for key, value in OPTIMIZERS[args.optimizer][2].items():
+        if getattr(args, key) is None:
+            setattr(args, key, value)
     return args
 
 
@@ -314,7 +356,8 @@ def main(argv=None) -> dict:
             run.load(state)
     params = sum(p.numel() for p in runs[0].model.parameters())
     print(f"{params / 1e6:.2f} M params, {len(data.tokens) / 1e3:.0f} K characters, vocab {data.vocab_size}, "
-          f"device {args.device}, amp {args.amp}, clip {args.clip}", flush=True)  # fmt: skip
+          f"device {args.device}, amp {args.amp}, clip {args.clip}, {args.optimizer} (lr {args.lr:g}, "
+          f"weight decay {args.weight_decay:g})", flush=True)  # fmt: skip
     while runs[0].step < args.steps:
         for run in runs:
             run.train_step()

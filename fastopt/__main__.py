@@ -79,7 +79,7 @@ def bench(args: argparse.Namespace) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    workloads = benchmark.default_workloads(device, args.workloads, args.dtypes, args.size)
+    workloads = benchmark.default_workloads(device, args.workloads, args.dtypes, args.size, args.ops)
     command = "python -m fastopt " + shlex.join(args.command_line)  # quoted, so it can be pasted back
     env = report.environment(device, command)
     print(report.header_line(env), flush=True)  # first line: date, device, versions, command
@@ -171,7 +171,12 @@ def main(argv: list[str] | None = None) -> int:
         choices=list(workloads.DTYPES),
         help="fp32; bf16 (params and grads); bf16-grads (fp32 params, bf16 grads). Default: all",
     )
-    bench_parser.add_argument("--ops", nargs="+", choices=workloads.ALL_OPS, help="ops to time (default: all)")
+    bench_parser.add_argument(
+        "--ops",
+        nargs="+",
+        choices=workloads.ALL_OPS,
+        help="ops to time, in every dtype chosen (default: all; the sgd, adam and lion steps on fp32 only)",
+    )
     bench_parser.add_argument(
         "--backends",
         nargs="+",

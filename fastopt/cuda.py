@@ -102,7 +102,7 @@ def _register_fakes() -> None:
 
     torch.library.register_fake(f"{LIBRARY}::multi_tensor_norm", multi_tensor_norm)
     torch.library.register_fake(f"{LIBRARY}::unscale_and_check_", unscale_and_check_)
-    for name in ("scale_", "clamp_", "adaptive_clip_", "adamw_"):
+    for name in ("scale_", "clamp_", "adaptive_clip_", "adamw_", "sgd_", "lion_"):
         torch.library.register_fake(f"{LIBRARY}::{name}", returns_nothing)
 
 
@@ -122,19 +122,36 @@ def _split(value: float | Tensor | None, default: float = 1.0) -> tuple[float, T
     return (default if value is None else float(value)), None
 
 
-# The (param, grad, state) dtypes the AdamW kernel is compiled for (csrc/adamw.cu, find_launcher).
+# The (param, grad, state) dtypes the update kernels (AdamW, SGD, Lion) are compiled for
+# (csrc/multi_tensor.cuh, FASTOPT_UPDATE_COMBINATIONS).
 _f64, _f32, _bf16, _f16 = torch.float64, torch.float32, torch.bfloat16, torch.float16
-ADAMW_BUILDS = frozenset(
+UPDATE_BUILDS = frozenset(
     [(_f64, _f64, _f64), (_f32, _f32, _f32), (_f32, _bf16, _f32), (_f32, _f16, _f32)]
     + [(low, grad, state) for low in (_bf16, _f16) for grad in (low, _f32) for state in (low, _f32)]
 )
 
 
-def _adamw_builds_cover(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs) -> bool:
+def _builds_cover(params, grads, *states) -> bool:
+    """Whether the kernels have a build for every tensor: its states all of one dtype (the param's
+    when it has none), and (param, grad, state) compiled."""
     dtype = operator.attrgetter("dtype")
-    states = [exp_avg_sqs] + ([max_exp_avg_sqs] if max_exp_avg_sqs else [])
-    same_states = all(list(map(dtype, s)) == list(map(dtype, exp_avgs)) for s in states)
-    return same_states and set(zip(map(dtype, params), map(dtype, grads), map(dtype, exp_avgs))) <= ADAMW_BUILDS
+    states = [s for s in states if s]
+    state_dtypes = list(map(dtype, states[0] if states else params))
+    if not all(list(map(dtype, s)) == state_dtypes for s in states[1:]):
+        return False
+    return set(zip(map(dtype, params), map(dtype, grads), state_dtypes)) <= UPDATE_BUILDS
+
+
+def _run_or_fall_back(op, fallback, covered) -> None:
+    """op() on the kernels; fallback() (the reference) where they have no build for these dtypes.
+    Traced through the fake, the op cannot say NotImplementedError until the graph runs: under
+    torch.compile the choice is made in Python (``covered``)."""
+    if torch.compiler.is_compiling() and not covered():
+        return fallback()
+    try:
+        op()
+    except NotImplementedError:  # raised before any write
+        fallback()
 
 
 def multi_tensor_norm(tensors: list[Tensor], norm_type: float, per_tensor: bool, found_inf: Tensor | None = None):
@@ -181,21 +198,82 @@ def adamw_(
     grad_scale: float | Tensor | None,
     found_inf: Tensor | None,
     clip_coef: float | Tensor | None,
+    decoupled_weight_decay: bool = True,
 ) -> None:
     if not params:
         return
     hyper = dict(
         lr=lr, beta1=beta1, beta2=beta2, eps=eps, weight_decay=weight_decay, maximize=maximize,
         max_exp_avg_sqs=max_exp_avg_sqs, grad_scale=grad_scale, found_inf=found_inf, clip_coef=clip_coef,
+        decoupled_weight_decay=decoupled_weight_decay,
     )  # fmt: skip
-    # A dtype combination the kernel is not compiled for runs on the reference. Traced through the
-    # fake, the op cannot say NotImplementedError until the graph runs: decide in Python then.
-    if torch.compiler.is_compiling() and not _adamw_builds_cover(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs):
-        return reference.adamw_(params, grads, exp_avgs, exp_avg_sqs, steps, **hyper)
-    try:
-        _OPS.adamw_(
+    _run_or_fall_back(
+        lambda: _OPS.adamw_(
             params, grads, exp_avgs, exp_avg_sqs, steps, *_split(lr), beta1, beta2, eps, weight_decay, maximize,
-            max_exp_avg_sqs or [], *_split(grad_scale), found_inf, *_split(clip_coef),
-        )  # fmt: skip
-    except NotImplementedError:  # raised before any write
-        reference.adamw_(params, grads, exp_avgs, exp_avg_sqs, steps, **hyper)
+            max_exp_avg_sqs or [], *_split(grad_scale), found_inf, *_split(clip_coef), decoupled_weight_decay,
+        ),
+        lambda: reference.adamw_(params, grads, exp_avgs, exp_avg_sqs, steps, **hyper),
+        lambda: _builds_cover(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs),
+    )  # fmt: skip
+
+
+def sgd_(
+    params: list[Tensor],
+    grads: list[Tensor],
+    momentum_buffers: list[Tensor] | None,
+    *,
+    lr: float | Tensor,
+    momentum: float,
+    dampening: float,
+    weight_decay: float,
+    nesterov: bool,
+    maximize: bool,
+    first_step: bool,
+    grad_scale: float | Tensor | None,
+    found_inf: Tensor | None,
+    clip_coef: float | Tensor | None,
+) -> None:
+    if not params:
+        return
+    hyper = dict(
+        lr=lr, momentum=momentum, dampening=dampening, weight_decay=weight_decay, nesterov=nesterov,
+        maximize=maximize, first_step=first_step, grad_scale=grad_scale, found_inf=found_inf, clip_coef=clip_coef,
+    )  # fmt: skip
+    _run_or_fall_back(
+        lambda: _OPS.sgd_(
+            params, grads, momentum_buffers or [], *_split(lr), momentum, dampening, weight_decay, nesterov, maximize,
+            first_step, *_split(grad_scale), found_inf, *_split(clip_coef),
+        ),
+        lambda: reference.sgd_(params, grads, momentum_buffers, **hyper),
+        lambda: _builds_cover(params, grads, momentum_buffers),
+    )  # fmt: skip
+
+
+def lion_(
+    params: list[Tensor],
+    grads: list[Tensor],
+    exp_avgs: list[Tensor],
+    *,
+    lr: float | Tensor,
+    beta1: float,
+    beta2: float,
+    weight_decay: float,
+    maximize: bool,
+    grad_scale: float | Tensor | None,
+    found_inf: Tensor | None,
+    clip_coef: float | Tensor | None,
+) -> None:
+    if not params:
+        return
+    hyper = dict(
+        lr=lr, beta1=beta1, beta2=beta2, weight_decay=weight_decay, maximize=maximize, grad_scale=grad_scale,
+        found_inf=found_inf, clip_coef=clip_coef,
+    )  # fmt: skip
+    _run_or_fall_back(
+        lambda: _OPS.lion_(
+            params, grads, exp_avgs, *_split(lr), beta1, beta2, weight_decay, maximize, *_split(grad_scale),
+            found_inf, *_split(clip_coef),
+        ),
+        lambda: reference.lion_(params, grads, exp_avgs, **hyper),
+        lambda: _builds_cover(params, grads, exp_avgs),
+    )  # fmt: skip

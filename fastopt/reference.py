@@ -213,6 +213,17 @@ def _effective_grads(grads: list[Tensor], compute_dtypes: list[torch.dtype], max
     return values
 
 
+def _decay_(params: list[Tensor], lr: float | Tensor, weight_decay: float, compute_dtypes: list[torch.dtype]) -> None:
+    """params *= 1 - lr * weight_decay, the factor formed in float64 (on the device for a tensor
+    lr) and rounded once to each param's compute dtype, as the kernels form it. (A 0-d float64
+    factor would make torch compute a 0-d param's product in float64.)"""
+    if not isinstance(lr, Tensor):
+        torch._foreach_mul_(params, 1 - lr * weight_decay)
+        return
+    factor = 1 - lr.to(torch.float64) * weight_decay
+    torch._foreach_mul_(params, [factor.to(d) for d in compute_dtypes])
+
+
 def _add_scaled_by_lr_(targets: list[Tensor], values: list[Tensor], lr: float | Tensor) -> None:
     """targets += -lr * values, as torch's add with alpha (one fused multiply-add on CPU): addcmul
     with the 0-d lr when it is a tensor (never read on the host)."""
@@ -277,7 +288,7 @@ def adamw_(
 
     new_params = outputs.working(params)
     if decoupled_weight_decay and weight_decay != 0:
-        torch._foreach_mul_(new_params, 1 - lr64 * weight_decay)
+        _decay_(new_params, lr, weight_decay, compute_dtypes)
     new_exp_avgs = outputs.working(exp_avgs)
     torch._foreach_lerp_(new_exp_avgs, grad_vals, 1 - beta1)
     new_exp_avg_sqs = outputs.working(exp_avg_sqs)
@@ -369,8 +380,7 @@ def lion_(
     torch._foreach_sign_(directions)
     new_params = outputs.working(params)
     if weight_decay != 0:
-        lr64 = lr.to(torch.float64) if isinstance(lr, Tensor) else lr
-        torch._foreach_mul_(new_params, 1 - lr64 * weight_decay)
+        _decay_(new_params, lr, weight_decay, compute_dtypes)
     _add_scaled_by_lr_(new_params, directions, lr)
     torch._foreach_lerp_(new_exp_avgs, grad_vals, 1 - beta2)
     outputs.commit()

@@ -357,12 +357,6 @@ def test_zero_found_inf_with_l2_weight_decay_steps_as_without_it(device):
             assert_bitwise_equal(t, u)
 
 
-@pytest.mark.xfail(
-    active_backend() == "torch", strict=True,
-    reason="reference.adamw_ forms AdamW's decay factor as a 0-d float64 tensor when lr is a tensor; a 0-d "
-    "param times a 0-d float64 tensor is computed in float64 (type promotion between 0-d tensors), other "
-    "params in float32 with the factor rounded first (csrc/element_math.h's adamw_constants)",
-)  # fmt: skip
 @pytest.mark.parametrize("device", devices())
 def test_zero_dim_param_steps_as_a_one_element_param(device):
     """The math is per element: a 0-d param and a 1-element param of the same value, states and

@@ -44,10 +44,29 @@ def test_default_workloads_cover_families_and_dtypes():
     assert {w.key for w in workloads} == {f"{f}/{d}" for f in benchmark.FAMILIES for d in benchmark.DTYPES}
     mixed = next(w for w in workloads if w.key == "gpt-like/bf16-grads")
     assert (mixed.param_dtype, mixed.grad_dtype, mixed.state_dtype) == (torch.float32, torch.bfloat16, torch.float32)
-    assert all(w.ops == benchmark.AGC_OPS for w in workloads if w.name == "resnet50-like")
+    resnet = {w.dtype_name: w.ops for w in workloads if w.name == "resnet50-like"}
+    assert resnet == {"fp32": benchmark.AGC_OPS + ("sgd step",), "bf16": benchmark.AGC_OPS,
+                      "bf16-grads": benchmark.AGC_OPS}  # fmt: skip
+    # SGD, Adam and Lion steps: on fp32 only by default (make bench's time), in any dtype when named
+    gpt = {w.dtype_name: w.ops for w in workloads if w.name == "gpt-like"}
+    assert gpt["fp32"] == benchmark.NORM_CLIP_OPS + benchmark.OPTIMIZER_OPS and gpt["bf16"] == benchmark.NORM_CLIP_OPS
+    named = benchmark.default_workloads(CPU, dtypes=["bf16"], ops=["lion step", "multi_tensor_norm"])
+    assert [(w.name, w.ops) for w in named] == [("gpt-like", ("multi_tensor_norm", "lion step")),
+                                                ("many-small", ("multi_tensor_norm", "lion step"))]  # fmt: skip
     assert all(w.numel < 10e6 for w in workloads)  # scaled down on a CPU
     full = benchmark.default_workloads(CPU, ["gpt-like"], ["bf16"], size="full")
     assert [w.describe() for w in full] == ["gpt-like (292 tensors, 1.3 B params, bf16)"]
+
+
+def test_default_run_grows_by_the_optimizer_steps_on_fp32_only():
+    """The row groups of `make bench` on a CPU: 42 before the SGD, Adam and Lion steps, 11 more
+    (5 steps on gpt-like and many-small fp32, SGD on resnet50-like fp32), which keeps its time."""
+    workloads = benchmark.default_workloads(CPU)
+    counts = {op: sum(op in w.ops for w in workloads) for op in benchmark.ALL_OPS}
+    assert sum(n for op, n in counts.items() if op not in benchmark.OPTIMIZER_OPS) == 42
+    assert {op: counts[op] for op in benchmark.OPTIMIZER_OPS} == {
+        "sgd step": 3, "clip + sgd step": 2, "adam step": 2, "lion step": 2, "clip + lion step": 2,
+    }  # fmt: skip
 
 
 @pytest.mark.parametrize(
@@ -63,6 +82,13 @@ def test_default_workloads_cover_families_and_dtypes():
         ("AMP step", "bf16", 16),
         ("clip + adamw step", "bf16-grads", 2 * 4 + 2 * 2 + 4 * 4),
         ("AGC + adamw step", "fp32", 28),
+        ("sgd step", "fp32", 20),  # read p, g, buf; write p, buf
+        ("clip + sgd step", "fp32", 24),  # plus one read of g for the norm
+        ("adam step", "fp32", 28),  # as AdamW: the L2 term rides on the grad's load
+        ("lion step", "fp32", 20),  # read p, g, m; write p, m
+        ("clip + lion step", "fp32", 24),
+        ("lion step", "bf16", 10),
+        ("sgd step", "bf16-grads", 2 * 4 + 2 + 2 * 4),
     ],
 )
 def test_floor_bytes(op, dtype, bytes_per_element):
@@ -75,6 +101,9 @@ def test_bytes_touched_counts_each_tensor_once():
     workload = benchmark.Workload("w", ((100,),))
     assert cases.bytes_touched("clip_grad_norm_", workload) == 400  # grads only, though read twice
     assert cases.bytes_touched("adamw step", workload) == 100 * (4 + 4 + 2 * 4)
+    assert cases.bytes_touched("adam step", workload) == 100 * (4 + 4 + 2 * 4)
+    assert cases.bytes_touched("clip + sgd step", workload) == 100 * (4 + 4 + 4)  # one momentum buffer
+    assert cases.bytes_touched("lion step", workload) == 100 * (4 + 4 + 4)  # one exp_avg
 
 
 def _row(op, implementation, role, median_ms, floor_ms=1.0, workload="w/fp32", **extra):
@@ -261,6 +290,71 @@ def test_every_implementation_does_the_same_work(op, dtype):
             # torch rounds bf16 norms (and so clip coefficients) to bf16; fastopt keeps them in fp32
             rtol = 1.6e-2 if want.dtype == torch.bfloat16 else 1e-5
             torch.testing.assert_close(got.float(), want.float(), rtol=rtol, atol=1e-6, msg=lambda m: f"{name}: {m}")
+
+
+def test_each_optimizer_step_is_timed_against_torchs_fastest_path_for_it():
+    """SGD and Adam against torch.optim's foreach and fused (torch's CPU has fused SGD and Adam
+    since 2.4), clip variants behind clip_grad_norm_(foreach=True); Lion against a foreach Lion."""
+    found, _ = benchmark.implementations(CPU, ["torch"], peers=False)
+    names = {op: [impl.name for impl in found if impl.op == op] for op in benchmark.OPTIMIZER_OPS}
+    fused = ["torch fused"] if torch.__version__ >= "2.4" else []
+    if fused:
+        assert [cases.torch_fused_unsupported(name, "cpu") for name in ("SGD", "Adam")] == [None, None]
+    for op in ("sgd step", "clip + sgd step", "adam step"):
+        assert names[op] == ["torch foreach", *fused, "fastopt[torch]"]
+    assert names["lion step"] == names["clip + lion step"] == ["torch _foreach Lion", "fastopt[torch]"]
+    param = torch.nn.Parameter(torch.randn(3))
+    sgd = cases._torch_optimizer("SGD", "fused")([param])
+    assert type(sgd) is torch.optim.SGD and sgd.defaults["fused"] and sgd.defaults["momentum"] == cases.SGD_MOMENTUM
+    adam = cases._torch_optimizer("Adam", "foreach")([param])
+    assert type(adam) is torch.optim.Adam and adam.defaults["foreach"] and adam.defaults["weight_decay"] > 0
+    assert not adam.defaults.get("decoupled_weight_decay", False)  # L2, the grad's weight decay
+
+
+def test_a_device_without_torchs_fused_path_times_foreach_and_says_why(monkeypatch):
+    monkeypatch.setattr(cases, "torch_fused_unsupported", lambda name, device_type: f"no fused {name} here")
+    found, skipped = benchmark.implementations(CPU, ["torch"], peers=False)
+    assert not any(impl.name == "torch fused" and impl.op in benchmark.OPTIMIZER_OPS for impl in found)
+    assert any(impl.name == "torch fused" and impl.op == "adamw step" for impl in found)  # AdamW's rows as before
+    reasons = {(s.implementation, s.ops): s.reason for s in skipped}
+    assert reasons[("torch fused", ("sgd step", "clip + sgd step"))] == "no fused SGD here"
+    assert reasons[("torch fused", ("adam step",))] == "no fused Adam here"
+
+
+def test_foreach_lion_is_the_papers_lion():
+    """The Lion baseline (and the example's torch side) against Lion's per-tensor formula, over
+    param groups with their own hyper-parameters, and a param without a grad left alone."""
+    torch.manual_seed(0)
+    params = [torch.nn.Parameter(torch.randn(shape)) for shape in ((5, 3), (7,), (2,))]
+    expected = [p.detach().clone() for p in params]
+    momenta = [torch.zeros_like(p) for p in params]
+    groups = [{"params": params[:2]}, {"params": params[2:], "lr": 0.5, "weight_decay": 0.0}]
+    optimizer = cases.ForeachLion(groups, lr=0.1, betas=(0.8, 0.9), weight_decay=0.3)
+    for step in range(3):
+        for k, p in enumerate(params):
+            p.grad = torch.randn_like(p) if k != 1 or step == 0 else None  # params[1] gets a grad once
+        optimizer.step()
+        for k, (p, m) in enumerate(zip(params, momenta)):
+            if p.grad is None:
+                continue
+            lr, decay = (0.5, 0.0) if k == 2 else (0.1, 0.3)
+            update = (0.8 * m + 0.2 * p.grad).sign()
+            expected[k] = expected[k] * (1 - lr * decay) - lr * update
+            m.mul_(0.9).add_(p.grad, alpha=0.1)
+    for got, want in zip(params, expected):
+        torch.testing.assert_close(got.detach(), want, rtol=1e-6, atol=1e-6)
+    with pytest.raises(ValueError, match="betas"):
+        cases.ForeachLion(params, betas=(0.9, 1.0))
+
+
+def test_a_clip_step_is_flagged_when_faster_than_its_optimizer_step():
+    rows = [_row("lion step", "fastopt[cpu]", "fastopt", 10.0, q1_ms=9.5, q3_ms=10.5),
+            _row("clip + lion step", "fastopt[cpu]", "fastopt", 5.0, q1_ms=4.8, q3_ms=5.2),
+            _row("clip_grad_norm_", "torch foreach", "torch", 8.0, q1_ms=7.9, q3_ms=8.1),
+            _row("clip + sgd step", "torch foreach", "torch", 6.0, q1_ms=5.9, q3_ms=6.1)]  # fmt: skip
+    benchmark.flag_rows(rows)
+    assert rows[0].flags == ["slower than its whole (clip + lion step: 5 ms)"]
+    assert rows[2].flags == ["slower than its whole (clip + sgd step: 6 ms)"]
 
 
 def _implementations_and_skip_reasons():

@@ -303,7 +303,70 @@ ADAMW_CASES = {
         {"amsgrad": True, "steps_dtype": F64},
         {"grad_scale": 8.0, "clip_coef": 0.5, "weight_decay": 0.0, "lr": 3e-3},
     ),
+    # torch.optim.Adam's L2 weight decay (the kernel's L2 build); without weight decay, the plain one.
+    "adam_l2_amsgrad_maximize_tensor_lr": (
+        {"amsgrad": True}, {"decoupled_weight_decay": False, "maximize": True, "lr": DeviceScalar(1e-2)},
+    ),
+    "adam_l2_no_weight_decay_device_grad_scale": (
+        {}, {"decoupled_weight_decay": False, "weight_decay": 0.0, "grad_scale": DeviceScalar(64.0)},
+    ),
 }
+
+
+# --------------------------------------------------------------------------- SGD and Lion inputs
+# The same dtype combinations as AdamW's (the state: SGD's momentum buffer, Lion's exp_avg).
+
+
+def update_inputs(shapes, combos, *, seed: int, states: str | None, non_contiguous=False) -> dict:
+    """sgd_'s (states="momentum_buffers", or None without momentum) or lion_'s ("exp_avgs") lists
+    by name, in guarded buffers: random params and grads, non-zero states."""
+    combos = [combos[i % len(combos)] for i in range(len(shapes))]
+
+    def values(k, position, **kwargs):
+        return [v.to(c[position]) for v, c in zip(random_values(shapes, seed=seed + k, **kwargs), combos)]
+
+    lists = {
+        "params": in_guarded_buffer(values(0, 0), WRITTEN_SENTINEL, non_contiguous=non_contiguous),
+        "grads": in_guarded_buffer(values(1, 1), READ_SENTINEL, non_contiguous=non_contiguous),
+    }
+    if states is not None:
+        lists[states] = in_guarded_buffer(values(2, 2, scale=0.1), WRITTEN_SENTINEL, non_contiguous=non_contiguous)
+    return lists
+
+
+def run_sgd(lists: dict, **options) -> None:
+    fastopt.sgd_(lists["params"], lists["grads"], lists.get("momentum_buffers"), **options)
+
+
+def run_lion(lists: dict, **options) -> None:
+    fastopt.lion_(lists["params"], lists["grads"], lists["exp_avgs"], **options)
+
+
+# name: (momentum buffers?, non-contiguous?, sgd_ options)
+SGD_CASES = {
+    "plain": (False, False, {"lr": 1e-2}),
+    "weight_decay_maximize_tensor_lr": (False, False, {"lr": DeviceScalar(1e-2), "weight_decay": 0.1, "maximize": True}),
+    "momentum_dampening_weight_decay": (True, False, {"lr": 1e-2, "momentum": 0.9, "dampening": 0.1, "weight_decay": 0.1}),
+    "nesterov_device_scalars_found_inf_0_non_contiguous": (
+        True, True,
+        {"lr": DeviceScalar(1e-2), "momentum": 0.9, "nesterov": True, "grad_scale": DeviceScalar(1024.0),
+         "clip_coef": DeviceScalar(0.3), "found_inf": DeviceScalar(0.0)},
+    ),
+    "nesterov_weight_decay_float_grad_scale_and_clip_coef": (
+        True, False, {"lr": 3e-3, "momentum": 0.5, "nesterov": True, "weight_decay": 0.01, "grad_scale": 8.0,
+                      "clip_coef": 0.5},
+    ),
+}  # fmt: skip
+
+# name: (non-contiguous?, lion_ options)
+LION_CASES = {
+    "defaults": (False, {"lr": 1e-3}),
+    "weight_decay_maximize_tensor_lr": (False, {"lr": DeviceScalar(1e-3), "weight_decay": 0.1, "maximize": True}),
+    "device_scalars_found_inf_0_non_contiguous": (
+        True, {"lr": 1e-3, "beta1": 0.95, "beta2": 0.98, "weight_decay": 0.5, "grad_scale": DeviceScalar(1024.0),
+               "clip_coef": DeviceScalar(0.3), "found_inf": DeviceScalar(0.0)},
+    ),
+}  # fmt: skip
 
 
 # --------------------------------------------------------------------------- every op
@@ -446,6 +509,80 @@ def test_adamw_changes_nothing_when_found_inf_is_set(combo, found_inf, steps_dty
     assert_adamw_sentinels_intact(lists)
 
 
+@pytest.mark.parametrize("case", list(SGD_CASES))
+@pytest.mark.parametrize("combo", list(ADAMW_COMBOS))
+def test_sgd_matches_reference(combo, case):
+    momentum, non_contiguous, options = SGD_CASES[case]
+    options = on_device(options)
+    lists = update_inputs(EDGE_SHAPES, ADAMW_COMBOS[combo], seed=12, non_contiguous=non_contiguous,
+                          states="momentum_buffers" if momentum else None)  # fmt: skip
+    expected = clone_lists(lists)
+    # With momentum: the first step (buffers only written), then steps that read them; the later
+    # calls reuse the cached table.
+    for first_step in [True, False, False] if momentum else [False, False]:
+        run_sgd(lists, **options, first_step=first_step)
+        on_reference(run_sgd, expected, **options, first_step=first_step)
+    for name in lists:
+        assert_lists_close(lists[name], expected[name], name)
+    assert_adamw_sentinels_intact(lists)
+
+
+@pytest.mark.parametrize("case", list(LION_CASES))
+@pytest.mark.parametrize("combo", list(ADAMW_COMBOS))
+def test_lion_matches_reference(combo, case):
+    non_contiguous, options = LION_CASES[case]
+    options = on_device(options)
+    lists = update_inputs(EDGE_SHAPES, ADAMW_COMBOS[combo], seed=14, states="exp_avgs", non_contiguous=non_contiguous)
+    expected = clone_lists(lists)
+    for _ in range(2):
+        run_lion(lists, **options)
+        on_reference(run_lion, expected, **options)
+    for name in lists:
+        assert_lists_close(lists[name], expected[name], name)
+    assert_adamw_sentinels_intact(lists)
+
+
+@pytest.mark.parametrize("first_step", [False, True], ids=["running", "first_step"])
+@pytest.mark.parametrize("combo", list(ADAMW_COMBOS))
+def test_sgd_and_lion_change_nothing_when_found_inf_is_set(combo, first_step):
+    sgd_lists = update_inputs(EDGE_SHAPES, ADAMW_COMBOS[combo], seed=22, states="momentum_buffers")
+    lion_lists = update_inputs(EDGE_SHAPES, ADAMW_COMBOS[combo], seed=24, states="exp_avgs")
+    before = {"sgd": clone_lists(sgd_lists), "lion": clone_lists(lion_lists)}
+    options = on_device({"lr": DeviceScalar(1e-2), "clip_coef": DeviceScalar(0.5), "found_inf": DeviceScalar(1.0)})
+    run_sgd(sgd_lists, **options, momentum=0.9, weight_decay=0.1, nesterov=True, first_step=first_step, grad_scale=8.0)
+    run_lion(lion_lists, **options, weight_decay=0.1, grad_scale=8.0)
+    for op, lists in (("sgd", sgd_lists), ("lion", lion_lists)):
+        for name in lists:
+            for i, (after, old) in enumerate(zip(lists[name], before[op][name])):
+                assert_bitwise_equal(after, old, f"{op}: {name}[{i}] changed on a skipped step")
+        assert_adamw_sentinels_intact(lists)
+
+
+def test_sgd_and_lion_take_the_reference_rounding():
+    """fp32 and fp64: SGD (each add with alpha one fma) and Lion (torch's lerp as one fma, the
+    decayed param rounded before the signed step is added) bit for bit as the reference: the
+    kernels round as torch's own kernels do."""
+    for dtype in (F32, F64):
+        combo = [(dtype, dtype, dtype)]
+        sgd_lists = update_inputs(EDGE_SHAPES, combo, seed=26, states="momentum_buffers")
+        expected_sgd = clone_lists(sgd_lists)
+        options = {"lr": 1e-2, "momentum": 0.9, "weight_decay": 0.1, "nesterov": True, "grad_scale": 4.0,
+                   "clip_coef": 0.5}  # fmt: skip
+        for first_step in (True, False):
+            run_sgd(sgd_lists, **options, first_step=first_step)
+            on_reference(run_sgd, expected_sgd, **options, first_step=first_step)
+        lion_lists = update_inputs(EDGE_SHAPES, combo, seed=28, states="exp_avgs")
+        expected_lion = clone_lists(lion_lists)
+        options = {"lr": 1e-2, "weight_decay": 0.3, "grad_scale": 4.0, "clip_coef": 0.5}
+        for _ in range(2):
+            run_lion(lion_lists, **options)
+            on_reference(run_lion, expected_lion, **options)
+        for op, lists, expected in (("sgd", sgd_lists, expected_sgd), ("lion", lion_lists, expected_lion)):
+            for name in lists:
+                for i, (actual, want) in enumerate(zip(lists[name], expected[name])):
+                    assert_bitwise_equal(actual, want, f"{op} {name}[{i}] ({dtype})")
+
+
 # --------------------------------------------------------------------------- 5,000 tensors
 
 
@@ -482,6 +619,23 @@ def test_5000_tensors_adamw_matches_reference(combo):
     for name in lists:
         assert_lists_close(lists[name], expected[name], name)
     assert_adamw_sentinels_intact(lists)
+
+
+@pytest.mark.parametrize("combo", ["fp32", "bf16_params_fp32_states"])
+def test_5000_tensors_sgd_and_lion_match_reference(combo):
+    options = {**on_device({"lr": DeviceScalar(1e-2), "found_inf": DeviceScalar(0.0)}), "clip_coef": 0.5}
+    sgd_lists = update_inputs(many_shapes(seed=34), ADAMW_COMBOS[combo], seed=35, states="momentum_buffers")
+    lion_lists = update_inputs(many_shapes(seed=36), ADAMW_COMBOS[combo], seed=37, states="exp_avgs")
+    expected_sgd, expected_lion = clone_lists(sgd_lists), clone_lists(lion_lists)
+    sgd_options = {**options, "momentum": 0.9, "weight_decay": 0.01}
+    run_sgd(sgd_lists, **sgd_options)
+    on_reference(run_sgd, expected_sgd, **sgd_options)
+    run_lion(lion_lists, **options, weight_decay=0.1)
+    on_reference(run_lion, expected_lion, **options, weight_decay=0.1)
+    for lists, expected in ((sgd_lists, expected_sgd), (lion_lists, expected_lion)):
+        for name in lists:
+            assert_lists_close(lists[name], expected[name], name)
+        assert_adamw_sentinels_intact(lists)
 
 
 # --------------------------------------------------------------------------- more than 2**31 elements
@@ -672,6 +826,11 @@ def test_one_launch_per_pass_at_5000_tensors():
         "clamp_": (lambda: ops.clamp_(grads, 10.0), 1),
         "adaptive_clip_": (lambda: ops.adaptive_clip_(params, grads), 3),
         "adamw_": (lambda: fastopt.adamw_(params, grads, exp_avgs, exp_avg_sqs, steps, **HYPER), 1),
+        "adam_l2": (lambda: fastopt.adamw_(params, grads, exp_avgs, exp_avg_sqs, steps, **HYPER,
+                                           decoupled_weight_decay=False), 1),  # fmt: skip
+        "sgd_": (lambda: fastopt.sgd_(params, grads, lr=1e-2, weight_decay=0.1), 1),
+        "sgd_momentum": (lambda: fastopt.sgd_(params, grads, exp_avgs, lr=1e-2, momentum=0.9, nesterov=True), 1),
+        "lion_": (lambda: fastopt.lion_(params, grads, exp_avgs, lr=1e-3, weight_decay=0.1), 1),
     }
     launches = {name: fastopt_kernel_launches(call) for name, (call, _) in calls.items()}
     assert launches == {name: expected for name, (_, expected) in calls.items()}
@@ -712,6 +871,11 @@ SYNC_FREE_OPS = [
     "adaptive_clip_",
     "adamw_",
     "adamw_fallback",
+    "adam_l2",
+    "sgd_",
+    "sgd_fallback",
+    "lion_",
+    "lion_fallback",
 ]
 
 
@@ -730,6 +894,15 @@ def sync_free_calls() -> dict:
     }
     supported = adamw_inputs(EDGE_SHAPES, ADAMW_COMBOS["fp32_params_bf16_grads"], seed=92, amsgrad=True)
     unsupported = adamw_inputs(EDGE_SHAPES, ADAMW_COMBOS["unsupported_fp16_params_bf16_grads"], seed=93)
+    update_options = {key: adamw_options[key] for key in ("lr", "grad_scale", "clip_coef", "found_inf")}
+    sgd_options = {**update_options, "momentum": 0.9, "weight_decay": 0.1}
+    sgd_supported, lion_supported, sgd_unsupported, lion_unsupported = (
+        update_inputs(EDGE_SHAPES, ADAMW_COMBOS[combo], seed=94 + i, states=states)
+        for i, (combo, states) in enumerate([("fp32_params_bf16_grads", "momentum_buffers"),
+                                             ("fp32_params_bf16_grads", "exp_avgs"),
+                                             ("unsupported_fp16_params_bf16_grads", "momentum_buffers"),
+                                             ("unsupported_fp16_params_bf16_grads", "exp_avgs")])
+    )  # fmt: skip
     return {
         "multi_tensor_norm": lambda: fastopt.multi_tensor_norm(grads, per_tensor=True, found_inf=flag),
         "unscale_and_check_": lambda: fastopt.unscale_and_check_(grads, torch.ones(1, device=DEVICE), flag),
@@ -741,6 +914,11 @@ def sync_free_calls() -> dict:
         "adaptive_clip_": lambda: ops.adaptive_clip_(params, grads),
         "adamw_": lambda: run_adamw(supported, **adamw_options),
         "adamw_fallback": lambda: run_adamw(unsupported, **adamw_options),
+        "adam_l2": lambda: run_adamw(supported, **adamw_options, decoupled_weight_decay=False),
+        "sgd_": lambda: run_sgd(sgd_supported, **sgd_options),
+        "sgd_fallback": lambda: run_sgd(sgd_unsupported, **sgd_options),
+        "lion_": lambda: run_lion(lion_supported, **update_options),
+        "lion_fallback": lambda: run_lion(lion_unsupported, **update_options),
     }
 
 
@@ -823,6 +1001,12 @@ CUSTOM_OP_CASES = [
     "adaptive_clip_",
     "adamw_",
     "adamw_-amsgrad-device_scalars",
+    "adamw_-l2",
+    "sgd_",
+    "sgd_-momentum-device_scalars",
+    "sgd_-first_step-nesterov",
+    "lion_",
+    "lion_-device_scalars",
 ]
 
 
@@ -861,6 +1045,23 @@ def custom_op_cases() -> dict:
         "adamw_-amsgrad-device_scalars": (
             lib.adamw_.default, (copies(), copies(), copies(0.1), positive(), steps(), 0.0, scalar(1e-3), 0.9, 0.999,
                                  1e-8, 0.01, True, positive(), 1.0, scalar(2.0), scalar(0.0, (1,)), 1.0, scalar(0.5))),
+        # torch.optim.Adam's L2 weight decay.
+        "adamw_-l2": (lib.adamw_.default, (copies(), copies(), copies(0.1), positive(), steps(), 1e-3, None, 0.9, 0.999,
+                                           1e-8, 0.01, False, [], 1.0, None, None, 1.0, None, False)),
+        # No momentum (no buffers); floats.
+        "sgd_": (lib.sgd_.default, (copies(), copies(), [], 1e-3, None, 0.0, 0.0, 0.01, False, False, False, 1.0, None,
+                                    None, 1.0, None)),
+        "sgd_-momentum-device_scalars": (
+            lib.sgd_.default, (copies(), copies(), copies(0.1), 0.0, scalar(1e-3), 0.9, 0.1, 0.01, False, True, False,
+                               1.0, scalar(2.0), scalar(0.0, (1,)), 1.0, scalar(0.5))),
+        "sgd_-first_step-nesterov": (
+            lib.sgd_.default, (copies(), copies(), copies(0.1), 1e-3, None, 0.9, 0.0, 0.0, True, False, True, 1.0, None,
+                               None, 1.0, None)),
+        "lion_": (lib.lion_.default, (copies(), copies(), copies(0.1), 1e-4, None, 0.9, 0.99, 0.1, False, 1.0, None,
+                                      None, 1.0, None)),
+        "lion_-device_scalars": (
+            lib.lion_.default, (copies(), copies(), copies(0.1), 0.0, scalar(1e-4), 0.9, 0.99, 0.1, True, 1.0,
+                                scalar(2.0), scalar(0.0, (1,)), 1.0, scalar(0.5))),
     }  # fmt: skip
 
 

@@ -52,6 +52,20 @@ def test_compare_torch_runs_the_same_steps(train_gpt, tmp_path, clip):
     torch.testing.assert_close(ours, theirs, rtol=1e-4, atol=1e-5)
 
 
+@pytest.mark.parametrize("optimizer", ["adam", "sgd", "lion"])
+def test_each_optimizer_runs_the_same_steps_as_its_torch_counterpart(train_gpt, tmp_path, optimizer):
+    """--optimizer: fastopt's Adam, SGD or Lion (clipping inside the step) against torch.optim's
+    Adam and SGD and a foreach Lion (the benchmark's), after torch's clip_grad_norm_."""
+    results = train_gpt.main(["--optimizer", optimizer, "--steps", "6", "--compare-torch", "--max-grad-norm", "0.3",
+                              "--out", str(tmp_path), *TINY])  # fmt: skip
+    ours, theirs = (torch.tensor(results[k]["loss"]) for k in ("fastopt", "torch"))
+    torch.testing.assert_close(ours, theirs, rtol=1e-4, atol=1e-5)
+    assert ours[-1] < ours[0]
+    args = train_gpt.parse_args(["--optimizer", optimizer])
+    assert (args.lr, args.weight_decay) == tuple(train_gpt.OPTIMIZERS[optimizer][2].values())
+    assert train_gpt.parse_args(["--optimizer", optimizer, "--lr", "0.5"]).lr == 0.5
+
+
 def test_help_shows_every_default():
     result = subprocess.run([sys.executable, str(EXAMPLE), "--help"], capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr
@@ -59,6 +73,8 @@ def test_help_shows_every_default():
     assert "--steps STEPS optimizer steps (default: " in text
     assert "--batch-size BATCH_SIZE sequences per micro batch (default: 16)" in text
     assert "--clip {norm,agc,none} clip by global norm or AGC (default: norm)" in text
+    assert "--optimizer {adamw,adam,sgd,lion}" in text and "(default: adamw)" in text
+    assert "peak learning rate (default: by --optimizer: adamw 0.003, adam 0.003, sgd 0.3, lion 0.001)" in text
     blocks = re.split(r"\n  (?=--)", result.stdout.split("options:", 1)[1])[1:]  # one per option
     options = {block.split()[0]: " ".join(block.split()) for block in blocks}
     missing = [o for o, block in options.items() if o != "--resume" and "(default: " not in block]

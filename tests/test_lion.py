@@ -230,14 +230,8 @@ def test_trajectory_matches_lucidrains_formula(device, weight_decay, maximize, l
         fastopt.lion_(params, grads, exp_avgs, lr=lr, beta1=0.9, beta2=0.99, weight_decay=weight_decay,
                       maximize=maximize)  # fmt: skip
 
-    # The reference decays a 0-d param in fp64 when lr is a tensor, off by an ulp at times: the
-    # strict xfail test_zero_dim_param_steps_as_a_one_element_param below; within rounding here.
-    reference_0d_known = active_backend() == "torch" and lr_tensor and weight_decay != 0
     for i in range(len(SHAPES)):
-        if reference_0d_known and SHAPES[i] == ():
-            torch.testing.assert_close(params[i], ref_params[i], **tolerance(torch.float32))
-        else:
-            assert_params_match(params[i], ref_params[i], ever_tied[i], device, f"params[{i}] (shape {SHAPES[i]})")
+        assert_params_match(params[i], ref_params[i], ever_tied[i], device, f"params[{i}] (shape {SHAPES[i]})")
         assert_state_matches(exp_avgs[i], ref_exp_avgs[i], device, f"exp_avgs[{i}]")
     start, _ = lion_trajectory_case(device, seed=1)
     assert all(not torch.equal(p, q) for p, q in zip(params, start) if p.numel())
@@ -268,15 +262,6 @@ def test_trajectory_matches_reference_backend(device, weight_decay, maximize):
         assert_state_matches(exp_avgs[i], ref_exp_avgs[i], device, f"exp_avgs[{i}]")
 
 
-REFERENCE_0D_DECAY = pytest.mark.xfail(
-    active_backend() == "torch", strict=True,
-    reason="reference.lion_ forms the decay factor as a 0-d float64 tensor when lr is a tensor; a 0-d "
-    "param times a 0-d float64 tensor is computed in float64 (type promotion between 0-d tensors), other "
-    "params in float32 with the factor rounded first (csrc/element_math.h's lion_constants)",
-)  # fmt: skip
-
-
-@REFERENCE_0D_DECAY
 @pytest.mark.parametrize("device", devices())
 def test_zero_dim_param_steps_as_a_one_element_param(device):
     """The math is per element: a 0-d param and a 1-element param of the same value, state and grad

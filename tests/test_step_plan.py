@@ -15,7 +15,7 @@ import pytest
 import torch
 
 from fastopt.optim import AdamW
-from fastopt.optim import adamw as adamw_module
+from fastopt.optim import optimizer as adamw_module
 from tests.test_optim_adamw import assert_same_params, assert_same_states
 from tests.models import batch as models_batch
 from tests.models import loss_of, make_model, train, twin

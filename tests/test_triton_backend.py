@@ -7,7 +7,8 @@ launch per pass at any tensor count, the chunk-table cache and its pointer refre
 tensors, tensors and AGC units spanning several chunks, the torch custom ops (opcheck,
 torch.compile), that every launch the ops make compiles for a GPU, that the aligned variants
 compile to 128-bit accesses (and that unaligned tensors take the scalar ones, with equal
-results), the AdamW step plan's own table, private tables during graph capture, and, on a GPU,
+results), SGD and Lion bit for bit with the reference over chunks and dtype groups, the update
+ops' step-plan tables (one per op) and cache keys, private tables during graph capture, and, on a GPU,
 tensors of more than 2**31 elements, tensors on another GPU than the current one, a captured
 graph replayed after eager calls with its layout, and one layout on two streams at once.
 """
@@ -102,6 +103,14 @@ def test_each_pass_is_one_launch_at_any_tensor_count(num_tensors):
     assert launches() == {"chunk_norm_partials_kernel": 1, "unit_clip_coefficients_kernel": 1, "scale_kernel": 1}
     fastopt.adamw_(params, grads, *adamw_state(params), **HYPER, found_inf=torch.zeros(1, device=DEVICE))
     assert launches() == {"adamw_kernel": 1}
+    fastopt.adamw_(params, grads, *adamw_state(params), **HYPER, decoupled_weight_decay=False)
+    assert launches() == {"adamw_kernel": 1}
+    fastopt.sgd_(params, grads, clone_all(grads), lr=0.1, momentum=0.9, nesterov=True, weight_decay=0.1)
+    assert launches() == {"sgd_kernel": 1}
+    fastopt.sgd_(params, grads, lr=0.1, found_inf=torch.zeros(1, device=DEVICE))
+    assert launches() == {"sgd_kernel": 1}
+    fastopt.lion_(params, grads, clone_all(grads), lr=1e-3, weight_decay=0.1)
+    assert launches() == {"lion_kernel": 1}
 
 
 @runs_here
@@ -260,6 +269,97 @@ def test_tensors_and_units_spanning_several_chunks():
             torch.testing.assert_close(a, w, **tolerance(torch.float32))
 
 
+SGD_OPTIONS = {
+    "plain": dict(momentum_buffers=False),
+    "weight-decay-maximize": dict(momentum_buffers=False, weight_decay=0.1, maximize=True),
+    "first-step": dict(momentum=0.9, dampening=0.5, weight_decay=0.1, first_step=True),
+    "dampened": dict(momentum=0.9, dampening=0.5, weight_decay=0.1),
+    "nesterov-amp": dict(momentum=0.9, nesterov=True, weight_decay=0.1, grad_scale=4.0, clip_coef=0.5),
+}
+
+
+def sgd_call(options, lr):
+    """(momentum buffers wanted, sgd_'s keyword arguments as a backend takes them)."""
+    options = dict(options)
+    with_buffers = options.pop("momentum_buffers", True)
+    hyper = dict(lr=lr, momentum=0.0, dampening=0.0, weight_decay=0.0, nesterov=False, maximize=False, first_step=False,
+                 grad_scale=None, found_inf=None, clip_coef=None)  # fmt: skip
+    return with_buffers, {**hyper, **options}
+
+
+def lion_hyper(lr, **options):
+    return {**dict(lr=lr, beta1=0.9, beta2=0.99, weight_decay=0.0, maximize=False, grad_scale=None, found_inf=None,
+                   clip_coef=None), **options}  # fmt: skip
+
+
+@runs_here
+@pytest.mark.parametrize("option", SGD_OPTIONS)
+@pytest.mark.usefixtures("triton_backend")
+def test_sgd_and_lion_span_chunks_and_dtype_groups_bit_for_bit(option):
+    """SGD and Lion over tensors of several chunks, empty ones and two dtype groups (bf16 params
+    with fp32 states): bit for bit as the reference (the kernels round as torch's CPU kernels:
+    each add with alpha, lerp and the sign's step one rounding), in one launch per group; a set
+    found_inf changes no bit."""
+    shapes = [(5 * CHUNK_SIZE // 2,), (0,), (3,), (2, 3 * CHUNK_SIZE // 2), (4, 5), ()]
+    params = random_tensors(shapes, device=DEVICE, seed=90)
+    params[3], params[5] = params[3].bfloat16(), params[5].bfloat16()
+    states = random_tensors(shapes, device=DEVICE, seed=91)  # fp32: bf16 params keep fp32 states
+    lr = torch.tensor(0.05, device=DEVICE)
+    with_buffers, hyper = sgd_call(SGD_OPTIONS[option], lr)
+    buffers = states if with_buffers else None
+    lion_params = clone_all(params)
+    lion_options = dict(weight_decay=0.1, maximize=True, grad_scale=2.0) if option != "plain" else {}
+    for step in range(2):
+        grads = [g.to(p.dtype) for g, p in zip(random_tensors(shapes, device=DEVICE, seed=92 + step), params)]
+        expected = [clone_all(params), None if buffers is None else clone_all(buffers)]
+        launch.sgd_(params, grads, buffers, **hyper)
+        reference.sgd_(*expected[:1], grads, expected[1], **hyper)
+        for actual, want in zip(params + (buffers or []), expected[0] + (expected[1] or [])):
+            assert_bitwise_equal(actual, want)
+        hyper["first_step"] = False
+        lion_states = clone_all(states)
+        expected = [clone_all(lion_params), clone_all(lion_states)]
+        launch.lion_(lion_params, grads, lion_states, **lion_hyper(lr, **lion_options))
+        reference.lion_(expected[0], grads, expected[1], **lion_hyper(lr, **lion_options))
+        for actual, want in zip(lion_params + lion_states, expected[0] + expected[1]):
+            assert_bitwise_equal(actual, want)
+    assert launches() == {"sgd_kernel": 4, "lion_kernel": 4}
+
+    before = clone_all(params + (buffers or []) + lion_params + states)
+    found_inf = torch.ones((), device=DEVICE)
+    launch.sgd_(params, grads, buffers, **{**hyper, "found_inf": found_inf})
+    launch.lion_(lion_params, grads, states, **lion_hyper(lr, found_inf=found_inf))
+    for actual, want in zip(params + (buffers or []) + lion_params + states, before):
+        assert_bitwise_equal(actual, want)
+
+
+@runs_here
+@pytest.mark.usefixtures("triton_backend")
+def test_adam_l2_weight_decay_matches_the_reference():
+    """decoupled_weight_decay=False (torch.optim.Adam's L2 decay) over several chunks, AMSGrad:
+    moments bit for bit as the reference; a zero weight decay adds no term (a nan param leaves
+    the moments finite, as torch's)."""
+    shapes = [(5 * CHUNK_SIZE // 2,), (3,), (4, 5)]
+    params = random_tensors(shapes, device=DEVICE, seed=95)
+    grads = random_tensors(shapes, device=DEVICE, seed=96)
+    for weight_decay in (0.1, 0.0):
+        if weight_decay == 0:
+            params[2][0, 0] = float("nan")
+        state = adamw_state(params)
+        max_exp_avg_sqs = [v * 1.5 for v in state[1]]
+        expected = [clone_all(params), *[clone_all(s) for s in state], clone_all(max_exp_avg_sqs)]
+        hyper = dict(HYPER, weight_decay=weight_decay, maximize=False, grad_scale=None, found_inf=None, clip_coef=None,
+                     decoupled_weight_decay=False)  # fmt: skip
+        launch.adamw_(params, grads, *state, max_exp_avg_sqs=max_exp_avg_sqs, **hyper)
+        reference.adamw_(expected[0], grads, *expected[1:4], max_exp_avg_sqs=expected[4], **hyper)
+        for actual, want in zip([*state[:2], max_exp_avg_sqs], [expected[1], expected[2], expected[4]]):
+            for a, w in zip(actual, want):
+                assert_bitwise_equal(a, w)
+        for a, w in zip(params + state[2], expected[0] + expected[3]):
+            torch.testing.assert_close(a, w, **tolerance(torch.float32), equal_nan=True)
+    assert state[0][2].isfinite().all() and state[1][2].isfinite().all()  # weight_decay 0: no nan * 0 term
+
+
 @pytest.mark.cuda
 @pytest.mark.usefixtures("triton_backend")
 def test_more_than_2_to_the_31_elements():
@@ -311,7 +411,19 @@ def custom_op_cases(device):
         # lr as a tensor, AMSGrad, grad_scale as a float, found_inf, clip_coef as a tensor.
         "adamw_": (library.adamw_.default, (copies(), copies(), states[0], states[1], steps, None, scalar(1e-3), 0.9,
                                             0.999, 1e-8, 0.01, False, states[2], 2.0, None, flag.clone(), None,
-                                            scalar(0.5))),
+                                            scalar(0.5), True)),
+        # Adam's L2 decay, lr as a float, grad_scale as a tensor, maximize.
+        "adamw_-l2": (library.adamw_.default, (copies(), copies(), states[0], states[1], steps, 1e-3, None, 0.9,
+                                               0.999, 1e-8, 0.01, True, [], None, scalar(2.0), None, 0.5, None,
+                                               False)),
+        # Nesterov momentum with weight decay, lr as a tensor, grad_scale as a float, found_inf.
+        "sgd_": (library.sgd_.default, (copies(), copies(), states[1], None, scalar(0.1), 0.9, 0.0, 0.01, True, False,
+                                        False, 2.0, None, flag.clone(), None, scalar(0.5))),
+        # No momentum (no buffers), maximize.
+        "sgd_-plain": (library.sgd_.default, (copies(), copies(), [], 0.1, None, 0.0, 0.0, 0.0, False, True, False,
+                                              None, None, None, None, None)),
+        "lion_": (library.lion_.default, (copies(), copies(), states[1], None, scalar(1e-3), 0.9, 0.99, 0.1, True,
+                                          None, scalar(2.0), flag.clone(), 0.5, None)),
     }  # fmt: skip
 
 
@@ -347,6 +459,38 @@ def test_compiled_step_calls_the_custom_ops():
         torch.testing.assert_close(g, e)
     targets = [str(node.target) for node in graphs[0].graph.nodes if node.op == "call_function"]
     assert "fastopt_triton.multi_tensor_norm" in targets and "fastopt_triton.scale_" in targets
+
+
+@runs_here
+def test_compiled_sgd_and_lion_steps_call_the_custom_ops():
+    """Under torch.compile the backend's sgd_ and lion_ are one custom-op node each, with the
+    eager kernels' results."""
+    graphs = []
+
+    def record_graph(graph_module, example_inputs):
+        graphs.append(graph_module)
+        return graph_module.forward
+
+    triton_backend = backends.status("triton").module
+
+    def step(params, grads, buffers, exp_avgs, lr):
+        triton_backend.sgd_(params, grads, buffers, lr=lr, momentum=0.9, dampening=0.0, weight_decay=0.1,
+                            nesterov=True, maximize=False, first_step=False, grad_scale=2.0, found_inf=None,
+                            clip_coef=None)  # fmt: skip
+        triton_backend.lion_(params, grads, exp_avgs, lr=lr, beta1=0.9, beta2=0.99, weight_decay=0.1, maximize=True,
+                             grad_scale=None, found_inf=None, clip_coef=0.5)  # fmt: skip
+
+    shapes = [(4, 5), (9,)]
+    lists = [random_tensors(shapes, device=DEVICE, seed=120 + k) for k in range(4)]
+    expected = [clone_all(t) for t in lists]
+    lr = torch.tensor(0.01, device=DEVICE)
+    torch.compile(step, backend=record_graph, fullgraph=True)(*lists, lr)
+    step(*expected, lr)
+    for actual, want in zip(lists, expected):
+        for a, w in zip(actual, want):
+            assert_bitwise_equal(a, w)
+    targets = [str(node.target) for node in graphs[0].graph.nodes if node.op == "call_function"]
+    assert targets == ["fastopt_triton.sgd_.default", "fastopt_triton.lion_.default"]
 
 
 @pytest.mark.cuda
@@ -448,7 +592,28 @@ def compile_every_launch_for_a_gpu(arch: int = 90) -> int:
             beta1=0.9, beta2=0.999, eps=1e-8, weight_decay=0.01, maximize=options.get("maximize", False),
             max_exp_avg_sqs=states[2] if options.get("amsgrad") else None,
             lr=options.get("lr", 1e-3), grad_scale=options.get("grad_scale"), found_inf=options.get("found_inf"),
-            clip_coef=options.get("clip_coef"),
+            clip_coef=options.get("clip_coef"), decoupled_weight_decay=not options.get("l2", False),
+        )  # fmt: skip
+
+    def sgd(dtypes, momentum=0.0, **options):
+        params = [torch.randn(4, 3).to(dtypes[0]), torch.randn(5).to(dtypes[0])]
+        grads = [p.to(dtypes[1]) for p in params]
+        buffers = [torch.rand_like(p, dtype=dtypes[2]) for p in params] if momentum else None
+        return lambda: launch.sgd_(
+            params, grads, buffers, lr=options.get("lr", 0.1), momentum=momentum, dampening=0.0,
+            weight_decay=options.get("weight_decay", 0.0), nesterov=options.get("nesterov", False),
+            maximize=options.get("maximize", False), first_step=options.get("first_step", False),
+            grad_scale=options.get("grad_scale"), found_inf=options.get("found_inf"), clip_coef=options.get("clip_coef"),
+        )  # fmt: skip
+
+    def lion(dtypes, **options):
+        params = [torch.randn(4, 3).to(dtypes[0]), torch.randn(5).to(dtypes[0])]
+        grads = [p.to(dtypes[1]) for p in params]
+        exp_avgs = [torch.rand_like(p, dtype=dtypes[2]) for p in params]
+        return lambda: launch.lion_(
+            params, grads, exp_avgs, lr=options.get("lr", 1e-3), beta1=0.9, beta2=0.99, weight_decay=0.1,
+            maximize=options.get("maximize", False), grad_scale=options.get("grad_scale"),
+            found_inf=options.get("found_inf"), clip_coef=options.get("clip_coef"),
         )  # fmt: skip
 
     flag, half = torch.zeros(1), torch.tensor(0.5)
@@ -478,8 +643,14 @@ def compile_every_launch_for_a_gpu(arch: int = 90) -> int:
         ]  # fmt: skip
     every_option = dict(amsgrad=True, maximize=True, lr=half, grad_scale=half, found_inf=flag, clip_coef=half)
     mixed = [(torch.float32, torch.bfloat16, torch.float32), (torch.bfloat16, torch.bfloat16, torch.float32)]
+    every_sgd_option = dict(momentum=0.9, nesterov=True, weight_decay=0.01, maximize=True, lr=half, grad_scale=half,
+                            found_inf=flag, clip_coef=half)  # fmt: skip
+    every_lion_option = dict(maximize=True, lr=half, grad_scale=half, found_inf=flag, clip_coef=half)
     for dtypes in [(torch.float32,) * 3, (torch.bfloat16,) * 3, (torch.float16,) * 3, (torch.float64,) * 3, *mixed]:
-        calls += [adamw(dtypes), adamw(dtypes, **every_option)]
+        calls += [adamw(dtypes), adamw(dtypes, **every_option), adamw(dtypes, l2=True, found_inf=flag)]
+        calls += [sgd(dtypes, **every_sgd_option), sgd(dtypes, momentum=0.9, first_step=True), lion(dtypes),
+                  lion(dtypes, **every_lion_option)]  # fmt: skip
+    calls += [sgd((torch.float32,) * 3), sgd((torch.bfloat16,) * 3, weight_decay=0.01)]  # no momentum buffers
 
     distinct = {}
     for kernel, args, kwargs in _record_launches(calls):
@@ -528,6 +699,15 @@ def test_unaligned_tensors_take_the_scalar_path_and_give_the_same_results():
         grads = [torch.full_like(t, 0.5) for t in params]
         fastopt.adamw_(params, grads, *adamw_state(params), **HYPER, grad_scale=2.0, clip_coef=0.5)
     for a, u in zip(aligned, unaligned):
+        assert_bitwise_equal(a, u)
+    states = []
+    for params in (aligned, unaligned):
+        grads = [t * 0.5 for t in params]
+        buffers, exp_avgs = [t * 0.25 for t in params], [t * 0.125 for t in params]
+        fastopt.sgd_(params, grads, buffers, lr=0.1, momentum=0.9, weight_decay=0.1, nesterov=True)
+        fastopt.lion_(params, grads, exp_avgs, lr=0.01, weight_decay=0.1)
+        states.append(buffers + exp_avgs)
+    for a, u in zip(aligned + states[0], unaligned + states[1]):
         assert_bitwise_equal(a, u)
 
 
@@ -598,6 +778,72 @@ def test_planned_adamw_rebuilds_its_table_for_a_param_swapped_to_another_dtype()
         for a, w in zip(actual, want):
             assert a.dtype == w.dtype
             torch.testing.assert_close(a, w, **tolerance(torch.float32))
+
+
+@runs_here
+@pytest.mark.usefixtures("triton_backend")
+def test_planned_sgd_and_lion_keep_a_table_per_op():
+    """sgd_planned_ and lion_planned_ as adamw_planned_: the plan keeps a table of its own, only
+    the grads row follows new grads; each op's table under its own key (a plan shared by two ops
+    would otherwise run one op's kernel on the other's rows); results bit for bit as the reference."""
+    shapes = [(6, 5), (2 * 1024 + 3,), (), (0,)]
+    params = random_tensors(shapes, device=DEVICE, seed=100)
+    buffers, exp_avgs = random_tensors(shapes, device=DEVICE, seed=101), random_tensors(shapes, device=DEVICE, seed=102)
+    expected = [clone_all(params), clone_all(buffers), clone_all(exp_avgs)]
+    sgd_hyper = dict(lr=0.1, momentum=0.9, dampening=0.0, weight_decay=0.1, nesterov=True, maximize=False,
+                     first_step=False, grad_scale=None, found_inf=None, clip_coef=None)  # fmt: skip
+    plan = {}
+    for step in range(3):
+        grads = random_tensors(shapes, device=DEVICE, seed=103 + step)  # new tensors, new pointers
+        launch.sgd_planned_(dict(params=params, grads=grads, momentum_buffers=buffers), plan,
+                            **dict(sgd_hyper, first_step=step == 0))  # fmt: skip
+        reference.sgd_(expected[0], grads, expected[1], **dict(sgd_hyper, first_step=step == 0))
+        launch.lion_planned_(dict(params=params, grads=grads, exp_avgs=exp_avgs), plan, **lion_hyper(1e-3))
+        reference.lion_(expected[0], grads, expected[2], **lion_hyper(1e-3))
+        if step == 0:
+            tables = {key[1]: entry.table for key, entry in plan.items()}
+        assert {key[1]: entry.table for key, entry in plan.items()} == tables
+    assert sorted(tables) == ["lion_", "sgd_"] and tables["sgd_"] is not tables["lion_"]
+    assert tables["lion_"].addresses[1].tolist() == [g.data_ptr() for g in grads]
+    assert tables["lion_"].addresses[2].tolist() == [m.data_ptr() for m in exp_avgs]
+    assert tables["sgd_"].addresses[2].tolist() == [b.data_ptr() for b in buffers]
+    assert launches() == {"sgd_kernel": 3, "lion_kernel": 3}
+    assert launch.TABLES.misses == 0  # the plan's tables are its own, not the shared cache's
+    for actual, want in zip(params + buffers + exp_avgs, expected[0] + expected[1] + expected[2]):
+        assert_bitwise_equal(actual, want)
+
+    # Without momentum: no buffers row (the list absent, or None).
+    plain = dict(sgd_hyper, momentum=0.0, nesterov=False)
+    for lists in (dict(params=params, grads=grads), dict(params=params, grads=grads, momentum_buffers=None)):
+        plain_plan = {}
+        launch.sgd_planned_(lists, plain_plan, **plain)
+        reference.sgd_(expected[0], grads, None, **plain)
+        (entry,) = plain_plan.values()
+        assert entry.table.addresses.shape[0] == 2
+    for actual, want in zip(params, expected[0]):
+        assert_bitwise_equal(actual, want)
+
+
+@runs_here
+@pytest.mark.usefixtures("triton_backend")
+def test_update_tables_are_cached_by_what_their_kernels_read():
+    """The shared cache keys a table by its lists' layout: SGD without momentum (2 rows) and with
+    it (3 rows) are two tables, Lion shares the 3-row one (same rows, pointers refreshed), AdamW
+    has its own (a chunk for every tensor and arrival counters for its step counters)."""
+    tables = launch.TABLES
+    shapes = [(5, 4), (0,), (70,)]
+    params, grads = random_tensors(shapes, device=DEVICE, seed=110), random_tensors(shapes, device=DEVICE, seed=111)
+    states = random_tensors(shapes, device=DEVICE, seed=112)
+    fastopt.sgd_(params, grads, lr=0.1)
+    fastopt.sgd_(params, grads, states, lr=0.1, momentum=0.9)
+    assert (tables.misses, tables.hits) == (2, 0)
+    fastopt.lion_(params, grads, states, lr=1e-3)
+    assert (tables.misses, tables.hits, tables.pointer_refreshes) == (2, 1, 2)
+    lion_table = tables.lookup([params, grads, states])
+    assert lion_table.arrivals is None and lion_table.num_chunks == 2  # the empty tensor has no chunk
+    fastopt.adamw_(params, grads, *adamw_state(params), **HYPER)
+    assert tables.misses == 3
+    assert launches() == {"sgd_kernel": 2, "lion_kernel": 1, "adamw_kernel": 1}
 
 
 @runs_here
@@ -760,9 +1006,9 @@ sys.exit(t.vector_accesses_of_aligned_launches())
 @pytest.mark.skipif(not TRITON_INSTALLED, reason="needs triton")
 @pytest.mark.skipif(INTERPRETED, reason="runs once, in the lane without the interpreter (`make test`)")
 def test_aligned_launches_compile_to_128_bit_accesses():
-    """The AdamW and norm kernels, compiled for sm_90 (no GPU needed) as the ops launch them:
-    the ALIGNED variants load (and AdamW stores) with ld.global.v4 / st.global.v4, the others
-    with scalar accesses only."""
+    """The AdamW, SGD, Lion and norm kernels, compiled for sm_90 (no GPU needed) as the ops launch
+    them: the ALIGNED variants load (and the updates store) with ld.global.v4 / st.global.v4, the
+    others with scalar accesses only."""
     env = {k: v for k, v in os.environ.items() if k not in ("TRITON_INTERPRET", "FASTOPT_BACKEND")}
     result = subprocess.run([sys.executable, "-c", _VECTOR_CHECK], capture_output=True, text=True, env=env,
                             timeout=600, cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # fmt: skip
@@ -771,8 +1017,8 @@ def test_aligned_launches_compile_to_128_bit_accesses():
 
 
 def vector_accesses_of_aligned_launches(arch: int = 90) -> int:
-    """Compile the AdamW and norm launches over fp32 and bf16 tensors, ALIGNED and not, and
-    check the PTX for 128-bit accesses. Returns a process exit status."""
+    """Compile the AdamW, SGD (with momentum), Lion and norm launches over fp32 and bf16 tensors,
+    ALIGNED and not, and check the PTX for 128-bit accesses. Returns a process exit status."""
     from triton import compile as triton_compile
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
@@ -787,6 +1033,12 @@ def vector_accesses_of_aligned_launches(arch: int = 90) -> int:
                 weight_decay=0.01, maximize=False, max_exp_avg_sqs=None, grad_scale=None, found_inf=None,
                 clip_coef=None),
             lambda ps=params: launch.multi_tensor_norm(ps, 2.0, False),
+            lambda ps=params, st=states: launch.sgd_(
+                ps, st[0], st[1], lr=0.1, momentum=0.9, dampening=0.0, weight_decay=0.01, nesterov=False,
+                maximize=False, first_step=False, grad_scale=None, found_inf=None, clip_coef=None),
+            lambda ps=params, st=states: launch.lion_(
+                ps, st[0], st[1], lr=1e-3, beta1=0.9, beta2=0.99, weight_decay=0.01, maximize=False, grad_scale=None,
+                found_inf=None, clip_coef=None),
         ]  # fmt: skip
     failures, checked = [], 0
     for kernel, args, kwargs in _record_launches(calls):
@@ -801,14 +1053,14 @@ def vector_accesses_of_aligned_launches(arch: int = 90) -> int:
             loads, stores = ptx.count("ld.global.v4"), ptx.count("st.global.v4")
             name = f"{kernel.fn.__name__} {constexprs.get('PARAM_DTYPE', constexprs.get('FIRST_DTYPE'))} ALIGNED={aligned}"
             print(f"{name}: {loads} ld.global.v4, {stores} st.global.v4")
-            writes = kernel.fn.__name__ == "adamw_kernel"
+            writes = kernel.fn.__name__ in ("adamw_kernel", "sgd_kernel", "lion_kernel")
             if aligned and (loads == 0 or (writes and stores == 0)):
                 failures.append(f"{name}: no 128-bit accesses")
             if not aligned and (loads or stores):
                 failures.append(f"{name}: 128-bit accesses without the alignment")
             checked += 1
-    if failures or checked != 8:
-        print("\n".join(failures) or f"checked {checked} launches, expected 8")
+    if failures or checked != 16:
+        print("\n".join(failures) or f"checked {checked} launches, expected 16")
         return 1
     print(f"vector accesses checked in {checked} compiled launches for sm_{arch}")
     return 0

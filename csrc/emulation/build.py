@@ -21,7 +21,7 @@ import sys
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(os.path.dirname(HERE))
 SOURCES = ["ops_emulated.cpp", "kernels_norm.cpp", "kernels_agc.cpp", "kernels_elementwise.cpp",
-           "kernels_adamw.cpp", "runtime.cpp"]
+           "kernels_adamw.cpp", "kernels_updates.cpp", "runtime.cpp"]
 
 
 def cuda_include_dirs() -> list[str] | str:

@@ -212,6 +212,8 @@ inline float __expf(float x) { return std::exp(x); }
 inline float __logf(float x) { return std::log(x); }
 inline float __powf(float x, float y) { return std::pow(x, y); }
 inline float __saturatef(float x) { return std::clamp(x, 0.0f, 1.0f); }
+inline float __fmul_rn(float x, float y) { return x * y; }
+inline double __dmul_rn(double x, double y) { return x * y; }
 inline float __fmaf_rn(float x, float y, float z) { return std::fma(x, y, z); }
 inline double __fma_rn(double x, double y, double z) { return std::fma(x, y, z); }
 inline float rsqrtf(float x) { return 1.0f / std::sqrt(x); }

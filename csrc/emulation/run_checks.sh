@@ -32,7 +32,7 @@ INCLUDES=(-I"$HERE/include" -I"$HERE" -I"$CSRC" -I"$CUDA_INCLUDE" -I"$CUDA_INCLU
 COMMON=(-std=c++20 -Wno-unknown-pragmas -fno-strict-aliasing)
 JOBS="${MAX_JOBS:-2}"
 
-# build VARIANT all|runtime FLAGS...: test_runtime, and with `all` kernel_driver (the four kernel files).
+# build VARIANT all|runtime FLAGS...: test_runtime, and with `all` kernel_driver (the five kernel files).
 build() {
   local variant="$1" what="$2"
   shift 2
@@ -40,7 +40,7 @@ build() {
   mkdir -p "$dir"
   local -a flags=("${COMMON[@]}" "$@")
   local -a sources=(runtime.cpp tests/test_runtime.cu)
-  [ "$what" = all ] && sources+=(kernels_norm.cpp kernels_agc.cpp kernels_elementwise.cpp kernels_adamw.cpp tests/kernel_driver.cpp)
+  [ "$what" = all ] && sources+=(kernels_norm.cpp kernels_agc.cpp kernels_elementwise.cpp kernels_adamw.cpp kernels_updates.cpp tests/kernel_driver.cpp)
   printf '%s\n' "${sources[@]}" |
     xargs -P "$JOBS" -I{} bash -c '
       src="$1"; shift; dir="$1"; shift

@@ -9,6 +9,7 @@
 #include <limits>
 #include <random>
 #include <string>
+#include <tuple>
 #include <vector>
 
 #include "check.h"
@@ -658,6 +659,202 @@ void test_adamw_update(uint32_t seed) {
   }
 }
 
+
+// ------------------------------------------------------------------- Adam's L2 (adamw_update<A, true>)
+
+// torch.optim.Adam's single-tensor math, one step of one element, in double: g += wd * p (the
+// param itself not decayed), then AdamW's moments and update.
+struct AdamL2Expected {
+  double param, exp_avg, exp_avg_sq, scale_param;
+};
+AdamL2Expected adam_l2_double(double p, double g, double m, double v, const Hyper& h, double step) {
+  g += h.weight_decay * p;
+  m = h.beta1 * m + (1.0 - h.beta1) * g;
+  v = h.beta2 * v + (1.0 - h.beta2) * g * g;
+  const double step_size = h.lr / (1.0 - std::pow(h.beta1, step));
+  const double update = step_size * m / (std::sqrt(v) / std::sqrt(1.0 - std::pow(h.beta2, step)) + h.eps);
+  return {p - update, m, v, std::fabs(p) + std::fabs(update)};
+}
+
+template <typename A>
+void test_adam_l2_update(uint32_t seed) {
+  const std::string t = type_name<A>();
+  // The constants: no decay of the param, the L2 term carries weight_decay; AdamW's carry no L2.
+  const auto l2 = fastopt::adamw_constants<A>(1e-2, 0.9, 0.999, 1e-8, 0.25, 3, /*decoupled=*/false);
+  CHECK(l2.decay_factor == A(1) && l2.l2_weight_decay == A(0.25), t, " Adam's constants");
+  const auto decoupled = fastopt::adamw_constants<A>(1e-2, 0.9, 0.999, 1e-8, 0.25, 3);
+  CHECK(decoupled.l2_weight_decay == A(0) && decoupled.decay_factor == A(1.0 - 1e-2 * 0.25), t, " AdamW's constants");
+  CHECK(fastopt::l2_decayed_grad(A(0.5), A(2), A(0.25)) == A(1), t, " l2_decayed_grad");
+  CHECK(fastopt::l2_decayed_grad_fused(A(0.5), A(2), A(0.25)) == A(1), t, " l2_decayed_grad_fused");
+
+  std::mt19937 rng(seed);
+  const double rtol = sizeof(A) == sizeof(float) ? 4e-6 : 1e-13;
+  const Hyper hypers[] = {{1e-3, 0.9, 0.999, 1e-8, 1e-2}, {5e-2, 0.8, 0.95, 1e-6, 0.5}};
+  for (const Hyper& h : hypers) {
+    for (double step : {1.0, 9.0}) {
+      const auto c = fastopt::adamw_constants<A>(h.lr, h.beta1, h.beta2, h.eps, h.weight_decay, step, false);
+      const std::vector<A> params = random_values<A>(rng, 200), grads = random_values<A>(rng, 200),
+                           moments = random_values<A>(rng, 200);
+      for (size_t i = 0; i < params.size(); ++i) {
+        const A m0 = moments[i] * A(0.1), v0 = moments[i] * moments[i];
+        const AdamL2Expected e = adam_l2_double(params[i], grads[i], m0, v0, h, step);
+        A p = params[i], m = m0, v = v0;
+        fastopt::adamw_update<A, true>(p, grads[i], m, v, static_cast<A*>(nullptr), c);
+        A pf = params[i], mf = m0, vf = v0;
+        fastopt::adamw_update_fused<true, A, true>(pf, grads[i], mf, vf, static_cast<A*>(nullptr), c);
+        const std::string where = check::message(t, " lr ", h.lr, " wd ", h.weight_decay, " step ", step, " element ", i);
+        for (const auto& [param, exp_avg, exp_avg_sq, name] :
+             {std::tuple{p, m, v, "adamw_update<A, true>"}, std::tuple{pf, mf, vf, "adamw_update_fused<.., true>"}}) {
+          CHECK_CLOSE(param, e.param, rtol * e.scale_param, where, " ", name, " param");
+          CHECK_CLOSE(exp_avg, e.exp_avg, rtol * (std::fabs(e.exp_avg) + std::fabs(grads[i]) + std::fabs(m0)), where, " ",
+                      name, " exp_avg");
+          CHECK_CLOSE(exp_avg_sq, e.exp_avg_sq, rtol * e.exp_avg_sq, where, " ", name, " exp_avg_sq");
+        }
+      }
+    }
+  }
+  // L2 decays through the grad only: with a zero grad and zero moments the grad is wd * p, so
+  // p = 1, wd = 0.5, lr = 0.1, step 1, eps = 0 -> m / bc1 = 0.5 = sqrt(v / bc2) -> p = 1 - 0.1.
+  A param = A(1), exp_avg = A(0), exp_avg_sq = A(0);
+  fastopt::adamw_update<A, true>(param, A(0), exp_avg, exp_avg_sq, static_cast<A*>(nullptr),
+                                 fastopt::adamw_constants<A>(0.1, 0.9, 0.999, 0.0, 0.5, 1, false));
+  CHECK_CLOSE(param, 0.9, sizeof(A) == sizeof(float) ? 1e-6 : 1e-14, t, " hand step of Adam's L2");
+}
+
+// -------------------------------------------------------------------------------- sgd_update
+
+// torch.optim.SGD's step in double: g += wd * p; buf = first ? g : momentum * buf + (1 - dampening) * g;
+// g = nesterov ? g + momentum * buf : buf (with momentum); p -= lr * g.
+struct SGDExpected {
+  double param, buffer, scale_param, scale_buffer;
+};
+SGDExpected sgd_double(double p, double g, double buf, bool with_momentum, double lr, double momentum,
+                       double dampening, double wd, bool first, bool nesterov) {
+  g += wd * p;
+  double scale_g = std::fabs(g) + std::fabs(wd * p);
+  double scale_buf = 0.0;
+  if (with_momentum) {
+    scale_buf = first ? scale_g : std::fabs(momentum * buf) + std::fabs((1.0 - dampening) * g);
+    buf = first ? g : momentum * buf + (1.0 - dampening) * g;
+    scale_g = nesterov ? scale_g + std::fabs(momentum) * scale_buf : scale_buf;
+    g = nesterov ? g + momentum * buf : buf;
+  }
+  return {p - lr * g, buf, std::fabs(p) + lr * scale_g, scale_buf};
+}
+
+template <bool WeightDecay, bool First, bool Nesterov, typename A>
+void check_sgd_flags(std::mt19937& rng, const std::string& t) {
+  const double lr = 0.05, momentum = 0.9, dampening = 0.1, wd = WeightDecay ? 0.02 : 0.0;
+  const auto c = fastopt::sgd_constants<A>(lr, momentum, dampening, wd);
+  // Each add rounds once (the fused form: one rounding per fma; the plain form up to two).
+  const double rtol = sizeof(A) == sizeof(float) ? 1e-6 : 1e-15;
+  const std::vector<A> params = random_values<A>(rng, 100), grads = random_values<A>(rng, 100),
+                       buffers = random_values<A>(rng, 100);
+  for (bool with_momentum : {false, true}) {
+    if (!with_momentum && (First || Nesterov)) continue;  // flags of the momentum only
+    for (size_t i = 0; i < params.size(); ++i) {
+      const SGDExpected e = sgd_double(params[i], grads[i], buffers[i], with_momentum, lr, momentum, dampening, wd,
+                                       First, Nesterov);
+      // First: the buffer is only written (nan here: it must not be read).
+      const A buffer0 = First ? std::numeric_limits<A>::quiet_NaN() : buffers[i];
+      A p = params[i], b = buffer0, pf = params[i], bf = buffer0;
+      fastopt::sgd_update<WeightDecay, First, Nesterov>(p, grads[i], with_momentum ? &b : nullptr, c);
+      fastopt::sgd_update_fused<WeightDecay, First, Nesterov>(pf, grads[i], with_momentum ? &bf : nullptr, c);
+      const std::string where = check::message(t, " wd ", WeightDecay, " first ", First, " nesterov ", Nesterov,
+                                               " momentum ", with_momentum, " element ", i);
+      CHECK_CLOSE(p, e.param, rtol * e.scale_param, where, " sgd_update param");
+      CHECK_CLOSE(pf, e.param, rtol * e.scale_param, where, " sgd_update_fused param");
+      if (with_momentum) {
+        CHECK_CLOSE(b, e.buffer, rtol * e.scale_buffer, where, " sgd_update buffer");
+        CHECK_CLOSE(bf, e.buffer, rtol * e.scale_buffer, where, " sgd_update_fused buffer");
+      } else {
+        CHECK(std::isnan(b) == std::isnan(buffer0) && (std::isnan(b) || b == buffer0), where, " no buffer touched");
+      }
+    }
+  }
+}
+
+template <typename A>
+void test_sgd_update(uint32_t seed) {
+  const std::string t = type_name<A>();
+  std::mt19937 rng(seed);
+  check_sgd_flags<false, false, false, A>(rng, t);
+  check_sgd_flags<true, false, false, A>(rng, t);
+  check_sgd_flags<false, true, false, A>(rng, t);
+  check_sgd_flags<true, true, false, A>(rng, t);
+  check_sgd_flags<false, false, true, A>(rng, t);
+  check_sgd_flags<true, false, true, A>(rng, t);
+  check_sgd_flags<false, true, true, A>(rng, t);
+  check_sgd_flags<true, true, true, A>(rng, t);
+
+  // By hand: p = 1, g = 0.5, buf = 2, lr = 0.25, momentum = 0.5, dampening = 0.5, wd = 0.5:
+  // g = 1; buf = 1 + 0.5 = 1.5; Nesterov g = 1 + 0.75 = 1.75 -> p = 1 - 0.4375 (exact in both types).
+  const auto c = fastopt::sgd_constants<A>(0.25, 0.5, 0.5, 0.5);
+  for (bool fused : {false, true}) {
+    A p = A(1), buf = A(2);
+    fused ? fastopt::sgd_update_fused<true, false, true>(p, A(0.5), &buf, c)
+          : fastopt::sgd_update<true, false, true>(p, A(0.5), &buf, c);
+    CHECK(p == A(0.5625) && buf == A(1.5), t, fused ? " fused" : "", " hand step: p ", p, " buf ", buf);
+  }
+  // Without weight decay an inf param stays inf (no 0 * inf = nan reaches the grad).
+  A p = std::numeric_limits<A>::infinity();
+  fastopt::sgd_update_fused<false, false, false>(p, A(1), static_cast<A*>(nullptr), c);
+  CHECK(std::isinf(p), t, " inf param without weight decay");
+  // The first step sets the buffer to the (decayed) grad, undampened.
+  A q = A(1), buf = A(7);
+  fastopt::sgd_update_fused<true, true, false>(q, A(0.5), &buf, c);
+  CHECK(buf == A(1) && q == A(0.75), t, " first step: buf ", buf, " p ", q);
+}
+
+// ------------------------------------------------------------------------------- lion_update
+
+template <typename A>
+void test_lion_update(uint32_t seed) {
+  const std::string t = type_name<A>();
+  CHECK(fastopt::sign_of(A(2.5)) == A(1) && fastopt::sign_of(A(-1e-30)) == A(-1), t, " sign_of");
+  CHECK(fastopt::sign_of(A(0)) == A(0) && !std::signbit(fastopt::sign_of(A(0))), t, " sign_of(0)");
+  CHECK(fastopt::sign_of(A(-0.0)) == A(0) && std::signbit(fastopt::sign_of(A(-0.0))), t, " sign_of(-0) keeps the sign");
+  CHECK(std::isnan(fastopt::sign_of(std::numeric_limits<A>::quiet_NaN())), t, " sign_of(nan)");
+  const auto k = fastopt::lion_constants<A>(1e-3, 0.9, 0.99, 0.1);
+  CHECK(k.decay_factor == A(1.0 - 1e-4) && k.one_minus_beta1 == A(1.0 - 0.9) && k.one_minus_beta2 == A(1.0 - 0.99) &&
+            k.neg_lr == A(-1e-3),
+        t, " lion_constants");
+
+  std::mt19937 rng(seed);
+  const double rtol = sizeof(A) == sizeof(float) ? 1e-6 : 1e-15;
+  for (double wd : {0.0, 0.1}) {
+    const double lr = 1e-2, beta1 = 0.9, beta2 = 0.99;
+    const auto c = fastopt::lion_constants<A>(lr, beta1, beta2, wd);
+    const std::vector<A> params = random_values<A>(rng, 300), grads = random_values<A>(rng, 300),
+                         moments = random_values<A>(rng, 300);
+    int64_t compared = 0;
+    for (size_t i = 0; i < params.size(); ++i) {
+      const double m = moments[i], g = grads[i];
+      const double interpolated = m + (1.0 - beta1) * (g - m);
+      // Too close to 0 to know the sign in A's precision: not compared (random data: rare).
+      if (std::fabs(interpolated) <= 8 * std::numeric_limits<A>::epsilon() * (std::fabs(m) + std::fabs(g))) continue;
+      const double direction = interpolated > 0 ? 1.0 : -1.0;
+      const double expected_param = params[i] * (1.0 - lr * wd) - lr * direction;
+      const double expected_m = m + (1.0 - beta2) * (g - m);
+      A p = params[i], exp_avg = moments[i];
+      fastopt::lion_update(p, grads[i], exp_avg, c);
+      const std::string where = check::message(t, " wd ", wd, " element ", i);
+      CHECK_CLOSE(p, expected_param, rtol * (std::fabs(params[i]) + lr), where, " param");
+      CHECK_CLOSE(exp_avg, expected_m, rtol * (std::fabs(m) + std::fabs(g)), where, " exp_avg");
+      ++compared;
+    }
+    CHECK(compared > 290, t, " compared ", compared, " elements");
+  }
+  // By hand: p = 1, m = 0, g = -3, lr = 0.25, wd = 0.5: direction -1 -> p = 1 * 0.875 + 0.25;
+  // m = lerp(0, -3, 0.5) = -1.5 (beta2 = 0.5).
+  A p = A(1), m = A(0);
+  fastopt::lion_update(p, A(-3), m, fastopt::lion_constants<A>(0.25, 0.9, 0.5, 0.5));
+  CHECK(p == A(1.125) && m == A(-1.5), t, " hand step: p ", p, " m ", m);
+  // A zero direction moves the param by its decay alone.
+  A q = A(2), n = A(0);
+  fastopt::lion_update(q, A(0), n, fastopt::lion_constants<A>(0.25, 0.9, 0.5, 0.5));
+  CHECK(q == A(1.75) && n == A(0), t, " zero direction: p ", q);
+}
 }  // namespace
 
 int main() {
@@ -683,5 +880,11 @@ int main() {
   test_effective_grad<double>(52);
   test_adamw_update<float>(61);
   test_adamw_update<double>(62);
+  test_adam_l2_update<float>(71);
+  test_adam_l2_update<double>(72);
+  test_sgd_update<float>(81);
+  test_sgd_update<double>(82);
+  test_lion_update<float>(91);
+  test_lion_update<double>(92);
   return check::finish("test_element_math");
 }

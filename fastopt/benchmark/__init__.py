@@ -3,8 +3,8 @@ pytest-benchmark suites in ``bench/``.
 
 - ``workloads``: parameter layouts named after what users train (GPT-like, many small tensors,
   ResNet-50-like), in fp32, bf16, and fp32 params with bf16 grads.
-- ``cases``: each op and full step as done by torch, by each fastopt backend and by peers, and
-  the bytes each op's math must move (its memory floor).
+- ``cases``: each op and full step (AdamW's, and SGD's, Adam's and Lion's) as done by torch, by
+  each fastopt backend and by peers, and the bytes each op's math must move (its memory floor).
 - ``timing``: rounds over the implementations of a row beside an in-place-add bandwidth
   reference, the statistics of their samples, host time, launches per step, CUDA-graph replay.
 - ``runner``: plans a run, measures each row group, computes ratios to torch's best path and
@@ -22,6 +22,7 @@ from fastopt.benchmark.workloads import (
     DTYPES,
     FAMILIES,
     NORM_CLIP_OPS,
+    OPTIMIZER_OPS,
     Workload,
     default_workloads,
     family_shapes,
@@ -37,6 +38,7 @@ __all__ = [
     "FAMILIES",
     "NORM_CLIP_OPS",
     "OPS",
+    "OPTIMIZER_OPS",
     "Implementation",
     "PlanItem",
     "Results",

@@ -24,6 +24,7 @@ WEIGHT_DECAY = 0.01
 MAX_NORM = 1.0
 AGC_CLIP_FACTOR = 0.01
 AGC_EPS = 1e-3
+SGD_MOMENTUM = 0.9  # as the field's examples (ResNet on ImageNet) use it: momentum buffers are read and written
 
 
 @dataclasses.dataclass(frozen=True)
@@ -35,6 +36,7 @@ class Op:
     writes_grads: bool  # some implementation changes the grads: restore them (untimed) after each call
     compares: str  # what the same-work check compares: "value", "grads" or "params"
     description: str
+    state_tensors: int = 2  # optimizer states per param (exp_avg and exp_avg_sq; SGD's and Lion's: one)
 
 
 OPS = {
@@ -60,6 +62,18 @@ OPS = {
         Op("AGC + adamw step", (2, 1, 4),
            "one AdamW pass: each unit's weight and grad norms come from the loads the update makes anyway", True,
            "params", "AGC, then AdamW"),
+        Op("sgd step", (2, 1, 2), "read params, grads, momentum buffers; write params and buffers", False, "params",
+           f"one SGD update (momentum {SGD_MOMENTUM}, L2 weight decay) of every param", state_tensors=1),
+        Op("clip + sgd step", (2, 2, 2),
+           "read the grads for the norm, then one SGD pass applying the clip coefficient on the fly", True, "params",
+           "clip to a global norm of 1.0, then SGD with momentum", state_tensors=1),
+        Op("adam step", (2, 1, 4), "as adamw step: the L2 term is added to the grad as it is loaded", False,
+           "params", "one Adam update (L2 weight decay) of every param"),
+        Op("lion step", (2, 1, 2), "read params, grads, exp_avg; write params and exp_avg", False, "params",
+           "one Lion update of every param", state_tensors=1),
+        Op("clip + lion step", (2, 2, 2),
+           "read the grads for the norm, then one Lion pass applying the clip coefficient on the fly", True, "params",
+           "clip to a global norm of 1.0, then Lion", state_tensors=1),
     ]
 }  # fmt: skip
 
@@ -82,7 +96,7 @@ def bytes_touched(op: str, workload: Workload) -> int:
     per_element = (
         params * workload.param_dtype.itemsize
         + grads * workload.grad_dtype.itemsize
-        + states * 2 * workload.state_dtype.itemsize  # exp_avg and exp_avg_sq
+        + states * OPS[op].state_tensors * workload.state_dtype.itemsize  # AdamW: exp_avg and exp_avg_sq
     )
     return workload.numel * per_element
 
@@ -188,14 +202,89 @@ def _cast_grads_for_torch(workload: Workload, tensors: TensorSet) -> Callable[[]
 
 
 def _torch_adamw(flavor: str) -> Callable[[list], torch.optim.Optimizer]:
+    return _torch_optimizer("AdamW", flavor)
+
+
+def _torch_optimizer(name: str, flavor: str) -> Callable[[list], torch.optim.Optimizer]:
+    """torch.optim's ``AdamW``, ``Adam`` (L2 weight decay) or ``SGD`` (momentum 0.9, L2 weight
+    decay), ``foreach=True`` or ``fused=True``."""
+
     def make(params):
         device = params[0].device
-        # fused on CUDA keeps its step counters on the device anyway; capturable lets the
-        # CUDA-graph row capture it. foreach stays torch's eager default.
-        capturable = flavor == "fused" and device.type == "cuda"
-        return torch.optim.AdamW(params, lr=LR, weight_decay=WEIGHT_DECAY, capturable=capturable, **{flavor: True})
+        options = {flavor: True}
+        if name == "SGD":
+            options.update(momentum=SGD_MOMENTUM)  # SGD has no capturable
+        else:
+            # fused on CUDA keeps its step counters on the device anyway; capturable lets the
+            # CUDA-graph row capture it. foreach stays torch's eager default.
+            options.update(capturable=flavor == "fused" and device.type == "cuda")
+        return getattr(torch.optim, name)(params, lr=LR, weight_decay=WEIGHT_DECAY, **options)
 
     return make
+
+
+@functools.cache
+def torch_fused_unsupported(name: str, device_type: str) -> str | None:
+    """Why ``torch.optim.<name>(fused=True)`` cannot step tensors of this device type here, if it
+    cannot (torch's fused paths cover CUDA, and the CPU since torch 2.4, not every device)."""
+    try:
+        param = torch.nn.Parameter(torch.randn(8, device=device_type))
+        param.grad = torch.randn_like(param)
+        _torch_optimizer(name, "fused")([param]).step()
+    except Exception as exc:  # noqa: BLE001 - any failure is the reason
+        return f"torch {torch.__version__}: {name}(fused=True) on {device_type} tensors failed: {short_error(exc)}"
+    return None
+
+
+class ForeachLion(torch.optim.Optimizer):
+    """Lion (Chen et al. 2023) as a torch user writes it: torch has no Lion, so a few
+    ``torch._foreach`` calls per param group, the foreach form of lucidrains' ``lion-pytorch``
+    and timm's Lion. fastopt.optim.Lion's math and defaults: ``p *= 1 - lr * weight_decay``,
+    ``p -= lr * sign(lerp(m, g, 1 - beta1))``, then ``m = lerp(m, g, 1 - beta2)``; grads in the
+    params' dtype, as torch's optimizers take them. The benchmark's Lion baseline, and the torch
+    side of ``examples/train_gpt.py --optimizer lion --compare-torch``."""
+
+    def __init__(self, params, lr: float = 1e-4, betas: tuple[float, float] = (0.9, 0.99), weight_decay: float = 0.0):
+        if not 0.0 <= lr:
+            raise ValueError(f"Invalid learning rate: {lr}")
+        if not all(0.0 <= beta < 1.0 for beta in betas):
+            raise ValueError(f"Invalid betas: {betas}")
+        if not 0.0 <= weight_decay:
+            raise ValueError(f"Invalid weight_decay value: {weight_decay}")
+        super().__init__(params, dict(lr=lr, betas=tuple(betas), weight_decay=weight_decay))
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        for group in self.param_groups:
+            params = [p for p in group["params"] if p.grad is not None]
+            if not params:
+                continue
+            grads = [p.grad for p in params]
+            for p in params:
+                if "exp_avg" not in self.state[p]:
+                    self.state[p]["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+            exp_avgs = [self.state[p]["exp_avg"] for p in params]
+            lr, (beta1, beta2), weight_decay = group["lr"], group["betas"], group["weight_decay"]
+            directions = torch._foreach_lerp(exp_avgs, grads, 1 - beta1)
+            torch._foreach_sign_(directions)
+            if weight_decay != 0:
+                torch._foreach_mul_(params, 1 - lr * weight_decay)
+            torch._foreach_add_(params, directions, alpha=-lr)
+            torch._foreach_lerp_(exp_avgs, grads, 1 - beta2)
+        return loss
+
+
+def _foreach_lion(params) -> ForeachLion:
+    return ForeachLion(params, lr=LR, weight_decay=WEIGHT_DECAY)
+
+
+# Full steps: an optimizer's step alone, or after torch's clip_grad_norm_ (what _step_with builds).
+PLAIN_STEPS = ("adamw step", "sgd step", "adam step", "lion step")
+CLIP_STEPS = ("clip + adamw step", "clip + sgd step", "clip + lion step")
 
 
 def _step_with(op: str, make_optimizer: Callable[[list], object], agc: Callable[[list], None] | None = None) -> Builder:
@@ -207,13 +296,13 @@ def _step_with(op: str, make_optimizer: Callable[[list], object], agc: Callable[
         params = tensors.params
         optimizer = make_optimizer(params)
         clip = functools.partial(torch.nn.utils.clip_grad_norm_, params, MAX_NORM, foreach=True)
-        if op == "adamw step":
+        if op in PLAIN_STEPS:
 
             def step():
                 cast()
                 optimizer.step()
 
-        elif op == "clip + adamw step":
+        elif op in CLIP_STEPS:
 
             def step():
                 cast()
@@ -270,8 +359,8 @@ def _torch_op(op: str) -> Builder:
 
 
 def _fastopt(op: str) -> Builder:
-    """fastopt through what users call: the functional ops, and the drop-in AdamW / GradScaler
-    for the steps (clipping and AGC inside the optimizer's step)."""
+    """fastopt through what users call: the functional ops, and the drop-in optimizers (AdamW, SGD,
+    Adam, Lion) and GradScaler for the steps (clipping and AGC inside the optimizer's step)."""
 
     def build(workload: Workload, tensors: TensorSet) -> Step:
         grads, params, device = tensors.grads, tensors.params, tensors.device
@@ -301,6 +390,16 @@ def _fastopt(op: str) -> Builder:
                 scaler.update()
 
             return step
+        others = {
+            "sgd step": functools.partial(fastopt.optim.SGD, params, lr=LR, momentum=SGD_MOMENTUM,
+                                          weight_decay=WEIGHT_DECAY),
+            "adam step": functools.partial(fastopt.optim.Adam, params, lr=LR, weight_decay=WEIGHT_DECAY),
+            "lion step": functools.partial(fastopt.optim.Lion, params, lr=LR, weight_decay=WEIGHT_DECAY),
+        }  # fmt: skip
+        if op in others:
+            return others[op]().step
+        if op.startswith("clip + ") and op.removeprefix("clip + ") in others:
+            return others[op.removeprefix("clip + ")](max_grad_norm=MAX_NORM).step
         raise ValueError(f"unknown op {op!r}")
 
     return build
@@ -440,6 +539,21 @@ def implementations(
             Implementation(f"torch loop (timm AGC) + {flavor}", "torch", "AGC + adamw step",
                            _step_with("AGC + adamw step", _torch_adamw(flavor), agc=agc_per_tensor_loop))
         )  # fmt: skip
+
+    # The other optimizers against torch's fastest paths for them: torch.optim's SGD and Adam,
+    # foreach and fused (where fused steps this device), clip_grad_norm_(foreach=True) before the
+    # clip variants; Lion, which torch lacks, against a foreach Lion of torch ops.
+    for name, ops in (("SGD", ("sgd step", "clip + sgd step")), ("Adam", ("adam step",))):
+        for flavor in ("foreach", "fused"):
+            if flavor == "fused" and (reason := torch_fused_unsupported(name, device.type)):
+                skipped.append(Skipped("torch fused", ops, reason))
+                continue
+            for op in ops:
+                build = _step_with(op, _torch_optimizer(name, flavor))
+                found.append(Implementation(f"torch {flavor}", "torch", op, build))
+    lion_note = "torch has no Lion: fastopt.benchmark.cases.ForeachLion, in torch._foreach ops"
+    for op in ("lion step", "clip + lion step"):
+        found.append(Implementation("torch _foreach Lion", "torch", op, _step_with(op, _foreach_lion), notes=lion_note))
 
     for op in ("adamw step", "clip + adamw step"):
         if compile:

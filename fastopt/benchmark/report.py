@@ -161,7 +161,8 @@ NORM_READ_GOAL = 0.9  # multi_tensor_norm: fraction of the read bandwidth, at le
 HOST_GOAL_MS = ("many-small/fp32", 0.3)  # AMP step: host ms per step, at most
 LAUNCH_WORKLOADS = ("gpt-like/fp32", "many-small/fp32")  # launches per step must not grow with the tensor count
 PASSES = {"multi_tensor_norm": 1, "unscale_and_check_": 1, "clip_grad_norm_": 2, "adamw step": 1,
-          "clip + adamw step": 2, "AMP step": 2}  # fmt: skip
+          "clip + adamw step": 2, "AMP step": 2, "sgd step": 1, "clip + sgd step": 2, "adam step": 1,
+          "lion step": 1, "clip + lion step": 2}  # fmt: skip
 
 
 def _verdict(met: bool | None) -> str:

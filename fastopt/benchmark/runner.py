@@ -362,8 +362,11 @@ CONTAINS = {
     "clip + adamw step": ("adamw step", "multi_tensor_norm"),
     "AMP step": ("clip + adamw step", "adamw step", "multi_tensor_norm"),
     "AGC + adamw step": ("adamw step",),
+    "clip + sgd step": ("sgd step", "multi_tensor_norm"),
+    "clip + lion step": ("lion step", "multi_tensor_norm"),
 }
-CONTAINS_TORCH = {"clip + adamw step": ("clip_grad_norm_",), "AMP step": ("clip_grad_norm_", "unscale_and_check_")}
+CONTAINS_TORCH = {"clip + adamw step": ("clip_grad_norm_",), "AMP step": ("clip_grad_norm_", "unscale_and_check_"),
+                  "clip + sgd step": ("clip_grad_norm_",), "clip + lion step": ("clip_grad_norm_",)}  # fmt: skip
 
 
 def flag_rows(rows: list[Row]) -> None:

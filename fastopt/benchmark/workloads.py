@@ -21,7 +21,18 @@ NORM_CLIP_OPS = (
     "AMP step",
 )
 AGC_OPS = ("adaptive_clip_grad_", "AGC + adamw step")
-ALL_OPS = NORM_CLIP_OPS + AGC_OPS
+# The other optimizers' steps, each against torch's fastest path for it (Lion: a foreach Lion).
+OPTIMIZER_OPS = ("sgd step", "clip + sgd step", "adam step", "lion step", "clip + lion step")
+ALL_OPS = NORM_CLIP_OPS + AGC_OPS + OPTIMIZER_OPS
+# What each family runs when ops are named (``--ops``), in any dtype variant.
+FAMILY_OPS = {
+    "gpt-like": NORM_CLIP_OPS + OPTIMIZER_OPS,
+    "many-small": NORM_CLIP_OPS + OPTIMIZER_OPS,
+    "resnet50-like": AGC_OPS + ("sgd step",),  # conv nets: AGC, and SGD with momentum
+}
+# By default (no ops named) the other optimizers' steps run on the fp32 variant only: they add
+# rows of the same kind as AdamW's, so one dtype shows them while keeping `make bench`'s time.
+OPTIMIZER_OPS_DEFAULT_DTYPES = ("fp32",)
 
 # dtype variant -> (param dtype, grad dtype); optimizer states take the params' dtype, as in torch.
 DTYPES = {
@@ -146,20 +157,33 @@ def family_shapes(family: str, size: str) -> tuple[tuple[int, ...], ...]:
     raise ValueError(f"unknown workload {family!r}; known: {', '.join(FAMILIES)}")
 
 
+def family_ops(family: str, dtype_name: str, ops: list[str] | None = None) -> tuple[str, ...]:
+    """The ops a family runs in a dtype variant. Transformer-like layouts run the norm / clip /
+    AdamW / AMP ops and the SGD, Adam and Lion steps; the conv layout runs AGC (what NFNet-style
+    conv nets use it for) and the SGD step. Without ``ops`` the SGD, Adam and Lion steps run in
+    ``OPTIMIZER_OPS_DEFAULT_DTYPES`` only; ``ops`` named run in every dtype variant."""
+    if ops:
+        return tuple(op for op in FAMILY_OPS[family] if op in ops)
+    if dtype_name in OPTIMIZER_OPS_DEFAULT_DTYPES:
+        return FAMILY_OPS[family]
+    return tuple(op for op in FAMILY_OPS[family] if op not in OPTIMIZER_OPS)
+
+
 def default_workloads(
     device: torch.device,
     families: list[str] | None = None,
     dtypes: list[str] | None = None,
     size: str | None = None,
+    ops: list[str] | None = None,
 ) -> list[Workload]:
-    """Each family in each dtype variant. Transformer-like layouts run the norm / clip / AdamW /
-    AMP ops; the conv layout runs AGC (what NFNet-style conv nets use it for)."""
+    """Each family in each dtype variant, with the ops of ``family_ops`` (none left: not listed)."""
     size = size or ("full" if device.type == "cuda" else "cpu")
     workloads = []
     for family in families or FAMILIES:
         shapes = family_shapes(family, size)
-        ops = AGC_OPS if family == "resnet50-like" else NORM_CLIP_OPS
         for dtype_name in dtypes or DTYPES:
             param_dtype, grad_dtype = DTYPES[dtype_name]
-            workloads.append(Workload(family, shapes, param_dtype, grad_dtype, ops))
+            family_dtype_ops = family_ops(family, dtype_name, ops)
+            if family_dtype_ops:
+                workloads.append(Workload(family, shapes, param_dtype, grad_dtype, family_dtype_ops))
     return workloads

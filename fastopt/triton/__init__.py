@@ -8,8 +8,10 @@ deterministic stages, and read every scalar that may be a device tensor (lr, gra
 found_inf, clip_coef, steps) on the device. ``launch.py`` has the ops and their launch counts.
 Every op runs under a device guard for its tensors' device; calls made during CUDA-graph capture
 get private tables that later calls cannot change; launches whose tensors are 16-byte aligned use
-128-bit loads and stores. ``adamw_planned_`` is ``adamw_`` for fastopt.optim.AdamW's step plan,
-which keeps the AdamW table and has only the grads' (and params') pointers re-read per step.
+128-bit loads and stores. The optimizer updates (``adamw_``, ``sgd_``, ``lion_``) share one
+launch path; ``adamw_planned_``, ``sgd_planned_`` and ``lion_planned_`` are the same ops for
+fastopt.optim's step plan, which keeps the op's table and has only the grads' (and params')
+pointers re-read per step.
 
 Runs on CUDA tensors; with ``TRITON_INTERPRET=1`` (Triton's interpreter, which CI uses) on CPU
 tensors too. The ops are also registered as torch custom ops (``torch.ops.fastopt_triton.*``,
@@ -45,8 +47,12 @@ from fastopt.triton.library import (  # noqa: E402  (the backend's ops, after it
     adamw_planned_,
     adaptive_clip_,
     clamp_,
+    lion_,
+    lion_planned_,
     multi_tensor_norm,
     scale_,
+    sgd_,
+    sgd_planned_,
     unscale_and_check_,
 )
 
@@ -60,4 +66,8 @@ __all__ = [
     "adaptive_clip_",
     "adamw_",
     "adamw_planned_",
+    "sgd_",
+    "sgd_planned_",
+    "lion_",
+    "lion_planned_",
 ]

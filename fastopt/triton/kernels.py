@@ -509,15 +509,69 @@ def clamp_kernel(
             tl.store(x_ptr + index, _to_storage(clamped, DTYPE), mask=mask)
 
 
-# --------------------------------------------------------------------------- AdamW
+# --------------------------------------------------------------------------- optimizer updates
 
-# Rows of the AdamW address table.
+# Rows of the update ops' address tables: params and grads first, then the op's states.
 PARAMS = tl.constexpr(0)
 GRADS = tl.constexpr(1)
-EXP_AVGS = tl.constexpr(2)
+EXP_AVGS = tl.constexpr(2)  # AdamW's and Lion's momentum
 EXP_AVG_SQS = tl.constexpr(3)
 STEPS = tl.constexpr(4)
 MAX_EXP_AVG_SQS = tl.constexpr(5)
+MOMENTUM_BUFFERS = tl.constexpr(2)  # SGD's
+
+
+@_device_function
+def _update_chunk(chunks, num_chunks, first_chunk, found_inf):
+    """(tensor, segment, start, end, proceed) of the chunk this update program handles. found_inf
+    is loaded with the chunk row, not before it: no extra round trip ahead of the first data load.
+    When it is set, the range is empty and proceed is false: nothing is read or written."""
+    if found_inf is not None:
+        proceed = tl.load(found_inf) == 0
+    _, tensor, segment, start, end = _this_chunk(chunks, num_chunks, first_chunk)
+    if found_inf is not None:
+        end = tl.where(proceed, end, start)
+    else:
+        proceed = start == start
+    return tensor, segment, start, end, proceed
+
+
+@_device_function
+def _effective_grad(grad, grad_scale, clip_coef, MAXIMIZE: tl.constexpr, UNSCALE: tl.constexpr, CLIP: tl.constexpr):
+    """The grad as an update uses it: negated when maximizing, then / grad_scale, then * clip_coef
+    (torch's order; the factors are exact on the negation)."""
+    if MAXIMIZE:
+        grad = -grad
+    if UNSCALE:
+        grad = _div(grad, grad_scale)
+    if CLIP:
+        grad = grad * clip_coef
+    return grad
+
+
+@_device_function
+def _fma(a, b, c):
+    """a * b + c rounded once (fma.rn on the GPU; the interpreter rounds it once too), where torch's
+    CPU kernels fuse (add with alpha, lerp, addcmul: csrc/element_math.h's ``*_fused``). The
+    scalars are broadcast to c's block: an older tl.fma takes operands of one shape only."""
+    return tl.fma(tl.broadcast_to(a, c.shape), tl.broadcast_to(b, c.shape), c)
+
+
+@_device_function
+def _lerp(start, end, weight):
+    """torch.lerp as its CPU kernel rounds (exact at both ends): one fma from the start for weights
+    below 0.5, from the end above."""
+    difference = end - start
+    return tl.where(weight < 0.5, _fma(weight, difference, start), _fma(weight - 1.0, difference, end))
+
+
+@_device_function
+def _sign(x):
+    """torch.sign: +-1; a zero (with its sign) and nan kept."""
+    return tl.where(x > 0, 1.0, tl.where(x < 0, -1.0, x)).to(x.dtype)
+
+
+# --------------------------------------------------------------------------- AdamW
 
 
 @_kernel
@@ -549,20 +603,16 @@ def adamw_kernel(
     EXP_AVG_SQ_DTYPE: tl.constexpr,
     STEP_DTYPE: tl.constexpr,
     MAX_EXP_AVG_SQ_DTYPE: tl.constexpr,  # None: no AMSGrad
+    L2: tl.constexpr,  # torch.optim.Adam's weight decay (added to the grad) instead of AdamW's decoupled one
     MAXIMIZE: tl.constexpr,
     UNSCALE: tl.constexpr,  # False: no grad_scale, no division
     CLIP: tl.constexpr,  # False: no clip_coef, no multiplication
     ALIGNED: tl.constexpr,  # every vector-accessed pointer 16-byte aligned, chunks at whole blocks
     BLOCK: tl.constexpr,
 ):
-    """One AdamW step (torch.optim.AdamW's formulas and evaluation order) over one chunk."""
-    # found_inf is loaded with the chunk row, not before it: no extra round trip ahead of the
-    # first data load. When it is set, the chunk's range is empty and the step is not written.
-    if found_inf is not None:
-        proceed = tl.load(found_inf) == 0
-    _, tensor, segment, start, end = _this_chunk(chunks, num_chunks, first_chunk)
-    if found_inf is not None:
-        end = tl.where(proceed, end, start)
+    """One AdamW step (torch.optim.AdamW's formulas and evaluation order) over one chunk; with L2,
+    torch.optim.Adam's (``weight_decay * param`` added to the grad, the param not decayed)."""
+    tensor, segment, start, end, proceed = _update_chunk(chunks, num_chunks, first_chunk, found_inf)
     compute: tl.constexpr = tl.float64 if PARAM_DTYPE == tl.float64 else tl.float32
     param_ptr = _tensor_pointer(addresses, num_tensors, PARAMS, tensor, PARAM_DTYPE, ALIGNED)
     grad_ptr = _tensor_pointer(addresses, num_tensors, GRADS, tensor, GRAD_DTYPE, ALIGNED)
@@ -581,11 +631,12 @@ def adamw_kernel(
     bias_correction2_sqrt = tl.sqrt(1.0 - tl.exp2(step * _float64(log2_beta2))).to(compute)
     lr = _scalar(lr, lr_ptr)
     neg_step_size = (-lr / bias_correction1).to(compute)
-    decay = (1.0 - lr * _float64(weight_decay)).to(compute)
-    if UNSCALE:
-        grad_scale = _scalar(grad_scale, grad_scale_ptr).to(compute)
-    if CLIP:
-        clip_coef = _scalar(clip_coef, clip_coef_ptr).to(compute)
+    if L2:
+        l2_weight_decay = _float64(weight_decay).to(compute)
+    else:
+        decay = (1.0 - lr * _float64(weight_decay)).to(compute)
+    grad_scale = _scalar(grad_scale, grad_scale_ptr).to(compute)
+    clip_coef = _scalar(clip_coef, clip_coef_ptr).to(compute)
     # Python-float hyperparameters enter torch's fp32 math rounded to fp32.
     lerp_weight = (1.0 - _float64(beta1)).to(compute)
     beta2_c = _float64(beta2).to(compute)
@@ -607,20 +658,13 @@ def adamw_kernel(
             exp_avg = _load(exp_avg_ptr, index, mask).to(compute)
             exp_avg_sq = _load(exp_avg_sq_ptr, index, mask).to(compute)
 
-            if MAXIMIZE:
-                grad = -grad
-            if UNSCALE:
-                grad = _div(grad, grad_scale)
-            if CLIP:
-                grad = grad * clip_coef
-            param = param * decay
-            # torch.lerp's formula: from the start for weights below 0.5, from the end above.
-            exp_avg = tl.where(
-                lerp_weight < 0.5,
-                exp_avg + lerp_weight * (grad - exp_avg),
-                grad - (grad - exp_avg) * (1.0 - lerp_weight),
-            )
-            exp_avg_sq = exp_avg_sq * beta2_c + one_minus_beta2 * grad * grad
+            grad = _effective_grad(grad, grad_scale, clip_coef, MAXIMIZE, UNSCALE, CLIP)
+            if L2:
+                grad = _fma(param, l2_weight_decay, grad)
+            else:
+                param = param * decay
+            exp_avg = _lerp(exp_avg, grad, lerp_weight)
+            exp_avg_sq = _fma(one_minus_beta2 * grad, grad, exp_avg_sq * beta2_c)  # addcmul_ after mul_
             second_moment = exp_avg_sq
             if MAX_EXP_AVG_SQ_DTYPE is not None:
                 max_exp_avg_sq = _load(max_exp_avg_sq_ptr, index, mask).to(compute)
@@ -638,8 +682,153 @@ def adamw_kernel(
     # one (an integer counter, so no float atomics) and resets the counter for the next launch.
     chunks_of_tensor = _row(segments, SEGMENT_NUM_CHUNKS, num_segments, segment)
     is_last = tl.atomic_add(arrivals + segment, 1) == chunks_of_tensor - 1
-    if found_inf is not None:
-        tl.store(step_ptr, step.to(STEP_DTYPE), mask=is_last & proceed)
-    else:
-        tl.store(step_ptr, step.to(STEP_DTYPE), mask=is_last)
+    tl.store(step_ptr, step.to(STEP_DTYPE), mask=is_last & proceed)
     tl.store(arrivals + segment, 0, mask=is_last)
+
+
+# --------------------------------------------------------------------------- SGD and Lion
+
+
+@_kernel
+def sgd_kernel(
+    addresses,  # int64 [2 or 3, num_tensors]: rows PARAMS, GRADS, MOMENTUM_BUFFERS
+    num_tensors,
+    chunks,
+    num_chunks,
+    first_chunk,
+    lr: tl.float64,
+    lr_ptr,
+    momentum: tl.float64,
+    dampening: tl.float64,
+    weight_decay: tl.float64,
+    grad_scale: tl.float64,
+    grad_scale_ptr,
+    clip_coef: tl.float64,
+    clip_coef_ptr,
+    found_inf,  # None, or a float32 flag: when non-zero, nothing changes
+    PARAM_DTYPE: tl.constexpr,
+    GRAD_DTYPE: tl.constexpr,
+    MOMENTUM_BUFFER_DTYPE: tl.constexpr,  # None: no momentum
+    WEIGHT_DECAY: tl.constexpr,  # False for weight_decay 0: torch skips the term (0 * a nan param is nan)
+    FIRST_STEP: tl.constexpr,  # the buffers hold no history: set to the grad, not read
+    NESTEROV: tl.constexpr,
+    MAXIMIZE: tl.constexpr,
+    UNSCALE: tl.constexpr,
+    CLIP: tl.constexpr,
+    ALIGNED: tl.constexpr,
+    BLOCK: tl.constexpr,
+):
+    """One torch.optim.SGD step (its formulas and evaluation order) over one chunk."""
+    tensor, _, start, end, _ = _update_chunk(chunks, num_chunks, first_chunk, found_inf)
+    compute: tl.constexpr = tl.float64 if PARAM_DTYPE == tl.float64 else tl.float32
+    param_ptr = _tensor_pointer(addresses, num_tensors, PARAMS, tensor, PARAM_DTYPE, ALIGNED)
+    grad_ptr = _tensor_pointer(addresses, num_tensors, GRADS, tensor, GRAD_DTYPE, ALIGNED)
+    if MOMENTUM_BUFFER_DTYPE is not None:
+        buffer_ptr = _tensor_pointer(addresses, num_tensors, MOMENTUM_BUFFERS, tensor, MOMENTUM_BUFFER_DTYPE, ALIGNED)
+
+    neg_lr = (-_scalar(lr, lr_ptr)).to(compute)
+    grad_scale = _scalar(grad_scale, grad_scale_ptr).to(compute)
+    clip_coef = _scalar(clip_coef, clip_coef_ptr).to(compute)
+    # Python-float hyperparameters enter torch's fp32 math rounded to fp32.
+    weight_decay_c = _float64(weight_decay).to(compute)
+    momentum_c = _float64(momentum).to(compute)
+    one_minus_dampening = (1.0 - _float64(dampening)).to(compute)
+
+    lanes = _lanes(BLOCK)
+    full = _full_blocks(start, end, BLOCK, ALIGNED)
+    for PHASE in tl.static_range(2):  # unmasked whole blocks (vector accesses), then the masked rest
+        first, count = _phase_range(start, end, full, PHASE, BLOCK)
+        for block in range(0, count):
+            index = _phase_index(first, block, lanes, PHASE, BLOCK)
+            if PHASE == 0:
+                mask = None
+            else:
+                mask = index < end
+            param = _load(param_ptr, index, mask).to(compute)
+            grad = _load(grad_ptr, index, mask).to(compute)
+
+            grad = _effective_grad(grad, grad_scale, clip_coef, MAXIMIZE, UNSCALE, CLIP)
+            # Each add with alpha of torch's is one fma (csrc/element_math.h, sgd_update_fused).
+            if WEIGHT_DECAY:
+                grad = _fma(param, weight_decay_c, grad)
+            if MOMENTUM_BUFFER_DTYPE is not None:
+                if FIRST_STEP:
+                    buffer = grad
+                else:  # buf * momentum rounds before the dampened grad is added, as torch's mul_, add_
+                    buffer = _fma(grad, one_minus_dampening, _load(buffer_ptr, index, mask).to(compute) * momentum_c)
+                tl.store(buffer_ptr + index, _to_storage(buffer, MOMENTUM_BUFFER_DTYPE), mask=mask)
+                # The step uses the buffer in the compute dtype, not as rounded for storage (torch's too).
+                if NESTEROV:
+                    grad = _fma(buffer, momentum_c, grad)
+                else:
+                    grad = buffer
+            param = _fma(grad, neg_lr, param)
+
+            tl.store(param_ptr + index, _to_storage(param, PARAM_DTYPE), mask=mask)
+
+
+@_kernel
+def lion_kernel(
+    addresses,  # int64 [3, num_tensors]: rows PARAMS, GRADS, EXP_AVGS
+    num_tensors,
+    chunks,
+    num_chunks,
+    first_chunk,
+    lr: tl.float64,
+    lr_ptr,
+    beta1: tl.float64,
+    beta2: tl.float64,
+    weight_decay: tl.float64,
+    grad_scale: tl.float64,
+    grad_scale_ptr,
+    clip_coef: tl.float64,
+    clip_coef_ptr,
+    found_inf,  # None, or a float32 flag: when non-zero, nothing changes
+    PARAM_DTYPE: tl.constexpr,
+    GRAD_DTYPE: tl.constexpr,
+    EXP_AVG_DTYPE: tl.constexpr,
+    MAXIMIZE: tl.constexpr,
+    UNSCALE: tl.constexpr,
+    CLIP: tl.constexpr,
+    ALIGNED: tl.constexpr,
+    BLOCK: tl.constexpr,
+):
+    """One Lion step (Chen et al. 2023) over one chunk: the param decayed and moved by lr against
+    the sign of lerp(m, g, 1 - beta1), then m = lerp(m, g, 1 - beta2)."""
+    tensor, _, start, end, _ = _update_chunk(chunks, num_chunks, first_chunk, found_inf)
+    compute: tl.constexpr = tl.float64 if PARAM_DTYPE == tl.float64 else tl.float32
+    param_ptr = _tensor_pointer(addresses, num_tensors, PARAMS, tensor, PARAM_DTYPE, ALIGNED)
+    grad_ptr = _tensor_pointer(addresses, num_tensors, GRADS, tensor, GRAD_DTYPE, ALIGNED)
+    exp_avg_ptr = _tensor_pointer(addresses, num_tensors, EXP_AVGS, tensor, EXP_AVG_DTYPE, ALIGNED)
+
+    lr = _scalar(lr, lr_ptr)
+    neg_lr = (-lr).to(compute)
+    # 1 for weight_decay 0: then p * decay is p, bit for bit (torch skips the multiplication).
+    decay = (1.0 - lr * _float64(weight_decay)).to(compute)
+    grad_scale = _scalar(grad_scale, grad_scale_ptr).to(compute)
+    clip_coef = _scalar(clip_coef, clip_coef_ptr).to(compute)
+    one_minus_beta1 = (1.0 - _float64(beta1)).to(compute)
+    one_minus_beta2 = (1.0 - _float64(beta2)).to(compute)
+
+    lanes = _lanes(BLOCK)
+    full = _full_blocks(start, end, BLOCK, ALIGNED)
+    for PHASE in tl.static_range(2):  # unmasked whole blocks (vector accesses), then the masked rest
+        first, count = _phase_range(start, end, full, PHASE, BLOCK)
+        for block in range(0, count):
+            index = _phase_index(first, block, lanes, PHASE, BLOCK)
+            if PHASE == 0:
+                mask = None
+            else:
+                mask = index < end
+            param = _load(param_ptr, index, mask).to(compute)
+            grad = _load(grad_ptr, index, mask).to(compute)
+            exp_avg = _load(exp_avg_ptr, index, mask).to(compute)
+
+            grad = _effective_grad(grad, grad_scale, clip_coef, MAXIMIZE, UNSCALE, CLIP)
+            # The direction is +-1 or 0: -lr * direction is exact, so the sum rounds once, fused or not.
+            direction = _sign(_lerp(exp_avg, grad, one_minus_beta1))
+            param = param * decay + neg_lr * direction
+            exp_avg = _lerp(exp_avg, grad, one_minus_beta2)
+
+            tl.store(param_ptr + index, _to_storage(param, PARAM_DTYPE), mask=mask)
+            tl.store(exp_avg_ptr + index, _to_storage(exp_avg, EXP_AVG_DTYPE), mask=mask)

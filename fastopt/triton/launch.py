@@ -13,7 +13,8 @@ op                          launches (for lists of one dtype combination)
 ``clamp_``                  1
 ``adaptive_clip_``          3: per-chunk partials of params and grads, per-unit
                             clip factors, then the scaling of the grads
-``adamw_``                  1
+``adamw_``, ``sgd_``,       1
+``lion_``
 ==========================  ======================================================
 
 A list that mixes dtype combinations takes one launch per combination for each per-chunk pass.
@@ -241,6 +242,49 @@ def _log2(beta: float) -> float:
     return math.log2(beta) if beta > 0 else -math.inf
 
 
+# --------------------------------------------------------------------------- optimizer updates
+#
+# adamw_, sgd_ and lion_ share one path: contiguous stand-ins for strided tensors (the written ones
+# copied back), one table over [params, grads, *states] (rows kernels.PARAMS, kernels.GRADS, then
+# the op's states), one launch per dtype group, the device scalars passed as (value, pointer) pairs.
+
+
+def _update_lists(grads: list[Tensor], written: list[list[Tensor] | None]):
+    """The grads and the written lists (params and states; None: an absent list) as the kernels
+    need them, contiguous, and the (original, copy) pairs to write back after the launch."""
+    dense_grads, _ = _dense(grads)
+    dense_written, copies = [], []
+    for tensors in written:
+        if tensors is None:
+            dense_written.append(None)
+            continue
+        dense, list_copies = _dense(tensors)
+        dense_written.append(dense)
+        copies += list_copies
+    return dense_grads, dense_written, copies
+
+
+def _update_launches(kernel, table: ChunkTable, vector_rows: tuple[int, ...], dtype_names: tuple[str, ...], args,
+                     **constexprs) -> None:  # fmt: skip
+    """One launch of an update kernel per dtype group of ``table``: ``args`` after the table's own,
+    ``dtype_names`` the kernel's dtype constants of the table's rows, in order; ALIGNED per group
+    from the alignment of ``vector_rows`` (the rows the kernel reads and writes element by element)."""
+    for group, aligned in zip(table.groups, table.aligned(vector_rows)):
+        dtypes = {name: _TL_DTYPES[dtype] for name, dtype in zip(dtype_names, group.dtypes)}
+        _launch(
+            kernel, group.num_chunks,
+            table.addresses, table.num_tensors, table.chunks, table.num_chunks, group.first_chunk, *args,
+            **dtypes, **constexprs, ALIGNED=aligned, BLOCK=BLOCK_SIZE,
+        )  # fmt: skip
+
+
+def _grad_args(grad_scale, found_inf, clip_coef) -> tuple:
+    """The kernels' grad_scale, grad_scale_ptr, clip_coef, clip_coef_ptr, found_inf arguments."""
+    grad_scale_value, grad_scale_ptr = _scalar_args(1.0 if grad_scale is None else grad_scale)
+    clip_coef_value, clip_coef_ptr = _scalar_args(1.0 if clip_coef is None else clip_coef)
+    return grad_scale_value, grad_scale_ptr, clip_coef_value, clip_coef_ptr, found_inf
+
+
 @_guarded
 def adamw_(
     params: list[Tensor],
@@ -259,23 +303,19 @@ def adamw_(
     grad_scale: float | Tensor | None,
     found_inf: Tensor | None,
     clip_coef: float | Tensor | None,
+    decoupled_weight_decay: bool = True,
 ) -> None:
     if not params:
         return
     amsgrad = max_exp_avg_sqs is not None
-    dense_grads, _ = _dense(grads)
-    written = [params, exp_avgs, exp_avg_sqs] + ([max_exp_avg_sqs] if amsgrad else [])
-    dense_written, copies = [], []
-    for tensors in written:
-        dense, list_copies = _dense(tensors)
-        dense_written.append(dense)
-        copies += list_copies
-    dense_params, dense_exp_avgs, dense_exp_avg_sqs, *dense_max = dense_written
+    dense_grads, written, copies = _update_lists(grads, [params, exp_avgs, exp_avg_sqs, max_exp_avg_sqs])
+    dense_params, dense_exp_avgs, dense_exp_avg_sqs, dense_max = written
     # Rows in the order of kernels.PARAMS .. kernels.MAX_EXP_AVG_SQS.
-    lists = [dense_params, dense_grads, dense_exp_avgs, dense_exp_avg_sqs, steps, *dense_max]
+    lists = [dense_params, dense_grads, dense_exp_avgs, dense_exp_avg_sqs, steps] + ([dense_max] if amsgrad else [])
     table = TABLES.lookup(lists, min_one_chunk=True, arrivals=True)
     _adamw_launches(table, amsgrad, lr=lr, beta1=beta1, beta2=beta2, eps=eps, weight_decay=weight_decay,
-                    maximize=maximize, grad_scale=grad_scale, found_inf=found_inf, clip_coef=clip_coef)  # fmt: skip
+                    maximize=maximize, grad_scale=grad_scale, found_inf=found_inf, clip_coef=clip_coef,
+                    decoupled_weight_decay=decoupled_weight_decay)  # fmt: skip
     _write_back(copies)
 
 
@@ -283,32 +323,110 @@ def adamw_(
 # counters are scalars): the rows whose alignment decides between 128-bit and scalar accesses.
 _ADAMW_VECTOR_ROWS = (int(kernels.PARAMS), int(kernels.GRADS), int(kernels.EXP_AVGS), int(kernels.EXP_AVG_SQS))
 _ADAMW_AMSGRAD_ROWS = _ADAMW_VECTOR_ROWS + (int(kernels.MAX_EXP_AVG_SQS),)
+_ADAMW_DTYPES = ("PARAM_DTYPE", "GRAD_DTYPE", "EXP_AVG_DTYPE", "EXP_AVG_SQ_DTYPE", "STEP_DTYPE", "MAX_EXP_AVG_SQ_DTYPE")
 
 
 def _adamw_launches(table: ChunkTable, amsgrad: bool, *, lr, beta1, beta2, eps, weight_decay, maximize, grad_scale,
-                    found_inf, clip_coef) -> None:  # fmt: skip
-    lr_value, lr_ptr = _scalar_args(lr)
-    grad_scale_value, grad_scale_ptr = _scalar_args(1.0 if grad_scale is None else grad_scale)
-    clip_coef_value, clip_coef_ptr = _scalar_args(1.0 if clip_coef is None else clip_coef)
-    alignment = table.aligned(_ADAMW_AMSGRAD_ROWS if amsgrad else _ADAMW_VECTOR_ROWS)
-    for group, aligned in zip(table.groups, alignment):
-        param, grad, exp_avg, exp_avg_sq, step, *max_exp_avg_sq = (_TL_DTYPES[d] for d in group.dtypes)
-        _launch(
-            kernels.adamw_kernel, group.num_chunks,
-            table.addresses, table.num_tensors, table.chunks, table.num_chunks, group.first_chunk,
-            table.segments, table.num_segments, table.arrivals,
-            lr_value, lr_ptr, beta1, beta2, _log2(beta1), _log2(beta2), eps, weight_decay,
-            grad_scale_value, grad_scale_ptr, clip_coef_value, clip_coef_ptr, found_inf,
-            PARAM_DTYPE=param, GRAD_DTYPE=grad, EXP_AVG_DTYPE=exp_avg, EXP_AVG_SQ_DTYPE=exp_avg_sq,
-            STEP_DTYPE=step, MAX_EXP_AVG_SQ_DTYPE=max_exp_avg_sq[0] if amsgrad else None,
-            MAXIMIZE=maximize, UNSCALE=grad_scale is not None, CLIP=clip_coef is not None, ALIGNED=aligned,
-            BLOCK=BLOCK_SIZE,
-        )  # fmt: skip
+                    found_inf, clip_coef, decoupled_weight_decay=True) -> None:  # fmt: skip
+    # Adam's L2 term only where it adds something (torch skips weight_decay 0: 0 * a nan param is
+    # nan); weight_decay 0 otherwise decays by exactly 1, the AdamW kernel without a new variant.
+    l2 = not decoupled_weight_decay and weight_decay != 0
+    _update_launches(
+        kernels.adamw_kernel, table, _ADAMW_AMSGRAD_ROWS if amsgrad else _ADAMW_VECTOR_ROWS, _ADAMW_DTYPES,
+        (table.segments, table.num_segments, table.arrivals, *_scalar_args(lr), beta1, beta2, _log2(beta1),
+         _log2(beta2), eps, weight_decay, *_grad_args(grad_scale, found_inf, clip_coef)),
+        **({} if amsgrad else {"MAX_EXP_AVG_SQ_DTYPE": None}),
+        L2=l2, MAXIMIZE=maximize, UNSCALE=grad_scale is not None, CLIP=clip_coef is not None,
+    )  # fmt: skip
 
 
-class _PlannedAdamW:
-    """The AdamW table of one optimizer step plan on one stream: built once, then only its grads
-    row follows the new grads (and its params row a param whose storage moved)."""
+@_guarded
+def sgd_(
+    params: list[Tensor],
+    grads: list[Tensor],
+    momentum_buffers: list[Tensor] | None,
+    *,
+    lr: float | Tensor,
+    momentum: float,
+    dampening: float,
+    weight_decay: float,
+    nesterov: bool,
+    maximize: bool,
+    first_step: bool,
+    grad_scale: float | Tensor | None,
+    found_inf: Tensor | None,
+    clip_coef: float | Tensor | None,
+) -> None:
+    if not params:
+        return
+    dense_grads, (dense_params, dense_buffers), copies = _update_lists(grads, [params, momentum_buffers])
+    # Rows kernels.PARAMS, kernels.GRADS (and kernels.MOMENTUM_BUFFERS).
+    lists = [dense_params, dense_grads] + ([dense_buffers] if momentum_buffers is not None else [])
+    table = TABLES.lookup(lists)
+    _sgd_launches(table, momentum_buffers is not None, lr=lr, momentum=momentum, dampening=dampening, weight_decay=weight_decay, nesterov=nesterov,
+                  maximize=maximize, first_step=first_step, grad_scale=grad_scale, found_inf=found_inf,
+                  clip_coef=clip_coef)  # fmt: skip
+    _write_back(copies)
+
+
+_SGD_ROWS = (int(kernels.PARAMS), int(kernels.GRADS))
+_SGD_MOMENTUM_ROWS = _SGD_ROWS + (int(kernels.MOMENTUM_BUFFERS),)
+_SGD_DTYPES = ("PARAM_DTYPE", "GRAD_DTYPE", "MOMENTUM_BUFFER_DTYPE")
+
+
+def _sgd_launches(table: ChunkTable, with_buffers: bool, *, lr, momentum, dampening, weight_decay, nesterov, maximize,
+                  first_step, grad_scale, found_inf, clip_coef) -> None:  # fmt: skip
+    _update_launches(
+        kernels.sgd_kernel, table, _SGD_MOMENTUM_ROWS if with_buffers else _SGD_ROWS, _SGD_DTYPES,
+        (*_scalar_args(lr), momentum, dampening, weight_decay, *_grad_args(grad_scale, found_inf, clip_coef)),
+        **({} if with_buffers else {"MOMENTUM_BUFFER_DTYPE": None}),
+        WEIGHT_DECAY=weight_decay != 0, FIRST_STEP=first_step and with_buffers, NESTEROV=nesterov and with_buffers,
+        MAXIMIZE=maximize, UNSCALE=grad_scale is not None, CLIP=clip_coef is not None,
+    )  # fmt: skip
+
+
+@_guarded
+def lion_(
+    params: list[Tensor],
+    grads: list[Tensor],
+    exp_avgs: list[Tensor],
+    *,
+    lr: float | Tensor,
+    beta1: float,
+    beta2: float,
+    weight_decay: float,
+    maximize: bool,
+    grad_scale: float | Tensor | None,
+    found_inf: Tensor | None,
+    clip_coef: float | Tensor | None,
+) -> None:
+    if not params:
+        return
+    dense_grads, (dense_params, dense_exp_avgs), copies = _update_lists(grads, [params, exp_avgs])
+    table = TABLES.lookup([dense_params, dense_grads, dense_exp_avgs])  # rows PARAMS, GRADS, EXP_AVGS
+    _lion_launches(table, lr=lr, beta1=beta1, beta2=beta2, weight_decay=weight_decay, maximize=maximize,
+                   grad_scale=grad_scale, found_inf=found_inf, clip_coef=clip_coef)  # fmt: skip
+    _write_back(copies)
+
+
+_LION_ROWS = (int(kernels.PARAMS), int(kernels.GRADS), int(kernels.EXP_AVGS))
+
+
+def _lion_launches(table: ChunkTable, *, lr, beta1, beta2, weight_decay, maximize, grad_scale, found_inf,
+                   clip_coef) -> None:  # fmt: skip
+    _update_launches(
+        kernels.lion_kernel, table, _LION_ROWS, ("PARAM_DTYPE", "GRAD_DTYPE", "EXP_AVG_DTYPE"),
+        (*_scalar_args(lr), beta1, beta2, weight_decay, *_grad_args(grad_scale, found_inf, clip_coef)),
+        MAXIMIZE=maximize, UNSCALE=grad_scale is not None, CLIP=clip_coef is not None,
+    )  # fmt: skip
+
+
+# --------------------------------------------------------------------------- the step plan
+
+
+class _PlannedTable:
+    """The table of one update op in one optimizer step plan on one stream: built once, then only
+    its grads row follows the new grads (and its params row a param whose storage moved)."""
 
     __slots__ = ("table", "param_layout", "grad_dtypes")
 
@@ -331,41 +449,85 @@ class _PlannedAdamW:
         return layout == self.param_layout and all(map(Tensor.is_contiguous, params))
 
 
-_ROWS = ("params", "grads", "exp_avgs", "exp_avg_sqs", "steps", "max_exp_avg_sqs")
+# Per update op: the names of its lists in a plan's ``lists``, in the order of its table's rows.
+_PLANNED_ROWS = {
+    "adamw_": ("params", "grads", "exp_avgs", "exp_avg_sqs", "steps", "max_exp_avg_sqs"),
+    "sgd_": ("params", "grads", "momentum_buffers"),
+    "lion_": ("params", "grads", "exp_avgs"),
+}
 
 
-def adamw_planned_(lists: dict[str, list[Tensor]], plan: dict, *, lr, beta1, beta2, eps, weight_decay, maximize,
-                   grad_scale, found_inf, clip_coef) -> None:  # fmt: skip
-    """``adamw_`` for a caller that owns ``plan`` (a dict, empty at first) and promises that,
+def _planned_table(op: str, lists: dict[str, list[Tensor]], plan: dict) -> tuple[list[list[Tensor]], ChunkTable | None]:
+    """The op's rows from ``lists`` (absent or None lists left out), and the plan's table for them
+    (made on the first call), pointed at this call's grads and params; None where the op's full
+    path must run instead (strided tensors, CUDA-graph capture: its tables are private). Called
+    under the device guard. The key names the op: a plan shared by two ops keeps a table for each."""
+    rows = [lists[name] for name in _PLANNED_ROWS[op] if lists.get(name) is not None]
+    params, grads = rows[0], rows[1]
+    device = params[0].device
+    if capturing(device):
+        return rows, None
+    key = ("triton", op, stream_key(device))
+    entry = plan.get(key)
+    if entry is not None and not entry.follow(params, grads):
+        entry = None  # built anew below, or the full path for strided tensors
+        del plan[key]
+    if entry is None and all(all(map(Tensor.is_contiguous, t)) for t in rows):
+        signature = dtype_signature(rows)
+        per_tensor_step = op == "adamw_"  # a step counter per tensor: a chunk even when empty, arrivals
+        table = ChunkTable(rows, signature, list(map(Tensor.numel, params)), None, per_tensor_step, per_tensor_step)
+        table.point_to(rows)
+        entry = plan[key] = _PlannedTable(table, params, signature)
+    return rows, None if entry is None else entry.table
+
+
+_PLANNED_DOC = """``{op}`` for a caller that owns ``plan`` (a dict, empty at first) and promises that,
     while it keeps it, ``lists`` holds the very same params and states (same tensors, same
-    storage, validated by ``fastopt.ops.adamw_``) and grads of the same shapes, checked by
-    ``fastopt.ops.check_replacement`` (fastopt.optim.AdamW's step plan). The plan keeps the AdamW
+    storage, validated by ``fastopt.ops.{op}``) and grads of the same shapes, checked by
+    ``fastopt.ops.check_replacement`` (fastopt.optim's step plan). The plan keeps the op's
     table, private to it; a call re-reads only the grads (dtype, contiguity, pointers) and the
     params' pointers (``p.data = x`` keeps the param but moves its storage; the params' dtypes
-    and sizes are re-read only then): four C passes over two lists, where a cached ``adamw_``
+    and sizes are re-read only then): four C passes over two lists, where a cached ``{op}``
     reads every list. States are trusted to keep their storage, as the step plan trusts them.
-    Falls back to ``adamw_`` for non-contiguous tensors and during CUDA-graph capture (whose
+    Falls back to ``{op}`` for non-contiguous tensors and during CUDA-graph capture (whose
     tables are private)."""
-    hyper = dict(lr=lr, beta1=beta1, beta2=beta2, eps=eps, weight_decay=weight_decay, maximize=maximize,
-                 grad_scale=grad_scale, found_inf=found_inf, clip_coef=clip_coef)  # fmt: skip
-    rows = [lists[name] for name in _ROWS if name in lists]
-    params, grads = rows[0], rows[1]
-    amsgrad = len(rows) == 6
-    if not params:
+
+
+def adamw_planned_(lists: dict[str, list[Tensor]], plan: dict, **hyper) -> None:
+    if not lists["params"]:
         return
-    device = params[0].device
-    with _on(device):
-        key = ("triton", stream_key(device))
-        entry = None if capturing(device) else plan.get(key)
-        if entry is not None and not entry.follow(params, grads):
-            entry = None  # built anew below, or the full path for strided tensors
-            del plan[key]
-        if entry is None and not capturing(device) and all(all(map(Tensor.is_contiguous, t)) for t in rows):
-            signature = dtype_signature(rows)
-            table = ChunkTable(rows, signature, list(map(Tensor.numel, params)), None, True, True)
-            table.point_to(rows)
-            entry = plan[key] = _PlannedAdamW(table, params, signature)
-        if entry is None:
+    with _on(lists["params"][0].device):
+        rows, table = _planned_table("adamw_", lists, plan)
+        amsgrad = len(rows) == 6
+        if table is None:
             adamw_(*rows[:5], max_exp_avg_sqs=rows[5] if amsgrad else None, **hyper)
         else:
-            _adamw_launches(entry.table, amsgrad, **hyper)
+            _adamw_launches(table, amsgrad, **hyper)
+
+
+def sgd_planned_(lists: dict[str, list[Tensor]], plan: dict, **hyper) -> None:
+    if not lists["params"]:
+        return
+    with _on(lists["params"][0].device):
+        rows, table = _planned_table("sgd_", lists, plan)
+        with_buffers = len(rows) == 3
+        if table is None:
+            sgd_(rows[0], rows[1], rows[2] if with_buffers else None, **hyper)
+        else:
+            _sgd_launches(table, with_buffers, **hyper)
+
+
+def lion_planned_(lists: dict[str, list[Tensor]], plan: dict, **hyper) -> None:
+    if not lists["params"]:
+        return
+    with _on(lists["params"][0].device):
+        rows, table = _planned_table("lion_", lists, plan)
+        if table is None:
+            lion_(*rows, **hyper)
+        else:
+            _lion_launches(table, **hyper)
+
+
+adamw_planned_.__doc__ = _PLANNED_DOC.format(op="adamw_")
+sgd_planned_.__doc__ = _PLANNED_DOC.format(op="sgd_")
+lion_planned_.__doc__ = _PLANNED_DOC.format(op="lion_")

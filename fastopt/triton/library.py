@@ -116,18 +116,83 @@ def adamw_op(
     found_inf: Optional[Tensor],
     clip_coef: Optional[float],
     clip_coef_tensor: Optional[Tensor],
+    decoupled_weight_decay: bool,
 ) -> None:
     launch.adamw_(
         params, grads, exp_avgs, exp_avg_sqs, steps,
         lr=_join(lr, lr_tensor), beta1=beta1, beta2=beta2, eps=eps, weight_decay=weight_decay, maximize=maximize,
         max_exp_avg_sqs=max_exp_avg_sqs or None, grad_scale=_join(grad_scale, grad_scale_tensor), found_inf=found_inf,
-        clip_coef=_join(clip_coef, clip_coef_tensor),
+        clip_coef=_join(clip_coef, clip_coef_tensor), decoupled_weight_decay=decoupled_weight_decay,
     )  # fmt: skip
 
 
 @adamw_op.register_fake
 def _(params, grads, exp_avgs, exp_avg_sqs, steps, lr, lr_tensor, beta1, beta2, eps, weight_decay, maximize,
-      max_exp_avg_sqs, grad_scale, grad_scale_tensor, found_inf, clip_coef, clip_coef_tensor):  # fmt: skip
+      max_exp_avg_sqs, grad_scale, grad_scale_tensor, found_inf, clip_coef, clip_coef_tensor,
+      decoupled_weight_decay):  # fmt: skip
+    return None
+
+
+@torch.library.custom_op(f"{NAMESPACE}::sgd_", mutates_args=("params", "momentum_buffers"))
+def sgd_op(
+    params: list[Tensor],
+    grads: list[Tensor],
+    momentum_buffers: list[Tensor],  # empty: no momentum
+    lr: Optional[float],
+    lr_tensor: Optional[Tensor],
+    momentum: float,
+    dampening: float,
+    weight_decay: float,
+    nesterov: bool,
+    maximize: bool,
+    first_step: bool,
+    grad_scale: Optional[float],
+    grad_scale_tensor: Optional[Tensor],
+    found_inf: Optional[Tensor],
+    clip_coef: Optional[float],
+    clip_coef_tensor: Optional[Tensor],
+) -> None:
+    launch.sgd_(
+        params, grads, momentum_buffers or None,
+        lr=_join(lr, lr_tensor), momentum=momentum, dampening=dampening, weight_decay=weight_decay, nesterov=nesterov,
+        maximize=maximize, first_step=first_step, grad_scale=_join(grad_scale, grad_scale_tensor), found_inf=found_inf,
+        clip_coef=_join(clip_coef, clip_coef_tensor),
+    )  # fmt: skip
+
+
+@sgd_op.register_fake
+def _(params, grads, momentum_buffers, lr, lr_tensor, momentum, dampening, weight_decay, nesterov, maximize, first_step,
+      grad_scale, grad_scale_tensor, found_inf, clip_coef, clip_coef_tensor):  # fmt: skip
+    return None
+
+
+@torch.library.custom_op(f"{NAMESPACE}::lion_", mutates_args=("params", "exp_avgs"))
+def lion_op(
+    params: list[Tensor],
+    grads: list[Tensor],
+    exp_avgs: list[Tensor],
+    lr: Optional[float],
+    lr_tensor: Optional[Tensor],
+    beta1: float,
+    beta2: float,
+    weight_decay: float,
+    maximize: bool,
+    grad_scale: Optional[float],
+    grad_scale_tensor: Optional[Tensor],
+    found_inf: Optional[Tensor],
+    clip_coef: Optional[float],
+    clip_coef_tensor: Optional[Tensor],
+) -> None:
+    launch.lion_(
+        params, grads, exp_avgs,
+        lr=_join(lr, lr_tensor), beta1=beta1, beta2=beta2, weight_decay=weight_decay, maximize=maximize,
+        grad_scale=_join(grad_scale, grad_scale_tensor), found_inf=found_inf, clip_coef=_join(clip_coef, clip_coef_tensor),
+    )  # fmt: skip
+
+
+@lion_op.register_fake
+def _(params, grads, exp_avgs, lr, lr_tensor, beta1, beta2, weight_decay, maximize, grad_scale, grad_scale_tensor,
+      found_inf, clip_coef, clip_coef_tensor):  # fmt: skip
     return None
 
 
@@ -166,26 +231,65 @@ def adaptive_clip_(params, grads, clip_factor: float, eps: float, norm_type: flo
 
 
 def adamw_(params, grads, exp_avgs, exp_avg_sqs, steps, *, lr, beta1, beta2, eps, weight_decay, maximize,
-           max_exp_avg_sqs, grad_scale, found_inf, clip_coef) -> None:  # fmt: skip
+           max_exp_avg_sqs, grad_scale, found_inf, clip_coef, decoupled_weight_decay=True) -> None:  # fmt: skip
     if not torch.compiler.is_compiling():
         return launch.adamw_(
             params, grads, exp_avgs, exp_avg_sqs, steps, lr=lr, beta1=beta1, beta2=beta2, eps=eps,
             weight_decay=weight_decay, maximize=maximize, max_exp_avg_sqs=max_exp_avg_sqs, grad_scale=grad_scale,
-            found_inf=found_inf, clip_coef=clip_coef,
+            found_inf=found_inf, clip_coef=clip_coef, decoupled_weight_decay=decoupled_weight_decay,
         )  # fmt: skip
     adamw_op(
         params, grads, exp_avgs, exp_avg_sqs, steps, *_split(lr), beta1, beta2, eps, weight_decay, maximize,
-        max_exp_avg_sqs or [], *_split(grad_scale), found_inf, *_split(clip_coef),
+        max_exp_avg_sqs or [], *_split(grad_scale), found_inf, *_split(clip_coef), decoupled_weight_decay,
     )  # fmt: skip
 
 
-def adamw_planned_(lists: dict[str, list[Tensor]], plan: dict, *, lr, beta1, beta2, eps, weight_decay, maximize,
-                   grad_scale, found_inf, clip_coef) -> None:  # fmt: skip
-    """``adamw_`` with the AdamW table kept in ``plan``, a dict that the caller (fastopt.optim.AdamW's
-    step plan) owns while its lists keep their params and states (see ``launch.adamw_planned_``)."""
-    hyper = dict(lr=lr, beta1=beta1, beta2=beta2, eps=eps, weight_decay=weight_decay, maximize=maximize,
-                 grad_scale=grad_scale, found_inf=found_inf, clip_coef=clip_coef)  # fmt: skip
+def sgd_(params, grads, momentum_buffers, *, lr, momentum, dampening, weight_decay, nesterov, maximize, first_step,
+         grad_scale, found_inf, clip_coef) -> None:  # fmt: skip
+    if not torch.compiler.is_compiling():
+        return launch.sgd_(
+            params, grads, momentum_buffers, lr=lr, momentum=momentum, dampening=dampening, weight_decay=weight_decay,
+            nesterov=nesterov, maximize=maximize, first_step=first_step, grad_scale=grad_scale, found_inf=found_inf,
+            clip_coef=clip_coef,
+        )  # fmt: skip
+    sgd_op(
+        params, grads, momentum_buffers or [], *_split(lr), momentum, dampening, weight_decay, nesterov, maximize,
+        first_step, *_split(grad_scale), found_inf, *_split(clip_coef),
+    )  # fmt: skip
+
+
+def lion_(params, grads, exp_avgs, *, lr, beta1, beta2, weight_decay, maximize, grad_scale, found_inf,
+          clip_coef) -> None:  # fmt: skip
+    if not torch.compiler.is_compiling():
+        return launch.lion_(
+            params, grads, exp_avgs, lr=lr, beta1=beta1, beta2=beta2, weight_decay=weight_decay, maximize=maximize,
+            grad_scale=grad_scale, found_inf=found_inf, clip_coef=clip_coef,
+        )  # fmt: skip
+    lion_op(
+        params, grads, exp_avgs, *_split(lr), beta1, beta2, weight_decay, maximize, *_split(grad_scale), found_inf,
+        *_split(clip_coef),
+    )  # fmt: skip
+
+
+# The planned updates keep the op's table in ``plan``, a dict that the caller (fastopt.optim's step
+# plan) owns while its lists keep their params and states (see ``launch.adamw_planned_``). Under
+# torch.compile, the op itself: a traced step keeps no table.
+
+
+def adamw_planned_(lists: dict[str, list[Tensor]], plan: dict, **hyper) -> None:
     if not torch.compiler.is_compiling():
         return launch.adamw_planned_(lists, plan, **hyper)
     adamw_(lists["params"], lists["grads"], lists["exp_avgs"], lists["exp_avg_sqs"], lists["steps"],
            max_exp_avg_sqs=lists.get("max_exp_avg_sqs"), **hyper)  # fmt: skip
+
+
+def sgd_planned_(lists: dict[str, list[Tensor]], plan: dict, **hyper) -> None:
+    if not torch.compiler.is_compiling():
+        return launch.sgd_planned_(lists, plan, **hyper)
+    sgd_(lists["params"], lists["grads"], lists.get("momentum_buffers"), **hyper)
+
+
+def lion_planned_(lists: dict[str, list[Tensor]], plan: dict, **hyper) -> None:
+    if not torch.compiler.is_compiling():
+        return launch.lion_planned_(lists, plan, **hyper)
+    lion_(lists["params"], lists["grads"], lists["exp_avgs"], **hyper)

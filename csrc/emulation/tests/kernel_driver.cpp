@@ -107,7 +107,7 @@ struct Table {
       for (const Tensor& t : first) unit_counts.push_back(t.rows);
     if (adamw_groups)
       for (int64_t i = 0; i < n; ++i)
-        keys.push_back((*lists[0])[i].dtype * 16 + (*lists[1])[i].dtype * 4 + (*lists[2])[i].dtype);
+        keys.push_back((*lists[0])[i].dtype * 16 + (*lists[1])[i].dtype * 4 + (*lists[num_lists > 2 ? 2 : 0])[i].dtype);
     plan = plan_chunks(numels, unit_counts, keys, kChunkSize, min_one_chunk);
     for (const auto* list : lists)
       for (const Tensor& t : *list) buffer.push_back(reinterpret_cast<int64_t>(t.data));
@@ -170,7 +170,7 @@ double reference_norm(const std::vector<double>& values, double p) {
 
 const std::vector<int64_t> kSizes = {0, 1, 7, 33, 4099, 32768 + 5, 70001, 129, 2 * 32768};
 const std::vector<DType> kAllDtypes = {kFloat32, kBFloat16, kFloat16, kFloat64};
-bool quick = false;  // --quick (the TSan run): fewer norm kinds and AdamW builds, same layouts
+bool quick = false;  // --quick (the TSan run): fewer norm kinds and update builds, same layouts
 
 // --------------------------------------------------------------------------------------- cases
 void case_norm() {
@@ -302,7 +302,17 @@ void case_agc() {
   }
 }
 
-void case_adamw(bool skip) {
+std::vector<std::vector<double>> snapshot(const std::vector<Tensor>& list) {
+  std::vector<std::vector<double>> out;
+  for (const Tensor& t : list) {
+    std::vector<double> x;
+    for (int64_t k = 0; k < t.numel; ++k) x.push_back(t.get(k));
+    out.push_back(x);
+  }
+  return out;
+}
+
+void case_adamw(bool skip, bool l2 = false) {
   const std::vector<int64_t> sizes = {0, 7, 70001, 4099, 32768 + 3, 1};
   struct Combo {
     DType p, g, s;
@@ -319,15 +329,6 @@ void case_adamw(bool skip) {
       steps.emplace_back(kFloat32, 1, 0);
       steps.back().set(0, static_cast<double>(i % 3));
     }
-    auto snapshot = [](const std::vector<Tensor>& list) {
-      std::vector<std::vector<double>> out;
-      for (const Tensor& t : list) {
-        std::vector<double> x;
-        for (int64_t k = 0; k < t.numel; ++k) x.push_back(t.get(k));
-        out.push_back(x);
-      }
-      return out;
-    };
     const auto p0 = snapshot(params), g0 = snapshot(grads), m0 = snapshot(m), v0 = snapshot(v), s0 = snapshot(steps);
     Table table({&params, &grads, &m, &v, &steps}, false, true, true);
     // Zeroed before the launches, as ops.cpp does (cudaMemsetAsync); poisoned before that.
@@ -343,6 +344,7 @@ void case_adamw(bool skip) {
     args.beta2 = 0.99;
     args.eps = 1e-8;
     args.weight_decay = 0.1;
+    args.decoupled_weight_decay = !l2;
     args.arrivals = arrivals.data();
     for (const ChunkGroup& group : table.plan.groups) {
       launch_adamw(table.view, {group.first_chunk, group.num_chunks, fastopt_emu::multiprocessor_count()},
@@ -357,7 +359,11 @@ void case_adamw(bool skip) {
       for (int64_t k = 0; k < sizes[i]; ++k) {
         double p = p0[i][k], g = g0[i][k], mm = m0[i][k], vv = v0[i][k];
         if (!skip) {
-          p *= 1 - 1e-2 * 0.1;
+          if (l2) {
+            g += 0.1 * p;
+          } else {
+            p *= 1 - 1e-2 * 0.1;
+          }
           mm = mm + (g - mm) * 0.1;
           vv = vv * 0.99 + 0.01 * g * g;
           const double bc1 = 1 - std::pow(0.9, step), bc2 = 1 - std::pow(0.99, step);
@@ -365,8 +371,126 @@ void case_adamw(bool skip) {
         }
         if (!close(params[i].get(k), p, tol, 1e-6) || !close(m[i].get(k), mm, tol, 1e-6) ||
             !close(v[i].get(k), vv, tol, 1e-9)) {
-          EXPECT(false, "adamw (%d,%d,%d)%s tensor %zu[%lld]: p %g want %g", static_cast<int>(combo.p), static_cast<int>(combo.g), static_cast<int>(combo.s),
-                 skip ? " skipped" : "", i, static_cast<long long>(k), params[i].get(k), p);
+          EXPECT(false, "adamw (%d,%d,%d)%s%s tensor %zu[%lld]: p %g want %g", static_cast<int>(combo.p), static_cast<int>(combo.g), static_cast<int>(combo.s),
+                 l2 ? " l2" : "", skip ? " skipped" : "", i, static_cast<long long>(k), params[i].get(k), p);
+          break;
+        }
+      }
+    }
+  }
+}
+
+// SGD (every momentum mode, Nesterov, weight decay) and Lion over the same layouts, a device lr and
+// grad_scale among the host scalars; with `skip`, found_inf is set and no bit may change.
+struct UpdateCombo {
+  DType p, g, s;
+};
+const UpdateCombo kUpdateCombos[] = {{kFloat32, kFloat32, kFloat32}, {kBFloat16, kBFloat16, kFloat32},
+                                     {kFloat16, kFloat32, kFloat16}, {kFloat64, kFloat64, kFloat64}};
+const std::vector<int64_t> kUpdateSizes = {0, 7, 70001, 4099, 32768 + 3, 1};
+
+// Launches one update per dtype group of a table of (params, grads[, states]).
+template <typename Launch>
+bool launch_groups(const Table& table, const char* what, Launch&& launch) {
+  for (const ChunkGroup& group : table.plan.groups) {
+    launch(LaunchRange{group.first_chunk, group.num_chunks, fastopt_emu::multiprocessor_count()},
+           static_cast<DType>(group.key / 16), static_cast<DType>(group.key / 4 % 4), static_cast<DType>(group.key % 4));
+    if (!launch_ok(what)) return false;
+  }
+  return true;
+}
+
+void case_sgd(bool skip) {
+  enum Mode { kNone, kFirst, kRunning };
+  for (UpdateCombo combo : kUpdateCombos) {
+    if (quick && combo.p != kFloat32 && combo.p != kBFloat16) continue;
+    for (Mode mode : {kNone, kFirst, kRunning}) {
+      const bool nesterov = mode == kRunning, with_buffers = mode != kNone;
+      auto params = make_list(kUpdateSizes, {combo.p});
+      auto grads = make_list(kUpdateSizes, {combo.g}, 1.0, false, 1);
+      // Without buffers the key's state is the param's dtype (as ops.cpp groups it).
+      auto buffers = make_list(with_buffers ? kUpdateSizes : std::vector<int64_t>{}, {combo.s}, 0.1, false, 2);
+      const auto p0 = snapshot(params), g0 = snapshot(grads), b0 = snapshot(buffers);
+      std::vector<const std::vector<Tensor>*> lists = {&params, &grads};
+      if (with_buffers) lists.push_back(&buffers);
+      Table table(lists, false, true, false);
+      const float found_inf = skip ? 1.0f : 0.0f;
+      const float lr = 1e-2f, grad_scale = 4.0f;
+      SGDArgs args{};
+      args.lr = {0.0, &lr, kFloat32};
+      args.grad_scale = {0.0, &grad_scale, kFloat32};
+      args.clip_coef = {0.5, nullptr, kFloat32};
+      args.found_inf = &found_inf;
+      args.momentum = 0.9;
+      args.dampening = 0.1;
+      args.weight_decay = 0.01;
+      args.nesterov = nesterov;
+      args.momentum_buffers = with_buffers;
+      args.first_step = mode == kFirst;
+      if (!launch_groups(table, "sgd", [&](LaunchRange range, DType p, DType g, DType s) {
+            launch_sgd(table.view, range, p, g, s, args, nullptr);
+          }))
+        return;
+      const double tol = combo.p == kFloat32 || combo.p == kFloat64 ? 1e-5 : 1e-2;
+      for (size_t i = 0; i < kUpdateSizes.size(); ++i) {
+        for (int64_t k = 0; k < kUpdateSizes[i]; ++k) {
+          double p = p0[i][k], g = g0[i][k] / 4.0 * 0.5, b = with_buffers ? b0[i][k] : 0.0;
+          if (!skip) {
+            g += 0.01 * p;
+            if (with_buffers) {
+              b = mode == kFirst ? g : b * 0.9 + 0.9 * g;
+              g = nesterov ? g + 0.9 * b : b;
+            }
+            p -= 1e-2 * g;
+          }
+          if (!close(params[i].get(k), p, tol, 1e-6) || (with_buffers && !close(buffers[i].get(k), b, tol, 1e-6))) {
+            EXPECT(false, "sgd (%d,%d,%d) mode %d%s tensor %zu[%lld]: p %g want %g", static_cast<int>(combo.p),
+                   static_cast<int>(combo.g), static_cast<int>(combo.s), static_cast<int>(mode), skip ? " skipped" : "",
+                   i, static_cast<long long>(k), params[i].get(k), p);
+            break;
+          }
+        }
+      }
+    }
+  }
+}
+
+void case_lion(bool skip) {
+  for (UpdateCombo combo : kUpdateCombos) {
+    if (quick && combo.p != kFloat32 && combo.p != kBFloat16) continue;
+    auto params = make_list(kUpdateSizes, {combo.p});
+    auto grads = make_list(kUpdateSizes, {combo.g}, 1.0, false, 1);
+    auto m = make_list(kUpdateSizes, {combo.s}, 0.1, false, 2);
+    const auto p0 = snapshot(params), g0 = snapshot(grads), m0 = snapshot(m);
+    Table table({&params, &grads, &m}, false, true, false);
+    const float found_inf = skip ? 1.0f : 0.0f;
+    const double lr = 1e-3;
+    LionArgs args{};
+    args.lr = {0.0, &lr, kFloat64};
+    args.grad_scale = {2.0, nullptr, kFloat32};
+    args.clip_coef = {1.0, nullptr, kFloat32};
+    args.found_inf = &found_inf;
+    args.beta1 = 0.9;
+    args.beta2 = 0.99;
+    args.weight_decay = 0.1;
+    args.maximize = true;
+    if (!launch_groups(table, "lion", [&](LaunchRange range, DType p, DType g, DType s) {
+          launch_lion(table.view, range, p, g, s, args, nullptr);
+        }))
+      return;
+    const double tol = combo.p == kFloat32 || combo.p == kFloat64 ? 1e-5 : 1e-2;
+    for (size_t i = 0; i < kUpdateSizes.size(); ++i) {
+      for (int64_t k = 0; k < kUpdateSizes[i]; ++k) {
+        double p = p0[i][k], g = -g0[i][k] / 2.0, mm = m0[i][k];
+        if (!skip) {
+          const double direction = mm + 0.1 * (g - mm);
+          p = p * (1 - lr * 0.1) - lr * (direction > 0 ? 1.0 : direction < 0 ? -1.0 : 0.0);
+          mm = mm + 0.01 * (g - mm);
+        }
+        if (!close(params[i].get(k), p, tol, 1e-6) || !close(m[i].get(k), mm, tol, 1e-6)) {
+          EXPECT(false, "lion (%d,%d,%d)%s tensor %zu[%lld]: p %g want %g, m %g want %g", static_cast<int>(combo.p),
+                 static_cast<int>(combo.g), static_cast<int>(combo.s), skip ? " skipped" : "", i,
+                 static_cast<long long>(k), params[i].get(k), p, m[i].get(k), mm);
           break;
         }
       }
@@ -387,6 +511,11 @@ int main(int argc, char** argv) {
       {"agc", case_agc},
       {"adamw", [] { case_adamw(false); }},
       {"adamw_skip", [] { case_adamw(true); }},
+      {"adam_l2", [] { case_adamw(false, true); }},
+      {"sgd", [] { case_sgd(false); }},
+      {"sgd_skip", [] { case_sgd(true); }},
+      {"lion", [] { case_lion(false); }},
+      {"lion_skip", [] { case_lion(true); }},
   };
   int ran = 0, named = 0;
   for (int i = 1; i < argc; ++i) {

@@ -1,7 +1,9 @@
-"""fastopt.optim.AdamW: torch.optim.AdamW's drop-in, with clipping inside the step.
+"""What every fastopt optimizer shares: the step's two passes, clipping, AGC, AMP, the spike guard,
+the monitor, the step plan and flat storage. An optimizer (fastopt/optim/adam.py, sgd.py, lion.py)
+adds only its update op, its per-param states and its hyperparameters' checks.
 
 A step is the two passes of docs/design.md section 1: one read of the grads (global norm, and the
-AMP inf/nan check when fastopt.amp.GradScaler drives the step), then one AdamW pass per param
+AMP inf/nan check when fastopt.amp.GradScaler drives the step), then one update pass per param
 group that applies ``1 / grad_scale * clip_coef`` to the grads on the fly and changes nothing
 where an overflow was found. No value is read back to the host, so the step can be captured in
 a CUDA graph; what happened is left in ``optimizer.stats`` as device tensors.
@@ -21,38 +23,47 @@ from torch import Tensor
 
 from fastopt import backends, distributed, ops, reference
 
-__all__ = ["AdamW"]
+__all__ = ["FusedOptimizer"]
+
+
+# The op's name of each state's list (fastopt.ops' update ops take the states as lists).
+_OP_LIST_NAMES = {"exp_avg": "exp_avgs", "exp_avg_sq": "exp_avg_sqs", "max_exp_avg_sq": "max_exp_avg_sqs",
+                  "step": "steps", "momentum_buffer": "momentum_buffers"}  # fmt: skip
 
 
 @dataclasses.dataclass
 class _GroupLists:
     """The tensors of one param group (on one device) that take part in this step."""
 
+    state_keys: tuple[str, ...]  # the per-param states the update takes, in the op's order
     params: list[Tensor] = dataclasses.field(default_factory=list)
     grads: list[Tensor] = dataclasses.field(default_factory=list)
-    exp_avgs: list[Tensor] = dataclasses.field(default_factory=list)
-    exp_avg_sqs: list[Tensor] = dataclasses.field(default_factory=list)
-    max_exp_avg_sqs: list[Tensor] = dataclasses.field(default_factory=list)
-    steps: list[Tensor] = dataclasses.field(default_factory=list)
+    states: dict[str, list[Tensor]] = dataclasses.field(default_factory=dict)
     indices: list[int] = dataclasses.field(default_factory=list)  # positions among all params
+    fresh: list[bool] = dataclasses.field(default_factory=list)  # states made for this step (no history yet)
     backend_plan: dict = dataclasses.field(default_factory=dict)  # what a backend prepared for these lists
 
-    def append(self, param: Tensor, state: dict, amsgrad: bool) -> None:
+    def __post_init__(self) -> None:
+        for key in self.state_keys:
+            self.states.setdefault(key, [])
+
+    def append(self, param: Tensor, state: dict, fresh: bool) -> None:
         """One param with a grad, and its states."""
         self.params.append(param)
         self.grads.append(param.grad)
-        self.exp_avgs.append(state["exp_avg"])
-        self.exp_avg_sqs.append(state["exp_avg_sq"])
-        self.steps.append(state["step"])
-        if amsgrad:
-            self.max_exp_avg_sqs.append(state["max_exp_avg_sq"])
+        for key in self.state_keys:
+            self.states[key].append(state[key])
+        self.fresh.append(fresh)
 
-    def as_op_lists(self, amsgrad: bool) -> dict[str, list[Tensor]]:
-        lists = {"params": self.params, "grads": self.grads, "exp_avgs": self.exp_avgs,
-                 "exp_avg_sqs": self.exp_avg_sqs, "steps": self.steps}  # fmt: skip
-        if amsgrad:
-            lists["max_exp_avg_sqs"] = self.max_exp_avg_sqs
+    def as_op_lists(self) -> dict[str, list[Tensor]]:
+        """The lists by the names the update op takes them."""
+        lists = {"params": self.params, "grads": self.grads}
+        lists.update((_OP_LIST_NAMES[key], self.states[key]) for key in self.state_keys)
         return lists
+
+    def written(self) -> itertools.chain:
+        """Every tensor the update writes: the params and their states."""
+        return itertools.chain(self.params, *self.states.values())
 
 
 class _Changes:
@@ -159,10 +170,11 @@ class _StepPlan:
 
     ``key`` covers what Python sees at once: the layout version (``load_state_dict``,
     ``add_param_group``), the state table's change count (a state tensor or dict replaced), the
-    groups' params lists and amsgrad flags. With the CPU extension, ``watch`` (its ``GradWatch``)
-    checks the rest in one C++ loop over the params: each group's params list unchanged, each
-    param's data unchanged, the same params with grads, and the new grads (checked, then kept as
-    C++ tensors that the cpu backend reads directly, or put into the lists for other backends).
+    groups' params lists and which states each group's update takes (e.g. amsgrad's). With the
+    CPU extension, ``watch`` (its ``GradWatch``) checks the rest in one C++ loop over the params:
+    each group's params list unchanged, each param's data unchanged, the same params with grads,
+    and the new grads (checked, then kept as C++ tensors that the cpu backend reads directly, or
+    put into the lists for other backends).
     Without it, the same checks run in Python, slower."""
 
     key: tuple
@@ -197,7 +209,7 @@ class _StepPlan:
             for device, lists in by_device.items():
                 grads = [p.grad for p in lists.params]
                 if any(map(_is_sparse, grads)):
-                    raise RuntimeError("AdamW does not support sparse gradients")
+                    raise RuntimeError(_SPARSE_MESSAGE)
                 ops.check_replacement("grads", grads, self.shapes[id(lists)], device, self.written_pointers)
                 lists.grads[:] = grads
         return True
@@ -218,9 +230,7 @@ class _StepPlan:
         params = [p for group_lists in lists for p in group_lists.params]
         if distributed.any_dtensor(params):  # sharded params keep the full path (fastopt.distributed)
             return None
-        written = list(itertools.chain.from_iterable(
-            itertools.chain(g.params, g.exp_avgs, g.exp_avg_sqs, g.max_exp_avg_sqs, g.steps) for g in lists
-        ))  # fmt: skip
+        written = list(itertools.chain.from_iterable(g.written() for g in lists))
         pointers = frozenset(map(Tensor.data_ptr, written)) - {0}
         shapes = {id(g): [tuple(p.size()) for p in g.params] for g in lists}
         with_grads = _ids_with_grads(param_groups)
@@ -265,6 +275,7 @@ def _grad_watch_type():
 
 
 _GRAD_OF = operator.attrgetter("grad")
+_SPARSE_MESSAGE = "fastopt's optimizers do not support sparse gradients"
 
 
 def _views_of(buffer: Tensor, like: list[Tensor]) -> list[Tensor]:
@@ -323,10 +334,13 @@ def _widest(a: torch.dtype, b: torch.dtype) -> torch.dtype:
     return b if torch.finfo(b).bits > torch.finfo(a).bits else a
 
 
-class AdamW(torch.optim.Optimizer):
-    """AdamW (Loshchilov & Hutter) with torch.optim.AdamW's constructor, math and state_dict.
+class FusedOptimizer(torch.optim.Optimizer):
+    """The base of fastopt's optimizers: torch's constructor, param groups, state_dict and
+    schedulers, and fastopt's step. A subclass sets ``_OP`` (its update op in ``fastopt.ops``),
+    ``_FLAT_STATE_KEYS``, and defines ``_state_keys``, ``_init_state``, ``_update_hyper`` and
+    ``_check_group``.
 
-    Beyond torch's arguments:
+    Beyond torch's arguments, every fastopt optimizer takes:
 
     - ``max_grad_norm``: clip the global 2-norm of all grads (as ``clip_grad_norm_`` before
       ``step()`` would), computed in the step's read pass. Grads themselves are left unchanged.
@@ -335,21 +349,20 @@ class AdamW(torch.optim.Optimizer):
       scale the grads are first unscaled in place, since AGC compares them with the weights.
       Per param group: a group with ``"agc_clip_factor": None`` opts out (e.g. the classifier
       head). With both, AGC comes first and ``max_grad_norm`` applies to the AGC'd grads.
-    - ``state_dtype``: dtype of exp_avg / exp_avg_sq (default: the param's, as torch does);
-      ``torch.float32`` keeps fp32 moments for bf16 / fp16 params.
+    - ``state_dtype``: dtype of the optimizer's tensor states (moments, momentum buffers; default:
+      the param's, as torch does); ``torch.float32`` keeps fp32 states for bf16 / fp16 params.
     - ``process_group``: for ZeRO-style sharding (each rank steps different params), the group
       over which the grad norm and the overflow flag are global. FSDP2 (DTensor params) needs
       nothing: its norms are global over the mesh already.
-
     - ``spike_guard``: skip the update, on the device, when the grad norm exceeds this many times
       its running average (an EMA with decay ``spike_ema_decay`` over accepted steps, after
       ``spike_warmup`` of them), or is inf / nan: the loss spike that would otherwise blow the run
       up. Counted in ``stats["spikes"]``; training goes on with the next batch.
     - ``monitor``: a ``fastopt.monitor.TrainingMonitor`` that each step records into (grad-norm
       history, clip rate, skipped steps, per-tensor grad norms from the same read), on the device.
-    - ``flat_states``: keep exp_avg / exp_avg_sq (and max_exp_avg_sq) of all params as views of one
-      contiguous buffer per device, dtype and kind. ``state_dict()`` keeps torch's per-param
-      layout (the views); checkpoints load both ways with torch.optim.AdamW.
+    - ``flat_states``: keep the tensor states of all params as views of one contiguous buffer per
+      device, dtype and kind. ``state_dict()`` keeps torch's per-param layout (the views);
+      checkpoints load both ways with torch's optimizer.
     - ``flat_grads``: give every param that requires a grad a view of one zeroed buffer per device
       and dtype as its ``.grad``, into which backward accumulates in place; ``zero_grad()`` zeroes
       each buffer in one op (whatever ``set_to_none`` says: the grads stay allocated, so a param
@@ -369,7 +382,7 @@ class AdamW(torch.optim.Optimizer):
     ``found_inf``: grads are unscaled on the fly and an overflow skips the step on the device,
     leaving params, states and step counters untouched. ``torch.amp.GradScaler`` does the same when
     the step clips or guards itself (``max_grad_norm``, ``spike_guard``, AGC; ``fused=True``): that is
-    when ``_step_supports_amp_scaling`` is True. Otherwise it is False, as for torch's AdamW: the
+    when ``_step_supports_amp_scaling`` is True. Otherwise it is False, as for torch's optimizers: the
     scaler unscales, reads the overflow flag on the host and skips the call, and Lightning's
     ``gradient_clip_val`` (which refuses optimizers that declare it) works in every precision.
 
@@ -377,7 +390,7 @@ class AdamW(torch.optim.Optimizer):
 
     - A step skipped on the device (an overflow handed over by the scaler, or a spike) is invisible
       to the host without a sync: accelerate's ``optimizer.step_was_skipped`` stays False and HF
-      Trainer's LR scheduler steps anyway, as with torch's fused AdamW. ``stats["skipped_steps"]``
+      Trainer's LR scheduler steps anyway, as with torch's fused optimizers. ``stats["skipped_steps"]``
       counts them on the device; read it when logging (one sync every N steps, not every step),
       or keep ``fastopt.amp.GradScaler.step_skipped`` as a tensor.
     - ``max_grad_norm`` sums the norm in the optimizer's param order (group after group), bit for
@@ -387,15 +400,18 @@ class AdamW(torch.optim.Optimizer):
     - Under ``torch.compile`` the step traces fastopt's reference formulas (``fastopt.reference``,
       torch ops that Inductor fuses) instead of calling a backend's kernels: a compiled training
       step graph-breaks only at ``backward()``, and ``torch.compile(optimizer.step, fullgraph=True)``
-      works (torch's AdamW breaks its graph inside step). dynamo runs ``_init_group`` eagerly, as
-      for torch's optimizers. A ``process_group``, a ``monitor``, params on several devices or
-      tensor betas keep the eager step, run outside the graph.
+      works. dynamo runs ``_init_group`` eagerly, as for torch's optimizers. A ``process_group``, a
+      ``monitor``, params on several devices or tensor hyperparameters read on the host keep the
+      eager step, run outside the graph.
     - ``copy.deepcopy``, ``pickle`` and ``torch.save(optimizer)`` keep fastopt's settings and the
       spike guard's state; a deep copy shares the ``process_group`` (pickling one fails: save the
       ``state_dict()`` instead).
     """
 
     _fastopt_can_check_inf = True  # fastopt.amp.GradScaler may leave the inf/nan check to our read pass
+    _OP = ""  # the update op in fastopt.ops (and fastopt.reference): "adamw_", "sgd_", "lion_"
+    _FLAT_STATE_KEYS: tuple[str, ...] = ()  # the tensor states that flat_states keeps in buffers
+    _GROUP_DEFAULTS: dict = {}  # keys a torch checkpoint of this optimizer may lack, with torch's defaults
 
     # fastopt's settings beyond torch's param groups: what a copy (deepcopy, pickle,
     # torch.save(optimizer)) must keep, with torch's own "defaults", "state" and "param_groups".
@@ -419,8 +435,8 @@ class AdamW(torch.optim.Optimizer):
 
         True when the step itself clips or guards (``max_grad_norm``, ``spike_guard``, AGC in any
         group) — then it unscales on the fly and skips an overflow on the device, with no sync —
-        or with ``fused=True``, as torch's fused AdamW declares it. Otherwise False, as torch's
-        AdamW: GradScaler unscales first, and frameworks that clip between unscale and step
+        or with ``fused=True``, as torch's fused optimizers declare it. Otherwise False, as torch's
+        optimizers: GradScaler unscales first, and frameworks that clip between unscale and step
         (Lightning's ``gradient_clip_val``, accelerate's ``clip_grad_norm_``) accept the optimizer.
         ``fastopt.amp.GradScaler`` checks for overflows in the step's own read pass either way.
         Assigning it (``optimizer._step_supports_amp_scaling = True``) overrides the choice."""
@@ -441,17 +457,8 @@ class AdamW(torch.optim.Optimizer):
     def __init__(
         self,
         params,
-        lr: float | Tensor = 1e-3,
-        betas: tuple[float, float] = (0.9, 0.999),
-        eps: float = 1e-8,
-        weight_decay: float = 1e-2,
-        amsgrad: bool = False,
+        defaults: dict,
         *,
-        maximize: bool = False,
-        foreach: bool | None = None,
-        capturable: bool = False,
-        differentiable: bool = False,
-        fused: bool | None = None,
         max_grad_norm: float | None = None,
         agc_clip_factor: float | None = None,
         agc_eps: float = 1e-3,
@@ -464,32 +471,9 @@ class AdamW(torch.optim.Optimizer):
         flat_states: bool = False,
         flat_grads: bool = False,
     ):
-        # torch.optim.AdamW's checks and messages.
-        if isinstance(lr, Tensor):
-            if lr.numel() != 1:
-                raise ValueError("Tensor lr must be 1-element")
-        elif not 0.0 <= lr:
-            raise ValueError(f"Invalid learning rate: {lr}")
-        if not 0.0 <= eps:
-            raise ValueError(f"Invalid epsilon value: {eps}")
-        if not 0.0 <= betas[0] < 1.0:
-            raise ValueError(f"Invalid beta parameter at index 0: {betas[0]}")
-        if not 0.0 <= betas[1] < 1.0:
-            raise ValueError(f"Invalid beta parameter at index 1: {betas[1]}")
-        if not 0.0 <= weight_decay:
-            raise ValueError(f"Invalid weight_decay value: {weight_decay}")
-        if not (
-            (isinstance(betas[0], float) and isinstance(betas[1], float))
-            or (isinstance(betas[0], Tensor) and isinstance(betas[1], Tensor))
-        ):
-            raise ValueError("betas must be either both floats or both Tensors")
-        for k, beta in enumerate(betas):
-            if isinstance(beta, Tensor) and beta.numel() != 1:
-                raise ValueError(f"Tensor betas[{k}] must be 1-element")
-        # As torch: a 1-element tensor beta is kept as a 0-d tensor (read on the host by step()).
-        betas = tuple(beta.squeeze() if isinstance(beta, Tensor) and beta.dim() != 0 else beta for beta in betas)
-        if differentiable:
-            raise ValueError("fastopt.optim.AdamW does not support differentiable=True")
+        """``defaults``: the subclass's hyperparameters, checked by it as torch checks them."""
+        if defaults.get("differentiable"):
+            raise ValueError(f"fastopt.optim.{type(self).__name__} does not support differentiable=True")
         if max_grad_norm is not None:
             max_grad_norm = ops.check_real("max_grad_norm", max_grad_norm, minimum=0.0, finite=False)
         if agc_clip_factor is not None:
@@ -502,21 +486,7 @@ class AdamW(torch.optim.Optimizer):
             raise ValueError(f"spike_warmup must be a non-negative int, got {spike_warmup!r}")
         if state_dtype is not None and state_dtype not in ops.FLOAT_DTYPES:
             raise TypeError(f"state_dtype must be a floating dtype, got {state_dtype}")
-        defaults = dict(
-            lr=lr,
-            betas=betas,
-            eps=eps,
-            weight_decay=weight_decay,
-            amsgrad=amsgrad,
-            maximize=maximize,
-            foreach=foreach,
-            capturable=capturable,
-            differentiable=differentiable,
-            fused=fused,
-            decoupled_weight_decay=True,
-            agc_clip_factor=agc_clip_factor,
-            agc_eps=agc_eps,
-        )
+        defaults = dict(defaults, agc_clip_factor=agc_clip_factor, agc_eps=agc_eps)
         super().__init__(params, defaults)
         self.max_grad_norm = max_grad_norm
         self.state_dtype = state_dtype
@@ -575,14 +545,14 @@ class AdamW(torch.optim.Optimizer):
         self._flat_grads = flat
 
     def _flatten_states(self) -> bool:
-        """With ``flat_states``: the moments of every param with states as views of one buffer per
-        device, dtype and kind, in param order (copied over; the dicts get the views). False
-        when they already are."""
+        """With ``flat_states``: the tensor states (``_FLAT_STATE_KEYS``) of every param with states as
+        views of one buffer per device, dtype and kind, in param order (copied over; the dicts get
+        the views). False when they already are."""
         params = [p for group in self.param_groups for p in group["params"] if p in self.state]
         kinds: dict[tuple, list[tuple[dict, Tensor]]] = {}
         for param in params:
             state = self.state[param]
-            for key in ("exp_avg", "exp_avg_sq", "max_exp_avg_sq"):
+            for key in self._FLAT_STATE_KEYS:
                 if isinstance(state.get(key), Tensor):
                     kinds.setdefault((state[key].device, state[key].dtype, key), []).append((state, state[key]))
         buffers = {t.untyped_storage().data_ptr() for entries in kinds.values() for _, t in entries}
@@ -627,16 +597,10 @@ class AdamW(torch.optim.Optimizer):
         super().__setstate__(state)
         if "state" in self.__dict__:  # torch's __setstate__ (load_state_dict, unpickling) sets __dict__ directly
             self.state = self.__dict__.pop("state")
-        defaults = {"amsgrad": False, "maximize": False, "foreach": None, "capturable": False,
-                    "differentiable": False, "fused": None, "decoupled_weight_decay": True,
-                    "agc_clip_factor": None, "agc_eps": 1e-3, **self.defaults}  # fmt: skip
-        for group in self.param_groups:  # a torch.optim.AdamW checkpoint lacks fastopt's keys
+        defaults = {**self._GROUP_DEFAULTS, "agc_clip_factor": None, "agc_eps": 1e-3, **self.defaults}
+        for group in self.param_groups:  # a torch checkpoint lacks fastopt's keys (older ones some of torch's)
             for key, value in defaults.items():
                 group.setdefault(key, value)
-            for p in group["params"]:  # checkpoints from before torch 1.12 keep steps as numbers
-                p_state = self.state.get(p)
-                if p_state and not torch.is_tensor(p_state.get("step", torch.zeros(()))):
-                    p_state["step"] = torch.tensor(float(p_state["step"]), dtype=torch.float32, device=p.device)
         attributes = {"max_grad_norm": None, "state_dtype": None, "process_group": None, "spike_guard": None,
                       "spike_warmup": 20, "spike_ema_decay": 0.99, "monitor": None, "stats": {},
                       "spike_state": {}, "_step_plan": None, "_layout_version": 0, "flat_states": False,
@@ -683,37 +647,67 @@ class AdamW(torch.optim.Optimizer):
         saved_guard = state_dict.get("fastopt", {}).get("spike_guard")
         self.spike_state = {k: v.clone() for k, v in saved_guard.items()} if saved_guard else {}
 
-    def _init_state(self, param: Tensor, amsgrad: bool) -> dict:
+    # ------------------------------------------------------------------ what a subclass defines
+
+    def _state_keys(self, group: dict) -> tuple[str, ...]:
+        """The per-param states the group's update takes, in the op's order (keys of
+        ``_OP_LIST_NAMES``); empty when it keeps none (SGD without momentum)."""
+        raise NotImplementedError
+
+    def _init_state(self, param: Tensor, group: dict, state: dict) -> bool:
+        """Create in ``state`` what the group's update takes and the param lacks; True when a
+        state was made now and holds no history yet."""
+        raise NotImplementedError
+
+    def _update_hyper(self, group: dict, lists: _GroupLists) -> dict:
+        """The update op's keyword hyperparameters for this group, but for lr and the step-wide
+        grad_scale / found_inf / clip_coef."""
+        raise NotImplementedError
+
+    def _check_group(self, group: dict, where: str) -> None:
+        """The group's own hyperparameters, checked before anything changes (a group added or
+        edited since the constructor must not fail halfway through a step)."""
+        raise NotImplementedError
+
+    def _host_read_hyper(self, group: dict) -> bool:
+        """Whether the group has hyperparameters that the step reads on the host (tensor betas):
+        then torch.compile leaves the step eager."""
+        return False
+
+    # ------------------------------------------------------------------ gathering the step
+
+    def _param_state(self, param: Tensor) -> _ParamState:
         state = self.state[param]
         if not isinstance(state, _ParamState):  # a plain dict a user put in: one that counts changes
             state = self.state[param] = self.state.tracked(state)
-        if not state:
-            dtype = self.state_dtype or param.dtype
-            state["step"] = torch.zeros((), dtype=_step_dtype(), device=param.device)
-            state["exp_avg"] = torch.zeros_like(param, dtype=dtype, memory_format=torch.preserve_format)
-            state["exp_avg_sq"] = torch.zeros_like(param, dtype=dtype, memory_format=torch.preserve_format)
-        if amsgrad and "max_exp_avg_sq" not in state:
-            state["max_exp_avg_sq"] = torch.zeros_like(state["exp_avg_sq"], memory_format=torch.preserve_format)
         return state
 
     def _gather(self, group, first_index: int) -> dict[torch.device, _GroupLists]:
         """The group's params that have a grad, with their states, by device."""
         by_device: dict[torch.device, _GroupLists] = {}
+        keys = self._state_keys(group)
         for index, param in enumerate(group["params"], start=first_index):
-            state = self._state_to_step(param, group["amsgrad"])
-            if state is not None:
-                lists = by_device.setdefault(param.device, _GroupLists())
-                lists.append(param, state, group["amsgrad"])
+            found = self._state_to_step(param, group, keys)
+            if found is not None:
+                lists = by_device.get(param.device)
+                if lists is None:
+                    lists = by_device[param.device] = _GroupLists(keys)
+                lists.append(param, *found)
                 lists.indices.append(index)
         return by_device
 
-    def _state_to_step(self, param: Tensor, amsgrad: bool) -> dict | None:
-        """The param's state (created on first use) when it has a grad to step with, else None."""
+    def _state_to_step(self, param: Tensor, group: dict, keys: tuple[str, ...]) -> tuple[dict, bool] | None:
+        """The param's state (created on first use) and whether it was made now, when the param
+        has a grad to step with, else None. An update that keeps no state leaves the table alone,
+        as torch does."""
         if param.grad is None:
             return None
         if param.grad.is_sparse:
-            raise RuntimeError("AdamW does not support sparse gradients")
-        return self._init_state(param, amsgrad)
+            raise RuntimeError(_SPARSE_MESSAGE)
+        if not keys:
+            return {}, False
+        state = self._param_state(param)
+        return state, self._init_state(param, group, state)
 
     def _stats_on(self, device: torch.device) -> dict[str, Tensor]:
         if not self.stats or self.stats["grad_norm"].device != device:
@@ -729,7 +723,7 @@ class AdamW(torch.optim.Optimizer):
 
     @torch.no_grad()
     def step(self, closure=None):
-        """One AdamW step over every param that has a grad. See the class docstring."""
+        """One step over every param that has a grad. See the class docstring."""
         loss = None
         if closure is not None:
             with torch.enable_grad():
@@ -837,36 +831,42 @@ class AdamW(torch.optim.Optimizer):
 
         # Pass 2: the update, one call per group and device; a non-zero found_inf changes nothing.
         for group, by_device in gathered:
-            beta1, beta2 = map(_beta_value, group["betas"])
             for device, lists in by_device.items():
                 on_device = lambda t: None if t is None else t.to(device)  # noqa: E731
                 hyper = dict(
-                    lr=_lr_on(group["lr"], device), beta1=beta1, beta2=beta2, eps=group["eps"],
-                    weight_decay=group["weight_decay"], maximize=group["maximize"], grad_scale=on_device(grad_scale),
-                    found_inf=on_device(skip), clip_coef=on_device(clip_coef),
+                    self._update_hyper(group, lists), lr=_lr_on(group["lr"], device),
+                    grad_scale=on_device(grad_scale), found_inf=on_device(skip), clip_coef=on_device(clip_coef),
                 )  # fmt: skip
-                if prechecked:
-                    kernels.adamw_prechecked_(lists.as_op_lists(group["amsgrad"]), device, **hyper, plan=lists.backend_plan)
-                else:
-                    kernels.adamw_(
-                        lists.params, lists.grads, lists.exp_avgs, lists.exp_avg_sqs, lists.steps,
-                        max_exp_avg_sqs=lists.max_exp_avg_sqs if group["amsgrad"] else None, **hyper,
-                    )  # fmt: skip
+                self._update_group(kernels, group, lists, device, hyper, prechecked)
+        for _, by_device in gathered:  # states made for this step hold history now
+            for lists in by_device.values():
+                if True in lists.fresh:
+                    lists.fresh[:] = itertools.repeat(False, len(lists.fresh))
         if kernels is ops:
             self._step_plan = plan  # every op accepted these lists: later steps may reuse them
             if plan is not None:
                 plan.release_grads()
 
-    def _init_group(self, group, params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps) -> bool:
-        """Fill the lists with the group's params that have a grad and their states (created on
-        first use). Under torch.compile, dynamo runs this method eagerly instead of tracing it
-        (as for torch's optimizers): the states it creates are real tensors, graph inputs at
-        static addresses. Returns whether any param has a grad."""
-        lists = _GroupLists(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps)
+    def _update_group(self, kernels, group: dict, lists: _GroupLists, device: torch.device, hyper: dict,
+                      prechecked: bool) -> None:  # fmt: skip
+        """The update op on one group's lists on one device."""
+        if prechecked:
+            kernels.update_prechecked_(self._OP, lists.as_op_lists(), device, plan=lists.backend_plan, **hyper)
+        else:
+            getattr(kernels, self._OP)(**lists.as_op_lists(), **hyper)
+
+    def _init_group(self, group, params, grads, fresh, *states) -> bool:
+        """Fill the lists with the group's params that have a grad, their grads, whether their
+        states were made now, and their states (one list per ``_state_keys(group)``, created on
+        first use). Under torch.compile, dynamo runs this method eagerly instead of tracing it (as
+        for torch's optimizers; it updates plain list arguments only): the states it creates are
+        real tensors, graph inputs at static addresses. Returns whether any param has a grad."""
+        lists = _GroupLists(self._state_keys(group), params, grads, dict(zip(self._state_keys(group), states)),
+                            fresh=fresh)  # fmt: skip
         for param in group["params"]:
-            state = self._state_to_step(param, group["amsgrad"])
-            if state is not None:
-                lists.append(param, state, group["amsgrad"])
+            found = self._state_to_step(param, group, lists.state_keys)
+            if found is not None:
+                lists.append(param, *found)
         if params:  # the step's own tensors too: made here, they are real tensors when traced
             self._stats_on(params[0].device)
             if self.spike_guard is not None:
@@ -877,25 +877,25 @@ class AdamW(torch.optim.Optimizer):
         """What ``_gather_step`` returns, for a step traced by torch.compile: the params with grads
         of every group, through ``_init_group``. None when the step is not one that fastopt traces
         (then it runs eagerly behind a graph break): params on several devices or sharded
-        (DTensor), a ``process_group``, a ``monitor``, tensor betas (read on the host)."""
+        (DTensor), a ``process_group``, a ``monitor``, hyperparameters read on the host."""
         if self.process_group is not None or self.monitor is not None:
             return None
         gathered, device = [], None
         for group in self.param_groups:
-            if any(isinstance(beta, Tensor) for beta in group["betas"]):
+            if self._host_read_hyper(group):
                 return None
-            params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps = [], [], [], [], [], []
-            self._init_group(group, params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps)
-            if not params:
+            keys = self._state_keys(group)
+            params, grads, fresh, states = [], [], [], [[] for _ in keys]
+            if not self._init_group(group, params, grads, fresh, *states):
                 continue
-            if distributed.any_dtensor(params):
+            lists = _GroupLists(keys, params, grads, dict(zip(keys, states)), fresh=fresh)
+            if distributed.any_dtensor(lists.params):
                 return None
-            for param in params:
+            for param in lists.params:
                 if device is None:
                     device = param.device
                 elif param.device != device:
                     return None
-            lists = _GroupLists(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps)
             gathered.append((group, {device: lists}))
         return gathered
 
@@ -910,7 +910,11 @@ class AdamW(torch.optim.Optimizer):
         firsts = list(itertools.accumulate((len(g["params"]) for g in self.param_groups[:-1]), initial=0))
         gathered = [(group, self._gather(group, first)) for group, first in zip(self.param_groups, firsts)]
         if self.flat_states and self._flatten_states():  # new states (or loaded ones) moved into the buffers
-            gathered = [(group, self._gather(group, first)) for group, first in zip(self.param_groups, firsts)]
+            regathered = [(group, self._gather(group, first)) for group, first in zip(self.param_groups, firsts)]
+            for (_, before), (_, after) in zip(gathered, regathered):
+                for device, lists in after.items():  # the moved states are as new as they were
+                    lists.fresh[:] = before[device].fresh
+            gathered = regathered
         # The key after gathering, which creates the states of params stepped for the first time.
         return gathered, _StepPlan.of(self._plan_key(), gathered, self.param_groups), False
 
@@ -920,17 +924,19 @@ class AdamW(torch.optim.Optimizer):
             self._layout_version,
             self.state.changes,
             tuple(id(group["params"]) for group in self.param_groups),
-            tuple(group["amsgrad"] for group in self.param_groups),
+            tuple(self._state_keys(group) for group in self.param_groups),
         )
 
     def _lists_needed(self, plan: _StepPlan) -> bool:
         """Whether this step needs the grads in Python lists: unless every device's backend reads
-        them from the plan's watch (the cpu backend), no group clips with AGC and no process group
-        makes the norm global (those take lists)."""
+        them from the plan's watch (the cpu backend, for the norm and this optimizer's update), no
+        group clips with AGC and no process group makes the norm global (those take lists)."""
         if self.process_group is not None or any(group["agc_clip_factor"] is not None for group in self.param_groups):
             return True
+        planned_update = self._OP + "planned_"
         return not all(
-            getattr(backends.select(device), "READS_GRAD_WATCH", False) for device in plan.norm_plans
+            getattr(backend, "READS_GRAD_WATCH", False) and hasattr(backend, planned_update)
+            for backend in map(backends.select, plan.norm_plans)
         )
 
     def _check_param_groups(self) -> None:
@@ -940,14 +946,7 @@ class AdamW(torch.optim.Optimizer):
             where = f"param_groups[{i}]"
             if not isinstance(group["lr"], Tensor):
                 ops.check_real(f"{where}['lr']", group["lr"], minimum=0.0)
-            for k, beta in enumerate(group["betas"]):
-                if isinstance(beta, Tensor):  # its value is read (and range-checked) by the op
-                    if beta.numel() != 1 or not beta.is_floating_point():
-                        raise ValueError(f"{where}['betas'][{k}] must be a number or a 1-element floating tensor")
-                    continue
-                ops.check_real(f"{where}['betas'][{k}]", beta, minimum=0.0, below=1.0)
-            ops.check_real(f"{where}['eps']", group["eps"], minimum=0.0)
-            ops.check_real(f"{where}['weight_decay']", group["weight_decay"], minimum=0.0)
+            self._check_group(group, where)
             if group["agc_clip_factor"] is not None:
                 ops.check_real(f"{where}['agc_clip_factor']", group["agc_clip_factor"], above=0.0)
                 ops.check_real(f"{where}['agc_eps']", group["agc_eps"], minimum=0.0)
@@ -992,7 +991,7 @@ class AdamW(torch.optim.Optimizer):
             found_inf.copy_(torch.maximum(found_inf, flag.to(found_inf.device)))
 
 
-_eager_step_untraced = torch.compiler.disable(AdamW._eager_step)
+_eager_step_untraced = torch.compiler.disable(FusedOptimizer._eager_step)
 
 
 def _traced_scalar(value):
@@ -1021,10 +1020,25 @@ class _TracedKernels:
         return reference.multi_tensor_norm(tensors, 2.0, per_tensor, found_inf)
 
     @staticmethod
-    def adamw_(params, grads, exp_avgs, exp_avg_sqs, steps, *, max_exp_avg_sqs=None, lr, beta1, beta2, eps,
-               weight_decay, maximize=False, grad_scale=None, found_inf=None, clip_coef=None) -> None:  # fmt: skip
+    def adamw_(*, params, grads, exp_avgs, exp_avg_sqs, steps, max_exp_avg_sqs=None, lr, grad_scale=None,
+               found_inf=None, clip_coef=None, **hyper) -> None:  # fmt: skip
         reference.adamw_(
-            params, grads, exp_avgs, exp_avg_sqs, steps, lr=_traced_scalar(lr), beta1=beta1, beta2=beta2, eps=eps,
-            weight_decay=weight_decay, maximize=bool(maximize), max_exp_avg_sqs=max_exp_avg_sqs,
-            grad_scale=_traced_scalar(grad_scale), found_inf=found_inf, clip_coef=_traced_scalar(clip_coef),
+            params, grads, exp_avgs, exp_avg_sqs, steps, max_exp_avg_sqs=max_exp_avg_sqs, **_traced_scalars(
+                lr=lr, grad_scale=grad_scale, found_inf=found_inf, clip_coef=clip_coef), **hyper,
         )  # fmt: skip
+
+    @staticmethod
+    def sgd_(*, params, grads, momentum_buffers=None, lr, grad_scale=None, found_inf=None, clip_coef=None,
+             **hyper) -> None:  # fmt: skip
+        reference.sgd_(params, grads, momentum_buffers, **_traced_scalars(
+            lr=lr, grad_scale=grad_scale, found_inf=found_inf, clip_coef=clip_coef), **hyper)  # fmt: skip
+
+    @staticmethod
+    def lion_(*, params, grads, exp_avgs, lr, grad_scale=None, found_inf=None, clip_coef=None, **hyper) -> None:
+        reference.lion_(params, grads, exp_avgs, **_traced_scalars(
+            lr=lr, grad_scale=grad_scale, found_inf=found_inf, clip_coef=clip_coef), **hyper)  # fmt: skip
+
+
+def _traced_scalars(*, lr, grad_scale, found_inf, clip_coef) -> dict:
+    return dict(lr=_traced_scalar(lr), grad_scale=_traced_scalar(grad_scale), found_inf=found_inf,
+                clip_coef=_traced_scalar(clip_coef))  # fmt: skip

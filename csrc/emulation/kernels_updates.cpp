@@ -1,0 +1,4 @@
+// csrc/updates.cu, compiled unchanged as C++ for the host emulation of the device (see README.md).
+#include "cuda_emulation.h"
+
+#include "updates.cu"
