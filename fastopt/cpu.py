@@ -22,8 +22,8 @@ from torch import Tensor
 from fastopt import backends, reference
 
 DEVICE_TYPES = ("cpu",)
-# fastopt.optim.AdamW's step plan may leave the grads in its GradWatch (C++) instead of Python lists:
-# multi_tensor_norm_planned and adamw_planned_ read them there.
+# fastopt.optim's step plan may leave the grads in its GradWatch (C++) instead of Python lists:
+# multi_tensor_norm_planned and adamw_planned_ / sgd_planned_ / lion_planned_ read them there.
 READS_GRAD_WATCH = True
 
 

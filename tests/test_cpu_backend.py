@@ -114,7 +114,7 @@ def test_norm_of_large_finite_values_is_not_an_overflow_flag():
     assert flag.item() == 0.0
 
 
-@pytest.mark.parametrize("op", ["norm", "norm_pinf", "norm_p3", "unscale", "agc", "adamw"])
+@pytest.mark.parametrize("op", ["norm", "norm_pinf", "norm_p3", "unscale", "agc", "adamw", "adam", "sgd", "lion"])
 def test_bit_identical_whatever_the_thread_count(op, threads):
     shapes = LARGE_SHAPES * 3 + [(s,) for s in range(1, 400, 7)]
     results = []
@@ -133,14 +133,30 @@ def test_bit_identical_whatever_the_thread_count(op, threads):
             params = random_tensors(shapes, torch.float32, seed=5, scale=0.01)
             cpu.adaptive_clip_(params, tensors, 0.01, 1e-3, 2.0, True)
             results.append(tensors)
-        else:
+        elif op in ("adamw", "adam"):
             params = random_tensors(shapes, torch.float32, seed=5)
             m, v = [torch.zeros_like(p) for p in params], [torch.zeros_like(p) for p in params]
             steps = [torch.zeros(()) for _ in params]
             for _ in range(2):
                 cpu.adamw_(params, tensors, m, v, steps, lr=1e-2, beta1=0.9, beta2=0.999, eps=1e-8, weight_decay=0.1,
-                           maximize=False, max_exp_avg_sqs=None, grad_scale=None, found_inf=None, clip_coef=None)  # fmt: skip
+                           maximize=False, max_exp_avg_sqs=None, grad_scale=None, found_inf=None, clip_coef=None,
+                           decoupled_weight_decay=op == "adamw")  # fmt: skip
             results.append(params + m + v)
+        elif op == "sgd":
+            params = random_tensors(shapes, torch.float32, seed=5)
+            buffers = [torch.zeros_like(p) for p in params]
+            for k in range(2):
+                cpu.sgd_(params, tensors, buffers, lr=1e-2, momentum=0.9, dampening=0.1, weight_decay=0.1,
+                         nesterov=False, maximize=False, first_step=k == 0, grad_scale=None, found_inf=None,
+                         clip_coef=None)  # fmt: skip
+            results.append(params + buffers)
+        else:
+            params = random_tensors(shapes, torch.float32, seed=5)
+            m = [torch.zeros_like(p) for p in params]
+            for _ in range(2):
+                cpu.lion_(params, tensors, m, lr=1e-2, beta1=0.9, beta2=0.99, weight_decay=0.1, maximize=False,
+                          grad_scale=None, found_inf=None, clip_coef=None)  # fmt: skip
+            results.append(params + m)
     for other in results[1:]:
         for a, b in zip(results[0], other):
             assert_bitwise_equal(a, b)
@@ -293,7 +309,8 @@ DTYPE_COMBOS = {  # (param, grad, state): every combination compiled, and one th
 @pytest.mark.parametrize("amsgrad", [False, True], ids=["adamw", "amsgrad"])
 @pytest.mark.parametrize("scalars", ["plain", "scaled", "tensors"])
 @pytest.mark.parametrize("non_contiguous", [False, True], ids=["contiguous", "strided"])
-def test_adamw_matches_the_reference(combo, amsgrad, scalars, non_contiguous):
+@pytest.mark.parametrize("decoupled", [True, False], ids=["decoupled", "l2"])
+def test_adamw_matches_the_reference(combo, amsgrad, scalars, non_contiguous, decoupled):
     param_dtype, grad_dtype, state_dtype = DTYPE_COMBOS[combo]
     shapes = MIXED_SHAPES + [(BLOCK + 3,)]
 
@@ -307,7 +324,7 @@ def test_adamw_matches_the_reference(combo, amsgrad, scalars, non_contiguous):
 
     grads = random_tensors(shapes, grad_dtype, seed=20, non_contiguous=non_contiguous)
     hyper = dict(lr=1e-2, beta1=0.9, beta2=0.999, eps=1e-8, weight_decay=0.1, maximize=False, grad_scale=None,
-                 found_inf=None, clip_coef=None)  # fmt: skip
+                 found_inf=None, clip_coef=None, decoupled_weight_decay=decoupled)  # fmt: skip
     if scalars == "scaled":
         hyper.update(maximize=True, grad_scale=1024.0, clip_coef=0.25)
     elif scalars == "tensors":
@@ -351,6 +368,287 @@ def test_a_skipped_step_changes_no_bit(combo, amsgrad, found):
     assert [t._version for t in everything] == versions
 
 
+# --------------------------------------------------------------------------- SGD, Lion, Adam (L2)
+
+
+@pytest.mark.parametrize("amsgrad", [False, True], ids=["adam", "amsgrad"])
+@pytest.mark.parametrize("maximize", [False, True], ids=["min", "max"])
+def test_fp32_adam_l2_within_2_ulp_of_torch_adam_after_20_steps(amsgrad, maximize):
+    """decoupled_weight_decay=False against torch.optim.Adam(foreach=False): the L2 term is one fma
+    (torch's add with alpha), so the moments are bit for bit, the params within 2 ulp (as AdamW)."""
+    shapes = [(BLOCK + 777,), (33, 17), (5,)]
+    params = random_tensors(shapes, torch.float32, seed=12)
+    torch_params = [torch.nn.Parameter(p.clone()) for p in params]
+    optimizer = torch.optim.Adam(torch_params, lr=1e-2, betas=(0.9, 0.99), weight_decay=0.05, amsgrad=amsgrad,
+                                 maximize=maximize, foreach=False)  # fmt: skip
+    m, v = [torch.zeros_like(p) for p in params], [torch.zeros_like(p) for p in params]
+    vmax = [torch.zeros_like(p) for p in params] if amsgrad else None
+    steps = [torch.zeros(()) for _ in params]
+    for k in range(20):
+        grads = random_tensors(shapes, torch.float32, seed=100 + k)
+        for p, g in zip(torch_params, grads):
+            p.grad = g.clone()
+        optimizer.step()
+        cpu.adamw_(params, grads, m, v, steps, lr=1e-2, beta1=0.9, beta2=0.99, eps=1e-8, weight_decay=0.05,
+                   maximize=maximize, max_exp_avg_sqs=vmax, grad_scale=None, found_inf=None, clip_coef=None,
+                   decoupled_weight_decay=False)  # fmt: skip
+        for i, p in enumerate(torch_params):  # each step: the L2 term reads the param of that step
+            state = optimizer.state[p]
+            assert _within_ulps(params[i], p.detach(), 2), (k, i)
+            assert_bitwise_equal(m[i], state["exp_avg"], f"step {k}, exp_avgs[{i}]")
+            assert_bitwise_equal(v[i], state["exp_avg_sq"], f"step {k}, exp_avg_sqs[{i}]")
+            params[i].copy_(p.detach())  # the params' sqrt differs by an ulp: keep the moments' inputs equal
+    for i, p in enumerate(torch_params):
+        if amsgrad:
+            assert_bitwise_equal(vmax[i], optimizer.state[p]["max_exp_avg_sq"])
+
+
+SGD_FLAVORS = {  # (momentum, dampening, nesterov, weight_decay)
+    "plain": (0.0, 0.0, False, 0.0),
+    "decay": (0.0, 0.0, False, 0.01),
+    "momentum": (0.9, 0.0, False, 0.0),
+    "dampened-decay": (0.9, 0.3, False, 0.01),
+    "nesterov-decay": (0.9, 0.0, True, 0.01),
+}
+
+
+@pytest.mark.parametrize("flavor", SGD_FLAVORS)
+@pytest.mark.parametrize("maximize", [False, True], ids=["min", "max"])
+def test_fp32_sgd_bit_identical_to_torch_sgd_after_20_steps(flavor, maximize):
+    """Against torch.optim.SGD(foreach=False) on CPU (each add with alpha one fma): params and
+    momentum buffers bit for bit, the first step (buffer = grad) included."""
+    momentum, dampening, nesterov, weight_decay = SGD_FLAVORS[flavor]
+    shapes = [(2 * BLOCK + 777,), (33, 17), (5,), ()]
+    params = random_tensors(shapes, torch.float32, seed=13)
+    torch_params = [torch.nn.Parameter(p.clone()) for p in params]
+    optimizer = torch.optim.SGD(torch_params, lr=0.05, momentum=momentum, dampening=dampening, nesterov=nesterov,
+                                weight_decay=weight_decay, maximize=maximize, foreach=False)  # fmt: skip
+    buffers = [torch.full_like(p, math.nan) for p in params] if momentum else None  # first_step: never read
+    for k in range(20):
+        grads = random_tensors(shapes, torch.float32, seed=200 + k)
+        for p, g in zip(torch_params, grads):
+            p.grad = g.clone()
+        optimizer.step()
+        cpu.sgd_(params, grads, buffers, lr=0.05, momentum=momentum, dampening=dampening, weight_decay=weight_decay,
+                 nesterov=nesterov, maximize=maximize, first_step=k == 0, grad_scale=None, found_inf=None,
+                 clip_coef=None)  # fmt: skip
+    for i, p in enumerate(torch_params):
+        assert_bitwise_equal(params[i], p.detach(), f"params[{i}]")
+        if momentum:
+            assert_bitwise_equal(buffers[i], optimizer.state[p]["momentum_buffer"], f"momentum_buffers[{i}]")
+
+
+@pytest.mark.parametrize("betas", [(0.9, 0.99), (0.3, 0.99), (0.9, 0.2), (0.3, 0.2)],
+                         ids=["start-start", "end-start", "start-end", "end-end"])  # fmt: skip
+@pytest.mark.parametrize("scalars", ["plain", "scaled", "tensors"])
+def test_fp32_lion_bit_identical_to_the_reference_after_20_steps(betas, scalars):
+    """Against the reference (torch's CPU lerp: one fma, from the end its weight picks), each lerp
+    from either end: params and momentum bit for bit."""
+    shapes = [(2 * BLOCK + 777,), (33, 17), (5,), (0,)]
+    hyper = dict(lr=0.01, beta1=betas[0], beta2=betas[1], weight_decay=0.1, maximize=False, grad_scale=None,
+                 found_inf=None, clip_coef=None)  # fmt: skip
+    if scalars == "scaled":
+        hyper.update(maximize=True, grad_scale=1024.0, clip_coef=0.25)
+    elif scalars == "tensors":
+        hyper.update(lr=torch.tensor(3e-3), grad_scale=torch.tensor(8.0), clip_coef=torch.tensor(0.5),
+                     found_inf=torch.zeros(1))  # fmt: skip
+    ours = random_tensors(shapes, torch.float32, seed=14), random_tensors(shapes, torch.float32, seed=15, scale=0.1)
+    theirs = [t.clone() for t in ours[0]], [t.clone() for t in ours[1]]
+    for k in range(20):
+        grads = random_tensors(shapes, torch.float32, seed=300 + k)
+        cpu.lion_(*ours[:1], grads, ours[1], **hyper)
+        reference.lion_(theirs[0], grads, theirs[1], **hyper)
+    for a_list, b_list in zip(ours, theirs):
+        for a, b in zip(a_list, b_list):
+            assert_bitwise_equal(a, b)
+
+
+def _update_case(op, combo, shapes, seed, non_contiguous=False):
+    """(params, states) of an SGD (with momentum) or Lion call in the dtypes of DTYPE_COMBOS[combo]."""
+    param_dtype, _, state_dtype = DTYPE_COMBOS[combo]
+    params = random_tensors(shapes, param_dtype, seed=seed, non_contiguous=non_contiguous)
+    states = random_tensors(shapes, state_dtype, seed=seed + 1, non_contiguous=non_contiguous, scale=0.1)
+    return params, states
+
+
+def _update_hyper(op, scalars, **flags):
+    common = dict(lr=1e-2, maximize=False, grad_scale=None, found_inf=None, clip_coef=None)
+    if scalars == "scaled":
+        common.update(maximize=True, grad_scale=1024.0, clip_coef=0.25)
+    elif scalars == "tensors":
+        common.update(lr=torch.tensor(3e-3), grad_scale=torch.tensor(8.0), clip_coef=torch.tensor(0.5),
+                      found_inf=torch.zeros(1))  # fmt: skip
+    if op == "sgd":
+        return dict(common, momentum=0.9, dampening=0.1, weight_decay=0.1, nesterov=False, first_step=False) | flags
+    return dict(common, beta1=0.9, beta2=0.99, weight_decay=0.1) | flags
+
+
+def _run_update(backend, op, params, grads, states, hyper):
+    if op == "sgd":
+        backend.sgd_(params, grads, states if hyper["momentum"] else None, **hyper)
+    else:
+        backend.lion_(params, grads, states, **hyper)
+
+
+@pytest.mark.parametrize("op", ["sgd", "lion"])
+@pytest.mark.parametrize("combo", DTYPE_COMBOS)
+@pytest.mark.parametrize("scalars", ["plain", "scaled", "tensors"])
+@pytest.mark.parametrize("non_contiguous", [False, True], ids=["contiguous", "strided"])
+def test_sgd_and_lion_match_the_reference_bitwise(op, combo, scalars, non_contiguous):
+    """Every dtype combination (the one not compiled runs on the reference), bit for bit: the same
+    fp32 (fp64) math, rounded once to each tensor's dtype. One exception, the reference's: Lion's
+    0-d params with a tensor lr (its decay factor is a 0-d float64 tensor there, and a 0-d param
+    times it computes in float64)."""
+    shapes = MIXED_SHAPES + [(BLOCK + 3,)]
+    grads = random_tensors(shapes, DTYPE_COMBOS[combo][1], seed=20, non_contiguous=non_contiguous)
+    flavors = [{"momentum": 0.0, "dampening": 0.0}, {"first_step": True}, {"nesterov": True, "dampening": 0.0}, {}]
+    for flags in flavors if op == "sgd" else [{}]:
+        hyper = _update_hyper(op, scalars, **flags)
+        ours, theirs = _update_case(op, combo, shapes, 30, non_contiguous), _update_case(op, combo, shapes, 30, non_contiguous)
+        _run_update(cpu, op, *ours[:1], grads, ours[1], hyper)
+        _run_update(reference, op, *theirs[:1], grads, theirs[1], hyper)
+        for name, a_list, b_list in zip(["params", "states"], ours, theirs):
+            for shape, a, b in zip(shapes, a_list, b_list):
+                if op == "lion" and name == "params" and shape == () and scalars == "tensors":
+                    torch.testing.assert_close(a, b, **tolerance(a.dtype))
+                else:
+                    assert_bitwise_equal(a, b, f"{name} {shape} {flags}")
+
+
+@pytest.mark.parametrize("op", ["sgd", "sgd-no-momentum", "lion", "adam"])
+@pytest.mark.parametrize("combo", ["fp32", "bf16", "fp16-fp32-states", "fallback-fp64-params-fp32-grads"])
+@pytest.mark.parametrize("found", [1.0, math.nan], ids=["one", "nan"])
+def test_a_skipped_sgd_lion_or_adam_step_changes_no_bit(op, combo, found):
+    param_dtype, grad_dtype, state_dtype = DTYPE_COMBOS[combo]
+    params = random_tensors(LARGE_SHAPES, param_dtype, seed=40)
+    grads = random_tensors(LARGE_SHAPES, grad_dtype, seed=41)
+    inject_nonfinite(grads, seed=42, count=4)
+    states = random_tensors(LARGE_SHAPES, state_dtype, seed=43)
+    squares = [t.abs() for t in random_tensors(LARGE_SHAPES, state_dtype, seed=44)]
+    steps = [torch.tensor(5.0) for _ in LARGE_SHAPES]
+    skip = dict(lr=torch.tensor(1e-2), maximize=False, grad_scale=torch.tensor(65536.0), found_inf=torch.tensor([found]),
+                clip_coef=torch.tensor(0.5))  # fmt: skip
+    everything = params + states + (squares + steps if op == "adam" else [])
+    before = [bits(t).clone() for t in everything]
+    versions = [t._version for t in everything]
+    if op.startswith("sgd"):
+        momentum = 0.0 if op == "sgd-no-momentum" else 0.9
+        cpu.sgd_(params, grads, states if momentum else None, momentum=momentum, dampening=0.0, weight_decay=0.1,
+                 nesterov=False, first_step=False, **skip)  # fmt: skip
+    elif op == "lion":
+        cpu.lion_(params, grads, states, beta1=0.9, beta2=0.99, weight_decay=0.1, **skip)
+    else:
+        cpu.adamw_(params, grads, states, squares, steps, beta1=0.9, beta2=0.999, eps=1e-8, weight_decay=0.1,
+                   max_exp_avg_sqs=None, decoupled_weight_decay=False, **skip)  # fmt: skip
+    for t, old in zip(everything, before):
+        assert torch.equal(bits(t), old)
+    assert [t._version for t in everything] == versions
+
+
+# --------------------------------------------------------------------------- planned updates
+
+
+def _planned_lists(op, shapes, combo="fp32", seed=60):
+    param_dtype, _, state_dtype = DTYPE_COMBOS[combo]
+    params = random_tensors(shapes, param_dtype, seed=seed)
+    lists = {"params": params, "grads": [None] * len(params)}
+    if op == "adamw":
+        lists.update(exp_avgs=random_tensors(shapes, state_dtype, seed=seed + 1, scale=0.1),
+                     exp_avg_sqs=[t.abs() for t in random_tensors(shapes, state_dtype, seed=seed + 2, scale=0.01)],
+                     steps=[torch.zeros(()) for _ in shapes])  # fmt: skip
+    elif op == "sgd":
+        lists.update(momentum_buffers=random_tensors(shapes, state_dtype, seed=seed + 1, scale=0.1))
+    else:
+        lists.update(exp_avgs=random_tensors(shapes, state_dtype, seed=seed + 1, scale=0.1))
+    return lists
+
+
+def _copy_lists(lists):
+    return {name: [None if t is None else t.clone() for t in ts] for name, ts in lists.items()}
+
+
+def _planned_hyper(op, k):
+    common = dict(lr=torch.tensor(1e-2), maximize=k % 2 == 1, grad_scale=None, found_inf=None,
+                  clip_coef=0.5 if k % 3 == 0 else None)  # fmt: skip
+    if op == "adamw":
+        return dict(common, beta1=0.9, beta2=0.999, eps=1e-8, weight_decay=0.1, decoupled_weight_decay=k % 2 == 0)
+    if op == "sgd":
+        return dict(common, momentum=0.9, dampening=0.0, weight_decay=0.1 * (k % 2), nesterov=k > 2, first_step=k == 0)
+    return dict(common, beta1=0.9, beta2=0.99, weight_decay=0.1)
+
+
+def _unplanned(op, lists, hyper):
+    if op == "adamw":
+        cpu.adamw_(lists["params"], lists["grads"], lists["exp_avgs"], lists["exp_avg_sqs"], lists["steps"],
+                   max_exp_avg_sqs=None, **hyper)  # fmt: skip
+    elif op == "sgd":
+        cpu.sgd_(lists["params"], lists["grads"], lists["momentum_buffers"], **hyper)
+    else:
+        cpu.lion_(lists["params"], lists["grads"], lists["exp_avgs"], **hyper)
+
+
+@pytest.mark.parametrize("op", ["adamw", "sgd", "lion"])
+@pytest.mark.parametrize("watched", [False, True], ids=["listed", "watched"])
+def test_planned_updates_equal_the_unplanned_bitwise(op, watched):
+    """<op>_planned_ keeps its extension plan in ``plan`` from step to step: bit for bit the
+    unplanned op, through variants that change between steps (SGD's first step, Nesterov, weight
+    decay; Adam's L2 and AdamW; maximize; clip_coef), a param moved by ``p.data = ...`` (the plan
+    is rebuilt) and, with listed grads, a grad of another dtype (bf16). Grads from the lists, or
+    from a GradWatch (as fastopt.optim's step plan passes them)."""
+    shapes = [(BLOCK + 5,), (3, 5), (0,), (7,)]
+    planned_lists, listed = _planned_lists(op, shapes), _copy_lists(_planned_lists(op, shapes))
+    plan = {}
+    if watched:  # the watch reads each param's .grad
+        planned_lists["params"] = [torch.nn.Parameter(p) for p in planned_lists["params"]]
+    planned = getattr(cpu, op + "_planned_")
+    for k in range(6):
+        grads = random_tensors(shapes, torch.bfloat16 if k == 3 and not watched else torch.float32, seed=70 + k)
+        if k == 4:  # p.data = ...: the plan's address of param 0 is stale
+            for lists in (planned_lists, listed):
+                lists["params"][0].data = lists["params"][0].data.clone()
+        if watched:
+            holders = planned_lists["params"]
+            for h, g in zip(holders, grads):
+                h.grad = g
+            planned_lists["grads"] = [None] * len(shapes)  # the watch fills them only where the plan must
+            watch = cpu._C.GradWatch([holders], list(range(len(shapes))), [planned_lists["grads"]] * len(shapes),
+                                     list(range(len(shapes))), [])  # fmt: skip
+            assert watch.refresh() >= 0
+            plan["watch"] = (watch, 0)
+        else:
+            planned_lists["grads"] = grads
+        listed["grads"] = grads
+        hyper = _planned_hyper(op, k)
+        planned(planned_lists, plan, **hyper)
+        _unplanned(op, listed, hyper)
+        assert plan["cpu"] is not False
+        for name in listed:
+            if name != "grads":
+                for a, b in zip(planned_lists[name], listed[name]):
+                    assert_bitwise_equal(a, b, f"step {k}: {name}")
+
+
+@pytest.mark.parametrize("op", ["adamw", "sgd", "lion"])
+def test_planned_updates_fall_back_for_lists_the_plan_cannot_hold(op):
+    """A dtype combination not compiled (fp64 params, fp32 grads): the plan is marked False and the
+    op runs on the reference, before any write."""
+    shapes = [(9,), (3, 5)]
+    planned_lists = _planned_lists(op, shapes, combo="fallback-fp64-params-fp32-grads")
+    listed = _copy_lists(planned_lists)
+    grads = random_tensors(shapes, torch.float32, seed=80)
+    planned_lists["grads"], listed["grads"] = grads, grads
+    plan = {}
+    for k in range(2):
+        hyper = _planned_hyper(op, k)
+        getattr(cpu, op + "_planned_")(planned_lists, plan, **hyper)
+        _unplanned(op, listed, hyper)
+    assert plan["cpu"] is False
+    for name in listed:
+        if name != "grads":
+            for a, b in zip(planned_lists[name], listed[name]):
+                assert_bitwise_equal(a, b, name)
+
+
 def test_in_place_ops_bump_the_version_counter():
     tensors = random_tensors([(10,), (BLOCK + 1,)], torch.float32, seed=50)
     versions = [t._version for t in tensors]
@@ -360,8 +658,8 @@ def test_in_place_ops_bump_the_version_counter():
 
 @pytest.mark.skipif(shutil.which("objdump") is None, reason="objdump is not installed")
 def test_vector_clones_use_hardware_fma():
-    """The x86-64-v3 / v4 clones of the AdamW loops hold packed vfmadd instructions and no call to
-    fma (a library fma blocks vectorisation: 3-5x slower, measured on a 2-core Zen 4)."""
+    """The x86-64-v3 / v4 clones of the AdamW, SGD and Lion loops hold packed vfmadd instructions and
+    no call to fma (a library fma blocks vectorisation: 3-5x slower, measured on a 2-core Zen 4)."""
     import platform
 
     if platform.machine() != "x86_64":
@@ -369,8 +667,16 @@ def test_vector_clones_use_hardware_fma():
     out = subprocess.run(["objdump", "-d", "--no-show-raw-insn", cpu._C.__file__], capture_output=True, text=True,
                          check=True, timeout=300).stdout  # fmt: skip
     functions = re.split(r"\n(?=[0-9a-f]+ <)", out)
-    clones = [f for f in functions if "adamw_block" in f.split("\n", 1)[0] and "arch_x86_64_v" in f.split("\n", 1)[0]]
-    assert len(clones) >= 2 * 11 * 4, "every compiled AdamW combination has a v3 and a v4 clone"
+    def clones_of(name):
+        return [f for f in functions if name in f.split("\n", 1)[0] and "arch_x86_64_v" in f.split("\n", 1)[0]]
+
+    adamw, sgd, lion = clones_of("adamw_block"), clones_of("sgd_block"), clones_of("lion_block")
+    # AdamW: AMSGrad x scaled x L2; SGD: with momentum first x Nesterov x weight decay x scaled, without
+    # it weight decay x scaled for the 8 combinations whose state dtype is the param's; Lion: scaled.
+    assert len(adamw) >= 2 * 11 * 8, "every compiled AdamW combination has a v3 and a v4 clone"
+    assert len(sgd) >= 2 * (11 * 16 + 8 * 4), "every compiled SGD combination has a v3 and a v4 clone"
+    assert len(lion) >= 2 * 11 * 2, "every compiled Lion combination has a v3 and a v4 clone"
+    clones = adamw + sgd + lion
     for body in clones:
         head = body.split("\n", 1)[0]
         assert re.search(r"\bvfn?madd", body), head

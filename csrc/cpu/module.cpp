@@ -22,6 +22,7 @@
 #include "../element_math.h"
 #include "kernels.h"
 #include "step_plan.h"
+#include "update_blocks.h"
 
 namespace fastopt {
 namespace cpu {
@@ -383,57 +384,25 @@ void adaptive_clip_(const std::vector<Tensor>& params, const std::vector<Tensor>
 // AdamW (and Adam's L2 variant), SGD and Lion share one machinery: the dtype combinations
 // compiled, the block function of each tensor chosen before anything is written, one pass over
 // the chunk plan's blocks, and the planned step of fastopt.optim (UpdatePlan). What differs is
-// an op's traits (AdamWOp, SGDOp, LionOp): its state lists, its variants (the flags that are
-// template arguments of its loop, so that the loop has no branch and vectorises) and constants.
+// an op's traits (AdamWOp, SGDOp, LionOp): its state lists, its variant (the flags that are
+// template arguments of its loop), its block functions (update_blocks.h) and its constants.
 
-// One block of an update: param, grad, up to kMaxStates states (null past the op's), the element
-// count, the op's constants, grad_scale and clip_coef.
-template <typename Constants>
-using UpdateBlockFn = void (*)(void*, const void*, void*, void*, void*, int64_t, const Constants&, double, double);
-constexpr size_t kMaxStates = 3;
+constexpr size_t kMaxStates = 3;  // the block functions' state pointers (update_blocks.h)
 
-// f.template operator()<flags...>() with runtime flags as template arguments.
-template <bool... Chosen, typename F>
-auto with_flags(const F& f) {
-  return f.template operator()<Chosen...>();
-}
-template <bool... Chosen, typename F, typename... Rest>
-auto with_flags(const F& f, bool flag, Rest... rest) {
-  return flag ? with_flags<Chosen..., true>(f, rest...) : with_flags<Chosen..., false>(f, rest...);
-}
-
-// The (param, grad, state) dtype combinations compiled, for every update op as the CUDA backend's
-// AdamW (fastopt/cuda.py, ADAMW_BUILDS): fp64; fp32 params and states with fp32, bf16 or fp16
-// grads; bf16 / fp16 params with grads of their dtype or fp32 and states of their dtype or fp32.
-// Op::fn<P, G, S>(variant) for one of them; nullptr otherwise.
-template <typename Op>
-typename Op::Fn combination_fn(at::ScalarType p, at::ScalarType g, at::ScalarType s, unsigned variant) {
-  using at::kBFloat16;
-  using at::kDouble;
-  using at::kFloat;
-  using at::kHalf;
-  if (p == kDouble) return g == kDouble && s == kDouble ? Op::template fn<double, double, double>(variant) : nullptr;
-  if (p == kFloat) {
-    if (s != kFloat) return nullptr;
-    if (g == kFloat) return Op::template fn<float, float, float>(variant);
-    if (g == kBFloat16) return Op::template fn<float, BF16, float>(variant);
-    if (g == kHalf) return Op::template fn<float, F16, float>(variant);
-    return nullptr;
+// A floating dtype (the ops have checked it) as element_math.h's code.
+DType dtype_code(at::ScalarType type) {
+  switch (type) {
+    case at::kHalf:
+      return kFloat16;
+    case at::kBFloat16:
+      return kBFloat16;
+    case at::kFloat:
+      return kFloat32;
+    case at::kDouble:
+      return kFloat64;
+    default:
+      TORCH_CHECK(false, "fastopt cpu backend: unsupported dtype ", type);
   }
-  if (p == kBFloat16) {
-    if (g == kBFloat16 && s == kBFloat16) return Op::template fn<BF16, BF16, BF16>(variant);
-    if (g == kBFloat16 && s == kFloat) return Op::template fn<BF16, BF16, float>(variant);
-    if (g == kFloat && s == kBFloat16) return Op::template fn<BF16, float, BF16>(variant);
-    if (g == kFloat && s == kFloat) return Op::template fn<BF16, float, float>(variant);
-    return nullptr;
-  }
-  if (p == kHalf) {
-    if (g == kHalf && s == kHalf) return Op::template fn<F16, F16, F16>(variant);
-    if (g == kHalf && s == kFloat) return Op::template fn<F16, F16, float>(variant);
-    if (g == kFloat && s == kHalf) return Op::template fn<F16, float, F16>(variant);
-    if (g == kFloat && s == kFloat) return Op::template fn<F16, float, float>(variant);
-  }
-  return nullptr;
 }
 
 // The block function of one tensor, given its states (all of one dtype; with none, as SGD without
@@ -445,7 +414,8 @@ typename Op::Fn update_fn(const Tensor& param, at::ScalarType grad_type, const s
   const at::ScalarType s = states.empty() ? param.scalar_type() : states[0]->scalar_type();
   bool same_states = true;
   for (const Tensor* state : states) same_states = same_states && state->scalar_type() == s;
-  const typename Op::Fn fn = same_states ? combination_fn<Op>(param.scalar_type(), grad_type, s, variant) : nullptr;
+  const typename Op::Fn fn =
+      same_states ? Op::block_fn(dtype_code(param.scalar_type()), dtype_code(grad_type), dtype_code(s), variant) : nullptr;
   TORCH_CHECK_NOT_IMPLEMENTED(fn != nullptr, "fastopt cpu backend: ", Op::kName, " is not compiled for params ",
                               param.scalar_type(), ", grads ", grad_type, ", states ", s);
   return fn;
@@ -562,26 +532,11 @@ struct AdamWOp {
   using Fn = UpdateBlockFn<Constants>;
   using Arguments = AdamWArguments;
   static constexpr const char* kName = "AdamW";
-  static constexpr unsigned kAMSGrad = 1, kScaled = 2, kL2 = 4;
-
-  template <typename P, typename G, typename S>
-  struct Make {
-    template <bool AMSGrad, bool Scaled, bool L2>
-    Fn operator()() const {
-      return [](void* p, const void* g, void* m, void* v, void* vmax, int64_t n, const Constants& c, double gs,
-                double cc) {
-        adamw_block<P, G, S, AMSGrad, Scaled, L2>(static_cast<P*>(p), static_cast<const G*>(g), static_cast<S*>(m),
-                                                  static_cast<S*>(v), static_cast<S*>(vmax), n, c, gs, cc);
-      };
-    }
-  };
-  template <typename P, typename G, typename S>
-  static Fn fn(unsigned variant) {
-    return with_flags(Make<P, G, S>{}, variant & kAMSGrad, variant & kScaled, variant & kL2);
-  }
+  static constexpr auto block_fn = adamw_block_fn;
 
   // Torch skips a zero weight decay; so does the L2 loop (0 * a nan param would reach the grad).
   static unsigned variant(const Arguments& a, const StepScalars& scalars, size_t num_states) {
+    using namespace adamw_variant;
     return (num_states == 3 ? kAMSGrad : 0) | (scalars.scaled ? kScaled : 0) |
            (!a.decoupled_weight_decay && a.weight_decay != 0.0 ? kL2 : 0);
   }
@@ -611,45 +566,11 @@ struct SGDOp {
   using Fn = UpdateBlockFn<Constants>;
   using Arguments = SGDArguments;
   static constexpr const char* kName = "SGD";
-  static constexpr unsigned kMomentum = 1, kFirst = 2, kNesterov = 4, kWeightDecay = 8, kScaled = 16;
-
-  template <typename P, typename G, typename S>
-  struct MakeWithMomentum {
-    template <bool First, bool Nesterov, bool WeightDecay, bool Scaled>
-    Fn operator()() const {
-      return [](void* p, const void* g, void* buffer, void*, void*, int64_t n, const Constants& c, double gs,
-                double cc) {
-        sgd_block<P, G, S, true, First, Nesterov, WeightDecay, Scaled>(
-            static_cast<P*>(p), static_cast<const G*>(g), static_cast<S*>(buffer), n, c, gs, cc);
-      };
-    }
-  };
-  template <typename P, typename G>
-  struct MakeWithoutMomentum {
-    template <bool WeightDecay, bool Scaled>
-    Fn operator()() const {
-      return [](void* p, const void* g, void*, void*, void*, int64_t n, const Constants& c, double gs, double cc) {
-        sgd_block<P, G, P, false, false, false, WeightDecay, Scaled>(static_cast<P*>(p), static_cast<const G*>(g),
-                                                                      nullptr, n, c, gs, cc);
-      };
-    }
-  };
-  // Without momentum there is no state: S is the param's type (update_fn), so those loops are
-  // compiled once per (param, grad) pair.
-  template <typename P, typename G, typename S>
-  static Fn fn(unsigned variant) {
-    if (variant & kMomentum)
-      return with_flags(MakeWithMomentum<P, G, S>{}, variant & kFirst, variant & kNesterov, variant & kWeightDecay,
-                        variant & kScaled);
-    if constexpr (std::is_same_v<P, S>) {
-      return with_flags(MakeWithoutMomentum<P, G>{}, variant & kWeightDecay, variant & kScaled);
-    } else {
-      return nullptr;  // update_fn never asks: without a state, S is P
-    }
-  }
+  static constexpr auto block_fn = sgd_block_fn;
 
   // Torch skips a zero weight decay (0 * a nan param would reach the grad); so does the loop.
   static unsigned variant(const Arguments& a, const StepScalars& scalars, size_t num_states) {
+    using namespace sgd_variant;
     const bool momentum = num_states == 1;
     TORCH_CHECK(momentum == (a.momentum != 0.0), "SGD: momentum buffers go with a non-zero momentum, and only then");
     return (momentum ? kMomentum : 0) | (momentum && a.first_step ? kFirst : 0) |
@@ -668,23 +589,11 @@ struct LionOp {
   using Fn = UpdateBlockFn<Constants>;
   using Arguments = LionArguments;
   static constexpr const char* kName = "Lion";
-  static constexpr unsigned kScaled = 1;
+  static constexpr auto block_fn = lion_block_fn;
 
-  template <typename P, typename G, typename S>
-  struct Make {
-    template <bool Scaled>
-    Fn operator()() const {
-      return [](void* p, const void* g, void* m, void*, void*, int64_t n, const Constants& c, double gs, double cc) {
-        lion_block<P, G, S, Scaled>(static_cast<P*>(p), static_cast<const G*>(g), static_cast<S*>(m), n, c, gs, cc);
-      };
-    }
-  };
-  template <typename P, typename G, typename S>
-  static Fn fn(unsigned variant) {
-    return with_flags(Make<P, G, S>{}, variant & kScaled);
+  static unsigned variant(const Arguments&, const StepScalars& scalars, size_t) {
+    return scalars.scaled ? lion_variant::kScaled : 0;
   }
-
-  static unsigned variant(const Arguments&, const StepScalars& scalars, size_t) { return scalars.scaled ? kScaled : 0; }
 
   static std::vector<Constants> constants(const Arguments& a, const StepScalars& scalars, const std::vector<Tensor>&) {
     return {lion_constants<double>(scalars.lr, a.beta1, a.beta2, a.weight_decay)};
