@@ -279,10 +279,11 @@ FASTOPT_HD void sgd_update_fused(A& param, A grad, A* momentum_buffer, const SGD
   param = std::fma(grad, c.neg_lr, param);
 }
 
-// torch.sign: +-1, zero kept (with its sign), nan kept.
+// torch.sign: +-1, zeros kept (with their sign), nan kept. One select (|x| > 0 is false for zeros
+// and nan alike): with two nested ones g++ leaves the AVX2 loops scalar.
 template <typename A>
 FASTOPT_HD A sign_of(A x) {
-  return x > A(0) ? A(1) : (x < A(0) ? A(-1) : x);
+  return std::fabs(x) > A(0) ? std::copysign(A(1), x) : x;
 }
 
 // Lion (Chen et al. 2023, "Symbolic Discovery of Optimization Algorithms"): the sign of an
@@ -301,14 +302,16 @@ FASTOPT_HD LionConstants<A> lion_constants(double lr, double beta1, double beta2
   return {A(1.0 - lr * weight_decay), A(1.0 - beta1), A(1.0 - beta2), A(-lr)};
 }
 
-// One element of Lion's update. The direction is +-1 or 0, so p * decay + (-lr) * direction rounds
-// once whether or not the last product is fused: every backend gives the same bits from the same
-// direction. The lerps are torch.lerp's (lerp_fused on the CPU backend, as for AdamW).
-template <typename A>
+// One element of Lion's update, rounded as torch's kernels round the reference's ops: each lerp
+// is lerp_fused, from the end its weight picks (the template arguments: lerp_from_start of
+// one_minus_beta1 and of one_minus_beta2), and the decayed param is rounded before the signed step
+// is added, as mul_ then add_ round it (an fma whose addend is that product: no compiler can
+// contract p * decay into it). -lr * direction is exact (direction: +-1 or 0).
+template <bool DirectionFromStart, bool MomentumFromStart, typename A>
 FASTOPT_HD void lion_update(A& param, A grad, A& exp_avg, const LionConstants<A>& c) {
-  const A direction = sign_of(lerp(exp_avg, grad, c.one_minus_beta1));
-  param = param * c.decay_factor + c.neg_lr * direction;
-  exp_avg = lerp(exp_avg, grad, c.one_minus_beta2);
+  const A direction = sign_of(lerp_fused<DirectionFromStart>(exp_avg, grad, c.one_minus_beta1));
+  param = std::fma(c.neg_lr, direction, param * c.decay_factor);
+  exp_avg = lerp_fused<MomentumFromStart>(exp_avg, grad, c.one_minus_beta2);
 }
 
 }  // namespace fastopt

@@ -692,7 +692,7 @@ def test_later_steps_skip_the_full_validation_and_still_equal_torch(monkeypatch)
         ("wrong-shape", ValueError, r"grads\[\d+\] has shape \(3,\) but its param has shape"),
         ("integer", TypeError, r"grads\[\d+\] has dtype torch.int64"),
         ("aliases-its-param", ValueError, r"grads\[\d+\] shares memory with a param or state"),
-        ("sparse", RuntimeError, "AdamW does not support sparse gradients"),
+        ("sparse", RuntimeError, "optimizers do not support sparse gradients"),
     ],
 )
 def test_a_bad_grad_on_a_later_step_is_refused_and_changes_nothing(bad_grad, error, match):

@@ -279,23 +279,6 @@ FASTOPT_CPU_CLONES void sgd_block(P* __restrict param, const G* __restrict grad,
   }
 }
 
-// element_math.h's sign_of (+-1; zeros and nan kept) with one select: g++ leaves the AVX2 loops
-// scalar with sign_of's two nested ones. |x| > 0 is false for zeros and nan alike.
-template <typename A>
-FASTOPT_CPU_INLINE A sign_of_select(A x) {
-  return std::fabs(x) > A(0) ? std::copysign(A(1), x) : x;
-}
-
-// element_math.h's lion_update with torch's CPU rounding of its two lerps (lerp_fused, each from
-// the end its weight picks, as adamw_update_fused). The direction is +-1 or 0, so the param's
-// update rounds as the reference's add with alpha.
-template <bool DirectionFromStart, bool MomentumFromStart, typename A>
-FASTOPT_CPU_INLINE void lion_update_fused(A& param, A grad, A& exp_avg, const LionConstants<A>& c) {
-  const A direction = sign_of_select(lerp_fused<DirectionFromStart>(exp_avg, grad, c.one_minus_beta1));
-  param = param * c.decay_factor + c.neg_lr * direction;
-  exp_avg = lerp_fused<MomentumFromStart>(exp_avg, grad, c.one_minus_beta2);
-}
-
 // The elements of one Lion block (see lion_block), with the lerps' ends fixed.
 template <typename P, typename G, typename S, bool Scaled, bool DirectionFromStart, bool MomentumFromStart>
 FASTOPT_CPU_INLINE void lion_elements(P* __restrict param, const G* __restrict grad, S* __restrict exp_avg, int64_t n,
@@ -305,7 +288,7 @@ FASTOPT_CPU_INLINE void lion_elements(P* __restrict param, const G* __restrict g
     A p = load<A>(param[i]), m = load<A>(exp_avg[i]);
     A g = load<A>(grad[i]);
     if constexpr (Scaled) g = effective_grad(g, grad_scale, clip_coef, false);
-    lion_update_fused<DirectionFromStart, MomentumFromStart>(p, g, m, c);
+    lion_update<DirectionFromStart, MomentumFromStart>(p, g, m, c);
     store(param[i], p);
     store(exp_avg[i], m);
   }

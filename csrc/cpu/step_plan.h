@@ -180,7 +180,7 @@ class __attribute__((visibility("hidden"))) GradWatch {
   }
 
   [[noreturn]] void refuse(const Tensor& grad, const Tensor& param, const std::string& name) const {
-    if (grad.is_sparse()) throw std::runtime_error("AdamW does not support sparse gradients");
+    if (grad.is_sparse()) throw std::runtime_error("fastopt's optimizers do not support sparse gradients");
     if (grad.layout() != at::kStrided)
       throw pybind11::type_error(name + " is a " + describe(grad, "layout") +
                                  " tensor; fastopt ops take dense (strided) tensors");

@@ -837,7 +837,7 @@ void test_lion_update(uint32_t seed) {
       const double expected_param = params[i] * (1.0 - lr * wd) - lr * direction;
       const double expected_m = m + (1.0 - beta2) * (g - m);
       A p = params[i], exp_avg = moments[i];
-      fastopt::lion_update(p, grads[i], exp_avg, c);
+      fastopt::lion_update<true, true>(p, grads[i], exp_avg, c);  // weights 0.1 and 0.01: from the start
       const std::string where = check::message(t, " wd ", wd, " element ", i);
       CHECK_CLOSE(p, expected_param, rtol * (std::fabs(params[i]) + lr), where, " param");
       CHECK_CLOSE(exp_avg, expected_m, rtol * (std::fabs(m) + std::fabs(g)), where, " exp_avg");
@@ -848,11 +848,11 @@ void test_lion_update(uint32_t seed) {
   // By hand: p = 1, m = 0, g = -3, lr = 0.25, wd = 0.5: direction -1 -> p = 1 * 0.875 + 0.25;
   // m = lerp(0, -3, 0.5) = -1.5 (beta2 = 0.5).
   A p = A(1), m = A(0);
-  fastopt::lion_update(p, A(-3), m, fastopt::lion_constants<A>(0.25, 0.9, 0.5, 0.5));
+  fastopt::lion_update<true, false>(p, A(-3), m, fastopt::lion_constants<A>(0.25, 0.9, 0.5, 0.5));
   CHECK(p == A(1.125) && m == A(-1.5), t, " hand step: p ", p, " m ", m);
   // A zero direction moves the param by its decay alone.
   A q = A(2), n = A(0);
-  fastopt::lion_update(q, A(0), n, fastopt::lion_constants<A>(0.25, 0.9, 0.5, 0.5));
+  fastopt::lion_update<true, false>(q, A(0), n, fastopt::lion_constants<A>(0.25, 0.9, 0.5, 0.5));
   CHECK(q == A(1.75) && n == A(0), t, " zero direction: p ", q);
 }
 }  // namespace
