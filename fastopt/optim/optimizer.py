@@ -910,7 +910,12 @@ class FusedOptimizer(torch.optim.Optimizer):
         firsts = list(itertools.accumulate((len(g["params"]) for g in self.param_groups[:-1]), initial=0))
         gathered = [(group, self._gather(group, first)) for group, first in zip(self.param_groups, firsts)]
         if self.flat_states and self._flatten_states():  # new states (or loaded ones) moved into the buffers
+            made_now = {id(p) for _, by_device in gathered for lists in by_device.values()
+                        for p, fresh in zip(lists.params, lists.fresh) if fresh}  # fmt: skip
             gathered = [(group, self._gather(group, first)) for group, first in zip(self.param_groups, firsts)]
+            for _, by_device in gathered:  # states made by the first gather are still new (SGD's first step)
+                for lists in by_device.values():
+                    lists.fresh[:] = [fresh or id(p) in made_now for p, fresh in zip(lists.params, lists.fresh)]
         # The key after gathering, which creates the states of params stepped for the first time.
         return gathered, _StepPlan.of(self._plan_key(), gathered, self.param_groups), False
 
