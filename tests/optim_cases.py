@@ -173,6 +173,26 @@ class SharedOptimizerChecks:
         train("mlp", ref_model, theirs, STEPS, before_step=agc_body_only)
         assert_same_params(spec, ours_model, ref_model)
 
+    @pytest.mark.parametrize("scaler_kind", ["fastopt", "torch"])
+    def test_agc_and_clipping_under_grad_scaler_equal_unscale_then_agc_then_clip_then_step(self, scaler_kind):
+        spec = self.spec
+        ours_model = make_model("mlp")
+        ref_model = twin(ours_model)
+        ours = spec.make(ours_model.parameters(), agc_clip_factor=0.01, max_grad_norm=0.3)
+        theirs = spec.reference(ref_model.parameters())
+        scaler_cls = fastopt.amp.GradScaler if scaler_kind == "fastopt" else torch.amp.GradScaler
+        ours_scaler, ref_scaler = scaler_cls("cpu", init_scale=512.0), torch.amp.GradScaler("cpu", init_scale=512.0)
+
+        def unscale_agc_clip(model, optimizer, scaler):
+            scaler.unscale_(optimizer)
+            fastopt.adaptive_clip_grad_(model.parameters(), clip_factor=0.01)
+            torch.nn.utils.clip_grad_norm_(model.parameters(), 0.3, foreach=False)
+
+        for step in range(STEPS):
+            scaled_step(ours_model, ours, ours_scaler, step)
+            scaled_step(ref_model, theirs, ref_scaler, step, before_step=unscale_agc_clip)
+        assert_same_params(spec, ours_model, ref_model)
+
     # ------------------------------------------------------------------ AMP and skipped steps
 
     @pytest.mark.parametrize("seed", [0, 1])
