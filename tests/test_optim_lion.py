@@ -99,7 +99,7 @@ def test_a_direction_of_exactly_zero_moves_by_the_decay_only():
     p.grad = g.clone()
     before = p.detach().clone()
     optimizer.step()
-    torch.testing.assert_close(p.detach(), before * (1 - 0.1 * 0.5), rtol=2e-7, atol=0)
+    torch.testing.assert_close(p.detach(), before * (1 - 0.1 * 0.5), rtol=4e-7, atol=0)  # p - lr * wd * p, or so
 
 
 @pytest.mark.parametrize("lr_kind", ["float", "tensor"])
