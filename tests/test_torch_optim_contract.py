@@ -199,12 +199,13 @@ def exact_against_torch(case, kwargs, dtype) -> bool:
     """Where fastopt's trajectories equal torch's (foreach=False) bit for bit: fp32 with float
     hyperparameters, on the torch backend (the reference follows fp32 addcdiv's order of
     evaluation; fp64's differs in the last bit), and for SGD on the cpu backend too (its kernel
-    rounds torch's ``add(x, alpha=a)`` as one fused multiply-add, as torch's CPU kernel does).
-    Within rounding otherwise (torch computes tensor-lr / tensor-beta terms in the tensors'
-    precision)."""
+    rounds torch's ``add(x, alpha=a)`` as one fused multiply-add, as torch's CPU kernel does; a
+    tensor lr included, which torch's SGD reads as that alpha). Within rounding otherwise (torch's
+    Adam computes tensor-lr / tensor-beta terms in the tensors' precision)."""
     backends = ("torch", "cpu") if case.sgd_like else ("torch",)
     tensor_hyper = any(isinstance(v, torch.Tensor) for v in (kwargs.get("lr"), *kwargs.get("betas", ())))
-    return active_backend() in backends and dtype == torch.float32 and not tensor_hyper
+    # SGD's tensor lr is torch's float lr (torch's add reads it as alpha): bit for bit too.
+    return active_backend() in backends and dtype == torch.float32 and (case.sgd_like or not tensor_hyper)
 
 
 def assert_same_tensors(ours, theirs, exact, **close):
