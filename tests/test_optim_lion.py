@@ -222,3 +222,22 @@ def test_a_group_edited_into_something_invalid_is_refused_before_anything_change
     with pytest.raises(ValueError, match="betas"):
         optimizer.step()
     assert all(torch.equal(p, b) for p, b in zip(model.parameters(), before))
+
+
+def test_torchs_error_inputs_for_every_optimizer_apply_to_lion():
+    """torch's optim_db has no Lion; the error inputs it checks for every optimizer apply as they
+    are (params of a wrong type, duplicates, a tensor lr of several elements, names mixed)."""
+    from tests.test_torch_optim_contract import co
+
+    errors = co.get_error_inputs_for_all_optims("cpu", torch.float32)
+    assert errors
+    for error_input in errors:
+        optim_input = error_input.optimizer_error_input
+        params = optim_input.params if optim_input.params is not None else [torch.nn.Parameter(torch.randn(2))]
+        if issubclass(error_input.error_type, Warning):
+            with pytest.warns(error_input.error_type, match=error_input.error_regex):
+                Lion(params, **optim_input.kwargs)
+        else:
+            with pytest.raises(error_input.error_type, match=error_input.error_regex):
+                Lion(params, **optim_input.kwargs)
+    assert repr(Lion([torch.nn.Parameter(torch.randn(2))])).startswith("Lion (")
