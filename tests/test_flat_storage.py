@@ -1,6 +1,6 @@
 """fastopt.optim.AdamW(flat_states=True, flat_grads=True): moments and grads as views of one buffer
 per device and dtype, tracking torch.optim.AdamW(foreach=False) bit for bit (on the torch backend;
-within fp32 rounding on the others, as every AdamW test)."""
+within fp32 rounding on the others, as every AdamW test). SGD, Adam and Lion at the end."""
 
 import io
 

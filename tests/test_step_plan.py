@@ -2,7 +2,8 @@
 
 Each test runs with the C++ check (the CPU extension's GradWatch) and with the Python one that
 runs without the extension, and compares a training run that changes something between steps
-with torch.optim.AdamW(foreach=False) doing the same.
+with torch.optim.AdamW(foreach=False) doing the same. The last test runs the plan's
+invalidations for SGD, Adam (against torch's) and Lion (against its own full path).
 """
 
 import copy
