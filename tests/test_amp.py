@@ -5,7 +5,7 @@ import torch
 
 import fastopt
 from fastopt import ops
-from fastopt.optim import AdamW
+from fastopt.optim import SGD, Adam, AdamW, Lion
 from tests.helpers import assert_bitwise_equal
 from tests.models import loss_of, make_model, twin
 
@@ -38,9 +38,19 @@ def test_with_a_torch_optimizer_it_behaves_as_torchs_scaler():
         assert_bitwise_equal(p, q)
 
 
-def test_with_fastopt_adamw_the_check_rides_on_the_optimizers_read_pass(monkeypatch):
+# Every fastopt optimizer: the overflow check rides on the step's read pass.
+FASTOPT_OPTIMIZERS = {
+    "AdamW": AdamW,
+    "Adam": Adam,
+    "SGD": lambda params, **kwargs: SGD(params, momentum=0.9, **kwargs),
+    "Lion": Lion,
+}
+
+
+@pytest.mark.parametrize("name", FASTOPT_OPTIMIZERS)
+def test_with_a_fastopt_optimizer_the_check_rides_on_the_optimizers_read_pass(monkeypatch, name):
     model = make_model("mlp")
-    optimizer = AdamW(model.parameters(), lr=1e-2)
+    optimizer = FASTOPT_OPTIMIZERS[name](model.parameters(), lr=1e-2)
     scaler = fastopt.amp.GradScaler("cpu", init_scale=2.0**60)
     calls = {"unscale_and_check_": 0, "norm_with_flag": 0}
     real_unscale, real_norm = ops.unscale_and_check_, ops.multi_tensor_norm
@@ -65,10 +75,11 @@ def test_with_fastopt_adamw_the_check_rides_on_the_optimizers_read_pass(monkeypa
         assert_bitwise_equal(p.detach(), b)
 
 
+@pytest.mark.parametrize("name", FASTOPT_OPTIMIZERS)
 @pytest.mark.parametrize("grad_dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
-def test_unscale_handles_low_precision_grads(grad_dtype):
+def test_unscale_handles_low_precision_grads(grad_dtype, name):
     model = make_model("mlp", dtype=grad_dtype)
-    optimizer = AdamW(model.parameters(), lr=1e-3, state_dtype=torch.float32)
+    optimizer = FASTOPT_OPTIMIZERS[name](model.parameters(), lr=1e-3, state_dtype=torch.float32)
     scaler = fastopt.amp.GradScaler("cpu", init_scale=256.0)
     optimizer.zero_grad()
     scaler.scale(loss_of("mlp", model, 0)).backward()

@@ -143,3 +143,35 @@ def test_compiled_step_keeps_working_after_a_copy():
     assert twin.max_grad_norm == 0.5
     reasons = break_reasons(train_step, twin_model, twin, None)
     assert len(reasons) == 1, reasons
+
+
+def test_sgd_and_lion_steps_compile_with_fullgraph():
+    """SGD (Nesterov momentum: its first step traced as ``momentum * 0 + g``) and Lion (with
+    in-step clipping) stepped in one function compiled with ``fullgraph=True`` (one compilation
+    for both, by ``aot_eager``: dynamo's tracing without Inductor's codegen, which the tests above
+    run): the eager results. (Adam runs AdamW's op, compiled above.)"""
+    from fastopt.optim import SGD, Lion
+
+    makers = [
+        lambda params: SGD(params, lr=1e-2, momentum=0.9, nesterov=True, weight_decay=0.1),
+        lambda params: Lion(params, lr=1e-3, weight_decay=0.1, max_grad_norm=1.0),
+    ]
+    models, eager_models = [make_model() for _ in makers], [make_model() for _ in makers]
+    optimizers = [make(m.parameters()) for make, m in zip(makers, models)]
+    eager_optimizers = [make(m.parameters()) for make, m in zip(makers, eager_models)]
+
+    def step_all():
+        for optimizer in optimizers:
+            optimizer.step()
+
+    compiled = torch.compile(step_all, fullgraph=True, backend="aot_eager")  # tracing is the point: no codegen
+    for _ in range(STEPS):
+        for m in models + eager_models:
+            m.zero_grad()
+            torch.nn.functional.mse_loss(m(DATA[0]), DATA[1]).mul(10).backward()
+        compiled()
+        for optimizer in eager_optimizers:
+            optimizer.step()
+    for model, optimizer, eager_model, eager_optimizer in zip(models, optimizers, eager_models, eager_optimizers):
+        assert_same_run(model, optimizer, eager_model, eager_optimizer)
+    assert eager_optimizers[1].stats["clip_coef"].item() < 1.0

@@ -1,6 +1,6 @@
 """fastopt.optim.AdamW(flat_states=True, flat_grads=True): moments and grads as views of one buffer
 per device and dtype, tracking torch.optim.AdamW(foreach=False) bit for bit (on the torch backend;
-within fp32 rounding on the others, as every AdamW test)."""
+within fp32 rounding on the others, as every AdamW test). SGD, Adam and Lion at the end."""
 
 import io
 
@@ -115,3 +115,40 @@ def test_flat_grads_cover_a_param_group_added_later():
     assert_same_params(ours_model, torch_model)
     assert_same_states(ours, theirs)
     assert one_buffer([p.grad for p in ours_model.parameters()])
+
+
+# --------------------------------------------------------------------------- SGD, Adam and Lion
+
+# (spec, extra kwargs): SGD with dampening (its first step must stay torch's when the new buffers
+# move into the flat one), Adam with L2 decay and amsgrad, Lion against itself without flat storage.
+OTHERS = {"SGD": ("sgd", {"dampening": 0.1}), "Adam": ("adam", {}), "Lion": ("lion", {})}
+
+
+@pytest.mark.parametrize("flat", FLAT, ids=lambda f: "+".join(f))
+@pytest.mark.parametrize("name", OTHERS)
+def test_flat_storage_of_other_optimizers_tracks_their_reference(name, flat):
+    from tests.optim_cases import SPECS
+    from tests.optim_cases import assert_same_params as assert_same_params_of
+    from tests.optim_cases import assert_same_states as assert_same_states_of
+
+    spec_name, extra = OTHERS[name]
+    spec = SPECS[spec_name]
+    ours_model = make_model("mlp")
+    ref_model = twin(ours_model)
+    ours, theirs = spec.make(ours_model.parameters(), **flat, **extra), spec.reference(ref_model.parameters(), **extra)
+    for model, optimizer in ((ours_model, ours), (ref_model, theirs)):
+        train("mlp", model, optimizer, 3)
+        saved = io.BytesIO()  # a reload (weights_only) in the middle: back into the flat buffers
+        torch.save(optimizer.state_dict(), saved)
+        saved.seek(0)
+        optimizer.load_state_dict(torch.load(saved, weights_only=True))
+        train("mlp", model, optimizer, 2, start=3)
+    assert_same_params_of(spec, ours_model, ref_model)
+    assert_same_states_of(spec, ours, theirs)
+    params = list(ours_model.parameters())
+    if flat.get("flat_states"):
+        for key in type(ours)._FLAT_STATE_KEYS:
+            if key in ours.state[params[0]]:
+                assert one_buffer([ours.state[p][key] for p in params]), key
+    if flat.get("flat_grads"):
+        assert one_buffer([p.grad for p in params])

@@ -55,6 +55,16 @@ def make_calls(device):
             lr=torch.tensor(1e-3, device=device), beta1=0.9, beta2=0.999, eps=1e-8, weight_decay=0.01,
             grad_scale=torch.tensor(2.0, device=device), found_inf=found_inf, clip_coef=scalar,
         ),  # fmt: skip
+        "sgd_": lambda: fastopt.sgd_(
+            params, random_tensors(MIXED_SHAPES, torch.bfloat16, device, seed=8), states[0],
+            lr=torch.tensor(1e-2, device=device), momentum=0.9, dampening=0.1, weight_decay=0.01, nesterov=False,
+            grad_scale=torch.tensor(2.0, device=device), found_inf=found_inf, clip_coef=scalar,
+        ),  # fmt: skip
+        "lion_": lambda: fastopt.lion_(
+            params, random_tensors(MIXED_SHAPES, torch.bfloat16, device, seed=9), states[1],
+            lr=torch.tensor(1e-3, device=device), beta1=0.9, beta2=0.99, weight_decay=0.1,
+            grad_scale=torch.tensor(2.0, device=device), found_inf=found_inf, clip_coef=scalar,
+        ),  # fmt: skip
     }
 
 

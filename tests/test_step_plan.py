@@ -2,7 +2,8 @@
 
 Each test runs with the C++ check (the CPU extension's GradWatch) and with the Python one that
 runs without the extension, and compares a training run that changes something between steps
-with torch.optim.AdamW(foreach=False) doing the same.
+with torch.optim.AdamW(foreach=False) doing the same. The last test runs the plan's
+invalidations for SGD, Adam (against torch's) and Lion (against its own full path).
 """
 
 import copy
@@ -14,7 +15,7 @@ import weakref
 import pytest
 import torch
 
-from fastopt.optim import AdamW
+from fastopt.optim import AdamW, Lion
 from fastopt.optim import optimizer as adamw_module
 from tests.test_optim_adamw import assert_same_params, assert_same_states
 from tests.models import batch as models_batch
@@ -227,3 +228,66 @@ def test_a_whole_training_step_captured_in_a_cuda_graph_tracks_eager_torch():
     torch.cuda.synchronize()
     for ours, reference in zip(model.parameters(), torch_model.parameters()):
         torch.testing.assert_close(ours, reference, rtol=1e-4, atol=1e-5)
+
+
+# --------------------------------------------------------------------------- SGD, Adam and Lion
+# The same plan serves every optimizer (a params list edited in place concerns only the plan's key: AdamW's tests). SGD and Adam are compared with torch's, doing the same
+# changes; Lion with fastopt's Lion on the full path at every step (its plan dropped before each).
+
+
+class _LionWithoutPlan(Lion):
+    def step(self, closure=None):
+        self._step_plan = None
+        return super().step(closure)
+
+
+def _others():
+    from tests.optim_cases import SPECS
+
+    return {
+        "SGD": (SPECS["sgd"], {"dampening": 0.1}, None, ("momentum_buffer",)),
+        "Adam": (SPECS["adam"], {}, None, ("exp_avg", "exp_avg_sq")),
+        "Lion": (SPECS["lion"], {}, _LionWithoutPlan, ("exp_avg",)),
+    }
+
+
+def _replace_data(model, optimizer, keys):
+    model[0].weight.data = model[0].weight.detach().clone() * 0.5
+
+
+def _reset_states(model, optimizer, keys):
+    first, second = list(model.parameters())[:2]
+    optimizer.state[first] = {}  # starts over (SGD: torch's first step again)
+    optimizer.state[second].update({key: torch.zeros_like(second) for key in keys})
+
+
+def _drop_first_layer_grads_from_now_on(model, optimizer, keys):
+    model[0].requires_grad_(False)
+    for p in model[0].parameters():
+        p.grad = None
+
+
+CHANGES = {"data-replaced": _replace_data, "states-reset": _reset_states, "grads-dropped": _drop_first_layer_grads_from_now_on}
+
+
+@pytest.mark.parametrize("change", CHANGES)
+@pytest.mark.parametrize("name", ["SGD", "Adam", "Lion"])
+def test_changes_between_steps_are_followed_by_every_optimizer(watch, name, change):
+    from tests.optim_cases import assert_same_params as assert_same_params_of
+    from tests.optim_cases import assert_same_states as assert_same_states_of
+
+    spec, extra, reference_cls, keys = _others()[name]
+    ours_model = make_model("mlp")
+    ref_model = twin(ours_model)
+    # The first layer joins at step 2: new states beside states with history, on a new plan.
+    ours = spec.make(list(ours_model[1:].parameters()), **extra)
+    theirs = (reference_cls or spec.theirs)(list(ref_model[1:].parameters()), **{**spec.kwargs, **extra})
+    for model, optimizer in ((ours_model, ours), (ref_model, theirs)):
+        train("mlp", model, optimizer, 2)
+        optimizer.add_param_group({"params": list(model[0].parameters())})
+        train("mlp", model, optimizer, 2, start=2)
+        CHANGES[change](model, optimizer, keys)
+        train("mlp", model, optimizer, 2, start=4)
+    assert ours._step_plan is not None
+    assert_same_params_of(spec, ours_model, ref_model)
+    assert_same_states_of(spec, ours, theirs)

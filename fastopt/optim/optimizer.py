@@ -597,8 +597,10 @@ class FusedOptimizer(torch.optim.Optimizer):
         super().__setstate__(state)
         if "state" in self.__dict__:  # torch's __setstate__ (load_state_dict, unpickling) sets __dict__ directly
             self.state = self.__dict__.pop("state")
-        defaults = {**self._GROUP_DEFAULTS, "agc_clip_factor": None, "agc_eps": 1e-3, **self.defaults}
-        for group in self.param_groups:  # a torch checkpoint lacks fastopt's keys (older ones some of torch's)
+        # A torch checkpoint lacks fastopt's keys: this optimizer's settings. An older one lacks some
+        # of torch's (e.g. Adam's decoupled_weight_decay): torch's defaults, as torch's __setstate__.
+        defaults = {"agc_clip_factor": None, "agc_eps": 1e-3, **self.defaults, **self._GROUP_DEFAULTS}
+        for group in self.param_groups:
             for key, value in defaults.items():
                 group.setdefault(key, value)
         attributes = {"max_grad_norm": None, "state_dtype": None, "process_group": None, "spike_guard": None,
