@@ -136,7 +136,9 @@ class SharedOptimizerChecks:
     # ------------------------------------------------------------------ clipping in the step
 
     def test_max_grad_norm_equals_clip_grad_norm_then_step(self):
-        spec = self.spec
+        # The norm is torch's bit for bit on the torch backend only: the others sum in another order
+        # (README, "When norms are bit-identical"), and the clipped steps then follow within rounding.
+        spec = dataclasses.replace(self.spec, exact_backends=tuple(b for b in self.spec.exact_backends if b == "torch"))
         ours_model = make_model("mlp")
         ref_model = twin(ours_model)
         ours, theirs = spec.make(ours_model.parameters(), max_grad_norm=0.4), spec.reference(ref_model.parameters())
