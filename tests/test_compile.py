@@ -2,7 +2,7 @@
 ``optimizer.step()``) gives the eager results; its graph breaks are counted; ``optimizer.step``
 compiles with ``fullgraph=True`` (torch's own AdamW cannot: its step graph-breaks on purpose).
 
-How it works (fastopt/optim/adamw.py): under torch.compile dynamo runs ``AdamW._init_group``
+How it works (fastopt/optim/optimizer.py): under torch.compile dynamo runs ``FusedOptimizer._init_group``
 eagerly, as for torch's optimizers, so the states are real tensors at static addresses, and the
 step traces fastopt's reference formulas (torch ops) that Inductor fuses; ``fastopt.clip_grad_norm_``
 does the same. What cannot be traced (a process group, a monitor, params on several devices,
