@@ -193,7 +193,10 @@ def multi_tensor_norm_planned(plan: dict, norm_type: float, per_tensor: bool, fo
     """``multi_tensor_norm`` of the grads that fastopt.optim's step plan holds for one device
     (``plan["watch"]``: its GradWatch and the entries' ranges), read as C++ tensors."""
     watch, ranges = plan["watch"]
-    total, norms = _C.planned_norm(watch, ranges, float(norm_type), per_tensor, found_inf)
+    native = plan.get("cpu")
+    if native is None:  # the chunks of these grads, worked out once
+        native = plan["cpu"] = _C.NormPlan(watch, ranges)
+    total, norms = native.norm(watch, float(norm_type), per_tensor, found_inf)
     return (total, norms) if per_tensor else total
 
 

@@ -184,16 +184,7 @@ struct NormPass {
 };
 
 // The norm pass over the blocks of `plan` (whose chunks index `tensors`).
-// What a pass reads of one contiguous tensor: gathered in one visit of each tensor, so that the
-// pass itself never touches a TensorImpl again (with thousands of small tensors, those visits are
-// cache misses, the cost of a call).
-struct TensorSpan {
-  void* data;  // null when empty
-  int64_t numel;
-  at::ScalarType type;
-  int64_t element_size;
-};
-
+// (TensorSpan, what a pass reads of one contiguous tensor, is in step_plan.h.)
 std::vector<TensorSpan> spans_of(const Contiguous& tensors) {
   std::vector<TensorSpan> spans(tensors.size());
   for (size_t i = 0; i < tensors.size(); ++i) {
@@ -252,33 +243,38 @@ void set_flag(const std::optional<Tensor>& found_inf) {
 
 // --------------------------------------------------------------------------------------- ops
 
-// The norms of the tensors behind `spans` (see multi_tensor_norm).
-std::tuple<Tensor, Tensor> norm_of_spans(const std::vector<TensorSpan>& spans, double p, bool per_tensor,
-                                         const std::optional<Tensor>& found_inf) {
+// The norms of the tensors behind `spans` (see multi_tensor_norm), over `plan`, their chunks.
+std::tuple<Tensor, Tensor> norm_of_spans(const std::vector<TensorSpan>& spans, const ChunkPlan& plan, int64_t total,
+                                         double p, bool per_tensor, const std::optional<Tensor>& found_inf) {
   const NormKind kind = norm_kind(p);
-  std::vector<int64_t> numels(spans.size());
-  for (size_t i = 0; i < spans.size(); ++i) numels[i] = spans[i].numel;
-  const ChunkPlan plan = plan_chunks(numels, {}, {}, kBlockSize, false);
-  const NormPass pass = run_norm_pass(spans, plan, kind, p, false, 1.0, sum_of(numels));
+  const NormPass pass = run_norm_pass(spans, plan, kind, p, false, 1.0, total);
   // With no units and one group, segment i is tensor i.
   const std::vector<double> per = segment_partials(plan, pass.partials, kind);
   double all = 0.0;
   for (double partial : per) all = norm_combine(all, partial, kind);
-  Tensor total = at::empty({}, at::TensorOptions().dtype(at::kFloat));
-  *total.data_ptr<float>() = float(norm_finish(all, kind, p));
+  Tensor total_norm = at::empty({}, at::TensorOptions().dtype(at::kFloat));
+  *total_norm.data_ptr<float>() = float(norm_finish(all, kind, p));
   Tensor norms = at::empty({per_tensor ? int64_t(spans.size()) : 0}, at::TensorOptions().dtype(at::kFloat));
   if (per_tensor) {
     float* out = norms.data_ptr<float>();
     for (size_t i = 0; i < per.size(); ++i) out[i] = float(norm_finish(per[i], kind, p));
   }
   if (pass.nonfinite) set_flag(found_inf);
-  return {total, norms};
+  return {total_norm, norms};
+}
+
+std::vector<int64_t> numels_of(const std::vector<TensorSpan>& spans) {
+  std::vector<int64_t> numels(spans.size());
+  for (size_t i = 0; i < spans.size(); ++i) numels[i] = spans[i].numel;
+  return numels;
 }
 
 std::tuple<Tensor, Tensor> multi_tensor_norm(const std::vector<Tensor>& tensors, double p, bool per_tensor,
                                              const std::optional<Tensor>& found_inf) {
   Contiguous work(tensors, false);
-  return norm_of_spans(spans_of(work), p, per_tensor, found_inf);
+  const std::vector<TensorSpan> spans = spans_of(work);
+  const std::vector<int64_t> numels = numels_of(spans);
+  return norm_of_spans(spans, plan_chunks(numels, {}, {}, kBlockSize, false), sum_of(numels), p, per_tensor, found_inf);
 }
 
 void unscale_and_check_(const std::vector<Tensor>& tensors, double inv_scale_value,
@@ -445,19 +441,20 @@ struct UpdatePointers {
   int64_t p_size, g_size, s_size;
 };
 
-// One pass of an update over every block. constants: one per tensor, or one for all.
+// One pass of an update over every block. Tensor t's constants are constants[which[t]], or
+// constants[0] when `which` is empty.
 template <typename Fn, typename Constants>
 void run_update_pass(const ChunkPlan& plan, int64_t total_elements, const std::vector<Fn>& fns,
                      const std::vector<UpdatePointers>& pointers, const std::vector<Constants>& constants,
-                     double grad_scale, double clip_coef) {
-  const bool shared = constants.size() == 1;
+                     const std::vector<uint32_t>& which, double grad_scale, double clip_coef) {
+  const bool shared = which.empty();
   for_blocks(plan, total_elements, [&](int64_t b) {
     const int64_t t = plan.chunk_tensor[b], start = plan.chunk_start[b];
     const UpdatePointers& q = pointers[t];
     void* s[kMaxStates];
     for (size_t k = 0; k < kMaxStates; ++k) s[k] = q.s[k] == nullptr ? nullptr : offset(q.s[k], start, q.s_size);
     fns[t](offset(q.p, start, q.p_size), offset(const_cast<void*>(q.g), start, q.g_size), s[0], s[1], s[2],
-           plan.chunk_end[b] - start, constants[shared ? 0 : t], grad_scale, clip_coef);
+           plan.chunk_end[b] - start, constants[shared ? 0 : which[t]], grad_scale, clip_coef);
   });
 }
 
@@ -510,17 +507,29 @@ struct LionArguments {
 };
 
 // Adds one to a step count (a CPU scalar, float32 or float64) and returns the new count.
-double advance_step(const Tensor& step) {
-  double value;
-  if (step.scalar_type() == at::kDouble) {
-    double* data = step.data_ptr<double>();
-    value = *data += 1.0;
-  } else {
-    float* data = step.data_ptr<float>();
-    value = *data += 1.0f;
+// A step count (a float32 or float64 tensor, as torch keeps it), incremented in place: where it is
+// and its version counter are read once, so that a plan's step touches no TensorImpl of it.
+struct StepCounter {
+  void* data;
+  bool is_double;
+  c10::VariableVersion version;
+
+  explicit StepCounter(const Tensor& step)
+      : data(step.data_ptr()),
+        is_double(step.scalar_type() == at::kDouble),
+        version(step.unsafeGetTensorImpl()->version_counter()) {}
+
+  double advance() {
+    version.bump();
+    return is_double ? (*static_cast<double*>(data) += 1.0) : double(*static_cast<float*>(data) += 1.0f);
   }
-  torch::autograd::impl::bump_version(step);
-  return value;
+};
+
+std::vector<StepCounter> counters_of(const std::vector<Tensor>& steps) {
+  std::vector<StepCounter> counters;
+  counters.reserve(steps.size());
+  for (const Tensor& step : steps) counters.emplace_back(step);
+  return counters;
 }
 
 // ------------------------------------------------------------------------------------ the ops
@@ -543,18 +552,26 @@ struct AdamWOp {
 
   // Advances every step count and gives each tensor its constants, in double. Equal counts in a
   // row (the usual case) share one computation of the powers.
+  // Advances every step count; one set of constants per distinct count (which[i]: tensor i's).
   static std::vector<Constants> constants(const Arguments& a, const StepScalars& scalars,
-                                          const std::vector<Tensor>& steps) {
-    std::vector<Constants> constants(steps.size());
-    double last_step = -1.0;  // no step count is negative
+                                          std::vector<StepCounter>& steps, std::vector<uint32_t>& which) {
+    std::vector<Constants> constants;
+    std::vector<double> counts;  // of `constants`, in order: a model's counts are all equal or few
+    which.resize(steps.size());
     for (size_t i = 0; i < steps.size(); ++i) {
-      const double step = advance_step(steps[i]);
-      if (step != last_step)
-        constants[i] = adamw_constants<double>(scalars.lr, a.beta1, a.beta2, a.eps, a.weight_decay, step,
-                                               a.decoupled_weight_decay);
-      else
-        constants[i] = constants[i - 1];
-      last_step = step;
+      const double step = steps[i].advance();
+      if (counts.empty() || counts.back() != step) {
+        // (searched among a few only: counts all different would make this quadratic)
+        const auto known = counts.size() <= 16 ? std::find(counts.begin(), counts.end(), step) : counts.end();
+        if (known != counts.end()) {
+          which[i] = uint32_t(known - counts.begin());
+          continue;
+        }
+        counts.push_back(step);
+        constants.push_back(adamw_constants<double>(scalars.lr, a.beta1, a.beta2, a.eps, a.weight_decay, step,
+                                                    a.decoupled_weight_decay));
+      }
+      which[i] = uint32_t(counts.size() - 1);
     }
     return constants;
   }
@@ -578,7 +595,9 @@ struct SGDOp {
            (scalars.scaled ? kScaled : 0);
   }
 
-  static std::vector<Constants> constants(const Arguments& a, const StepScalars& scalars, const std::vector<Tensor>&) {
+  static std::vector<Constants> constants(const Arguments& a, const StepScalars& scalars, std::vector<StepCounter>&,
+                                          std::vector<uint32_t>& which) {
+    which.clear();
     return {sgd_constants<double>(scalars.lr, a.momentum, a.dampening, a.weight_decay)};
   }
 };
@@ -595,7 +614,9 @@ struct LionOp {
     return scalars.scaled ? lion_variant::kScaled : 0;
   }
 
-  static std::vector<Constants> constants(const Arguments& a, const StepScalars& scalars, const std::vector<Tensor>&) {
+  static std::vector<Constants> constants(const Arguments& a, const StepScalars& scalars, std::vector<StepCounter>&,
+                                          std::vector<uint32_t>& which) {
+    which.clear();
     return {lion_constants<double>(scalars.lr, a.beta1, a.beta2, a.weight_decay)};
   }
 };
@@ -611,7 +632,9 @@ void update_(const std::vector<Tensor>& params, const std::vector<Tensor>& grads
   const StepScalars scalars = a.step.read();
   const unsigned variant = Op::variant(a, scalars, states.size());
   const std::vector<typename Op::Fn> fns = update_fns<Op>(params, grads, states, variant);
-  const std::vector<typename Op::Constants> constants = Op::constants(a, scalars, steps);
+  std::vector<StepCounter> counters = counters_of(steps);
+  std::vector<uint32_t> which;
+  const std::vector<typename Op::Constants> constants = Op::constants(a, scalars, counters, which);
   Contiguous p(params, true), g(grads, false);
   std::vector<Contiguous> s;
   s.reserve(states.size());
@@ -626,7 +649,7 @@ void update_(const std::vector<Tensor>& params, const std::vector<Tensor>& grads
     for (size_t k = 0; k < s.size(); ++k) q.s[k] = s[k].data(i);
     if (!s.empty()) q.s_size = s[0][i].element_size();
   }
-  run_update_pass(plan, sum_of(numels), fns, pointers, constants, scalars.grad_scale, scalars.clip_coef);
+  run_update_pass(plan, sum_of(numels), fns, pointers, constants, which, scalars.grad_scale, scalars.clip_coef);
   p.finish();
   for (Contiguous& list : s) list.finish();
 }
@@ -653,10 +676,11 @@ void lion_(const std::vector<Tensor>& params, const std::vector<Tensor>& grads, 
 }
 
 // An update op for lists that stay the same from step to step but for their grads (fastopt.optim's
-// step plan; fastopt/cpu.py <op>_planned_): the chunk plan, the params' and states' addresses and
-// the block functions (per variant used) are worked out once. A call reads the grads' addresses
-// and dtypes (the caller has checked them: shapes and devices of the params, CPU, floating), from
-// a Python list or from the plan's GradWatch (no Python object per grad), and runs the pass. Lists
+// step plan; fastopt/cpu.py <op>_planned_): the chunk plan, the params' and states' addresses, their
+// version counters, the step counts and the block functions (per variant used) are worked out
+// once. A call reads the grads' addresses and dtypes (the caller has checked them: shapes and
+// devices of the params, CPU, floating), from a Python list or from the step plan's GradWatch
+// (which read them in its own visit: then no TensorImpl is touched here), and runs the pass. Lists
 // with a non-contiguous param or state are not planned (update_ copies those).
 template <typename Op>
 class UpdatePlan {
@@ -664,10 +688,10 @@ class UpdatePlan {
   using Fn = typename Op::Fn;
 
   UpdatePlan(std::vector<Tensor> params, const std::vector<Tensor>& grads, std::vector<std::vector<Tensor>> states,
-             std::vector<Tensor> steps)
+             const std::vector<Tensor>& steps)
       : params_(std::move(params)),
         states_(std::move(states)),
-        steps_(std::move(steps)),
+        steps_(counters_of(steps)),
         numels_(numels_of(params_)),
         total_(sum_of(numels_)),
         chunks_(plan_chunks(numels_, {}, {}, kBlockSize, false)) {
@@ -683,6 +707,8 @@ class UpdatePlan {
     for (const Tensor& g : grads) grad_types_.push_back(g.scalar_type());
     pointers_.resize(params_.size());
     for (size_t i = 0; i < params_.size(); ++i) {
+      versions_.push_back(params_[i].unsafeGetTensorImpl()->version_counter());
+      for (const auto& list : states_) versions_.push_back(list[i].unsafeGetTensorImpl()->version_counter());
       if (numels_[i] == 0) continue;
       UpdatePointers& q = pointers_[i];
       q = {params_[i].data_ptr(), nullptr, {nullptr, nullptr, nullptr}, params_[i].element_size(), 0, 0};
@@ -695,57 +721,85 @@ class UpdatePlan {
   // what the plan holds (``p.data = x`` moved or resized it): the caller builds a new plan.
   bool step_list(const pybind11::list& grads, const typename Op::Arguments& arguments) {
     TORCH_CHECK(size_t(PyList_GET_SIZE(grads.ptr())) == params_.size(), kName, "Plan: one grad per param");
-    return step([&](size_t i) -> const Tensor& {
-      PyObject* item = PyList_GET_ITEM(grads.ptr(), i);
-      TORCH_CHECK(THPVariable_Check(item), kName, "Plan: grads must be tensors");
-      return THPVariable_Unpack(item);
-    }, arguments);
+    return step(arguments, [&](std::vector<Tensor>& copies) {
+      for (size_t i = 0; i < params_.size(); ++i) {
+        if (!holds(params_[i], i)) return false;
+        PyObject* item = PyList_GET_ITEM(grads.ptr(), i);
+        TORCH_CHECK(THPVariable_Check(item), kName, "Plan: grads must be tensors");
+        const Tensor& g = THPVariable_Unpack(item);
+        TORCH_CHECK(g.defined(), kName, "Plan: a grad is missing");
+        const int64_t numel = g.numel();
+        take_grad(i, {numel > 0 ? const_cast<void*>(g.const_data_ptr()) : nullptr, numel, g.scalar_type(),
+                      int64_t(g.element_size())}, g.is_contiguous(), [&]() -> const Tensor& { return g; }, copies);
+      }
+      return true;
+    });
   }
 
-  // The same with the grads of entries first, first + 1, ... of the step plan's GradWatch.
+  // The same with the grads of entries first, first + 1, ... of the step plan's GradWatch, as its
+  // refresh read them. The params are checked against the plan's at a watch's first use only:
+  // from then on each refresh checks them against what they were when the watch was made.
   bool step_watched(const GradWatch& watch, int64_t first, const typename Op::Arguments& arguments) {
-    const std::vector<Tensor>& grads = watch.grads();
-    TORCH_CHECK(first >= 0 && first + params_.size() <= grads.size(), kName, "Plan: entries past the watch's");
-    return step([&](size_t i) -> const Tensor& { return grads[first + i]; }, arguments);
+    watch.check_fresh();
+    TORCH_CHECK(first >= 0 && first + params_.size() <= watch.num_entries(), kName, "Plan: entries past the watch's");
+    const bool trusted = watch.id() == trusted_watch_ && first == trusted_first_;
+    return step(arguments, [&](std::vector<Tensor>& copies) {
+      if (!trusted) {
+        for (size_t i = 0; i < params_.size(); ++i) {
+          const Tensor& p = watch.param(first + i);
+          if (p.unsafeGetTensorImpl() != params_[i].unsafeGetTensorImpl() || !holds(p, i)) return false;
+        }
+        trusted_watch_ = watch.id(), trusted_first_ = first;
+      }
+      for (size_t i = 0; i < params_.size(); ++i) {
+        const size_t k = first + i;
+        take_grad(i, watch.span(k), watch.contiguous(k), [&]() -> const Tensor& { return watch.grad(k); }, copies);
+      }
+      return true;
+    });
   }
 
  private:
   static constexpr const char* kName = Op::kName;
 
-  template <typename GradAt>
-  bool step(const GradAt& grad_at, const typename Op::Arguments& a) {
+  // read_grads(copies) puts each grad's address into pointers_ (false: a param moved, nothing done).
+  template <typename ReadGrads>
+  bool step(const typename Op::Arguments& a, const ReadGrads& read_grads) {
     if (a.step.skipped()) return true;  // no bit changes
     const StepScalars scalars = a.step.read();
-    std::vector<Fn>& fns = fns_for(Op::variant(a, scalars, states_.size()));  // may raise: nothing written yet
-    // One read-only visit per tensor: the param still where the plan has it, the grad's address,
-    // and the block functions again where a grad's dtype changed (this may raise: nothing is
-    // written yet).
+    const unsigned variant = Op::variant(a, scalars, states_.size());
+    fns_for(variant);  // may raise: nothing written yet
+    // One read-only visit per grad: its address, and the block functions again where its dtype
+    // changed (this may raise: nothing is written yet).
     std::vector<Tensor> copies;  // contiguous copies of non-contiguous grads, alive for the pass
-    copies.reserve(params_.size());
-    for (size_t i = 0; i < params_.size(); ++i) {
-      const Tensor& p = params_[i];
-      if (p.numel() != numels_[i] || (numels_[i] > 0 && p.const_data_ptr() != pointers_[i].p) || !p.is_contiguous())
-        return false;
-      const Tensor* g = &grad_at(i);
-      TORCH_CHECK(g->defined(), kName, "Plan: a grad is missing");
-      if (g->scalar_type() != grad_types_[i]) retype(i, g->scalar_type());
-      if (numels_[i] == 0) continue;
-      if (!g->is_contiguous()) {
-        copies.push_back(g->contiguous());
-        g = &copies.back();
-      }
-      pointers_[i].g = g->const_data_ptr();
-      pointers_[i].g_size = g->element_size();
-    }
+    if (!read_grads(copies)) return false;
     // The writes begin: step counts and constants, the version counters of what the pass updates
-    // in place (one visit per tensor).
-    const std::vector<typename Op::Constants> constants = Op::constants(a, scalars, steps_);
-    for (size_t i = 0; i < params_.size(); ++i) {
-      torch::autograd::impl::bump_version(params_[i]);
-      for (const auto& list : states_) torch::autograd::impl::bump_version(list[i]);
-    }
-    run_update_pass(chunks_, total_, fns, pointers_, constants, scalars.grad_scale, scalars.clip_coef);
+    // in place.
+    const std::vector<typename Op::Constants> constants = Op::constants(a, scalars, steps_, which_);
+    for (c10::VariableVersion& version : versions_) version.bump();
+    run_update_pass(chunks_, total_, fns_for(variant), pointers_, constants, which_, scalars.grad_scale, scalars.clip_coef);
     return true;
+  }
+
+  // Whether param i is still where and what the plan has it.
+  bool holds(const Tensor& p, size_t i) const {
+    return p.numel() == numels_[i] && (numels_[i] == 0 || p.const_data_ptr() == pointers_[i].p) && p.is_contiguous();
+  }
+
+  // Grad i: its span, or a contiguous copy's (kept in copies) when it is strided.
+  template <typename TensorOf>
+  void take_grad(size_t i, const TensorSpan& span, bool contiguous, const TensorOf& tensor_of,
+                 std::vector<Tensor>& copies) {
+    if (span.type != grad_types_[i]) retype(i, span.type);
+    if (numels_[i] == 0) return;
+    UpdatePointers& q = pointers_[i];
+    q.g_size = span.element_size;
+    if (contiguous) {
+      q.g = span.data;
+      return;
+    }
+    copies.push_back(tensor_of().contiguous());
+    q.g = copies.back().const_data_ptr();
   }
 
   std::vector<const Tensor*> states_of(size_t i) const {
@@ -774,38 +828,61 @@ class UpdatePlan {
 
   std::vector<Tensor> params_;
   std::vector<std::vector<Tensor>> states_;  // the op's state lists, in its block function's order
-  std::vector<Tensor> steps_;  // AdamW's step counts; empty for the others
+  std::vector<StepCounter> steps_;  // AdamW's step counts; empty for the others
+  std::vector<c10::VariableVersion> versions_;  // of every param and state, bumped by a step
   std::vector<int64_t> numels_;
   int64_t total_;
   ChunkPlan chunks_;
   std::vector<at::ScalarType> grad_types_;
   std::vector<std::pair<unsigned, std::vector<Fn>>> fns_;  // by variant (a few at most)
   std::vector<UpdatePointers> pointers_;
+  std::vector<uint32_t> which_;  // each tensor's constants (Op::constants), kept to spare an allocation
+  uint64_t trusted_watch_ = 0;  // the GradWatch (id) and first entry whose params were checked
+  int64_t trusted_first_ = -1;
 };
 
 // multi_tensor_norm of the grads of some entries of the step plan's GradWatch (the ranges
-// [first, first + count) of the lists on one device, in order), with no Python object per grad.
-std::tuple<Tensor, Tensor> planned_norm(const GradWatch& watch, const std::vector<std::pair<int64_t, int64_t>>& ranges,
-                                        double p, bool per_tensor, const std::optional<Tensor>& found_inf) {
-  const std::vector<Tensor>& grads = watch.grads();
-  std::vector<TensorSpan> spans;
-  bool contiguous = true;
-  for (const auto& [first, count] : ranges) {
-    TORCH_CHECK(first >= 0 && count >= 0 && size_t(first + count) <= grads.size(), "planned_norm: entries past the watch's");
-    for (int64_t k = first; k < first + count; ++k) {
-      const Tensor& g = grads[k];
-      TORCH_CHECK(g.defined(), "planned_norm: a grad is missing");
-      contiguous = contiguous && g.is_contiguous();
-      const int64_t numel = g.numel();
-      spans.push_back({numel > 0 ? const_cast<void*>(g.const_data_ptr()) : nullptr, numel, g.scalar_type(),
-                       int64_t(g.element_size())});
+// [first, first + count) of the lists on one device, in order), as its refresh read them: the
+// chunk plan is made once (the plan's grads keep their sizes), and no TensorImpl is touched.
+class NormPlan {
+ public:
+  NormPlan(const GradWatch& watch, const std::vector<std::pair<int64_t, int64_t>>& ranges) {
+    for (const auto& [first, count] : ranges) {
+      TORCH_CHECK(first >= 0 && count >= 0 && size_t(first + count) <= watch.num_entries(),
+                  "NormPlan: entries past the watch's");
+      for (int64_t k = first; k < first + count; ++k) entries_.push_back(size_t(k));
     }
+    std::vector<int64_t> numels(entries_.size());
+    for (size_t i = 0; i < entries_.size(); ++i) numels[i] = watch.span(entries_[i]).numel;
+    numels_ = numels;
+    total_ = sum_of(numels);
+    chunks_ = plan_chunks(numels, {}, {}, kBlockSize, false);
   }
-  if (contiguous) return norm_of_spans(spans, p, per_tensor, found_inf);
-  std::vector<Tensor> tensors;  // a strided grad: the general path, which reads a contiguous copy
-  for (const auto& [first, count] : ranges) tensors.insert(tensors.end(), grads.begin() + first, grads.begin() + first + count);
-  return multi_tensor_norm(tensors, p, per_tensor, found_inf);
-}
+
+  std::tuple<Tensor, Tensor> norm(const GradWatch& watch, double p, bool per_tensor,
+                                  const std::optional<Tensor>& found_inf) const {
+    watch.check_fresh();
+    TORCH_CHECK(entries_.empty() || entries_.back() < watch.num_entries(), "NormPlan: entries past the watch's");
+    std::vector<TensorSpan> spans(entries_.size());
+    bool contiguous = true;
+    for (size_t i = 0; i < entries_.size(); ++i) {
+      spans[i] = watch.span(entries_[i]);
+      contiguous = contiguous && watch.contiguous(entries_[i]);
+      TORCH_CHECK(spans[i].numel == numels_[i], "NormPlan: a grad changed size (the step plan is void)");
+    }
+    if (contiguous) return norm_of_spans(spans, chunks_, total_, p, per_tensor, found_inf);
+    std::vector<Tensor> tensors;  // a strided grad: the general path, which reads a contiguous copy
+    tensors.reserve(entries_.size());
+    for (size_t k : entries_) tensors.push_back(watch.grad(k));
+    return multi_tensor_norm(tensors, p, per_tensor, found_inf);
+  }
+
+ private:
+  std::vector<size_t> entries_;
+  std::vector<int64_t> numels_;
+  int64_t total_ = 0;
+  ChunkPlan chunks_;
+};
 
 }  // namespace
 }  // namespace cpu
@@ -879,5 +956,9 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, module) {
            pybind11::arg("params"), pybind11::arg("grads"), pybind11::arg("exp_avgs"))
       .def("step_list", &UpdatePlan<LionOp>::step_list, "one step with these grads (checked by the caller)")
       .def("step_watched", &UpdatePlan<LionOp>::step_watched, "one step with the grads of a GradWatch's entries");
-  module.def("planned_norm", &planned_norm, "multi_tensor_norm of the grads of a GradWatch's entries");
+  pybind11::class_<NormPlan>(module, "NormPlan", "multi_tensor_norm of the grads of a GradWatch's entries")
+      .def(pybind11::init<const GradWatch&, const std::vector<std::pair<int64_t, int64_t>>&>(),
+           pybind11::arg("watch"), pybind11::arg("ranges"))
+      .def("norm", &NormPlan::norm, pybind11::arg("watch"), pybind11::arg("norm_type"), pybind11::arg("per_tensor"),
+           pybind11::arg("found_inf"));
 }

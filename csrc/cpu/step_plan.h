@@ -1,22 +1,25 @@
-// The host side of fastopt.optim's step plan (fastopt/optim/adamw.py, _StepPlan): the per-step
+// The host side of fastopt.optim's step plan (fastopt/optim/optimizer.py, _StepPlan): the per-step
 // check, over every param in one C++ loop, for tensors on any device (only metadata is read).
 //
 // A plan holds the tensor lists a full step validated. A later step may reuse them when nothing but
-// the grads changed; GradWatch::refresh says whether that is so and takes the new grads, after
+// the grads changed; GradWatch::refresh says whether that is so and reads the new grads, after
 // checking each one as the ops would (dense, floating, its param's shape and device, clear of
 // everything the step writes). What voids the plan here: a group's params list edited, a param's
-// data replaced (dtype, device, shape, storage), a param gaining or losing its grad. (A state
-// tensor replaced is seen by the Python side: its state dicts count their changes.) The grads stay
-// C++ tensors, which the cpu backend's planned ops read directly (AdamWPlan, planned_norm in
-// module.cpp); other backends get them in the plan's Python lists (fill_lists), since making a
-// Python object per grad is most of the cost of a step over many small tensors.
+// data replaced (dtype, device, shape, strides, storage), a param gaining or losing its grad. (A
+// state tensor replaced is seen by the Python side: its state dicts count their changes.) The same
+// visit records what the cpu backend's planned ops read of each grad (TensorSpan: address, size,
+// dtype), so that the norm and the update never touch a grad's TensorImpl again (NormPlan,
+// UpdatePlan in module.cpp); other backends get the grads in the plan's Python lists (fill_lists),
+// since making a Python object per grad is most of the cost of a step over many small tensors.
 #pragma once
 
 #include <torch/extension.h>
 
+#include <c10/util/SmallVector.h>
 #include <torch/csrc/autograd/python_variable.h>
 
 #include <algorithm>
+#include <atomic>
 #include <cstdint>
 #include <string>
 #include <utility>
@@ -24,6 +27,16 @@
 
 namespace fastopt {
 namespace cpu {
+
+// What a pass reads of one tensor: gathered in one visit of each tensor, so that the pass itself
+// never touches a TensorImpl again (with thousands of small tensors, those visits are cache misses,
+// the cost of a call).
+struct TensorSpan {
+  void* data;  // null when empty
+  int64_t numel;
+  at::ScalarType type;
+  int64_t element_size;
+};
 
 namespace step_plan_detail {
 
@@ -47,22 +60,24 @@ inline bool is_floating(at::ScalarType type) {
   return type == at::kFloat || type == at::kDouble || type == at::kBFloat16 || type == at::kHalf;
 }
 
-// What a param was when the plan was built: a change (p.data = ..., model.to(...)) voids the plan.
+// What a param was when the plan was built: a change (p.data = ..., model.to(...), a square
+// matrix transposed in place) voids the plan. Sizes and strides inline: no pointer to chase.
 struct ParamRecord {
   const void* data;
   at::ScalarType dtype;
   at::Device device;
-  std::vector<int64_t> sizes;
+  c10::SmallVector<int64_t, 4> sizes, strides;
 
   explicit ParamRecord(const Tensor& p)
       : data(data_of(p)),
         dtype(p.scalar_type()),
         device(p.device()),
-        sizes(p.sizes().vec()) {}
+        sizes(p.sizes().begin(), p.sizes().end()),
+        strides(p.strides().begin(), p.strides().end()) {}
 
   bool matches(const Tensor& p) const {
     return p.scalar_type() == dtype && p.device() == device && p.sizes().equals(sizes) &&
-           data_of(p) == data;
+           p.strides().equals(strides) && data_of(p) == data;
   }
 };
 
@@ -80,7 +95,7 @@ class __attribute__((visibility("hidden"))) GradWatch {
   // may overlap. The plan's grads are the params' grads of now.
   GradWatch(const pybind11::list& group_params, std::vector<int64_t> slots, const pybind11::list& grad_lists,
             std::vector<int64_t> positions, const std::vector<Tensor>& written)
-      : slots_(std::move(slots)), positions_(std::move(positions)) {
+      : id_(next_id()), slots_(std::move(slots)), positions_(std::move(positions)) {
     using step_plan_detail::data_of;
     for (const pybind11::handle& list : group_params) {
       lists_.push_back(pybind11::reinterpret_borrow<pybind11::list>(list));
@@ -97,22 +112,29 @@ class __attribute__((visibility("hidden"))) GradWatch {
     TORCH_CHECK(slots_.size() == params_.size(), "GradWatch: one slot per param");
     for (const pybind11::handle& list : grad_lists) grad_lists_.push_back(pybind11::reinterpret_borrow<pybind11::list>(list));
     TORCH_CHECK(grad_lists_.size() == positions_.size(), "GradWatch: one position per grad list entry");
-    grads_.resize(positions_.size());
-    seen_data_.assign(positions_.size(), nullptr);
+    const size_t entries = positions_.size();
+    entry_param_.assign(entries, params_.size());
+    spans_.assign(entries, TensorSpan{nullptr, 0, at::kFloat, 0});
+    contiguous_.assign(entries, 1);
+    seen_data_.assign(entries, nullptr);
     for (size_t j = 0; j < params_.size(); ++j) {
       const int64_t k = slots_[j];
-      TORCH_CHECK(k < int64_t(positions_.size()), "GradWatch: a slot past the grad lists");
-      if (k < 0 || !params_[j].grad().defined()) continue;
-      grads_[k] = params_[j].grad();
-      seen_data_[k] = step_plan_detail::data_of(grads_[k]);
+      TORCH_CHECK(k < int64_t(entries), "GradWatch: a slot past the grad lists");
+      if (k < 0) continue;
+      TORCH_CHECK(entry_param_[k] == params_.size(), "GradWatch: two params in one entry");
+      entry_param_[k] = j;
+      if (params_[j].grad().defined()) read_grad(params_[j].grad(), k);
     }
+    for (size_t k = 0; k < entries; ++k) TORCH_CHECK(entry_param_[k] < params_.size(), "GradWatch: an entry without a param");
+    fresh_ = true;  // the plan's grads are the params' grads of now, and its lists hold them
+    lists_filled_ = true;
     for (const Tensor& t : written) {
       const uintptr_t bytes = step_plan_detail::extent_of(t);
       if (bytes == 0 || data_of(t) == nullptr) continue;
       const auto start = reinterpret_cast<uintptr_t>(data_of(t));
-      spans_.emplace_back(start, start + bytes);
+      written_.emplace_back(start, start + bytes);
     }
-    std::sort(spans_.begin(), spans_.end());
+    std::sort(written_.begin(), written_.end());
   }
 
   // -1: the plan is void (rebuild it); 0: the grads are checked and where the last refresh's were
@@ -127,8 +149,9 @@ class __attribute__((visibility("hidden"))) GradWatch {
         if (PyList_GET_ITEM(list, i) != members[i].ptr()) return -1;
     }
     // One pass over the params (each visit reads the param, its autograd meta and its grad: the
-    // cache misses are the cost). A refusal part way leaves only grads_ half renewed, which no
-    // one reads before the next refresh; the lists and tensors are untouched.
+    // cache misses are the cost). A refusal part way leaves the spans half renewed and stale
+    // (no planned op reads them before the next refresh); the lists and tensors are untouched.
+    fresh_ = false;
     bool changed = false;
     for (size_t j = 0; j < params_.size(); ++j) {
       const Tensor& param = params_[j];
@@ -142,31 +165,51 @@ class __attribute__((visibility("hidden"))) GradWatch {
       check_grad(grad, j, k, /*overlap=*/data != seen_data_[k]);
       changed |= data != seen_data_[k];
       seen_data_[k] = data;
-      grads_[k] = grad;
+      read_grad(grad, k);
     }
+    fresh_ = true;
     return changed ? 1 : 0;
   }
 
   // The grads into the plan's Python lists, for ops that take lists.
   void fill_lists() {
-    for (size_t k = 0; k < grads_.size(); ++k) {
-      PyObject* wrapped = THPVariable_Wrap(grads_[k]);
+    check_fresh();
+    for (size_t k = 0; k < entry_param_.size(); ++k) {
+      PyObject* wrapped = THPVariable_Wrap(grad(k));
       if (wrapped == nullptr) throw pybind11::error_already_set();
       PyList_SetItem(grad_lists_[k].ptr(), positions_[k], wrapped);  // steals the reference
     }
+    lists_filled_ = true;
   }
 
-  // Lets go of the grads after a step (None in the lists), so that zero_grad(set_to_none=True)
-  // frees their memory until the next backward, as without a plan.
+  // After a step: the spans go stale (a planned op refuses them until the next refresh), and the
+  // lists, if filled, let go of the grads (None), so that zero_grad(set_to_none=True) frees their
+  // memory until the next backward, as without a plan. The watch itself holds no grad.
   void release() {
-    for (size_t k = 0; k < grads_.size(); ++k) {
-      grads_[k] = Tensor();
+    fresh_ = false;
+    if (!lists_filled_) return;
+    for (size_t k = 0; k < positions_.size(); ++k) {
       Py_INCREF(Py_None);
       PyList_SetItem(grad_lists_[k].ptr(), positions_[k], Py_None);
     }
+    lists_filled_ = false;
   }
 
-  const std::vector<Tensor>& grads() const { return grads_; }
+  size_t num_entries() const { return entry_param_.size(); }
+  // Which watch this is (never reused): a planned op that has checked its params against this
+  // watch's once may rely on its refreshes from then on.
+  uint64_t id() const { return id_; }
+  const Tensor& param(size_t k) const { return params_[entry_param_[k]]; }
+  // Entry k's grad as the last refresh read it: its span (address, size, dtype) and whether it is
+  // contiguous; the tensor itself is the param's grad (valid until the step ends).
+  const TensorSpan& span(size_t k) const { return spans_[k]; }
+  bool contiguous(size_t k) const { return contiguous_[k] != 0; }
+  const Tensor& grad(size_t k) const { return params_[entry_param_[k]].grad(); }
+
+  // The spans are this step's: refreshed (or made) since the last release.
+  void check_fresh() const {
+    TORCH_CHECK(fresh_, "GradWatch: the grads were not read for this step (refresh() first)");
+  }
 
  private:
   // The checks of fastopt.ops.check_replacement, with its messages; grads[i] is the grad's index
@@ -196,15 +239,27 @@ class __attribute__((visibility("hidden"))) GradWatch {
     throw pybind11::value_error(name + " shares memory with a param or state that this call updates in place");
   }
 
+  static uint64_t next_id() {
+    static std::atomic<uint64_t> last{0};
+    return ++last;
+  }
+
+  void read_grad(const Tensor& grad, size_t k) {
+    const int64_t numel = grad.numel();
+    spans_[k] = {numel > 0 ? const_cast<void*>(step_plan_detail::data_of(grad)) : nullptr, numel, grad.scalar_type(),
+                 int64_t(grad.element_size())};
+    contiguous_[k] = grad.is_contiguous();
+  }
+
   bool overlaps_written(const Tensor& grad) const {
     const uintptr_t bytes = step_plan_detail::extent_of(grad);
     const void* data = step_plan_detail::data_of(grad);
-    if (bytes == 0 || spans_.empty() || data == nullptr) return false;
+    if (bytes == 0 || written_.empty() || data == nullptr) return false;
     const auto start = reinterpret_cast<uintptr_t>(data), end = start + bytes;
     // The written spans are disjoint (the full step checked them) and sorted: only the last one
     // starting before `end` can reach into [start, end).
-    auto after = std::lower_bound(spans_.begin(), spans_.end(), std::make_pair(end, uintptr_t(0)));
-    return after != spans_.begin() && std::prev(after)->second > start;
+    auto after = std::lower_bound(written_.begin(), written_.end(), std::make_pair(end, uintptr_t(0)));
+    return after != written_.begin() && std::prev(after)->second > start;
   }
 
   // How Python prints a tensor attribute (torch.int64, (3,), cuda:0): for error messages only.
@@ -215,6 +270,7 @@ class __attribute__((visibility("hidden"))) GradWatch {
     return pybind11::str(value);
   }
 
+  uint64_t id_;
   std::vector<pybind11::list> lists_;
   std::vector<std::vector<pybind11::object>> members_;
   std::vector<Tensor> params_;
@@ -222,9 +278,13 @@ class __attribute__((visibility("hidden"))) GradWatch {
   std::vector<int64_t> slots_;
   std::vector<pybind11::list> grad_lists_;
   std::vector<int64_t> positions_;
-  std::vector<Tensor> grads_;  // entry k's grad of this step; undefined between steps
+  std::vector<size_t> entry_param_;  // entry k's param
+  std::vector<TensorSpan> spans_;  // entry k's grad as the last refresh read it
+  std::vector<uint8_t> contiguous_;
   std::vector<const void*> seen_data_;  // where each grad was at the last refresh
-  std::vector<std::pair<uintptr_t, uintptr_t>> spans_;
+  std::vector<std::pair<uintptr_t, uintptr_t>> written_;  // [start, end) of what the step writes, sorted
+  bool fresh_ = false;  // spans_ read for this step
+  bool lists_filled_ = false;
 };
 
 // Adds GradWatch to the extension module (step_plan.cpp).
