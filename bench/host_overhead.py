@@ -17,7 +17,7 @@ with ``flat_states`` / ``flat_grads``; then the same steps on the cpu backend wi
 With ``--backend triton`` or ``--backend cuda``: that backend's own preparation, its launches
 stubbed (so it runs on CPU tensors, no GPU needed): Triton's kernel launches are recorded instead
 of run; the CUDA backend's ``torch.ops.fastopt.*`` calls return at once (the Python in front of
-the extension), and then run for real on the emulated build of ``csrc/ops.cpp``
+the extension), and then run for real on the emulated build of ``csrc/cuda/ops.cpp``
 (``fastopt._C_emulated``, CPU tensors; ``python csrc/emulation/build.py`` makes it) with every
 kernel launch returning before its grid runs: the extension's host work (argument conversion by
 ``torch.ops``, checks, table lookup by layout and stream, the address column's refresh and
@@ -66,13 +66,13 @@ def no_op_backend() -> types.SimpleNamespace:
 def stubbed_backend(name: str):
     """The backend module with its launches stubbed (this process only)."""
     if name == "triton":
-        from fastopt import triton as module
-        from fastopt.triton import launch
+        from fastopt.backends import triton as module
+        from fastopt.backends.triton import launch
 
         launch._launch = lambda kernel, num_programs, *args, **kwargs: launch.LAUNCHES.update([kernel.fn.__name__])
         return module
     if name == "cuda":
-        from fastopt import cuda as module
+        from fastopt.backends import cuda as module
 
         def multi_tensor_norm(tensors, norm_type, per_tensor, found_inf):
             return torch.zeros(()), torch.zeros(len(tensors) if per_tensor else 0)
@@ -99,7 +99,7 @@ def stubbed_backend(name: str):
 
 
 def emulated_cuda_backend():
-    """fastopt.cuda on the emulated build of csrc/ops.cpp, its launches returning before their
+    """fastopt.backends.cuda on the emulated build of csrc/cuda/ops.cpp, its launches returning before their
     grids run; None when that build is missing or older than its ``_skip_grids`` hook."""
     try:
         extension = importlib.import_module("fastopt._C_emulated")
@@ -107,7 +107,7 @@ def emulated_cuda_backend():
         return None
     if not hasattr(extension, "_skip_grids"):
         return None
-    from fastopt import cuda as module
+    from fastopt.backends import cuda as module
 
     extension._skip_grids(True)
     module._OPS = torch.ops.fastopt_emulated

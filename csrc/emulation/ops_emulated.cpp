@@ -1,4 +1,4 @@
-// fastopt._C_emulated: csrc/ops.cpp, unchanged, built for CPU tensors on the host emulation of the
+// fastopt._C_emulated: csrc/cuda/ops.cpp, unchanged, built for CPU tensors on the host emulation of the
 // device (see README.md). The same schemas, table building, caching, address refresh and arrival
 // counters, registered as torch.ops.fastopt_emulated.* for the CPU dispatch key; the CUDA runtime
 // calls are served by runtime.cpp, c10's CUDA helpers by include/c10/cuda/.
@@ -9,7 +9,7 @@
 #define FASTOPT_OPS_MODULE "fastopt._C_emulated"
 #define FASTOPT_OPS_MODULE_INIT fastopt_emulated_ops_module
 
-#include "ops.cpp"
+#include "cuda/ops.cpp"
 
 #include "runtime.h"
 

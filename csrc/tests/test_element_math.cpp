@@ -1,7 +1,7 @@
-// Host unit test of csrc/element_math.h: every per-element function the kernels call, checked on
+// Host unit test of csrc/common/element_math.h: every per-element function the kernels call, checked on
 // concrete values against known answers (literals derived by hand or in high precision, or the
 // formula written out here in double), and on random data (fixed seeds, never all zeros).
-#include "element_math.h"
+#include "common/element_math.h"
 
 #include <algorithm>
 #include <cmath>

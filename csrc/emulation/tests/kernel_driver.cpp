@@ -1,4 +1,4 @@
-// The CUDA kernels (csrc/*.cu through kernels.h, unchanged) on the emulated device, driven without
+// The CUDA kernels (csrc/cuda/*.cu through kernels.h, unchanged) on the emulated device, driven without
 // torch, for the ThreadSanitizer and AddressSanitizer builds (run_checks.sh): every tensor is its
 // own heap allocation that ends exactly where the tensor ends (so one element read or written past
 // it is a heap-buffer-overflow), tables are built as ops.cpp builds them (chunk_plan.h), and every
@@ -18,8 +18,8 @@
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 
-#include "chunk_plan.h"
-#include "kernels.h"
+#include "common/chunk_plan.h"
+#include "cuda/kernels.h"
 #include "runtime.h"
 
 namespace {

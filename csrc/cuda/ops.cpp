@@ -1,6 +1,6 @@
 // The torch side of the CUDA backend, and the only file that includes torch: op schemas
 // (TORCH_LIBRARY(fastopt)), their CUDA implementations, and the cache of device-side tables.
-// Fake (meta) implementations are registered in Python (fastopt/cuda.py). The kernels behind
+// Fake (meta) implementations are registered in Python (fastopt/backends/cuda.py). The kernels behind
 // the launchers are in the .cu files (CUDA headers only, see kernels.h).
 #include <Python.h>  // only for the module init below: `import fastopt._C` registers the ops
 
@@ -23,7 +23,7 @@
 #include <utility>
 #include <vector>
 
-#include "chunk_plan.h"
+#include "../common/chunk_plan.h"
 #include "kernels.h"
 
 // What these ops are registered as. The build on the host emulation of the device

@@ -7,7 +7,7 @@
 
 #include <cuda_runtime_api.h>
 
-#include "element_math.h"
+#include "../common/element_math.h"
 
 namespace fastopt {
 
