@@ -43,7 +43,7 @@ from fastopt.backends import reference
 from tests.helpers import MIXED_SHAPES, assert_bitwise_equal, inject_nonfinite, no_host_sync, tolerance
 
 # FASTOPT_CUDA_EMULATION=1 (make test-cuda-emulated): the same tests on CPU tensors, the kernels and
-# ops.cpp built for the host emulation of the device (csrc/emulation, torch.ops.fastopt_emulated);
+# their host side built for the host emulation of the device (csrc/emulation, torch.ops.fastopt_emulated);
 # the tests that need a GPU's streams, graphs, profiler or memory skip there.
 EMULATED = os.environ.get("FASTOPT_CUDA_EMULATION") == "1"
 DEVICE = "cpu" if EMULATED else "cuda"
@@ -235,7 +235,7 @@ ADAMW_COMBOS = {
     "fp32_params_bf16_grads": [(F32, BF16, F32)],
     "bf16_params_fp32_states": [(BF16, BF16, F32)],
     "fp64": [(F64, F64, F64)],
-    # No kernel build (ops.cpp raises NotImplementedError): fastopt/backends/cuda.py runs the reference.
+    # No kernel build (host_runtime.cpp raises NotImplementedError): fastopt/backends/cuda.py runs the reference.
     "unsupported_fp16_params_bf16_grads": [(F16, BF16, F16)],
     "one_unsupported_tensor_in_a_mixed_list": [(F32, F32, F32), (BF16, BF16, F32), (F16, BF16, F16)],
 }
@@ -791,7 +791,7 @@ def fastopt_kernel_launches(call) -> int:
 
 @pytest.mark.skipif(not EMULATED, reason="a hook of the emulated device")
 def test_skipped_grids_leave_only_the_host_work():
-    """bench/host_overhead.py times ops.cpp's host work with the emulation's grids skipped: a
+    """bench/host_overhead.py times host_runtime.cpp's host work with the emulation's grids skipped: a
     launch is then counted and returns, no kernel writes, and the table still follows the tensors
     (the next call, grids running, scales the right ones)."""
     tensors = random_values([(7,), (33, 17), (40000,)], seed=75)
@@ -1013,7 +1013,7 @@ CUSTOM_OP_CASES = [
 
 
 def custom_op_cases() -> dict:
-    """(op, arguments) per case, on fresh GPU tensors. Schemas: the bottom of csrc/cuda/ops.cpp; a
+    """(op, arguments) per case, on fresh GPU tensors. Schemas: csrc/cuda/registration.cpp; a
     "float or tensor" argument is a float plus an optional tensor that wins when given."""
     ts = random_values([(3, 5), (7,), ()], seed=110)
 
@@ -1177,7 +1177,7 @@ def test_unscale_and_check_op_returns_the_norm_of_the_unscaled_tensors(dtype, pe
 
 
 # --------------------------------------------------------------------------- streams, arrival counters, capture
-# (csrc/cuda/ops.cpp's TableCache: a table per (layout, stream); counters zeroed before each launch;
+# (csrc/cuda/host_runtime.cpp's TableCache: a table per (layout, stream); counters zeroed before each launch;
 # tables of a capture built outside the graph and released with it.)
 
 

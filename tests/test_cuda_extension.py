@@ -24,7 +24,7 @@ from fastopt.backends import cuda
 BUILT = importlib.util.find_spec("fastopt._C") is not None and cuda.LOAD_ERROR is None
 needs_extension = pytest.mark.skipif(not BUILT, reason=f"fastopt._C is not usable here: {cuda.LOAD_ERROR}")
 
-# What docs/design.md and csrc/cuda/ops.cpp promise: written lists and tensors carry (x!), nothing written
+# What docs/design.md and csrc/cuda/registration.cpp promise: written lists and tensors carry (x!), nothing written
 # is returned.
 SCHEMAS = {
     "multi_tensor_norm": "fastopt::multi_tensor_norm(Tensor[] tensors, float norm_type, bool per_tensor,"

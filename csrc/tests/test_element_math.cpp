@@ -270,7 +270,7 @@ void test_clamp_symmetric(uint32_t seed) {
   CHECK(fastopt::clamp_symmetric(-inf, inf) == -inf, t, " inf limit, -inf x");
   CHECK(std::isnan(fastopt::clamp_symmetric(nan, inf)), t, " inf limit, nan x");
   // A nan limit: every comparison is false, so x passes through unchanged. (torch.clamp with a nan
-  // bound gives nan; the callers reject a nan clip_value before it gets here: ops.cpp checks
+  // bound gives nan; the callers reject a nan clip_value before it gets here: host_runtime.cpp checks
   // clip_value >= 0 and fastopt.ops rejects nan.)
   CHECK(fastopt::clamp_symmetric(A(2.5), nan) == A(2.5), t, " nan limit passes x through");
   CHECK(fastopt::clamp_symmetric(A(-2.5), nan) == A(-2.5), t, " nan limit passes x through");

@@ -11,7 +11,7 @@ A missing extension, or one built against another torch, is logged once and leav
 unavailable with the reason (``python -m fastopt info``); the ops then run on Triton or torch.
 
 ``FASTOPT_CUDA_EMULATION=1`` (a test mode, as ``TRITON_INTERPRET=1`` is for Triton): the same kernels
-and ``ops.cpp`` built for the host emulation of the device (csrc/emulation, ``fastopt._C_emulated``,
+and their host side built for the host emulation of the device (csrc/emulation, ``fastopt._C_emulated``,
 ops ``torch.ops.fastopt_emulated.*``) run on CPU tensors, without a GPU.
 """
 
