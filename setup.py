@@ -1,7 +1,7 @@
 """Build script: the pure-Python package always; the CUDA extension fastopt._C and the CPU
 extension fastopt._cpu_torch<release> when it can.
 
-The CUDA extension is built when csrc/ has kernel sources, torch is importable in the build
+The CUDA extension is built when csrc/cuda/ has kernel sources, torch is importable in the build
 environment and is a CUDA build, and a CUDA toolkit is found. The CPU extension (csrc/cpu/, the
 ``cpu`` backend) is built when torch is importable in the build environment and a C++ compiler is
 found. Otherwise the package installs without them (every op still runs on the Triton or torch
@@ -25,8 +25,8 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 def cuda_extension_skip_reason():
     if os.environ.get("FASTOPT_SKIP_CUDA_BUILD") == "1":
         return "FASTOPT_SKIP_CUDA_BUILD=1"
-    if not glob.glob(os.path.join(HERE, "csrc", "*.cu")):
-        return "this version has no CUDA kernel sources in csrc/"
+    if not glob.glob(os.path.join(HERE, "csrc", "cuda", "*.cu")):
+        return "this version has no CUDA kernel sources in csrc/cuda/"
     try:
         import torch
         from torch.utils.cpp_extension import CUDA_HOME
@@ -52,7 +52,8 @@ def cuda_extension_kwargs():
 
     # Ampere (A100) and Hopper (H100 / H200) unless the builder says otherwise.
     os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "8.0;9.0")
-    sources = sorted(glob.glob(os.path.join("csrc", "*.cu")) + glob.glob(os.path.join("csrc", "*.cpp")))
+    cuda = os.path.join("csrc", "cuda")
+    sources = sorted(glob.glob(os.path.join(cuda, "*.cu")) + glob.glob(os.path.join(cuda, "*.cpp")))
     print(
         f"fastopt: building the CUDA extension for sm {os.environ['TORCH_CUDA_ARCH_LIST']} against torch"
         f" {torch.__version__}",

@@ -17,7 +17,7 @@ with ``flat_states`` / ``flat_grads``; then the same steps on the cpu backend wi
 With ``--backend triton`` or ``--backend cuda``: that backend's own preparation, its launches
 stubbed (so it runs on CPU tensors, no GPU needed): Triton's kernel launches are recorded instead
 of run; the CUDA backend's ``torch.ops.fastopt.*`` calls return at once (the Python in front of
-the extension), and then run for real on the emulated build of ``csrc/ops.cpp``
+the extension), and then run for real on the emulated build of ``csrc/cuda/host_runtime.cpp``
 (``fastopt._C_emulated``, CPU tensors; ``python csrc/emulation/build.py`` makes it) with every
 kernel launch returning before its grid runs: the extension's host work (argument conversion by
 ``torch.ops``, checks, table lookup by layout and stream, the address column's refresh and
@@ -32,7 +32,7 @@ upload, the arrival counters' reset) is timed, its kernels are not. Reported, ov
 - ``planned, in a step``: the same after the step plan's check of the new grads
   (``ops.check_replacement``, not timed), as inside ``AdamW.step``;
 - ``optimizer step``: a whole ``AdamW.step`` with clipping on that backend, launches stubbed;
-- (cuda, ``with ops.cpp``) ``torch.ops binding``: what handing the lists to C++ costs, the
+- (cuda, ``with host_runtime.cpp``) ``torch.ops binding``: what handing the lists to C++ costs, the
   emulated ``adamw_`` rejected at its first check (no params) with the other four lists given,
   less the same call with every list empty.
 
@@ -66,13 +66,13 @@ def no_op_backend() -> types.SimpleNamespace:
 def stubbed_backend(name: str):
     """The backend module with its launches stubbed (this process only)."""
     if name == "triton":
-        from fastopt import triton as module
-        from fastopt.triton import launch
+        from fastopt.backends import triton as module
+        from fastopt.backends.triton import launch
 
         launch._launch = lambda kernel, num_programs, *args, **kwargs: launch.LAUNCHES.update([kernel.fn.__name__])
         return module
     if name == "cuda":
-        from fastopt import cuda as module
+        from fastopt.backends import cuda as module
 
         def multi_tensor_norm(tensors, norm_type, per_tensor, found_inf):
             return torch.zeros(()), torch.zeros(len(tensors) if per_tensor else 0)
@@ -99,7 +99,7 @@ def stubbed_backend(name: str):
 
 
 def emulated_cuda_backend():
-    """fastopt.cuda on the emulated build of csrc/ops.cpp, its launches returning before their
+    """fastopt.backends.cuda on the emulated build of csrc/cuda/host_runtime.cpp, its launches returning before their
     grids run; None when that build is missing or older than its ``_skip_grids`` hook."""
     try:
         extension = importlib.import_module("fastopt._C_emulated")
@@ -107,7 +107,7 @@ def emulated_cuda_backend():
         return None
     if not hasattr(extension, "_skip_grids"):
         return None
-    from fastopt import cuda as module
+    from fastopt.backends import cuda as module
 
     extension._skip_grids(True)
     module._OPS = torch.ops.fastopt_emulated
@@ -281,9 +281,9 @@ def main() -> None:
     if args.backend == "cuda":
         backend = emulated_cuda_backend()
         if backend is None:
-            print("with ops.cpp: n/a (fastopt._C_emulated is missing or stale: python csrc/emulation/build.py)")
+            print("with host_runtime.cpp: n/a (fastopt._C_emulated is missing or stale: python csrc/emulation/build.py)")
             return
-        print("backend cuda with ops.cpp (fastopt._C_emulated, CPU tensors), kernel launches return before their grids run:")
+        print("backend cuda with host_runtime.cpp (fastopt._C_emulated, CPU tensors), kernel launches return before their grids run:")
         report(backend, args.params, args.steps)
         ms = binding_times(args.params, args.steps)
         print(f"  {'torch.ops binding:':<22}{ms[0]:.2f} ms host (min {ms[1]:.2f}; four lists, inside the times above)")

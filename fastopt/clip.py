@@ -4,7 +4,7 @@ They take what torch's take (a tensor or an iterable of parameters), work on the
 each parameter that has one, group by device, and call the functional ops. None of them syncs
 the host, except ``clip_grad_norm_(error_if_nonfinite=True)``, which must read the norm to raise.
 
-Under torch.compile they trace fastopt's reference formulas (``fastopt.reference``, torch ops that
+Under torch.compile they trace fastopt's reference formulas (``fastopt.backends.reference``, torch ops that
 Inductor fuses) after the checks that need no memory address; the backends' kernels and the
 memory-overlap checks (``data_ptr``) are for eager calls. What cannot be traced (sharded DTensor
 grads, a ``process_group``, ``error_if_nonfinite=True``) runs eagerly behind one graph break.
@@ -17,7 +17,8 @@ from collections.abc import Iterable
 import torch
 from torch import Tensor
 
-from fastopt import distributed, ops, reference
+from fastopt import distributed, ops
+from fastopt.backends import reference
 
 __all__ = ["clip_grad_norm_", "clip_grad_value_", "adaptive_clip_grad_"]
 

@@ -26,7 +26,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from fastopt import reference
+from fastopt.backends import reference
 
 try:
     from torch.distributed.tensor import DTensor

@@ -7,7 +7,8 @@ import pytest
 import torch
 
 import fastopt
-from fastopt import backends, reference
+from fastopt import backends
+from fastopt.backends import reference
 from tests.helpers import active_backend
 
 

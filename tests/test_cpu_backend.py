@@ -14,7 +14,8 @@ import pytest
 import torch
 
 import fastopt
-from fastopt import backends, reference
+from fastopt import backends
+from fastopt.backends import reference
 from tests.helpers import (
     FLOAT_DTYPES,
     MIXED_SHAPES,
@@ -28,7 +29,7 @@ from tests.helpers import (
     tolerance,
 )
 
-cpu = pytest.importorskip("fastopt.cpu")
+cpu = pytest.importorskip("fastopt.backends.cpu")
 if cpu.unavailable_reason() is not None:
     pytest.skip(f"cpu backend unavailable: {cpu.unavailable_reason()}", allow_module_level=True)
 

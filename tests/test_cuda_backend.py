@@ -1,7 +1,7 @@
-"""The CUDA backend (kernels in csrc/, extension fastopt._C, wrapper fastopt/cuda.py) on a GPU.
+"""The CUDA backend (kernels in csrc/cuda/, extension fastopt._C, wrapper fastopt/backends/cuda.py) on a GPU.
 
 Every op runs under ``fastopt.use_backend("cuda")`` on CUDA tensors and is compared with
-``fastopt.reference`` (the oracle) run on copies of the same inputs, within the per-dtype
+``fastopt.backends.reference`` (the oracle) run on copies of the same inputs, within the per-dtype
 tolerances of tests/helpers.py, on random data. Tensors live inside larger buffers filled with a
 sentinel before, between and after them (nan around what an op only reads, so that a stray read
 poisons the result; 123.0 around what it writes, so that a stray write shows), at storage offsets
@@ -38,11 +38,12 @@ from torch.autograd import DeviceType
 from torch.profiler import ProfilerActivity, profile
 
 import fastopt
-from fastopt import backends, ops, reference
+from fastopt import backends, ops
+from fastopt.backends import reference
 from tests.helpers import MIXED_SHAPES, assert_bitwise_equal, inject_nonfinite, no_host_sync, tolerance
 
 # FASTOPT_CUDA_EMULATION=1 (make test-cuda-emulated): the same tests on CPU tensors, the kernels and
-# ops.cpp built for the host emulation of the device (csrc/emulation, torch.ops.fastopt_emulated);
+# their host side built for the host emulation of the device (csrc/emulation, torch.ops.fastopt_emulated);
 # the tests that need a GPU's streams, graphs, profiler or memory skip there.
 EMULATED = os.environ.get("FASTOPT_CUDA_EMULATION") == "1"
 DEVICE = "cpu" if EMULATED else "cuda"
@@ -103,7 +104,7 @@ def extension():
 
 
 def on_reference(op, *args, **kwargs):
-    """The same public op on the torch backend (fastopt.reference): the oracle."""
+    """The same public op on the torch backend (fastopt.backends.reference): the oracle."""
     with fastopt.use_backend("torch"):
         return op(*args, **kwargs)
 
@@ -207,7 +208,7 @@ def assert_lists_close(actual, expected, what: str, **close) -> None:
 
 
 def reference_norm(tensors, norm_type: float, per_tensor: bool):
-    """fastopt.reference's norm of float64 copies: the norms as exactly as float32 can hold them
+    """fastopt.backends.reference's norm of float64 copies: the norms as exactly as float32 can hold them
     (an fp32 accumulation over many elements is itself off by more than fp32's tolerance)."""
     return reference.multi_tensor_norm([t.double() for t in tensors], norm_type, per_tensor)
 
@@ -234,7 +235,7 @@ ADAMW_COMBOS = {
     "fp32_params_bf16_grads": [(F32, BF16, F32)],
     "bf16_params_fp32_states": [(BF16, BF16, F32)],
     "fp64": [(F64, F64, F64)],
-    # No kernel build (ops.cpp raises NotImplementedError): fastopt/cuda.py runs the reference.
+    # No kernel build (host_runtime.cpp raises NotImplementedError): fastopt/backends/cuda.py runs the reference.
     "unsupported_fp16_params_bf16_grads": [(F16, BF16, F16)],
     "one_unsupported_tensor_in_a_mixed_list": [(F32, F32, F32), (BF16, BF16, F32), (F16, BF16, F16)],
 }
@@ -790,7 +791,7 @@ def fastopt_kernel_launches(call) -> int:
 
 @pytest.mark.skipif(not EMULATED, reason="a hook of the emulated device")
 def test_skipped_grids_leave_only_the_host_work():
-    """bench/host_overhead.py times ops.cpp's host work with the emulation's grids skipped: a
+    """bench/host_overhead.py times host_runtime.cpp's host work with the emulation's grids skipped: a
     launch is then counted and returns, no kernel writes, and the table still follows the tensors
     (the next call, grids running, scales the right ones)."""
     tensors = random_values([(7,), (33, 17), (40000,)], seed=75)
@@ -1012,7 +1013,7 @@ CUSTOM_OP_CASES = [
 
 
 def custom_op_cases() -> dict:
-    """(op, arguments) per case, on fresh GPU tensors. Schemas: the bottom of csrc/ops.cpp; a
+    """(op, arguments) per case, on fresh GPU tensors. Schemas: csrc/cuda/registration.cpp; a
     "float or tensor" argument is a float plus an optional tensor that wins when given."""
     ts = random_values([(3, 5), (7,), ()], seed=110)
 
@@ -1176,7 +1177,7 @@ def test_unscale_and_check_op_returns_the_norm_of_the_unscaled_tensors(dtype, pe
 
 
 # --------------------------------------------------------------------------- streams, arrival counters, capture
-# (csrc/ops.cpp's TableCache: a table per (layout, stream); counters zeroed before each launch;
+# (csrc/cuda/host_runtime.cpp's TableCache: a table per (layout, stream); counters zeroed before each launch;
 # tables of a capture built outside the graph and released with it.)
 
 
@@ -1320,7 +1321,7 @@ def test_eager_calls_after_a_capture_leave_the_graph_intact():
 
 
 def test_per_tensor_norm_and_agc_of_a_tensor_of_more_than_a_warps_share_of_chunks():
-    """A tensor of more than 1,024 chunks (csrc/kernels.h kWarpFoldChunks) is folded by a block,
+    """A tensor of more than 1,024 chunks (csrc/cuda/kernels.h kWarpFoldChunks) is folded by a block,
     the others by a warp each: per-tensor norms and whole-tensor AGC still match the reference."""
     shapes = [(1100 * 32768 + 5,), (7,), (40000,), (33, 17)]
     grads = random_values(shapes, seed=180)

@@ -19,12 +19,12 @@ import pytest
 import torch
 
 import fastopt
-from fastopt import cuda
+from fastopt.backends import cuda
 
 BUILT = importlib.util.find_spec("fastopt._C") is not None and cuda.LOAD_ERROR is None
 needs_extension = pytest.mark.skipif(not BUILT, reason=f"fastopt._C is not usable here: {cuda.LOAD_ERROR}")
 
-# What docs/design.md and csrc/ops.cpp promise: written lists and tensors carry (x!), nothing written
+# What docs/design.md and csrc/cuda/registration.cpp promise: written lists and tensors carry (x!), nothing written
 # is returned.
 SCHEMAS = {
     "multi_tensor_norm": "fastopt::multi_tensor_norm(Tensor[] tensors, float norm_type, bool per_tensor,"
@@ -197,12 +197,12 @@ def test_a_broken_extension_is_logged_and_the_ops_fall_back(monkeypatch, caplog)
 
 
 def test_python_knows_which_combinations_the_update_kernels_build():
-    """Under torch.compile the fallback is decided in Python (fastopt.cuda.UPDATE_BUILDS), so that
+    """Under torch.compile the fallback is decided in Python (fastopt.backends.cuda.UPDATE_BUILDS), so that
     set must be exactly the kernels' list of compiled combinations (AdamW, SGD and Lion share it)."""
     import pathlib
     import re
 
-    csrc = pathlib.Path(__file__).parents[1] / "csrc"
+    csrc = pathlib.Path(__file__).parents[1] / "csrc" / "cuda"
     source = (csrc / "multi_tensor.cuh").read_text()
     listing = source[source.index("#define FASTOPT_UPDATE_COMBINATIONS(CASE)") :].split("\n\n")[0]
     codes = {"kFloat64": torch.float64, "kFloat32": torch.float32, "kBFloat16": torch.bfloat16, "kFloat16": torch.float16}

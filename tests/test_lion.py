@@ -10,7 +10,7 @@ sign() is discontinuous: where c is within rounding of 0, two correct implementa
 param by +lr and -lr. Comparisons from the same state leave such elements out (``near_tie``) and
 check them on their own (the param moved by one of -lr, 0, +lr); the momentum never depends on the
 param, so trajectories stay comparable everywhere else. fp32 results are bit-identical to torch's
-ops on the ``torch`` and ``cpu`` backends (csrc/element_math.h: torch's lerp rounding, and
+ops on the ``torch`` and ``cpu`` backends (csrc/common/element_math.h: torch's lerp rounding, and
 ``p * decay - lr * direction`` rounds the same fused or not); other backends agree within fp32
 rounding.
 """
@@ -172,7 +172,7 @@ def test_one_step_matches_paper_float64(device, combo, maximize, non_contiguous)
 @pytest.mark.parametrize("device", devices())
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=describe_dtype)
 def test_param_update_is_bit_exact_on_every_backend_away_from_ties(device, dtype):
-    """csrc/element_math.h's lion_update: the direction is -1, 0 or +1, so p * (1 - lr * wd) - lr * s
+    """csrc/common/element_math.h's lion_update: the direction is -1, 0 or +1, so p * (1 - lr * wd) - lr * s
     rounds the same whether or not the last product is fused; from the same direction every
     backend gives the param torch's ops give (p.mul_(decay) then p.add_(s, alpha=-lr)), bit for
     bit. Only the momentum's lerp may round otherwise off the cpu backend."""

@@ -1,4 +1,4 @@
-"""The reference backend's AMP skip (fastopt/reference.py, ``adamw_`` with ``found_inf``).
+"""The reference backend's AMP skip (fastopt/backends/reference.py, ``adamw_`` with ``found_inf``).
 
 A CPU ``found_inf`` is read on the host (free on CPU): a non-zero flag returns before any tensor
 is touched or allocated; a zero flag steps in place as without it. Elsewhere (a device flag,
@@ -10,7 +10,7 @@ import pytest
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from fastopt import reference
+from fastopt.backends import reference
 from tests.helpers import MIXED_SHAPES, assert_bitwise_equal, clone_layout, inject_nonfinite, random_tensors
 
 HYPER = {"lr": 1e-2, "beta1": 0.9, "beta2": 0.999, "eps": 1e-8, "weight_decay": 0.1, "maximize": False}

@@ -2,7 +2,7 @@
 
 Written against the public op only, so it runs on whichever backend the lane forces
 (FASTOPT_BACKEND). fp32 trajectories are bit-identical to torch's on the ``torch`` backend (torch's
-own ops in torch's order) and on the ``cpu`` backend (csrc/element_math.h's ``sgd_update_fused``
+own ops in torch's order) and on the ``cpu`` backend (csrc/common/element_math.h's ``sgd_update_fused``
 rounds as torch's CPU kernels do); the fused kernels of other backends agree within fp32 rounding.
 """
 

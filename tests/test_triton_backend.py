@@ -25,7 +25,8 @@ import pytest
 import torch
 
 import fastopt
-from fastopt import backends, ops, reference
+from fastopt import backends, ops
+from fastopt.backends import reference
 from tests.helpers import assert_bitwise_equal, float64_norm, random_tensors, tolerance
 
 INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
@@ -43,8 +44,8 @@ def runs_here(test):
 
 
 if TRITON_INSTALLED:
-    from fastopt.triton import launch
-    from fastopt.triton.tables import CHUNK_SIZE
+    from fastopt.backends.triton import launch
+    from fastopt.backends.triton.tables import CHUNK_SIZE
 
 
 @pytest.fixture
@@ -892,7 +893,7 @@ def test_tables_made_during_capture_are_private_and_never_evicted(monkeypatch):
     """The capture logic on the host (a GPU test below captures for real): while capturing, a
     call gets a table of its own, keyed by its pointers; later eager calls with the same layout,
     a full cache and clear() leave it as it was."""
-    from fastopt.triton import tables
+    from fastopt.backends.triton import tables
 
     grads = random_tensors([(5, 4), (70,)], device=DEVICE, seed=33)
     others = [g.clone() for g in grads]

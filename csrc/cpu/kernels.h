@@ -18,7 +18,7 @@
 #include <cstring>
 #include <type_traits>
 
-#include "../element_math.h"
+#include "../common/element_math.h"
 
 #if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__) && !defined(FASTOPT_CPU_NO_CLONES)
 #define FASTOPT_CPU_CLONES __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))

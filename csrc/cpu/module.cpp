@@ -4,7 +4,7 @@
 // of blocks of at most kBlockSize elements of all tensors together; one at::parallel_for walks
 // the blocks; reductions keep one partial per block and fold them on one thread in block order,
 // so every result is bit-identical whatever the number of threads. Scalars that torch keeps in
-// 0-d CPU tensors (lr, grad_scale, found_inf, ...) are read by fastopt/cpu.py on the host, which
+// 0-d CPU tensors (lr, grad_scale, found_inf, ...) are read by fastopt/backends/cpu.py on the host, which
 // costs nothing on CPU. Non-contiguous tensors run on contiguous copies, copied back when written.
 #include <torch/extension.h>
 
@@ -18,8 +18,8 @@
 #include <tuple>
 #include <vector>
 
-#include "../chunk_plan.h"
-#include "../element_math.h"
+#include "../common/chunk_plan.h"
+#include "../common/element_math.h"
 #include "kernels.h"
 #include "step_plan.h"
 #include "update_blocks.h"
@@ -403,7 +403,7 @@ DType dtype_code(at::ScalarType type) {
 
 // The block function of one tensor, given its states (all of one dtype; with none, as SGD without
 // momentum, the param's dtype stands in). A combination not compiled raises NotImplementedError
-// (fastopt/cpu.py then runs the reference), always before anything is written.
+// (fastopt/backends/cpu.py then runs the reference), always before anything is written.
 template <typename Op>
 typename Op::Fn update_fn(const Tensor& param, at::ScalarType grad_type, const std::vector<const Tensor*>& states,
                           unsigned variant) {
@@ -466,7 +466,7 @@ struct StepScalars {
   bool scaled;
 };
 
-// The step-wide scalars as fastopt/cpu.py passes them: (value, tensor or None).
+// The step-wide scalars as fastopt/backends/cpu.py passes them: (value, tensor or None).
 struct StepArguments {
   double lr_value;
   std::optional<Tensor> lr_tensor;
@@ -676,7 +676,7 @@ void lion_(const std::vector<Tensor>& params, const std::vector<Tensor>& grads, 
 }
 
 // An update op for lists that stay the same from step to step but for their grads (fastopt.optim's
-// step plan; fastopt/cpu.py <op>_planned_): the chunk plan, the params' and states' addresses, their
+// step plan; fastopt/backends/cpu.py <op>_planned_): the chunk plan, the params' and states' addresses, their
 // version counters, the step counts and the block functions (per variant used) are worked out
 // once. A call reads the grads' addresses and dtypes (the caller has checked them: shapes and
 // devices of the params, CPU, floating), from a Python list or from the step plan's GradWatch

@@ -7,7 +7,7 @@
 #include <cstdint>
 #include <type_traits>
 
-#include "../element_math.h"
+#include "../common/element_math.h"
 #include "kernels.h"
 
 namespace fastopt {
@@ -53,7 +53,7 @@ auto with_flags(const F& f, bool flag, Rest... rest) {
 }
 
 // The (param, grad, state) dtype combinations compiled, for every update op as the CUDA backend's
-// AdamW (fastopt/cuda.py, ADAMW_BUILDS): fp64; fp32 params and states with fp32, bf16 or fp16
+// AdamW (fastopt/backends/cuda.py, ADAMW_BUILDS): fp64; fp32 params and states with fp32, bf16 or fp16
 // grads; bf16 / fp16 params with grads of their dtype or fp32 and states of their dtype or fp32.
 // make.template operator()<P, G, S>() for one of them; nullptr otherwise.
 template <typename Fn, typename Make>

@@ -1,5 +1,5 @@
-"""Build fastopt._C_emulated: the CUDA backend (csrc/*.cu and csrc/ops.cpp, unchanged) compiled with
-the system C++ compiler against the host emulation of the device (csrc/emulation), for CPU tensors.
+"""Build fastopt._C_emulated: the CUDA backend (csrc/cuda/, unchanged) compiled with the system C++
+compiler against the host emulation of the device (csrc/emulation), for CPU tensors.
 
     python csrc/emulation/build.py [--csrc DIR] [--sanitize thread|address] [--out PATH]
 

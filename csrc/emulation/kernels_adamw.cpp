@@ -1,4 +1,4 @@
-// csrc/adamw.cu, compiled unchanged as C++ for the host emulation of the device (see README.md).
+// csrc/cuda/adamw.cu, compiled unchanged as C++ for the host emulation of the device (see README.md).
 #include "cuda_emulation.h"
 
-#include "adamw.cu"
+#include "cuda/adamw.cu"

@@ -1,4 +1,4 @@
-// csrc/agc.cu, compiled unchanged as C++ for the host emulation of the device (see README.md).
+// csrc/cuda/agc.cu, compiled unchanged as C++ for the host emulation of the device (see README.md).
 #include "cuda_emulation.h"
 
-#include "agc.cu"
+#include "cuda/agc.cu"

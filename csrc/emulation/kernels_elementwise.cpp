@@ -1,4 +1,4 @@
-// csrc/elementwise.cu, compiled unchanged as C++ for the host emulation of the device (see README.md).
+// csrc/cuda/elementwise.cu, compiled unchanged as C++ for the host emulation of the device (see README.md).
 #include "cuda_emulation.h"
 
-#include "elementwise.cu"
+#include "cuda/elementwise.cu"

@@ -1,4 +1,4 @@
-// csrc/norm.cu, compiled unchanged as C++ for the host emulation of the device (see README.md).
+// csrc/cuda/norm.cu, compiled unchanged as C++ for the host emulation of the device (see README.md).
 #include "cuda_emulation.h"
 
-#include "norm.cu"
+#include "cuda/norm.cu"

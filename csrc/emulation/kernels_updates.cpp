@@ -1,4 +1,4 @@
-// csrc/updates.cu, compiled unchanged as C++ for the host emulation of the device (see README.md).
+// csrc/cuda/updates.cu, compiled unchanged as C++ for the host emulation of the device (see README.md).
 #include "cuda_emulation.h"
 
-#include "updates.cu"
+#include "cuda/updates.cu"

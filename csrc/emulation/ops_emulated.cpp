@@ -1,7 +1,8 @@
-// fastopt._C_emulated: csrc/ops.cpp, unchanged, built for CPU tensors on the host emulation of the
-// device (see README.md). The same schemas, table building, caching, address refresh and arrival
-// counters, registered as torch.ops.fastopt_emulated.* for the CPU dispatch key; the CUDA runtime
-// calls are served by runtime.cpp, c10's CUDA helpers by include/c10/cuda/.
+// fastopt._C_emulated: csrc/cuda/registration.cpp and host_runtime.cpp, unchanged, built for CPU
+// tensors on the host emulation of the device (see README.md). The same schemas, table building,
+// caching, address refresh and arrival counters, registered as torch.ops.fastopt_emulated.* for
+// the CPU dispatch key; the CUDA runtime calls are served by runtime.cpp, c10's CUDA helpers by
+// include/c10/cuda/.
 #define FASTOPT_OPS_LIBRARY fastopt_emulated
 #define FASTOPT_OPS_DISPATCH_KEY CPU
 #define FASTOPT_OPS_DEVICE_TYPE at::kCPU
@@ -9,12 +10,15 @@
 #define FASTOPT_OPS_MODULE "fastopt._C_emulated"
 #define FASTOPT_OPS_MODULE_INIT fastopt_emulated_ops_module
 
-#include "ops.cpp"
+// Both in this one translation unit; registration.cpp first, as it includes Python.h first.
+#include "cuda/registration.cpp"
+#include "cuda/host_runtime.cpp"
 
 #include "runtime.h"
 
-// Test hooks of the emulation itself, beside ops.cpp's: kernel launches so far, and a switch that
-// makes every launch return without running its grid (the ops' host work alone, for timing it).
+// Test hooks of the emulation itself, beside registration.cpp's: kernel launches so far, and a
+// switch that makes every launch return without running its grid (the ops' host work alone, for
+// timing it).
 static PyObject* emulated_launch_count(PyObject*, PyObject*) {
   return PyLong_FromUnsignedLongLong(fastopt_emu::launch_count());
 }

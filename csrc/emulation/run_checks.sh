@@ -2,7 +2,7 @@
 # The emulation's C++ checks (make test-cuda-emulated runs them before the Python lane):
 #   1. test_runtime: the runtime's own tests (barriers, shuffles, votes, last-block fold, CUB
 #      stand-ins, per-block shared memory, launch failures), optimised build;
-#   2. test_runtime and kernel_driver (every launcher of csrc/*.cu over chunk boundaries,
+#   2. test_runtime and kernel_driver (every launcher of csrc/cuda/*.cu over chunk boundaries,
 #      misaligned starts, several blocks) under ThreadSanitizer: no report may appear, and the
 #      planted races of test_runtime (a missing barrier, a missing fence) must each be reported;
 #   3. kernel_driver under AddressSanitizer (+UBSan): every tensor ends where its allocation ends,

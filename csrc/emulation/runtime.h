@@ -87,7 +87,7 @@ int blocks_per_multiprocessor();
 uint64_t launch_count();
 
 // When set, a launch is checked and counted, then returns at once without running its grid: what
-// is left of an op is its host work (bench/host_overhead.py times ops.cpp's side that way).
+// is left of an op is its host work (bench/host_overhead.py times host_runtime.cpp's side that way).
 void set_grids_skipped(bool skipped);
 
 template <typename... Params>

@@ -1,9 +1,9 @@
-// Host unit test of csrc/chunk_plan.h: plan_chunks on hand-made and many random layouts (fixed
+// Host unit test of csrc/common/chunk_plan.h: plan_chunks on hand-made and many random layouts (fixed
 // seeds). Every plan is checked two ways: against an expected plan built here independently
 // (groups by distinct key, tensors in index order within a group), and for the properties the
 // kernels rely on (chunks cover each segment exactly once, in order, at most chunk_size long;
 // segment and group ranges consistent with the chunk rows).
-#include "chunk_plan.h"
+#include "common/chunk_plan.h"
 
 #include <algorithm>
 #include <cstdint>

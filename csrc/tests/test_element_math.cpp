@@ -1,7 +1,7 @@
-// Host unit test of csrc/element_math.h: every per-element function the kernels call, checked on
+// Host unit test of csrc/common/element_math.h: every per-element function the kernels call, checked on
 // concrete values against known answers (literals derived by hand or in high precision, or the
 // formula written out here in double), and on random data (fixed seeds, never all zeros).
-#include "element_math.h"
+#include "common/element_math.h"
 
 #include <algorithm>
 #include <cmath>
@@ -270,7 +270,7 @@ void test_clamp_symmetric(uint32_t seed) {
   CHECK(fastopt::clamp_symmetric(-inf, inf) == -inf, t, " inf limit, -inf x");
   CHECK(std::isnan(fastopt::clamp_symmetric(nan, inf)), t, " inf limit, nan x");
   // A nan limit: every comparison is false, so x passes through unchanged. (torch.clamp with a nan
-  // bound gives nan; the callers reject a nan clip_value before it gets here: ops.cpp checks
+  // bound gives nan; the callers reject a nan clip_value before it gets here: host_runtime.cpp checks
   // clip_value >= 0 and fastopt.ops rejects nan.)
   CHECK(fastopt::clamp_symmetric(A(2.5), nan) == A(2.5), t, " nan limit passes x through");
   CHECK(fastopt::clamp_symmetric(A(-2.5), nan) == A(-2.5), t, " nan limit passes x through");

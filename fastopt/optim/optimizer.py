@@ -21,7 +21,8 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from fastopt import backends, distributed, ops, reference
+from fastopt import backends, distributed, ops
+from fastopt.backends import reference
 
 __all__ = ["FusedOptimizer"]
 
@@ -269,7 +270,7 @@ def _ids_with_grads(param_groups: list) -> tuple:
 
 def _grad_watch_type():
     """The CPU extension's GradWatch, when the extension is built (any device: it reads metadata)."""
-    from fastopt import cpu  # the cpu backend's module loads the extension once
+    from fastopt.backends import cpu  # the cpu backend's module loads the extension once
 
     return None if cpu._C is None else cpu._C.GradWatch
 
@@ -397,7 +398,7 @@ class FusedOptimizer(torch.optim.Optimizer):
       bit ``clip_grad_norm_([p for g in optimizer.param_groups for p in g["params"]])``. When the
       groups list the params in another order than ``model.parameters()`` (decay / no-decay
       groups), ``clip_grad_norm_(model.parameters())`` may differ in the norm's last bit.
-    - Under ``torch.compile`` the step traces fastopt's reference formulas (``fastopt.reference``,
+    - Under ``torch.compile`` the step traces fastopt's reference formulas (``fastopt.backends.reference``,
       torch ops that Inductor fuses) instead of calling a backend's kernels: a compiled training
       step graph-breaks only at ``backward()``, and ``torch.compile(optimizer.step, fullgraph=True)``
       works. dynamo runs ``_init_group`` eagerly, as for torch's optimizers. A ``process_group``, a
@@ -409,7 +410,7 @@ class FusedOptimizer(torch.optim.Optimizer):
     """
 
     _fastopt_can_check_inf = True  # fastopt.amp.GradScaler may leave the inf/nan check to our read pass
-    _OP = ""  # the update op in fastopt.ops (and fastopt.reference): "adamw_", "sgd_", "lion_"
+    _OP = ""  # the update op in fastopt.ops (and fastopt.backends.reference): "adamw_", "sgd_", "lion_"
     _FLAT_STATE_KEYS: tuple[str, ...] = ()  # the tensor states that flat_states keeps in buffers
     _GROUP_DEFAULTS: dict = {}  # keys a torch checkpoint of this optimizer may lack, with torch's defaults
 
@@ -1002,7 +1003,7 @@ def _traced_scalar(value):
 
 
 class _TracedKernels:
-    """The step's kernels under torch.compile: fastopt's reference formulas (``fastopt.reference``,
+    """The step's kernels under torch.compile: fastopt's reference formulas (``fastopt.backends.reference``,
     torch ops) called directly, with the arguments the step has already put in the backends' form.
     ``fastopt.ops``' checks read memory addresses (``data_ptr``) that a traced tensor does not
     have, and the compiled backends' kernels are opaque to Inductor; these formulas are the ones

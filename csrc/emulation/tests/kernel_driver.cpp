@@ -1,7 +1,7 @@
-// The CUDA kernels (csrc/*.cu through kernels.h, unchanged) on the emulated device, driven without
+// The CUDA kernels (csrc/cuda/*.cu through kernels.h, unchanged) on the emulated device, driven without
 // torch, for the ThreadSanitizer and AddressSanitizer builds (run_checks.sh): every tensor is its
 // own heap allocation that ends exactly where the tensor ends (so one element read or written past
-// it is a heap-buffer-overflow), tables are built as ops.cpp builds them (chunk_plan.h), and every
+// it is a heap-buffer-overflow), tables are built as host_runtime.cpp builds them (chunk_plan.h), and every
 // launcher runs over a few chunks with grids of several blocks (so that the last-block fold and
 // the arrival counters race for real if their fences or barriers are missing). Results are
 // checked against double-precision host loops.
@@ -18,8 +18,8 @@
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 
-#include "chunk_plan.h"
-#include "kernels.h"
+#include "common/chunk_plan.h"
+#include "cuda/kernels.h"
 #include "runtime.h"
 
 namespace {
@@ -92,7 +92,7 @@ std::vector<Tensor> make_list(const std::vector<int64_t>& sizes, const std::vect
   return list;
 }
 
-// The device table of ops.cpp, in host memory (the emulated device's memory).
+// The device table of host_runtime.cpp, in host memory (the emulated device's memory).
 struct Table {
   std::vector<int64_t> buffer;
   DeviceTable view{};
@@ -331,7 +331,7 @@ void case_adamw(bool skip, bool l2 = false) {
     }
     const auto p0 = snapshot(params), g0 = snapshot(grads), m0 = snapshot(m), v0 = snapshot(v), s0 = snapshot(steps);
     Table table({&params, &grads, &m, &v, &steps}, false, true, true);
-    // Zeroed before the launches, as ops.cpp does (cudaMemsetAsync); poisoned before that.
+    // Zeroed before the launches, as host_runtime.cpp does (cudaMemsetAsync); poisoned before that.
     std::vector<int> arrivals(static_cast<size_t>(table.view.num_segments), 7);
     cudaMemsetAsync(arrivals.data(), 0, arrivals.size() * sizeof(int), nullptr);
     const float found_inf = skip ? 1.0f : 0.0f;
@@ -408,7 +408,7 @@ void case_sgd(bool skip) {
       const bool nesterov = mode == kRunning, with_buffers = mode != kNone;
       auto params = make_list(kUpdateSizes, {combo.p});
       auto grads = make_list(kUpdateSizes, {combo.g}, 1.0, false, 1);
-      // Without buffers the key's state is the param's dtype (as ops.cpp groups it).
+      // Without buffers the key's state is the param's dtype (as host_runtime.cpp groups it).
       auto buffers = make_list(with_buffers ? kUpdateSizes : std::vector<int64_t>{}, {combo.s}, 0.1, false, 2);
       const auto p0 = snapshot(params), g0 = snapshot(grads), b0 = snapshot(buffers);
       std::vector<const std::vector<Tensor>*> lists = {&params, &grads};

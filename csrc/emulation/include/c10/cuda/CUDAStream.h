@@ -1,4 +1,4 @@
-// The emulation's stand-in for c10/cuda/CUDAStream.h (csrc/emulation): ops.cpp built for CPU
+// The emulation's stand-in for c10/cuda/CUDAStream.h (csrc/emulation): host_runtime.cpp built for CPU
 // tensors on the host emulation of the device. One in-order stream per thread (launches complete
 // before they return); setCurrentCUDAStream / CUDAStreamGuard switch the handle that tables are
 // keyed by.

@@ -14,7 +14,7 @@ visit the elements in the same order, so results do not depend on alignment.
 Reductions are two-stage and deterministic: pass 1 writes one fp64 partial per chunk (and per
 input list), pass 2 reduces each tensor's (or unit's) partials in chunk order. No float atomics.
 
-The optimizer updates round as torch's CPU kernels do (csrc/element_math.h's ``*_fused``): an
+The optimizer updates round as torch's CPU kernels do (csrc/common/element_math.h's ``*_fused``): an
 add with alpha, a lerp or an addcmul is one explicit fma, everything else rounds per operation;
 SGD, Lion and the AdamW moments match the reference bit for bit under the interpreter.
 
@@ -556,7 +556,7 @@ def _effective_grad(grad, grad_scale, clip_coef, MAXIMIZE: tl.constexpr, UNSCALE
 @_device_function
 def _fma(a, b, c):
     """a * b + c rounded once (fma.rn on the GPU; the interpreter rounds it once too), where torch's
-    CPU kernels fuse (add with alpha, lerp, addcmul: csrc/element_math.h's ``*_fused``). The
+    CPU kernels fuse (add with alpha, lerp, addcmul: csrc/common/element_math.h's ``*_fused``). The
     scalars are broadcast to c's block: an older tl.fma takes operands of one shape only."""
     return tl.fma(tl.broadcast_to(a, c.shape), tl.broadcast_to(b, c.shape), c)
 
@@ -752,7 +752,7 @@ def sgd_kernel(
             grad = _load(grad_ptr, index, mask).to(compute)
 
             grad = _effective_grad(grad, grad_scale, clip_coef, MAXIMIZE, UNSCALE, CLIP)
-            # Each add with alpha of torch's is one fma (csrc/element_math.h, sgd_update_fused).
+            # Each add with alpha of torch's is one fma (csrc/common/element_math.h, sgd_update_fused).
             if WEIGHT_DECAY:
                 grad = _fma(param, weight_decay_c, grad)
             if MOMENTUM_BUFFER_DTYPE is not None:

@@ -1,9 +1,9 @@
-"""The ``cuda`` backend: fastopt's CUDA kernels (``csrc/``, the extension ``fastopt._C``).
+"""The ``cuda`` backend: fastopt's CUDA kernels (``csrc/cuda/``, the extension ``fastopt._C``).
 
 The extension registers the ops as ``torch.ops.fastopt.*`` with CUDA implementations; this
 module loads it, registers their fake (meta) implementations so that ``torch.compile`` and
 ``torch.library.opcheck`` can trace them, and maps the backend interface of
-``fastopt.reference`` onto them. Each pass of an op is one kernel launch whatever the number of
+``fastopt.backends.reference`` onto them. Each pass of an op is one kernel launch whatever the number of
 tensors: the per-tensor metadata lives in device memory, cached by the extension per layout
 and stream (csrc/README.md).
 
@@ -11,7 +11,7 @@ A missing extension, or one built against another torch, is logged once and leav
 unavailable with the reason (``python -m fastopt info``); the ops then run on Triton or torch.
 
 ``FASTOPT_CUDA_EMULATION=1`` (a test mode, as ``TRITON_INTERPRET=1`` is for Triton): the same kernels
-and ``ops.cpp`` built for the host emulation of the device (csrc/emulation, ``fastopt._C_emulated``,
+and their host side built for the host emulation of the device (csrc/emulation, ``fastopt._C_emulated``,
 ops ``torch.ops.fastopt_emulated.*``) run on CPU tensors, without a GPU.
 """
 
@@ -25,7 +25,7 @@ import os
 import torch
 from torch import Tensor
 
-from fastopt import reference
+from fastopt.backends import reference
 
 EMULATED = os.environ.get("FASTOPT_CUDA_EMULATION") == "1"
 EXTENSION = "fastopt._C_emulated" if EMULATED else "fastopt._C"
@@ -123,7 +123,7 @@ def _split(value: float | Tensor | None, default: float = 1.0) -> tuple[float, T
 
 
 # The (param, grad, state) dtypes the update kernels (AdamW, SGD, Lion) are compiled for
-# (csrc/multi_tensor.cuh, FASTOPT_UPDATE_COMBINATIONS).
+# (csrc/cuda/multi_tensor.cuh, FASTOPT_UPDATE_COMBINATIONS).
 _f64, _f32, _bf16, _f16 = torch.float64, torch.float32, torch.bfloat16, torch.float16
 UPDATE_BUILDS = frozenset(
     [(_f64, _f64, _f64), (_f32, _f32, _f32), (_f32, _bf16, _f32), (_f32, _f16, _f32)]

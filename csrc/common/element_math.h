@@ -1,7 +1,7 @@
 // Per-element and per-tensor math of every fastopt op, as small __host__ __device__ functions.
 //
 // The kernels call these on each element; the host unit tests (csrc/tests, ctest) call the same
-// functions and compare them with fastopt/reference.py's formulas. No CUDA header is needed here,
+// functions and compare them with fastopt/backends/reference.py's formulas. No CUDA header is needed here,
 // so a plain C++ compiler builds the tests. `A` is the accumulation type: float for fp16 / bf16 /
 // fp32 tensors, double for fp64 (fastopt accumulates in fp32, fp64 keeps its precision).
 #pragma once

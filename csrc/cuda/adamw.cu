@@ -206,7 +206,7 @@ void launch(const DeviceTable& table, LaunchRange range, const AdamWArgs& args, 
 using Launcher = void (*)(const DeviceTable&, LaunchRange, const AdamWArgs&, cudaStream_t);
 
 // The compiled combinations (FASTOPT_UPDATE_COMBINATIONS). Others run on the reference backend
-// (ops.cpp raises NotImplementedError).
+// (host_runtime.cpp raises NotImplementedError).
 Launcher find_launcher(DType param, DType grad, DType state) {
 #define FASTOPT_ADAMW_CASE(P_CODE, G_CODE, S_CODE, P, G, S) \
   if (param == P_CODE && grad == G_CODE && state == S_CODE) return &launch<P, G, S>;

@@ -1,7 +1,7 @@
 """The backend registry: which implementation of the ops runs for a given call.
 
 A backend is a module that defines every op of ``fastopt.ops`` under the same name (see
-``fastopt/reference.py``, the ``torch`` backend, for the full list and signatures) plus:
+``fastopt/backends/reference.py``, the ``torch`` backend, for the full list and signatures) plus:
 
 - ``DEVICE_TYPES``: the tuple of ``torch.device.type`` values it runs on (``None``: any), and
 - optionally ``unavailable_reason() -> str | None``: why it cannot run on this machine.
@@ -82,11 +82,12 @@ class BackendSpec:
 
 # In order of preference: the first available one that runs on a device is chosen for it.
 BACKENDS: tuple[BackendSpec, ...] = (
-    BackendSpec("cuda", "fastopt.cuda", "fused CUDA kernels (compiled extension fastopt._C)", _cuda_prerequisites),
-    BackendSpec("triton", "fastopt.triton", "Triton kernels, compiled at first use", _triton_prerequisites),
-    BackendSpec("cpu", "fastopt.cpu", "C++ multi-tensor loops for CPU tensors (compiled extension fastopt._cpu_torch*)",
-                _cpu_prerequisites),
-    BackendSpec("torch", "fastopt.reference", "plain torch foreach ops; the reference and CPU path"),
+    BackendSpec("cuda", "fastopt.backends.cuda", "fused CUDA kernels (compiled extension fastopt._C)",
+                _cuda_prerequisites),
+    BackendSpec("triton", "fastopt.backends.triton", "Triton kernels, compiled at first use", _triton_prerequisites),
+    BackendSpec("cpu", "fastopt.backends.cpu",
+                "C++ multi-tensor loops for CPU tensors (compiled extension fastopt._cpu_torch*)", _cpu_prerequisites),
+    BackendSpec("torch", "fastopt.backends.reference", "plain torch foreach ops; the reference and CPU path"),
 )
 _BY_NAME = {spec.name: spec for spec in BACKENDS}
 # The backends chosen for CPU tensors when none is forced, in the order above.

@@ -1,9 +1,9 @@
 """The ``cpu`` backend: fastopt's C++ loops for CPU tensors (``csrc/cpu/``, the extension
 ``fastopt._cpu_torch<release>``, e.g. ``fastopt._cpu_torch2_13``, built for that torch release).
 
-The same machinery as the CUDA backend, compiled for the host: the chunk plan (``csrc/chunk_plan.h``)
+The same machinery as the CUDA backend, compiled for the host: the chunk plan (``csrc/common/chunk_plan.h``)
 cuts all tensors of a call into blocks of 64 K elements, one ``at::parallel_for`` walks them, and
-each block runs the per-element math of ``csrc/element_math.h`` in a loop that g++ vectorises,
+each block runs the per-element math of ``csrc/common/element_math.h`` in a loop that g++ vectorises,
 compiled per ISA and chosen at run time. Reductions fold per-block partials in a fixed order, so
 results do not depend on the number of threads. A step is the two passes of docs/design.md section 1.
 
@@ -19,7 +19,8 @@ import importlib
 
 from torch import Tensor
 
-from fastopt import backends, reference
+from fastopt import backends
+from fastopt.backends import reference
 
 DEVICE_TYPES = ("cpu",)
 # fastopt.optim's step plan may leave the grads in its GradWatch (C++) instead of Python lists:

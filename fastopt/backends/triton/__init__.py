@@ -42,7 +42,7 @@ def unavailable_reason() -> str | None:
     return None
 
 
-from fastopt.triton.library import (  # noqa: E402  (the backend's ops, after its attributes)
+from fastopt.backends.triton.library import (  # noqa: E402  (the backend's ops, after its attributes)
     adamw_,
     adamw_planned_,
     adaptive_clip_,

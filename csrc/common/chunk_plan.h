@@ -1,7 +1,7 @@
 // The chunk planner: how one kernel launch splits any number of tensors into work items.
 //
 // Host C++ only (no CUDA, no torch), so the unit tests in csrc/tests exercise it with ctest.
-// ops.cpp turns a plan into the device-side table of multi_tensor.cuh.
+// host_runtime.cpp turns a plan into the device-side table of multi_tensor.cuh.
 //
 // A *segment* is a run of elements whose reduction belongs together: a whole tensor, or for
 // AGC one unit (a slice along dim 0) of it. A *chunk* is at most `chunk_size` consecutive

@@ -1,16 +1,14 @@
-// The torch side of the CUDA backend, and the only file that includes torch: op schemas
-// (TORCH_LIBRARY(fastopt)), their CUDA implementations, and the cache of device-side tables.
-// Fake (meta) implementations are registered in Python (fastopt/cuda.py). The kernels behind
-// the launchers are in the .cu files (CUDA headers only, see kernels.h).
-#include <Python.h>  // only for the module init below: `import fastopt._C` registers the ops
-
+// The host runtime of the CUDA backend: each op's CUDA implementation (input checks, the launches)
+// and what they share: the cache of device-side tables (address columns, arrival counters, graph
+// capture) and launch preparation. registration.cpp registers the ops (host_runtime.h); fake (meta)
+// implementations are registered in Python (fastopt/backends/cuda.py). The kernels behind the
+// launchers are in the .cu files (CUDA headers only, see kernels.h).
 #include <ATen/ATen.h>
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGraphsC10Utils.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
 #include <c10/util/Exception.h>
-#include <torch/library.h>
 
 #include <cmath>
 #include <algorithm>
@@ -23,27 +21,12 @@
 #include <utility>
 #include <vector>
 
-#include "chunk_plan.h"
+#include "../common/chunk_plan.h"
+#include "host_runtime.h"
 #include "kernels.h"
-
-// What these ops are registered as. The build on the host emulation of the device
-// (csrc/emulation/ops_emulated.cpp) defines its own: torch.ops.fastopt_emulated.* for CPU tensors
-// in fastopt._C_emulated, table uploads from plain host memory.
-#ifndef FASTOPT_OPS_LIBRARY
-#define FASTOPT_OPS_LIBRARY fastopt
-#define FASTOPT_OPS_DISPATCH_KEY CUDA
-#define FASTOPT_OPS_DEVICE_TYPE at::kCUDA
-#define FASTOPT_OPS_PINNED true
-#define FASTOPT_OPS_MODULE "fastopt._C"
-#define FASTOPT_OPS_MODULE_INIT PyInit__C
-#endif
-#define FASTOPT_TORCH_LIBRARY(ns, m) TORCH_LIBRARY(ns, m)
-#define FASTOPT_TORCH_LIBRARY_IMPL(ns, key, m) TORCH_LIBRARY_IMPL(ns, key, m)
 
 namespace fastopt {
 namespace {
-
-using TensorList = std::vector<at::Tensor>;
 
 // --------------------------------------------------------------------------- input checks
 // fastopt.ops validates every call before it reaches an op; these checks guard direct callers of
@@ -275,12 +258,6 @@ struct KeyHash {
     for (int64_t value : key) hash ^= std::hash<int64_t>()(value) + 0x9e3779b97f4a7c15ULL + (hash << 6) + (hash >> 2);
     return hash;
   }
-};
-
-struct CacheStats {
-  int64_t cached = 0;         // tables in the cache
-  int64_t graph_only = 0;     // replaced or evicted tables kept because a live graph reads them
-  int64_t graph_tables = 0;   // tables (cached or not) that a live graph reads
 };
 
 class TableCache {
@@ -526,6 +503,10 @@ std::tuple<at::Tensor, at::Tensor> run_norm_pass(const Table& table, const at::T
   return {total, norms};
 }
 
+}  // namespace
+
+// The ops, as registration.cpp registers them (declared in host_runtime.h).
+
 std::tuple<at::Tensor, at::Tensor> multi_tensor_norm(const TensorList& tensors, double norm_type, bool per_tensor,
                                                      const std::optional<at::Tensor>& found_inf) {
   check_lists({{"tensors", &tensors}});
@@ -754,78 +735,9 @@ void lion_(const TensorList& params, const TensorList& grads, const TensorList& 
   dense.finish();
 }
 
-}  // namespace
+// Test hooks (fastopt._C._table_cache_stats, _set_arrival_counters; registration.cpp).
+CacheStats table_cache_stats() { return tables().stats(); }
+
+void set_arrival_counters(int value) { tables().set_arrival_counters(value); }
+
 }  // namespace fastopt
-
-// Schemas: lists that an op writes carry (x!) annotations; nothing written is returned. A
-// "float or device scalar" argument is a float plus an optional tensor that wins when given.
-FASTOPT_TORCH_LIBRARY(FASTOPT_OPS_LIBRARY, m) {
-  m.def("multi_tensor_norm(Tensor[] tensors, float norm_type, bool per_tensor, Tensor(a!)? found_inf) -> (Tensor, Tensor)");
-  m.def(
-      "unscale_and_check_(Tensor(a!)[] tensors, float inv_scale, Tensor? inv_scale_tensor, Tensor(b!) found_inf, "
-      "float? norm_type=None, bool per_tensor=False) -> (Tensor, Tensor)");
-  m.def("scale_(Tensor(a!)[] tensors, float coef, Tensor? coef_tensor) -> ()");
-  m.def("clamp_(Tensor(a!)[] tensors, float clip_value) -> ()");
-  m.def("adaptive_clip_(Tensor[] params, Tensor(a!)[] grads, float clip_factor, float eps, float norm_type, bool unitwise) -> ()");
-  m.def(
-      "adamw_(Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] exp_avgs, Tensor(c!)[] exp_avg_sqs, Tensor(d!)[] steps, "
-      "float lr, Tensor? lr_tensor, float beta1, float beta2, float eps, float weight_decay, bool maximize, "
-      "Tensor(e!)[] max_exp_avg_sqs, float grad_scale, Tensor? grad_scale_tensor, Tensor? found_inf, "
-      "float clip_coef, Tensor? clip_coef_tensor, bool decoupled_weight_decay=True) -> ()");
-  m.def(
-      "sgd_(Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] momentum_buffers, float lr, Tensor? lr_tensor, "
-      "float momentum, float dampening, float weight_decay, bool nesterov, bool maximize, bool first_step, "
-      "float grad_scale, Tensor? grad_scale_tensor, Tensor? found_inf, float clip_coef, Tensor? clip_coef_tensor) -> ()");
-  m.def(
-      "lion_(Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] exp_avgs, float lr, Tensor? lr_tensor, float beta1, "
-      "float beta2, float weight_decay, bool maximize, float grad_scale, Tensor? grad_scale_tensor, Tensor? found_inf, "
-      "float clip_coef, Tensor? clip_coef_tensor) -> ()");
-}
-
-FASTOPT_TORCH_LIBRARY_IMPL(FASTOPT_OPS_LIBRARY, FASTOPT_OPS_DISPATCH_KEY, m) {
-  m.impl("multi_tensor_norm", &fastopt::multi_tensor_norm);
-  m.impl("unscale_and_check_", &fastopt::unscale_and_check_);
-  m.impl("scale_", &fastopt::scale_);
-  m.impl("clamp_", &fastopt::clamp_);
-  m.impl("adaptive_clip_", &fastopt::adaptive_clip_);
-  m.impl("adamw_", &fastopt::adamw_);
-  m.impl("sgd_", &fastopt::sgd_);
-  m.impl("lion_", &fastopt::lion_);
-}
-
-// Test hooks, not API: fastopt._C._table_cache_stats() -> (cached tables, tables kept only for
-// live graphs, tables read by live graphs); fastopt._C._set_arrival_counters(value) sets every
-// cached table's arrival counters (on the current stream), as an aborted launch could leave them.
-static PyObject* table_cache_stats(PyObject*, PyObject*) {
-  try {
-    const fastopt::CacheStats stats = fastopt::tables().stats();
-    return Py_BuildValue("(LLL)", static_cast<long long>(stats.cached), static_cast<long long>(stats.graph_only),
-                         static_cast<long long>(stats.graph_tables));
-  } catch (const std::exception& e) {
-    PyErr_SetString(PyExc_RuntimeError, e.what());
-    return nullptr;
-  }
-}
-
-static PyObject* set_arrival_counters(PyObject*, PyObject* value) {
-  const long counter = PyLong_AsLong(value);
-  if (counter == -1 && PyErr_Occurred()) return nullptr;
-  try {
-    fastopt::tables().set_arrival_counters(static_cast<int>(counter));
-  } catch (const std::exception& e) {
-    PyErr_SetString(PyExc_RuntimeError, e.what());
-    return nullptr;
-  }
-  Py_RETURN_NONE;
-}
-
-static PyMethodDef fastopt_methods[] = {
-    {"_table_cache_stats", table_cache_stats, METH_NOARGS, "test hook: (cached, graph_only, graph_tables)"},
-    {"_set_arrival_counters", set_arrival_counters, METH_O, "test hook: set every cached table's arrival counters"},
-    {nullptr, nullptr, 0, nullptr}};
-
-// `import fastopt._C` loads this library, and with it the registrations above.
-static PyModuleDef fastopt_module = {PyModuleDef_HEAD_INIT, FASTOPT_OPS_MODULE,
-                                     "fastopt's CUDA kernels, registered as torch.ops.fastopt.*", -1,
-                                     fastopt_methods};
-PyMODINIT_FUNC FASTOPT_OPS_MODULE_INIT(void) { return PyModule_Create(&fastopt_module); }

@@ -159,7 +159,7 @@ __device__ __forceinline__ double rounded_product(double x, double y) { return _
 // The (param, grad, state) dtype combinations that the update kernels (AdamW, SGD, Lion) are
 // compiled for: fp64 alone; fp32 params and states with fp32, bf16 or fp16 grads; bf16 / fp16
 // params with grads of their dtype or fp32, and states of their dtype or fp32. CASE(param code,
-// grad code, state code, param type, grad type, state type) for each; fastopt/cuda.py's
+// grad code, state code, param type, grad type, state type) for each; fastopt/backends/cuda.py's
 // UPDATE_BUILDS is the same list (tests/test_cuda_extension.py compares them).
 #define FASTOPT_UPDATE_COMBINATIONS(CASE)                                            \
   CASE(kFloat64, kFloat64, kFloat64, double, double, double)                        \

@@ -19,7 +19,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from fastopt.triton import launch
+from fastopt.backends.triton import launch
 
 NAMESPACE = "fastopt_triton"
 

@@ -1,4 +1,4 @@
-"""The Triton backend's ops: the same functions, signatures and meaning as ``fastopt.reference``.
+"""The Triton backend's ops: the same functions, signatures and meaning as ``fastopt.backends.reference``.
 
 Each op looks up the cached chunk table of its tensor lists (``tables.py``) and launches one
 kernel per pass and dtype group (``kernels.py``), whatever the number of tensors:
@@ -35,8 +35,8 @@ import torch
 import triton.language as tl
 from torch import Tensor
 
-from fastopt.triton import kernels
-from fastopt.triton.tables import (
+from fastopt.backends.triton import kernels
+from fastopt.backends.triton.tables import (
     BLOCK_SIZE,
     ChunkTable,
     TableCache,

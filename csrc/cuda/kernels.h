@@ -1,4 +1,4 @@
-// The interface between the torch side (ops.cpp) and the kernels (*.cu): plain structs of raw
+// The interface between the torch side (host_runtime.cpp) and the kernels (*.cu): plain structs of raw
 // device pointers and one launcher per kernel. No torch here, so the .cu files that include it
 // compile with CUDA headers only (seconds, not minutes).
 #pragma once
@@ -7,11 +7,11 @@
 
 #include <cuda_runtime_api.h>
 
-#include "element_math.h"
+#include "../common/element_math.h"
 
 namespace fastopt {
 
-// Per-tensor metadata in device memory (one int64 buffer, see ops.cpp's TableCache), so that one
+// Per-tensor metadata in device memory (one int64 buffer, see host_runtime.cpp's TableCache), so that one
 // launch covers any number of tensors: only these few pointers travel in the kernel arguments.
 struct DeviceTable {
   const int64_t* addresses;  // [num_lists][num_tensors] data pointers (the column refreshed per call)
