@@ -902,7 +902,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, module) {
   module.def("scale_", &scale_, "t *= coef");
   module.def("clamp_", &clamp_, "clamp to [-clip_value, clip_value]");
   module.def("adaptive_clip_", &adaptive_clip_, "adaptive gradient clipping");
-  register_step_plan(module);  // GradWatch first: the plans and planned_norm take one
+  register_step_plan(module);  // GradWatch first: the plans and NormPlan take one
   pybind11::class_<StepArguments>(module, "StepArguments", "the step-wide scalars of an update")
       .def(pybind11::init<double, std::optional<at::Tensor>, bool, double, std::optional<at::Tensor>,
                           std::optional<at::Tensor>, double, std::optional<at::Tensor>, bool, bool>(),
