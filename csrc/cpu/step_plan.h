@@ -123,7 +123,9 @@ class __attribute__((visibility("hidden"))) GradWatch {
       if (k < 0) continue;
       TORCH_CHECK(entry_param_[k] == params_.size(), "GradWatch: two params in one entry");
       entry_param_[k] = j;
-      if (params_[j].grad().defined()) read_grad(params_[j].grad(), k);
+      if (!params_[j].grad().defined()) continue;
+      read_grad(params_[j].grad(), k);
+      seen_data_[k] = step_plan_detail::data_of(params_[j].grad());
     }
     for (size_t k = 0; k < entries; ++k) TORCH_CHECK(entry_param_[k] < params_.size(), "GradWatch: an entry without a param");
     fresh_ = true;  // the plan's grads are the params' grads of now, and its lists hold them
