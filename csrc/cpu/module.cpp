@@ -728,9 +728,7 @@ class UpdatePlan {
         TORCH_CHECK(THPVariable_Check(item), kName, "Plan: grads must be tensors");
         const Tensor& g = THPVariable_Unpack(item);
         TORCH_CHECK(g.defined(), kName, "Plan: a grad is missing");
-        const int64_t numel = g.numel();
-        take_grad(i, {numel > 0 ? const_cast<void*>(g.const_data_ptr()) : nullptr, numel, g.scalar_type(),
-                      int64_t(g.element_size())}, g.is_contiguous(), [&]() -> const Tensor& { return g; }, copies);
+        take_grad(i, span_of(g), g.is_contiguous(), [&]() -> const Tensor& { return g; }, copies);
       }
       return true;
     });

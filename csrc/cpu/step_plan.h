@@ -83,6 +83,12 @@ struct ParamRecord {
 
 }  // namespace step_plan_detail
 
+inline TensorSpan span_of(const at::Tensor& t) {
+  const int64_t numel = t.numel();
+  return {numel > 0 ? const_cast<void*>(step_plan_detail::data_of(t)) : nullptr, numel, t.scalar_type(),
+          int64_t(t.element_size())};
+}
+
 // Hidden, as pybind11's own types are: it holds pybind11 objects.
 class __attribute__((visibility("hidden"))) GradWatch {
  public:
@@ -247,9 +253,7 @@ class __attribute__((visibility("hidden"))) GradWatch {
   }
 
   void read_grad(const Tensor& grad, size_t k) {
-    const int64_t numel = grad.numel();
-    spans_[k] = {numel > 0 ? const_cast<void*>(step_plan_detail::data_of(grad)) : nullptr, numel, grad.scalar_type(),
-                 int64_t(grad.element_size())};
+    spans_[k] = span_of(grad);
     contiguous_[k] = grad.is_contiguous();
   }
 
