@@ -519,6 +519,11 @@ struct StepCounter {
         is_double(step.scalar_type() == at::kDouble),
         version(step.unsafeGetTensorImpl()->version_counter()) {}
 
+  void prefetch() const {
+    prefetch::lines(data, 1, /*for_write=*/true);
+    prefetch::version(version);
+  }
+
   double advance() {
     version.bump();
     return is_double ? (*static_cast<double*>(data) += 1.0) : double(*static_cast<float*>(data) += 1.0f);
@@ -558,21 +563,24 @@ struct AdamWOp {
     std::vector<Constants> constants;
     std::vector<double> counts;  // of `constants`, in order: a model's counts are all equal or few
     which.resize(steps.size());
-    for (size_t i = 0; i < steps.size(); ++i) {
-      const double step = steps[i].advance();
-      if (counts.empty() || counts.back() != step) {
-        // (searched among a few only: counts all different would make this quadratic)
-        const auto known = counts.size() <= 16 ? std::find(counts.begin(), counts.end(), step) : counts.end();
-        if (known != counts.end()) {
-          which[i] = uint32_t(known - counts.begin());
-          continue;
-        }
-        counts.push_back(step);
-        constants.push_back(adamw_constants<double>(scalars.lr, a.beta1, a.beta2, a.eps, a.weight_decay, step,
-                                                    a.decoupled_weight_decay));
-      }
-      which[i] = uint32_t(counts.size() - 1);
-    }
+    prefetch::pipelined(
+        steps.size(),
+        [&](size_t i) {
+          const double step = steps[i].advance();
+          if (counts.empty() || counts.back() != step) {
+            // (searched among a few only: counts all different would make this quadratic)
+            const auto known = counts.size() <= 16 ? std::find(counts.begin(), counts.end(), step) : counts.end();
+            if (known != counts.end()) {
+              which[i] = uint32_t(known - counts.begin());
+              return;
+            }
+            counts.push_back(step);
+            constants.push_back(adamw_constants<double>(scalars.lr, a.beta1, a.beta2, a.eps, a.weight_decay, step,
+                                                        a.decoupled_weight_decay));
+          }
+          which[i] = uint32_t(counts.size() - 1);
+        },
+        [&](size_t i) { steps[i].prefetch(); });
     return constants;
   }
 };
@@ -774,7 +782,8 @@ class UpdatePlan {
     // The writes begin: step counts and constants, the version counters of what the pass updates
     // in place.
     const std::vector<typename Op::Constants> constants = Op::constants(a, scalars, steps_, which_);
-    for (c10::VariableVersion& version : versions_) version.bump();
+    prefetch::pipelined(
+        versions_.size(), [&](size_t i) { versions_[i].bump(); }, [&](size_t i) { prefetch::version(versions_[i]); });
     run_update_pass(chunks_, total_, fns_for(variant), pointers_, constants, which_, scalars.grad_scale, scalars.clip_coef);
     return true;
   }
