@@ -688,3 +688,48 @@ def test_vector_clones_use_hardware_fma():
         head = body.split("\n", 1)[0]
         register = "zmm" if "arch_x86_64_v4" in head else "ymm"
         assert re.search(rf"\bvfn?madd\w*p[sd]\s+.*%{register}", body), head
+
+
+def test_flat_grads_are_normed_as_one_run_that_matches_torch_and_reads_every_element():
+    """With flat grads, the planned norm reads the grad buffer as one run once its layout has held
+    for two steps (NormPlan's runs): the same norm as torch's within fp32 rounding, at every step,
+    and an inf or nan anywhere in the buffer reaches it."""
+    generator = torch.Generator().manual_seed(11)
+    shapes = [(3, 5), (0,), (7,), (2, 2, 3), (1,), (70,)] * 40
+    params = [torch.nn.Parameter(torch.randn(shape, generator=generator)) for shape in shapes]
+    optimizer = fastopt.optim.AdamW(params, lr=1e-3, max_grad_norm=1.0, flat_grads=True, flat_states=True)
+    bad_steps = {5: math.inf, 7: math.nan}
+    nonempty = [p for p in params if p.numel() > 0]
+    with backends.use_backend("cpu"):
+        for step in range(9):
+            optimizer.zero_grad()
+            for p in params:
+                p.grad.copy_(torch.randn(p.shape, generator=generator) * (step + 1))
+            if step in bad_steps:  # at a random element of a random grad
+                grad = nonempty[int(torch.randint(len(nonempty), (1,), generator=generator))].grad
+                grad.view(-1)[int(torch.randint(grad.numel(), (1,), generator=generator))] = bad_steps[step]
+            expected = torch.linalg.vector_norm(torch.cat([p.grad.flatten() for p in params]))
+            optimizer.step()
+            got = optimizer.stats["grad_norm"]
+            # From the third step (a layout held for two), one run: the whole fp32 grad buffer.
+            native = optimizer._step_plan.norm_plans[torch.device("cpu")].get("cpu")  # made at the second step
+            assert (0 if native is None else native.runs) == (1 if step >= 2 else 0)
+            if step in bad_steps:
+                assert not torch.isfinite(got), f"step {step}: the {bad_steps[step]} was not seen"
+            else:
+                torch.testing.assert_close(got, expected, rtol=1e-6, atol=0, msg=f"step {step}")
+
+
+def test_grads_made_anew_each_step_are_normed_one_by_one():
+    """Grads that each backward makes anew move every step: the norm plan does not look for runs."""
+    params = [torch.nn.Parameter(torch.randn(8)) for _ in range(64)]
+    optimizer = fastopt.optim.AdamW(params, lr=1e-3, max_grad_norm=1.0)
+    with backends.use_backend("cpu"):
+        for step in range(4):
+            grads = torch.randn(64 * 8).split(8)  # end to end in one buffer, but new at every step
+            for p, g in zip(params, grads):
+                p.grad = g
+            optimizer.step()
+            native = optimizer._step_plan.norm_plans[torch.device("cpu")].get("cpu")
+            assert native is None or native.runs == 0
+            torch.testing.assert_close(optimizer.stats["grad_norm"], torch.linalg.vector_norm(torch.cat(grads)))

@@ -867,7 +867,7 @@ class NormPlan {
   }
 
   std::tuple<Tensor, Tensor> norm(const GradWatch& watch, double p, bool per_tensor,
-                                  const std::optional<Tensor>& found_inf) const {
+                                  const std::optional<Tensor>& found_inf) {
     watch.check_fresh();
     TORCH_CHECK(entries_.empty() || entries_.back() < watch.num_entries(), "NormPlan: entries past the watch's");
     std::vector<TensorSpan> spans(entries_.size());
@@ -877,6 +877,14 @@ class NormPlan {
       contiguous = contiguous && watch.contiguous(entries_[i]);
       TORCH_CHECK(spans[i].numel == numels_[i], "NormPlan: a grad changed size (the step plan is void)");
     }
+    if (contiguous && !per_tensor) {
+      // Grads that move every step (made anew by each backward) are not looked at for runs: only
+      // a layout seen at two steps in a row.
+      const std::pair<uint64_t, uint64_t> layout{watch.id(), watch.layout()};
+      if (layout == last_layout_ && layout != runs_for_) find_runs(spans, layout);
+      last_layout_ = layout;
+      if (layout == runs_for_ && !runs_.empty()) return norm_of_spans(runs_, run_chunks_, total_, p, false, found_inf);
+    }
     if (contiguous) return norm_of_spans(spans, chunks_, total_, p, per_tensor, found_inf);
     std::vector<Tensor> tensors;  // a strided grad: the general path, which reads a contiguous copy
     tensors.reserve(entries_.size());
@@ -884,11 +892,44 @@ class NormPlan {
     return multi_tensor_norm(tensors, p, per_tensor, found_inf);
   }
 
+  size_t runs() const { return last_layout_ == runs_for_ ? runs_.size() : 0; }
+
  private:
+  // Grads that lie end to end in memory with one dtype (flat grads: views of one buffer) make one
+  // run, read as one tensor: a few large blocks instead of one block per grad (the sum's order
+  // changes with the blocks, so the norm can differ from the per-grad plan's in its last bits; it
+  // is the same at every step and thread count). Kept while the watch's layout() stays; runs_ is
+  // left empty when few grads touch (each grad its own allocation): the per-grad plan serves.
+  void find_runs(const std::vector<TensorSpan>& spans, std::pair<uint64_t, uint64_t> layout) {
+    runs_.clear();
+    for (const TensorSpan& span : spans) {
+      if (span.numel == 0) continue;
+      TensorSpan* last = runs_.empty() ? nullptr : &runs_.back();
+      if (last != nullptr && last->type == span.type &&
+          static_cast<char*>(last->data) + last->numel * last->element_size == span.data) {
+        last->numel += span.numel;
+        continue;
+      }
+      runs_.push_back(span);
+    }
+    if (runs_.size() * 2 > spans.size()) {
+      runs_.clear();  // too few grads touch to be worth a second plan
+    } else {
+      std::vector<int64_t> numels(runs_.size());
+      for (size_t i = 0; i < runs_.size(); ++i) numels[i] = runs_[i].numel;
+      run_chunks_ = plan_chunks(numels, {}, {}, kBlockSize, false);
+    }
+    runs_for_ = layout;
+  }
+
   std::vector<size_t> entries_;
   std::vector<int64_t> numels_;
   int64_t total_ = 0;
   ChunkPlan chunks_;
+  std::vector<TensorSpan> runs_;  // see find_runs
+  ChunkPlan run_chunks_;
+  // The watch (id) and its layout() that runs_ was found for, and at the last call.
+  std::pair<uint64_t, uint64_t> runs_for_{0, 0}, last_layout_{0, 0};
 };
 
 }  // namespace
@@ -967,5 +1008,6 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, module) {
       .def(pybind11::init<const GradWatch&, const std::vector<std::pair<int64_t, int64_t>>&>(),
            pybind11::arg("watch"), pybind11::arg("ranges"))
       .def("norm", &NormPlan::norm, pybind11::arg("watch"), pybind11::arg("norm_type"), pybind11::arg("per_tensor"),
-           pybind11::arg("found_inf"));
+           pybind11::arg("found_inf"))
+      .def_property_readonly("runs", &NormPlan::runs, "runs of grads read as one by the last norm (0: one per grad)");
 }

@@ -233,7 +233,7 @@ class __attribute__((visibility("hidden"))) GradWatch {
     // cache misses are the cost). A refusal part way leaves the spans half renewed and stale
     // (no planned op reads them before the next refresh); the lists and tensors are untouched.
     fresh_ = false;
-    bool changed = false;
+    bool changed = false, retyped = false;
     int verdict = 1;
     const auto impl = [this](size_t j) { return params_[j].unsafeGetTensorImpl(); };
     prefetch::pipelined(
@@ -257,7 +257,9 @@ class __attribute__((visibility("hidden"))) GradWatch {
           check_grad(grad, j, k, /*overlap=*/data != seen_data_[k]);
           changed |= data != seen_data_[k];
           seen_data_[k] = data;
+          const at::ScalarType last_type = spans_[k].type;
           read_grad(grad, k);
+          retyped |= spans_[k].type != last_type;
         },
         [&](size_t j) { prefetch::tensor_impl(impl(j)); },
         [&](size_t j) { prefetch::storage_and_meta(impl(j)); },
@@ -265,6 +267,7 @@ class __attribute__((visibility("hidden"))) GradWatch {
         [&](size_t j) { prefetch::storage_and_meta(prefetch::grad_impl(impl(j))); });
     if (verdict < 0) return -1;
     fresh_ = true;
+    if (changed || retyped) ++layout_;
     return changed ? 1 : 0;
   }
 
@@ -296,6 +299,10 @@ class __attribute__((visibility("hidden"))) GradWatch {
   // Which watch this is (never reused): a planned op that has checked its params against this
   // watch's once may rely on its refreshes from then on.
   uint64_t id() const { return id_; }
+  // Changes whenever a refresh finds a grad at a new address or of a new dtype: the same value
+  // means every grad is where and what it was (flat grads, or zero_grad(set_to_none=False)), so a
+  // layout worked out from the spans still holds.
+  uint64_t layout() const { return layout_; }
   const Tensor& param(size_t k) const { return params_[entry_param_[k]]; }
   // Entry k's grad as the last refresh read it: its span (address, size, dtype) and whether it is
   // contiguous; the tensor itself is the param's grad (valid until the step ends).
@@ -378,6 +385,7 @@ class __attribute__((visibility("hidden"))) GradWatch {
   std::vector<uint8_t> contiguous_;
   std::vector<const void*> seen_data_;  // where each grad was at the last refresh
   std::vector<std::pair<uintptr_t, uintptr_t>> written_;  // [start, end) of what the step writes, sorted
+  uint64_t layout_ = 1;  // see layout()
   bool fresh_ = false;  // spans_ read for this step
   bool lists_filled_ = false;
 };
