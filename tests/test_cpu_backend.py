@@ -733,3 +733,23 @@ def test_grads_made_anew_each_step_are_normed_one_by_one():
             native = optimizer._step_plan.norm_plans[torch.device("cpu")].get("cpu")
             assert native is None or native.runs == 0
             torch.testing.assert_close(optimizer.stats["grad_norm"], torch.linalg.vector_norm(torch.cat(grads)))
+
+
+def test_grads_are_says_whether_each_grad_is_its_view_as_python_would():
+    """zero_grad's check with flat grads (the extension's loop) against the plain Python one."""
+    from fastopt.optim.optimizer import _grads_are_in_python
+
+    params = [torch.nn.Parameter(torch.randn(3)) for _ in range(40)]
+    views = list(torch.zeros(120).split(3))
+    for p, v in zip(params, views):
+        p.grad = v
+    cases = {"all views": lambda: None, "one None": lambda: setattr(params[17], "grad", None),
+             "one equal copy": lambda: setattr(params[39], "grad", views[39].clone()),
+             "first replaced": lambda: setattr(params[0], "grad", torch.zeros(3))}  # fmt: skip
+    for name, change in cases.items():
+        for p, v in zip(params, views):
+            p.grad = v
+        change()
+        assert cpu._C.grads_are(params, views) == _grads_are_in_python(params, views) == (name == "all views"), name
+    with pytest.raises(RuntimeError, match="one view per param"):
+        cpu._C.grads_are(params, views[:-1])

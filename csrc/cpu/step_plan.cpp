@@ -1,4 +1,4 @@
-// Registers GradWatch (step_plan.h), the per-step check of fastopt.optim's step plan.
+// Registers GradWatch (step_plan.h), the per-step check of fastopt.optim's step plan, and grads_are.
 #include "step_plan.h"
 
 namespace fastopt {
@@ -15,6 +15,8 @@ void register_step_plan(pybind11::module& module) {
       .def("refresh", &GradWatch::refresh)
       .def("fill_lists", &GradWatch::fill_lists, "the grads into the plan's lists")
       .def("release", &GradWatch::release, "let go of the grads (after a step)");
+  module.def("grads_are", &grads_are, pybind11::arg("params"), pybind11::arg("views"),
+             "whether params[i].grad is views[i] for every i");
 }
 
 }  // namespace cpu

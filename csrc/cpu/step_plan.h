@@ -390,7 +390,28 @@ class __attribute__((visibility("hidden"))) GradWatch {
   bool lists_filled_ = false;
 };
 
-// Adds GradWatch to the extension module (step_plan.cpp).
+// Whether every params[i].grad is the tensor views[i] (the same TensorImpl): flat grads' check in
+// zero_grad, one C++ loop whose cache misses overlap (a Python loop over 5,000 params took 0.4 ms).
+inline bool grads_are(const pybind11::list& params, const pybind11::list& views) {
+  const size_t n = size_t(PyList_GET_SIZE(params.ptr()));
+  TORCH_CHECK(size_t(PyList_GET_SIZE(views.ptr())) == n, "grads_are: one view per param");
+  for (size_t i = 0; i < n; ++i)
+    TORCH_CHECK(THPVariable_Check(PyList_GET_ITEM(params.ptr(), i)) && THPVariable_Check(PyList_GET_ITEM(views.ptr(), i)),
+                "grads_are: params and views must be tensors");
+  const auto impl = [&](size_t i) { return THPVariable_Unpack(PyList_GET_ITEM(params.ptr(), i)).unsafeGetTensorImpl(); };
+  bool same = true;
+  prefetch::pipelined(
+      n,
+      [&](size_t i) {
+        same = same && step_plan_detail::grad_of(THPVariable_Unpack(PyList_GET_ITEM(params.ptr(), i))).unsafeGetTensorImpl() ==
+                           THPVariable_Unpack(PyList_GET_ITEM(views.ptr(), i)).unsafeGetTensorImpl();
+      },
+      [&](size_t i) { prefetch::tensor_impl(impl(i)); },
+      [&](size_t i) { prefetch::storage_and_meta(impl(i)); });
+  return same;
+}
+
+// Adds GradWatch and grads_are to the extension module (step_plan.cpp).
 void register_step_plan(pybind11::module& module);
 
 }  // namespace cpu

@@ -276,6 +276,18 @@ def _grad_watch_type():
 
 
 _GRAD_OF = operator.attrgetter("grad")
+
+
+def _grads_are_in_python(params: list[Tensor], views: list[Tensor]) -> bool:
+    return all(map(operator.is_, map(_GRAD_OF, params), views))
+
+
+def _grads_are():
+    """``grads_are(params, views)``: whether ``params[i].grad is views[i]`` for every i. The CPU
+    extension's loop when it is built (any device: it reads metadata), else Python's."""
+    from fastopt.backends import cpu
+
+    return _grads_are_in_python if cpu._C is None else cpu._C.grads_are
 _SPARSE_MESSAGE = "fastopt's optimizers do not support sparse gradients"
 
 
@@ -518,10 +530,11 @@ class FusedOptimizer(torch.optim.Optimizer):
         ``set_to_none`` says, and the views put back where a grad was set to None or replaced."""
         if not self.flat_grads:
             return super().zero_grad(set_to_none)
+        grads_are = _grads_are()
         with torch.autograd.profiler.record_function(self._zero_grad_profile_name):
             for buffer, params, views in self._flat_grads:
                 buffer.zero_()
-                if not all(map(operator.is_, map(_GRAD_OF, params), views)):
+                if not grads_are(params, views):
                     for param, view in zip(params, views):
                         if param.grad is not view:
                             param.grad = view
