@@ -395,17 +395,20 @@ class __attribute__((visibility("hidden"))) GradWatch {
 inline bool grads_are(const pybind11::list& params, const pybind11::list& views) {
   const size_t n = size_t(PyList_GET_SIZE(params.ptr()));
   TORCH_CHECK(size_t(PyList_GET_SIZE(views.ptr())) == n, "grads_are: one view per param");
-  for (size_t i = 0; i < n; ++i)
-    TORCH_CHECK(THPVariable_Check(PyList_GET_ITEM(params.ptr(), i)) && THPVariable_Check(PyList_GET_ITEM(views.ptr(), i)),
-                "grads_are: params and views must be tensors");
-  const auto impl = [&](size_t i) { return THPVariable_Unpack(PyList_GET_ITEM(params.ptr(), i)).unsafeGetTensorImpl(); };
+  const auto param = [&](size_t i) { return PyList_GET_ITEM(params.ptr(), Py_ssize_t(i)); };
+  const auto impl = [&](size_t i) -> const c10::TensorImpl* {
+    return THPVariable_Check(param(i)) ? THPVariable_Unpack(param(i)).unsafeGetTensorImpl() : nullptr;
+  };
   bool same = true;
   prefetch::pipelined(
       n,
       [&](size_t i) {
-        same = same && step_plan_detail::grad_of(THPVariable_Unpack(PyList_GET_ITEM(params.ptr(), i))).unsafeGetTensorImpl() ==
-                           THPVariable_Unpack(PyList_GET_ITEM(views.ptr(), i)).unsafeGetTensorImpl();
+        PyObject* view = PyList_GET_ITEM(views.ptr(), Py_ssize_t(i));
+        TORCH_CHECK(THPVariable_Check(param(i)) && THPVariable_Check(view), "grads_are: params and views must be tensors");
+        same = same && step_plan_detail::grad_of(THPVariable_Unpack(param(i))).unsafeGetTensorImpl() ==
+                           THPVariable_Unpack(view).unsafeGetTensorImpl();
       },
+      [&](size_t i) { prefetch::lines(param(i), 1); },
       [&](size_t i) { prefetch::tensor_impl(impl(i)); },
       [&](size_t i) { prefetch::storage_and_meta(impl(i)); });
   return same;
