@@ -41,7 +41,7 @@ def cuda_backend():
     reason = backends.unavailable_backends().get("cuda")
     if reason is not None:
         pytest.skip(f"the cuda backend is unavailable: {reason}")
-    if not hasattr(cuda_backend_module, "adamw_planned_"):
+    if not hasattr(cuda_backend_module._EXTENSION, "UpdatePlan"):
         pytest.skip("the CUDA extension has no UpdatePlan (built before it)")
     yield
 

@@ -491,6 +491,7 @@ class TableCache {
     return table;
   }
 
+ private:
   static std::vector<int64_t> addresses_of(const std::vector<TensorList>& lists) {
     std::vector<int64_t> addresses;
     addresses.reserve(lists.size() * lists.front().size());
@@ -499,7 +500,6 @@ class TableCache {
     return addresses;
   }
 
- private:
   static bool points_to(const Table& table, const std::vector<TensorList>& lists) {
     return addresses_of(lists) == table.addresses;
   }
@@ -759,15 +759,15 @@ void lion_(const TensorList& params, const TensorList& grads, const TensorList& 
 
 // --------------------------------------------------------------------------- UpdatePlan
 
-// What a plan keeps: the params and states (the table's lists but the grads, list 1), their
-// addresses and the planned grad dtypes, and a table per stream (the cache's rule: a table is only
+// What a plan keeps: the params and states (the table's lists but the grads, list 1), the
+// params' addresses, dtypes and sizes, the planned grad dtypes, and a table per stream (the cache's rule: a table is only
 // ever used on one stream, so its address column is rewritten in that stream's order). The tables
 // are the plan's own, never in the cache and never captured (a capturing call takes the op), so no
 // graph reads them and they need no freezing.
 struct UpdatePlan::State {
   PlannedOp op;
   std::vector<TensorList> fixed;      // lists 0, 2, 3, ... of the table (params, states)
-  std::vector<int64_t> fixed_addresses;  // their data pointers, list by list
+  std::vector<int64_t> param_addresses;
   std::vector<at::ScalarType> param_types, grad_types;
   std::vector<int64_t> numels;
   at::Device device{at::kCPU};
@@ -807,8 +807,8 @@ UpdatePlan::UpdatePlan(PlannedOp op, const TensorList& params, const TensorList&
       TORCH_CHECK(list[i].is_contiguous(), "fastopt: UpdatePlan: tensor ", i, " of a list is not contiguous");
   for (size_t i = 0; i < grads.size(); ++i)
     TORCH_CHECK(grads[i].is_contiguous(), "fastopt: UpdatePlan: grads[", i, "] is not contiguous");
-  s.fixed_addresses = TableCache::addresses_of(s.fixed);
   for (size_t i = 0; i < params.size(); ++i) {
+    s.param_addresses.push_back(reinterpret_cast<int64_t>(params[i].const_data_ptr()));
     s.param_types.push_back(params[i].scalar_type());
     s.grad_types.push_back(grads[i].scalar_type());
     s.numels.push_back(params[i].numel());
@@ -826,14 +826,15 @@ PlanStatus UpdatePlan::step(const std::vector<const at::Tensor*>& grads, const P
   const at::Device device = s.device;
   c10::cuda::CUDAGuard guard(device);
   if (capturing()) return PlanStatus::kUnplanned;
-  // The params and states where the plan found them (p.data = x moves a param: plan again).
-  size_t k = 0;
-  for (const TensorList& list : s.fixed)
-    for (const at::Tensor& t : list)
-      if (reinterpret_cast<int64_t>(t.const_data_ptr()) != s.fixed_addresses[k++]) return PlanStatus::kReplan;
-  for (int64_t i = 0; i < n; ++i)
-    if (s.fixed[0][i].scalar_type() != s.param_types[i] || s.fixed[0][i].numel() != s.numels[i])
+  // The params where the plan found them (p.data = x moves a param: plan again). The states are
+  // trusted to keep their storage, as the step plan trusts them (it makes a new plan when they
+  // change): reading 3-4 more tensors per param would cost more than all of the rest.
+  for (int64_t i = 0; i < n; ++i) {
+    const at::Tensor& p = s.fixed[0][i];
+    if (reinterpret_cast<int64_t>(p.const_data_ptr()) != s.param_addresses[i] || p.scalar_type() != s.param_types[i] ||
+        p.numel() != s.numels[i])
       return PlanStatus::kReplan;
+  }
   // The grads: the op's errors for what it would refuse; a new dtype or a strided grad re-plans.
   bool replan = false;
   for (int64_t i = 0; i < n; ++i) {

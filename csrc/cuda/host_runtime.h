@@ -59,9 +59,10 @@ void lion_(const TensorList& params, const TensorList& grads, const TensorList& 
 // params, grads and states of one op, validated then with the op's checks and errors, and holding
 // their addresses and a device table per stream, private to it. A step reads only what may change:
 // the grads (checked: defined, dense, contiguous, same dtype, numel and device as planned), the
-// params' and states' addresses (unchanged, or the caller plans again) and the step-wide scalars.
+// params' addresses (unchanged, or the caller plans again; the states are trusted to stay, as the
+// step plan trusts them) and the step-wide scalars.
 enum class PlannedOp : int64_t { kAdamW = 0, kSGD = 1, kLion = 2 };
-// kDone: launched. kReplan: nothing done; a param or state moved (p.data = x), or a grad's dtype or
+// kDone: launched. kReplan: nothing done; a param moved (p.data = x), or a grad's dtype or
 // contiguity changed: the caller builds a new plan from its lists. kUnplanned: nothing done; the
 // stream is capturing a CUDA graph, whose tables are the op's (its capture rules): run the op.
 enum class PlanStatus : int64_t { kDone = 0, kReplan = 1, kUnplanned = 2 };

@@ -310,6 +310,8 @@ def _planned(op: str, lists: dict[str, list[Tensor]], plan: dict, scalars: tuple
     kernel build) and during CUDA-graph capture, whose tables are the op's."""
     if not lists["params"]:
         return
+    if not hasattr(_EXTENSION, "UpdatePlan"):  # an extension built before UpdatePlan
+        return listed()
     key = ("cuda", op)  # a plan dict shared by two ops keeps one UpdatePlan per op
     native = plan.get(key)
     if native is not None:
@@ -373,7 +375,3 @@ def lion_planned_(lists: dict[str, list[Tensor]], plan: dict, *, lr, beta1, beta
         weight_decay=weight_decay, maximize=maximize, grad_scale=grad_scale, found_inf=found_inf,
         clip_coef=clip_coef,
     ))  # fmt: skip
-
-
-if _EXTENSION is None or not hasattr(_EXTENSION, "UpdatePlan"):  # the step plan then calls the ops
-    del adamw_planned_, sgd_planned_, lion_planned_
