@@ -213,7 +213,8 @@ def all_tensors(lists):
 @pytest.mark.parametrize(
     "bad, error",
     [
-        (lambda g: g.__setitem__(1, torch.zeros(5, device=DEVICE)), r"grads\[1\] has 5 elements but params\[1\] has 561"),
+        (lambda g: g.__setitem__(1, torch.zeros(5, device=DEVICE)),
+         r"grads\[1\] has 5 elements but params\[1\] has 561"),
         (lambda g: g.__setitem__(2, torch.zeros(40000, device="meta")), r"grads\[2\] is on meta but params\[0\] is on"),
         (lambda g: g.__setitem__(0, 3.0), r"grads\[0\] must be a tensor"),
         (lambda g: g.__setitem__(0, torch.zeros(7, dtype=torch.int32, device=DEVICE)), r"grads must be float16"),

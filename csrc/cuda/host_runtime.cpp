@@ -760,8 +760,9 @@ void lion_(const TensorList& params, const TensorList& grads, const TensorList& 
 // --------------------------------------------------------------------------- UpdatePlan
 
 // What a plan keeps: the params and states (the table's lists but the grads, list 1), the
-// params' addresses, dtypes and sizes, the planned grad dtypes, and a table per stream (the cache's rule: a table is only
-// ever used on one stream, so its address column is rewritten in that stream's order). The tables
+// params' addresses, dtypes and sizes, the planned grad dtypes, and a table per stream (the
+// cache's rule: a table is only ever used on one stream, so its address column is rewritten in
+// that stream's order; the caching allocator frees its buffer in that order too). The tables
 // are the plan's own, never in the cache and never captured (a capturing call takes the op), so no
 // graph reads them and they need no freezing.
 struct UpdatePlan::State {

@@ -305,9 +305,10 @@ def _planned_states(op: str, lists: dict[str, list[Tensor]]) -> list[list[Tensor
 
 def _planned(op: str, lists: dict[str, list[Tensor]], plan: dict, scalars: tuple, listed) -> None:
     """One planned update: the plan's UpdatePlan for ``op`` (made on the first call, and again when
-    a param or state moved or a grad changed dtype or contiguity), else ``listed()``, the op on the
-    lists: for lists a plan cannot hold (a strided param or state, a dtype combination without a
-    kernel build) and during CUDA-graph capture, whose tables are the op's."""
+    a param moved or a grad changed dtype or contiguity), else ``listed()``, the op on the lists:
+    for lists a plan cannot hold (a strided tensor, a dtype combination without a kernel build)
+    and during CUDA-graph capture, whose tables are the op's. The states are trusted to keep their
+    storage while ``plan`` lives, as the step plan promises."""
     if not lists["params"]:
         return
     if not hasattr(_EXTENSION, "UpdatePlan"):  # an extension built before UpdatePlan
@@ -333,7 +334,8 @@ def _planned(op: str, lists: dict[str, list[Tensor]], plan: dict, scalars: tuple
 
 
 def _step_scalars(lr, grad_scale, clip_coef, found_inf, maximize, beta1=0.0, beta2=0.0, eps=0.0, weight_decay=0.0,
-                  decoupled_weight_decay=True, momentum=0.0, dampening=0.0, nesterov=False, first_step=False):  # fmt: skip
+                  decoupled_weight_decay=True, momentum=0.0, dampening=0.0, nesterov=False,
+                  first_step=False):  # fmt: skip
     """UpdatePlan.step's scalar arguments, in its order."""
     return (*_split(lr), *_split(grad_scale), *_split(clip_coef), found_inf, bool(maximize), float(beta1),
             float(beta2), float(eps), float(weight_decay), bool(decoupled_weight_decay), float(momentum),
@@ -357,7 +359,8 @@ def sgd_planned_(lists: dict[str, list[Tensor]], plan: dict, *, lr, momentum, da
                  maximize, first_step, grad_scale, found_inf, clip_coef) -> None:  # fmt: skip
     """``sgd_`` for fastopt.optim's step plan (see ``_planned``)."""
     scalars = _step_scalars(lr, grad_scale, clip_coef, found_inf, maximize, weight_decay=weight_decay,
-                            momentum=momentum, dampening=dampening, nesterov=nesterov, first_step=first_step)  # fmt: skip
+                            momentum=momentum, dampening=dampening, nesterov=nesterov,
+                            first_step=first_step)  # fmt: skip
     _planned("sgd_", lists, plan, scalars, lambda: sgd_(
         lists["params"], lists["grads"], lists.get("momentum_buffers"), lr=lr, momentum=momentum,
         dampening=dampening, weight_decay=weight_decay, nesterov=nesterov, maximize=maximize, first_step=first_step,
