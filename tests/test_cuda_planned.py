@@ -333,3 +333,21 @@ def test_planned_adamw_on_two_streams_and_in_a_graph_capture():
                        expected["steps"], **hyper)  # fmt: skip
     torch.cuda.synchronize()
     assert_close_lists(lists["params"], expected["params"])
+
+
+def test_inference_tensors_are_updated_without_a_version_bump():
+    """Inference tensors have no version counter: the plan writes them as the op does, and raises
+    nothing after its writes."""
+    with torch.inference_mode():
+        lists = planned_inputs(11)
+        expected = {name: [t.clone() for t in tensors] for name, tensors in lists.items()}
+    plan = {}
+    for _ in range(2):
+        cuda_backend_module.adamw_planned_(lists, plan, **ADAMW_HYPER)
+        with torch.inference_mode():
+            cuda_backend_module.adamw_(expected["params"], expected["grads"], expected["exp_avgs"],
+                                       expected["exp_avg_sqs"], expected["steps"], max_exp_avg_sqs=None,
+                                       **ADAMW_HYPER)  # fmt: skip
+    assert ("cuda", "adamw_") in plan
+    for a, b in zip(lists["params"] + lists["steps"], expected["params"] + expected["steps"]):
+        assert_bitwise_equal(a, b)

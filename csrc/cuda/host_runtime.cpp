@@ -911,9 +911,11 @@ PlanStatus UpdatePlan::step(const std::vector<const at::Tensor*>& grads, const P
       break;
     }
   }
-  // As the ops' (x!) annotations have the dispatcher do: what was written has a new version.
+  // What was written has a new version, as the reference's in-place ops give it (inference
+  // tensors have no version counter: bumping one would raise after the writes).
   for (const TensorList& list : s.fixed)
-    for (const at::Tensor& t : list) t.unsafeGetTensorImpl()->bump_version();
+    for (const at::Tensor& t : list)
+      if (!t.is_inference()) t.unsafeGetTensorImpl()->bump_version();
   return PlanStatus::kDone;
 }
 
