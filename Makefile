@@ -94,9 +94,9 @@ ctest:
 # The CUDA kernels executed on the CPU (csrc/emulation/README.md): the emulated device's own tests
 # and every launcher under ThreadSanitizer and AddressSanitizer (run_checks.sh), then
 # csrc/cuda/ (the kernels and their host side) built unchanged for the emulation (fastopt._C_emulated, CPU tensors)
-# under the op suites and tests/test_cuda_backend.py. CUDA headers at build time only (CUDA_HOME);
+# under the op suites, tests/test_cuda_backend.py and tests/test_cuda_planned.py. CUDA headers at build time only (CUDA_HOME);
 # no GPU, no driver.
-EMULATED_TESTS ?= tests/test_cuda_backend.py tests/test_norm_scale.py tests/test_adamw.py tests/test_sgd.py tests/test_lion.py tests/test_clip.py \
+EMULATED_TESTS ?= tests/test_cuda_backend.py tests/test_cuda_planned.py tests/test_norm_scale.py tests/test_adamw.py tests/test_sgd.py tests/test_lion.py tests/test_clip.py \
 	tests/test_amp.py tests/test_fuzz.py
 .PHONY: test-cuda-emulated
 test-cuda-emulated: $(STAMP)

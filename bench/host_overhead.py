@@ -27,8 +27,9 @@ upload, the arrival counters' reset) is timed, its kernels are not. Reported, ov
 - ``cached adamw_``: one backend ``adamw_`` call whose layout is cached (grads re-made for
   each call, as zero_grad(set_to_none=True) + backward make them);
 - ``planned adamw_``: the call as fastopt.optim.AdamW makes it from its second step on, with
-  its step plan (``adamw_planned_``, where the backend has one), on grads nothing has touched
-  since they were made;
+  its step plan (``adamw_planned_``, where the backend has one: for cuda the extension's
+  ``UpdatePlan``, whose steps return at once in the first run, as torch.ops' calls do), on grads
+  nothing has touched since they were made;
 - ``planned, in a step``: the same after the step plan's check of the new grads
   (``ops.check_replacement``, not timed), as inside ``AdamW.step``;
 - ``optimizer step``: a whole ``AdamW.step`` with clipping on that backend, launches stubbed;
@@ -83,6 +84,9 @@ def stubbed_backend(name: str):
             adaptive_clip_=nothing, adamw_=nothing,
         )  # fmt: skip
 
+        if hasattr(module, "_EXTENSION"):  # the planned updates' UpdatePlan: its steps return at once
+            plan = types.SimpleNamespace(step=lambda *args: 0)
+            module._EXTENSION = types.SimpleNamespace(UpdatePlan=lambda *args: plan)
         if hasattr(module, "_OPS"):  # the module's handle on torch.ops.fastopt
             module._OPS = stub
         else:
@@ -111,6 +115,7 @@ def emulated_cuda_backend():
 
     extension._skip_grids(True)
     module._OPS = torch.ops.fastopt_emulated
+    module._EXTENSION = extension  # the planned updates' UpdatePlan, on the emulated build too
     return module
 
 

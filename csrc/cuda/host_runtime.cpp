@@ -86,6 +86,64 @@ float* found_inf_pointer(const std::optional<at::Tensor>& found_inf, const at::D
   return found_inf->data_ptr<float>();
 }
 
+// --------------------------------------------------------------------------- the update ops' checks
+// Shared by the ops and UpdatePlan (the same errors, raised before anything is written). A dtype
+// combination without a kernel build raises NotImplementedError (the backend falls back on it).
+
+void check_adamw(const TensorList& params, const TensorList& grads, const TensorList& exp_avgs,
+                 const TensorList& exp_avg_sqs, const TensorList& steps, const TensorList& max_exp_avg_sqs) {
+  const bool amsgrad = !max_exp_avg_sqs.empty();
+  std::vector<std::pair<const char*, const TensorList*>> named = {
+      {"params", &params}, {"grads", &grads}, {"exp_avgs", &exp_avgs}, {"exp_avg_sqs", &exp_avg_sqs}, {"steps", &steps}};
+  if (amsgrad) named.emplace_back("max_exp_avg_sqs", &max_exp_avg_sqs);
+  check_lists(named);
+  for (const auto& [name, tensors] : named)
+    if (tensors != &steps && tensors != &params) check_same_numels(name, *tensors, "params", params);
+  for (size_t i = 0; i < steps.size(); ++i)
+    TORCH_CHECK(steps[i].numel() == 1 && (steps[i].scalar_type() == at::kFloat || steps[i].scalar_type() == at::kDouble),
+                "fastopt: steps[", i, "] must be a 1-element float32 or float64 tensor");
+  // Every state of a param shares one dtype in the compiled combinations.
+  for (size_t i = 0; i < params.size(); ++i) {
+    const DType state = dtype_code(exp_avgs[i], "exp_avgs");
+    const bool same_states = dtype_code(exp_avg_sqs[i], "exp_avg_sqs") == state &&
+                             (!amsgrad || dtype_code(max_exp_avg_sqs[i], "max_exp_avg_sqs") == state);
+    TORCH_CHECK_NOT_IMPLEMENTED(
+        same_states && adamw_supports(dtype_code(params[i], "params"), dtype_code(grads[i], "grads"), state),
+        "fastopt: the CUDA AdamW kernel has no build for params ", params[i].scalar_type(), ", grads ",
+        grads[i].scalar_type(), ", exp_avgs ", exp_avgs[i].scalar_type(), ", exp_avg_sqs ",
+        exp_avg_sqs[i].scalar_type(), " (tensor ", i, ")");
+  }
+}
+
+void check_sgd(const TensorList& params, const TensorList& grads, const TensorList& momentum_buffers) {
+  const bool with_momentum = !momentum_buffers.empty();
+  std::vector<std::pair<const char*, const TensorList*>> named = {{"params", &params}, {"grads", &grads}};
+  if (with_momentum) named.emplace_back("momentum_buffers", &momentum_buffers);
+  check_lists(named);
+  check_same_numels("grads", grads, "params", params);
+  if (with_momentum) check_same_numels("momentum_buffers", momentum_buffers, "params", params);
+  for (size_t i = 0; i < params.size(); ++i) {
+    const DType param = dtype_code(params[i], "params");
+    TORCH_CHECK_NOT_IMPLEMENTED(
+        sgd_supports(param, dtype_code(grads[i], "grads"),
+                     with_momentum ? dtype_code(momentum_buffers[i], "momentum_buffers") : param),
+        "fastopt: the CUDA SGD kernel has no build for params ", params[i].scalar_type(), ", grads ",
+        grads[i].scalar_type(), with_momentum ? ", momentum_buffers " : "",
+        with_momentum ? c10::toString(momentum_buffers[i].scalar_type()) : "", " (tensor ", i, ")");
+  }
+}
+
+void check_lion(const TensorList& params, const TensorList& grads, const TensorList& exp_avgs) {
+  check_lists({{"params", &params}, {"grads", &grads}, {"exp_avgs", &exp_avgs}});
+  check_same_numels("grads", grads, "params", params);
+  check_same_numels("exp_avgs", exp_avgs, "params", params);
+  for (size_t i = 0; i < params.size(); ++i)
+    TORCH_CHECK_NOT_IMPLEMENTED(
+        lion_supports(dtype_code(params[i], "params"), dtype_code(grads[i], "grads"), dtype_code(exp_avgs[i], "exp_avgs")),
+        "fastopt: the CUDA Lion kernel has no build for params ", params[i].scalar_type(), ", grads ",
+        grads[i].scalar_type(), ", exp_avgs ", exp_avgs[i].scalar_type(), " (tensor ", i, ")");
+}
+
 // --------------------------------------------------------------------------- dense stand-ins
 
 // The kernels walk flat memory: a strided tensor runs on a contiguous copy, which an in-place op
@@ -363,6 +421,8 @@ class TableCache {
     }
   }
 
+  // A table for these lists on the current stream (also for UpdatePlan, which keeps its own).
+ public:
   static Table build(const std::vector<TensorList>& lists, Segments segments, Grouping grouping, bool min_one_chunk,
                      bool capture) {
     const TensorList& first = lists.front();
@@ -431,6 +491,7 @@ class TableCache {
     return table;
   }
 
+ private:
   static std::vector<int64_t> addresses_of(const std::vector<TensorList>& lists) {
     std::vector<int64_t> addresses;
     addresses.reserve(lists.size() * lists.front().size());
@@ -601,15 +662,7 @@ void adamw_(const TensorList& params, const TensorList& grads, const TensorList&
             const std::optional<at::Tensor>& grad_scale_tensor, const std::optional<at::Tensor>& found_inf,
             double clip_coef, const std::optional<at::Tensor>& clip_coef_tensor, bool decoupled_weight_decay) {
   const bool amsgrad = !max_exp_avg_sqs.empty();
-  std::vector<std::pair<const char*, const TensorList*>> named = {
-      {"params", &params}, {"grads", &grads}, {"exp_avgs", &exp_avgs}, {"exp_avg_sqs", &exp_avg_sqs}, {"steps", &steps}};
-  if (amsgrad) named.emplace_back("max_exp_avg_sqs", &max_exp_avg_sqs);
-  check_lists(named);
-  for (const auto& [name, tensors] : named)
-    if (tensors != &steps && tensors != &params) check_same_numels(name, *tensors, "params", params);
-  for (size_t i = 0; i < steps.size(); ++i)
-    TORCH_CHECK(steps[i].numel() == 1 && (steps[i].scalar_type() == at::kFloat || steps[i].scalar_type() == at::kDouble),
-                "fastopt: steps[", i, "] must be a 1-element float32 or float64 tensor");
+  check_adamw(params, grads, exp_avgs, exp_avg_sqs, steps, max_exp_avg_sqs);
   const at::Device device = params.front().device();
   c10::cuda::CUDAGuard guard(device);
   AdamWArgs args{};
@@ -624,17 +677,6 @@ void adamw_(const TensorList& params, const TensorList& grads, const TensorList&
   args.maximize = maximize;
   args.amsgrad = amsgrad;
   args.decoupled_weight_decay = decoupled_weight_decay;
-  // Every state of a param shares one dtype in the compiled combinations; checked before any write.
-  for (size_t i = 0; i < params.size(); ++i) {
-    const DType state = dtype_code(exp_avgs[i], "exp_avgs");
-    const bool same_states = dtype_code(exp_avg_sqs[i], "exp_avg_sqs") == state &&
-                             (!amsgrad || dtype_code(max_exp_avg_sqs[i], "max_exp_avg_sqs") == state);
-    TORCH_CHECK_NOT_IMPLEMENTED(
-        same_states && adamw_supports(dtype_code(params[i], "params"), dtype_code(grads[i], "grads"), state),
-        "fastopt: the CUDA AdamW kernel has no build for params ", params[i].scalar_type(), ", grads ",
-        grads[i].scalar_type(), ", exp_avgs ", exp_avgs[i].scalar_type(), ", exp_avg_sqs ",
-        exp_avg_sqs[i].scalar_type(), " (tensor ", i, ")");
-  }
   DenseLists dense;
   dense.add(params, true);
   dense.add(grads, false);
@@ -659,11 +701,7 @@ void sgd_(const TensorList& params, const TensorList& grads, const TensorList& m
           const std::optional<at::Tensor>& grad_scale_tensor, const std::optional<at::Tensor>& found_inf,
           double clip_coef, const std::optional<at::Tensor>& clip_coef_tensor) {
   const bool with_momentum = !momentum_buffers.empty();
-  std::vector<std::pair<const char*, const TensorList*>> named = {{"params", &params}, {"grads", &grads}};
-  if (with_momentum) named.emplace_back("momentum_buffers", &momentum_buffers);
-  check_lists(named);
-  check_same_numels("grads", grads, "params", params);
-  if (with_momentum) check_same_numels("momentum_buffers", momentum_buffers, "params", params);
+  check_sgd(params, grads, momentum_buffers);
   const at::Device device = params.front().device();
   c10::cuda::CUDAGuard guard(device);
   SGDArgs args{};
@@ -678,15 +716,6 @@ void sgd_(const TensorList& params, const TensorList& grads, const TensorList& m
   args.maximize = maximize;
   args.momentum_buffers = with_momentum;
   args.first_step = first_step;
-  for (size_t i = 0; i < params.size(); ++i) {
-    const DType param = dtype_code(params[i], "params");
-    TORCH_CHECK_NOT_IMPLEMENTED(
-        sgd_supports(param, dtype_code(grads[i], "grads"),
-                     with_momentum ? dtype_code(momentum_buffers[i], "momentum_buffers") : param),
-        "fastopt: the CUDA SGD kernel has no build for params ", params[i].scalar_type(), ", grads ",
-        grads[i].scalar_type(), with_momentum ? ", momentum_buffers " : "",
-        with_momentum ? c10::toString(momentum_buffers[i].scalar_type()) : "", " (tensor ", i, ")");
-  }
   DenseLists dense;
   dense.add(params, true);
   dense.add(grads, false);
@@ -704,9 +733,7 @@ void lion_(const TensorList& params, const TensorList& grads, const TensorList& 
            double grad_scale, const std::optional<at::Tensor>& grad_scale_tensor,
            const std::optional<at::Tensor>& found_inf, double clip_coef,
            const std::optional<at::Tensor>& clip_coef_tensor) {
-  check_lists({{"params", &params}, {"grads", &grads}, {"exp_avgs", &exp_avgs}});
-  check_same_numels("grads", grads, "params", params);
-  check_same_numels("exp_avgs", exp_avgs, "params", params);
+  check_lion(params, grads, exp_avgs);
   const at::Device device = params.front().device();
   c10::cuda::CUDAGuard guard(device);
   LionArgs args{};
@@ -718,11 +745,6 @@ void lion_(const TensorList& params, const TensorList& grads, const TensorList& 
   args.beta2 = beta2;
   args.weight_decay = weight_decay;
   args.maximize = maximize;
-  for (size_t i = 0; i < params.size(); ++i)
-    TORCH_CHECK_NOT_IMPLEMENTED(
-        lion_supports(dtype_code(params[i], "params"), dtype_code(grads[i], "grads"), dtype_code(exp_avgs[i], "exp_avgs")),
-        "fastopt: the CUDA Lion kernel has no build for params ", params[i].scalar_type(), ", grads ",
-        grads[i].scalar_type(), ", exp_avgs ", exp_avgs[i].scalar_type(), " (tensor ", i, ")");
   DenseLists dense;
   dense.add(params, true);
   dense.add(grads, false);
@@ -733,6 +755,168 @@ void lion_(const TensorList& params, const TensorList& grads, const TensorList& 
     launch_lion(table->view, range, param, grad, state, args, stream);
   });
   dense.finish();
+}
+
+// --------------------------------------------------------------------------- UpdatePlan
+
+// What a plan keeps: the params and states (the table's lists but the grads, list 1), the
+// params' addresses, dtypes and sizes, the planned grad dtypes, and a table per stream (the
+// cache's rule: a table is only ever used on one stream, so its address column is rewritten in
+// that stream's order; the caching allocator frees its buffer in that order too). The tables
+// are the plan's own, never in the cache and never captured (a capturing call takes the op), so no
+// graph reads them and they need no freezing.
+struct UpdatePlan::State {
+  PlannedOp op;
+  std::vector<TensorList> fixed;      // lists 0, 2, 3, ... of the table (params, states)
+  std::vector<int64_t> param_addresses;
+  std::vector<at::ScalarType> param_types, grad_types;
+  std::vector<int64_t> numels;
+  at::Device device{at::kCPU};
+  int64_t num_tensors = 0;
+  bool amsgrad = false, with_momentum = false;
+  std::unordered_map<cudaStream_t, std::unique_ptr<Table>> tables;
+  std::vector<int64_t> grad_addresses;  // this call's, scratch
+};
+
+UpdatePlan::UpdatePlan(PlannedOp op, const TensorList& params, const TensorList& grads,
+                       const std::vector<TensorList>& states)
+    : state_(std::make_unique<State>()) {
+  State& s = *state_;
+  s.op = op;
+  const TensorList none;
+  auto state_list = [&](size_t k) -> const TensorList& { return k < states.size() ? states[k] : none; };
+  switch (op) {
+    case PlannedOp::kAdamW:
+      check_adamw(params, grads, state_list(0), state_list(1), state_list(2), state_list(3));
+      s.amsgrad = !state_list(3).empty();
+      break;
+    case PlannedOp::kSGD:
+      check_sgd(params, grads, state_list(0));
+      s.with_momentum = !state_list(0).empty();
+      break;
+    case PlannedOp::kLion:
+      check_lion(params, grads, state_list(0));
+      break;
+  }
+  s.fixed.push_back(params);
+  for (const TensorList& list : states)
+    if (!list.empty()) s.fixed.push_back(list);
+  s.num_tensors = static_cast<int64_t>(params.size());
+  s.device = params.front().device();
+  for (const TensorList& list : s.fixed)
+    for (size_t i = 0; i < list.size(); ++i)
+      TORCH_CHECK(list[i].is_contiguous(), "fastopt: UpdatePlan: tensor ", i, " of a list is not contiguous");
+  for (size_t i = 0; i < grads.size(); ++i)
+    TORCH_CHECK(grads[i].is_contiguous(), "fastopt: UpdatePlan: grads[", i, "] is not contiguous");
+  for (size_t i = 0; i < params.size(); ++i) {
+    s.param_addresses.push_back(reinterpret_cast<int64_t>(params[i].const_data_ptr()));
+    s.param_types.push_back(params[i].scalar_type());
+    s.grad_types.push_back(grads[i].scalar_type());
+    s.numels.push_back(params[i].numel());
+  }
+  s.grad_addresses.resize(params.size());
+}
+
+UpdatePlan::~UpdatePlan() = default;
+
+PlanStatus UpdatePlan::step(const std::vector<const at::Tensor*>& grads, const PlannedScalars& scalars) {
+  State& s = *state_;
+  const int64_t n = s.num_tensors;
+  TORCH_CHECK(static_cast<int64_t>(grads.size()) == n, "fastopt: grads has ", grads.size(), " tensors but params has ",
+              n);
+  const at::Device device = s.device;
+  c10::cuda::CUDAGuard guard(device);
+  if (capturing()) return PlanStatus::kUnplanned;
+  // The params where the plan found them (p.data = x moves a param: plan again). The states are
+  // trusted to keep their storage, as the step plan trusts them (it makes a new plan when they
+  // change): reading 3-4 more tensors per param would cost more than all of the rest.
+  for (int64_t i = 0; i < n; ++i) {
+    const at::Tensor& p = s.fixed[0][i];
+    if (reinterpret_cast<int64_t>(p.const_data_ptr()) != s.param_addresses[i] || p.scalar_type() != s.param_types[i] ||
+        p.numel() != s.numels[i])
+      return PlanStatus::kReplan;
+  }
+  // The grads: the op's errors for what it would refuse; a new dtype or a strided grad re-plans.
+  bool replan = false;
+  for (int64_t i = 0; i < n; ++i) {
+    const at::Tensor& g = *grads[i];
+    TORCH_CHECK(g.defined(), "fastopt: grads[", i, "] is undefined");
+    TORCH_CHECK(g.device() == device, "fastopt: grads[", i, "] is on ", g.device(), " but params[0] is on ", device);
+    TORCH_CHECK(g.layout() == at::kStrided, "fastopt: grads[", i, "] must be a dense tensor");
+    TORCH_CHECK(g.numel() == s.numels[i], "fastopt: grads[", i, "] has ", g.numel(), " elements but params[", i,
+                "] has ", s.numels[i]);
+    replan |= g.scalar_type() != s.grad_types[i] || !g.is_contiguous();
+    s.grad_addresses[i] = reinterpret_cast<int64_t>(g.const_data_ptr());
+  }
+  if (replan) return PlanStatus::kReplan;
+  const ScalarArg lr = scalar_arg(scalars.lr, scalars.lr_tensor, device, "lr");
+  const ScalarArg grad_scale = scalar_arg(scalars.grad_scale, scalars.grad_scale_tensor, device, "grad_scale");
+  const ScalarArg clip_coef = scalar_arg(scalars.clip_coef, scalars.clip_coef_tensor, device, "clip_coef");
+  float* found_inf = found_inf_pointer(scalars.found_inf, device);
+
+  // Every check has passed: from here on, the table and the launches.
+  const cudaStream_t stream = current_stream();
+  std::unique_ptr<Table>& slot = s.tables[stream];
+  if (!slot) {
+    std::vector<TensorList> lists;
+    lists.reserve(s.fixed.size() + 1);
+    lists.push_back(s.fixed[0]);
+    TensorList grad_list;
+    grad_list.reserve(n);
+    for (const at::Tensor* g : grads) grad_list.push_back(*g);
+    lists.push_back(std::move(grad_list));
+    for (size_t l = 1; l < s.fixed.size(); ++l) lists.push_back(s.fixed[l]);
+    slot = std::make_unique<Table>(TableCache::build(lists, Segments::kTensors, Grouping::kDtypes,
+                                                     /*min_one_chunk=*/s.op == PlannedOp::kAdamW, false));
+  } else if (!std::equal(s.grad_addresses.begin(), s.grad_addresses.end(), slot->addresses.begin() + n)) {
+    // Only the grads' row (list 1) changes; stream-ordered after the launches that read it before.
+    upload(slot->buffer.narrow(0, n, n), s.grad_addresses);
+    std::copy(s.grad_addresses.begin(), s.grad_addresses.end(), slot->addresses.begin() + n);
+  }
+  const Table& table = *slot;
+  switch (s.op) {
+    case PlannedOp::kAdamW: {
+      AdamWArgs args{};
+      args.lr = lr, args.grad_scale = grad_scale, args.clip_coef = clip_coef, args.found_inf = found_inf;
+      args.beta1 = scalars.beta1, args.beta2 = scalars.beta2, args.eps = scalars.eps;
+      args.weight_decay = scalars.weight_decay, args.maximize = scalars.maximize, args.amsgrad = s.amsgrad;
+      args.decoupled_weight_decay = scalars.decoupled_weight_decay;
+      args.arrivals = table.arrivals.data_ptr<int>();
+      // Counters start at zero whatever an earlier (possibly aborted) launch left.
+      C10_CUDA_CHECK(cudaMemsetAsync(args.arrivals, 0, table.arrivals.numel() * sizeof(int), stream));
+      launch_per_dtype_group(table, [&](LaunchRange range, DType param, DType grad, DType state) {
+        launch_adamw(table.view, range, param, grad, state, args, stream);
+      });
+      break;
+    }
+    case PlannedOp::kSGD: {
+      SGDArgs args{};
+      args.lr = lr, args.grad_scale = grad_scale, args.clip_coef = clip_coef, args.found_inf = found_inf;
+      args.momentum = scalars.momentum, args.dampening = scalars.dampening, args.weight_decay = scalars.weight_decay;
+      args.nesterov = scalars.nesterov, args.maximize = scalars.maximize;
+      args.momentum_buffers = s.with_momentum, args.first_step = scalars.first_step;
+      launch_per_dtype_group(table, [&](LaunchRange range, DType param, DType grad, DType state) {
+        launch_sgd(table.view, range, param, grad, state, args, stream);
+      });
+      break;
+    }
+    case PlannedOp::kLion: {
+      LionArgs args{};
+      args.lr = lr, args.grad_scale = grad_scale, args.clip_coef = clip_coef, args.found_inf = found_inf;
+      args.beta1 = scalars.beta1, args.beta2 = scalars.beta2, args.weight_decay = scalars.weight_decay;
+      args.maximize = scalars.maximize;
+      launch_per_dtype_group(table, [&](LaunchRange range, DType param, DType grad, DType state) {
+        launch_lion(table.view, range, param, grad, state, args, stream);
+      });
+      break;
+    }
+  }
+  // What was written has a new version, as the reference's in-place ops give it (inference
+  // tensors have no version counter: bumping one would raise after the writes).
+  for (const TensorList& list : s.fixed)
+    for (const at::Tensor& t : list)
+      if (!t.is_inference()) t.unsafeGetTensorImpl()->bump_version();
+  return PlanStatus::kDone;
 }
 
 // Test hooks (fastopt._C._table_cache_stats, _set_arrival_counters; registration.cpp).

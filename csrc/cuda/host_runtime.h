@@ -6,6 +6,7 @@
 #include <ATen/ATen.h>
 
 #include <cstdint>
+#include <memory>
 #include <optional>
 #include <tuple>
 #include <vector>
@@ -52,6 +53,47 @@ void lion_(const TensorList& params, const TensorList& grads, const TensorList& 
            double grad_scale, const std::optional<at::Tensor>& grad_scale_tensor,
            const std::optional<at::Tensor>& found_inf, double clip_coef,
            const std::optional<at::Tensor>& clip_coef_tensor);
+
+// A planned update (fastopt.optim's step plan, through fastopt/backends/cuda.py's *_planned_; bound
+// in Python by registration.cpp, not a torch op, so no boxing of the lists): built once from the
+// params, grads and states of one op, validated then with the op's checks and errors, and holding
+// their addresses and a device table per stream, private to it. A step reads only what may change:
+// the grads (checked: defined, dense, contiguous, same dtype, numel and device as planned), the
+// params' addresses (unchanged, or the caller plans again; the states are trusted to stay, as the
+// step plan trusts them) and the step-wide scalars.
+enum class PlannedOp : int64_t { kAdamW = 0, kSGD = 1, kLion = 2 };
+// kDone: launched. kReplan: nothing done; a param moved (p.data = x), or a grad's dtype or
+// contiguity changed: the caller builds a new plan from its lists. kUnplanned: nothing done; the
+// stream is capturing a CUDA graph, whose tables are the op's (its capture rules): run the op.
+enum class PlanStatus : int64_t { kDone = 0, kReplan = 1, kUnplanned = 2 };
+
+// A step's scalars, as the ops take them (a float, or a device scalar when the tensor is given);
+// each op reads its own.
+struct PlannedScalars {
+  double lr = 0.0, grad_scale = 1.0, clip_coef = 1.0;
+  std::optional<at::Tensor> lr_tensor, grad_scale_tensor, clip_coef_tensor, found_inf;
+  bool maximize = false;
+  double beta1 = 0.0, beta2 = 0.0, eps = 0.0, weight_decay = 0.0;  // AdamW; Lion (betas, weight_decay)
+  bool decoupled_weight_decay = true;                              // AdamW
+  double momentum = 0.0, dampening = 0.0;                          // SGD (and weight_decay)
+  bool nesterov = false, first_step = false;                       // SGD
+};
+
+class UpdatePlan {
+ public:
+  // states: AdamW (exp_avgs, exp_avg_sqs, steps, max_exp_avg_sqs or empty); SGD (momentum_buffers
+  // or empty); Lion (exp_avgs). Raises the op's errors; "fastopt: UpdatePlan: ..." for lists the
+  // op takes but a plan does not (a non-contiguous tensor).
+  UpdatePlan(PlannedOp op, const TensorList& params, const TensorList& grads, const std::vector<TensorList>& states);
+  ~UpdatePlan();
+  // grads: one per param, borrowed for the call. Raises, before any write, the op's error for a
+  // grad the op would refuse.
+  PlanStatus step(const std::vector<const at::Tensor*>& grads, const PlannedScalars& scalars);
+
+ private:
+  struct State;
+  std::unique_ptr<State> state_;
+};
 
 // Test hooks, not API (the table cache: host_runtime.cpp).
 struct CacheStats {

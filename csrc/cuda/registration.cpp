@@ -1,11 +1,15 @@
 // The registration of the CUDA backend: the op schemas (TORCH_LIBRARY(fastopt)), the ops' CUDA
 // implementations (host_runtime.cpp) as their CUDA kernels for the dispatcher, and the Python
-// module fastopt._C whose import registers them, with the table cache's test hooks.
-#include <Python.h>  // only for the module init below: `import fastopt._C` registers the ops
+// module fastopt._C whose import registers them, with UpdatePlan (the step plan's updates, a
+// pybind11 class: no torch op, so no boxed lists) and the table cache's test hooks.
+#include <Python.h>  // for the module init below: `import fastopt._C` registers the ops
 
+#include <torch/csrc/autograd/python_variable.h>
+#include <torch/csrc/utils/pybind.h>
 #include <torch/library.h>
 
 #include <exception>
+#include <vector>
 
 #include "host_runtime.h"
 
@@ -74,6 +78,80 @@ static PyObject* set_arrival_counters(PyObject*, PyObject* value) {
   Py_RETURN_NONE;
 }
 
+namespace {
+
+namespace py = pybind11;
+
+// c10 errors as the ops raise them through torch.ops: NotImplementedError for a dtype combination
+// without a kernel build (the backend falls back on it), RuntimeError otherwise; the message
+// without the C++ backtrace.
+template <typename F>
+auto raising_python_errors(F&& body) -> decltype(body()) {
+  try {
+    return body();
+  } catch (const c10::NotImplementedError& e) {
+    PyErr_SetString(PyExc_NotImplementedError, e.what_without_backtrace());
+  } catch (const c10::Error& e) {
+    PyErr_SetString(PyExc_RuntimeError, e.what_without_backtrace());
+  }
+  throw py::error_already_set();
+}
+
+// The tensors of a Python list of grads, read in place (borrowed while the list holds them): no
+// list of at::Tensor is built, nor boxed.
+std::vector<const at::Tensor*> borrowed_grads(const py::list& grads) {
+  const Py_ssize_t size = PyList_GET_SIZE(grads.ptr());
+  std::vector<const at::Tensor*> tensors(static_cast<size_t>(size));
+  for (Py_ssize_t i = 0; i < size; ++i) {
+    PyObject* item = PyList_GET_ITEM(grads.ptr(), i);
+    if (!THPVariable_Check(item))
+      throw py::type_error("fastopt: grads[" + std::to_string(i) + "] must be a tensor, got " + Py_TYPE(item)->tp_name);
+    tensors[i] = &THPVariable_Unpack(item);
+  }
+  return tensors;
+}
+
+// fastopt._C.UpdatePlan(op, params, grads, states) (op: 0 AdamW, 1 SGD, 2 Lion; states as
+// host_runtime.h's UpdatePlan takes them) and its step(grads, scalars...) -> 0 done, 1 plan again,
+// 2 run the op (host_runtime.h's PlanStatus).
+void bind_update_plan(py::module_ module) {
+  py::class_<fastopt::UpdatePlan>(module, "UpdatePlan")
+      .def(py::init([](int64_t op, const fastopt::TensorList& params, const py::list& grads,
+                       const std::vector<fastopt::TensorList>& states) {
+             fastopt::TensorList grad_list;
+             for (const at::Tensor* g : borrowed_grads(grads)) grad_list.push_back(*g);
+             return raising_python_errors([&] {
+               TORCH_CHECK(op >= 0 && op <= 2, "fastopt: UpdatePlan: op must be 0 (AdamW), 1 (SGD) or 2 (Lion), got ",
+                           op);
+               return std::make_unique<fastopt::UpdatePlan>(static_cast<fastopt::PlannedOp>(op), params, grad_list,
+                                                            states);
+             });
+           }),
+           py::arg("op"), py::arg("params"), py::arg("grads"), py::arg("states"))
+      .def(
+          "step",
+          [](fastopt::UpdatePlan& plan, const py::list& grads, double lr, std::optional<at::Tensor> lr_tensor,
+             double grad_scale, std::optional<at::Tensor> grad_scale_tensor, double clip_coef,
+             std::optional<at::Tensor> clip_coef_tensor, std::optional<at::Tensor> found_inf, bool maximize,
+             double beta1, double beta2, double eps, double weight_decay, bool decoupled_weight_decay,
+             double momentum, double dampening, bool nesterov, bool first_step) -> int64_t {
+            const std::vector<const at::Tensor*> listed = borrowed_grads(grads);
+            fastopt::PlannedScalars scalars;
+            scalars.lr = lr, scalars.lr_tensor = std::move(lr_tensor);
+            scalars.grad_scale = grad_scale, scalars.grad_scale_tensor = std::move(grad_scale_tensor);
+            scalars.clip_coef = clip_coef, scalars.clip_coef_tensor = std::move(clip_coef_tensor);
+            scalars.found_inf = std::move(found_inf), scalars.maximize = maximize;
+            scalars.beta1 = beta1, scalars.beta2 = beta2, scalars.eps = eps, scalars.weight_decay = weight_decay;
+            scalars.decoupled_weight_decay = decoupled_weight_decay;
+            scalars.momentum = momentum, scalars.dampening = dampening, scalars.nesterov = nesterov;
+            scalars.first_step = first_step;
+            return raising_python_errors([&] { return static_cast<int64_t>(plan.step(listed, scalars)); });
+          },
+          "one step with these grads: 0 done, 1 nothing done (plan again), 2 nothing done (run the op)");
+}
+
+}  // namespace
+
 static PyMethodDef fastopt_methods[] = {
     {"_table_cache_stats", table_cache_stats, METH_NOARGS, "test hook: (cached, graph_only, graph_tables)"},
     {"_set_arrival_counters", set_arrival_counters, METH_O, "test hook: set every cached table's arrival counters"},
@@ -83,4 +161,19 @@ static PyMethodDef fastopt_methods[] = {
 static PyModuleDef fastopt_module = {PyModuleDef_HEAD_INIT, FASTOPT_OPS_MODULE,
                                      "fastopt's CUDA kernels, registered as torch.ops.fastopt.*", -1,
                                      fastopt_methods};
-PyMODINIT_FUNC FASTOPT_OPS_MODULE_INIT(void) { return PyModule_Create(&fastopt_module); }
+PyMODINIT_FUNC FASTOPT_OPS_MODULE_INIT(void) {
+  PyObject* module = PyModule_Create(&fastopt_module);
+  if (module == nullptr) return nullptr;
+  try {
+    bind_update_plan(py::reinterpret_borrow<py::module_>(module));
+  } catch (py::error_already_set& e) {
+    e.restore();
+    Py_DECREF(module);
+    return nullptr;
+  } catch (const std::exception& e) {
+    PyErr_SetString(PyExc_ImportError, e.what());
+    Py_DECREF(module);
+    return nullptr;
+  }
+  return module;
+}

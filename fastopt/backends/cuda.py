@@ -13,6 +13,11 @@ unavailable with the reason (``python -m fastopt info``); the ops then run on Tr
 ``FASTOPT_CUDA_EMULATION=1`` (a test mode, as ``TRITON_INTERPRET=1`` is for Triton): the same kernels
 and their host side built for the host emulation of the device (csrc/emulation, ``fastopt._C_emulated``,
 ops ``torch.ops.fastopt_emulated.*``) run on CPU tensors, without a GPU.
+
+``adamw_planned_``, ``sgd_planned_``, ``lion_planned_``: the updates of fastopt.optim's step plan,
+through the extension's ``UpdatePlan`` (a pybind11 class, not a torch op): built once per plan from
+the params and states, a call reads only the grads' addresses and dtypes and the scalars, then
+launches, on device tables of its own per stream.
 """
 
 from __future__ import annotations
@@ -73,6 +78,7 @@ def _extension_problem() -> str | None:
 
 
 LOAD_ERROR = _load_extension()
+_EXTENSION = importlib.import_module(EXTENSION) if LOAD_ERROR is None else None
 
 
 def unavailable_reason() -> str | None:
@@ -277,3 +283,98 @@ def lion_(
         lambda: reference.lion_(params, grads, exp_avgs, **hyper),
         lambda: _builds_cover(params, grads, exp_avgs),
     )  # fmt: skip
+
+
+# --------------------------------------------------------------------------- the planned updates
+# fastopt.optim's step plan calls these from its second step, with a ``plan`` dict it keeps while
+# its params and states stay the same (see ``fastopt.ops.update_prechecked_``). The extension's
+# UpdatePlan (csrc/cuda/host_runtime.h; a pybind11 class, not a torch op, so the lists are never
+# boxed) holds their addresses and device tables; a call reads the grads list in place and the
+# scalars, then launches.
+
+_PLANNED_OPS = {"adamw_": 0, "sgd_": 1, "lion_": 2}
+_DONE, _REPLAN = 0, 1  # UpdatePlan.step's answers; 2: capturing a CUDA graph, the op runs
+
+
+def _planned_states(op: str, lists: dict[str, list[Tensor]]) -> list[list[Tensor]]:
+    """The state lists as UpdatePlan takes them (an absent optional list as [])."""
+    names = {"adamw_": ("exp_avgs", "exp_avg_sqs", "steps", "max_exp_avg_sqs"), "sgd_": ("momentum_buffers",),
+             "lion_": ("exp_avgs",)}[op]  # fmt: skip
+    return [lists.get(name) or [] for name in names]
+
+
+def _planned(op: str, lists: dict[str, list[Tensor]], plan: dict, scalars: tuple, listed) -> None:
+    """One planned update: the plan's UpdatePlan for ``op`` (made on the first call, and again when
+    a param moved or a grad changed dtype or contiguity), else ``listed()``, the op on the lists:
+    for lists a plan cannot hold (a strided tensor, a dtype combination without a kernel build)
+    and during CUDA-graph capture, whose tables are the op's. The states are trusted to keep their
+    storage while ``plan`` lives, as the step plan promises."""
+    if not lists["params"]:
+        return
+    if not hasattr(_EXTENSION, "UpdatePlan"):  # an extension built before UpdatePlan
+        return listed()
+    key = ("cuda", op)  # a plan dict shared by two ops keeps one UpdatePlan per op
+    native = plan.get(key)
+    if native is not None:
+        status = native.step(lists["grads"], *scalars)
+        if status == _DONE:
+            return
+        if status != _REPLAN:
+            return listed()
+    try:
+        native = _EXTENSION.UpdatePlan(_PLANNED_OPS[op], lists["params"], lists["grads"], _planned_states(op, lists))
+    except RuntimeError as exc:  # NotImplementedError too; raised before any write
+        plan.pop(key, None)
+        if isinstance(exc, NotImplementedError) or "UpdatePlan:" in str(exc):
+            return listed()
+        raise
+    plan[key] = native
+    if native.step(lists["grads"], *scalars) != _DONE:
+        listed()
+
+
+def _step_scalars(lr, grad_scale, clip_coef, found_inf, maximize, beta1=0.0, beta2=0.0, eps=0.0, weight_decay=0.0,
+                  decoupled_weight_decay=True, momentum=0.0, dampening=0.0, nesterov=False,
+                  first_step=False):  # fmt: skip
+    """UpdatePlan.step's scalar arguments, in its order."""
+    return (*_split(lr), *_split(grad_scale), *_split(clip_coef), found_inf, bool(maximize), float(beta1),
+            float(beta2), float(eps), float(weight_decay), bool(decoupled_weight_decay), float(momentum),
+            float(dampening), bool(nesterov), bool(first_step))  # fmt: skip
+
+
+def adamw_planned_(lists: dict[str, list[Tensor]], plan: dict, *, lr, beta1, beta2, eps, weight_decay, maximize,
+                   grad_scale, found_inf, clip_coef, decoupled_weight_decay=True) -> None:  # fmt: skip
+    """``adamw_`` for fastopt.optim's step plan (see ``_planned``)."""
+    scalars = _step_scalars(lr, grad_scale, clip_coef, found_inf, maximize, beta1=beta1, beta2=beta2, eps=eps,
+                            weight_decay=weight_decay, decoupled_weight_decay=decoupled_weight_decay)  # fmt: skip
+    _planned("adamw_", lists, plan, scalars, lambda: adamw_(
+        lists["params"], lists["grads"], lists["exp_avgs"], lists["exp_avg_sqs"], lists["steps"], lr=lr, beta1=beta1,
+        beta2=beta2, eps=eps, weight_decay=weight_decay, maximize=maximize,
+        max_exp_avg_sqs=lists.get("max_exp_avg_sqs"), grad_scale=grad_scale, found_inf=found_inf,
+        clip_coef=clip_coef, decoupled_weight_decay=decoupled_weight_decay,
+    ))  # fmt: skip
+
+
+def sgd_planned_(lists: dict[str, list[Tensor]], plan: dict, *, lr, momentum, dampening, weight_decay, nesterov,
+                 maximize, first_step, grad_scale, found_inf, clip_coef) -> None:  # fmt: skip
+    """``sgd_`` for fastopt.optim's step plan (see ``_planned``)."""
+    scalars = _step_scalars(lr, grad_scale, clip_coef, found_inf, maximize, weight_decay=weight_decay,
+                            momentum=momentum, dampening=dampening, nesterov=nesterov,
+                            first_step=first_step)  # fmt: skip
+    _planned("sgd_", lists, plan, scalars, lambda: sgd_(
+        lists["params"], lists["grads"], lists.get("momentum_buffers"), lr=lr, momentum=momentum,
+        dampening=dampening, weight_decay=weight_decay, nesterov=nesterov, maximize=maximize, first_step=first_step,
+        grad_scale=grad_scale, found_inf=found_inf, clip_coef=clip_coef,
+    ))  # fmt: skip
+
+
+def lion_planned_(lists: dict[str, list[Tensor]], plan: dict, *, lr, beta1, beta2, weight_decay, maximize, grad_scale,
+                  found_inf, clip_coef) -> None:  # fmt: skip
+    """``lion_`` for fastopt.optim's step plan (see ``_planned``)."""
+    scalars = _step_scalars(lr, grad_scale, clip_coef, found_inf, maximize, beta1=beta1, beta2=beta2,
+                            weight_decay=weight_decay)  # fmt: skip
+    _planned("lion_", lists, plan, scalars, lambda: lion_(
+        lists["params"], lists["grads"], lists["exp_avgs"], lr=lr, beta1=beta1, beta2=beta2,
+        weight_decay=weight_decay, maximize=maximize, grad_scale=grad_scale, found_inf=found_inf,
+        clip_coef=clip_coef,
+    ))  # fmt: skip
