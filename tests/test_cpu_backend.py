@@ -753,3 +753,26 @@ def test_grads_are_says_whether_each_grad_is_its_view_as_python_would():
         assert cpu._C.grads_are(params, views) == _grads_are_in_python(params, views) == (name == "all views"), name
     with pytest.raises(RuntimeError, match="one view per param"):
         cpu._C.grads_are(params, views[:-1])
+
+
+def test_a_step_refused_part_way_leaves_no_stale_run_of_flat_grads():
+    """A step that raises on a bad grad after moving others must not leave the norm plan reading
+    the flat buffer where a moved grad used to be."""
+    params = [torch.nn.Parameter(torch.randn(8)) for _ in range(16)]
+    optimizer = fastopt.optim.AdamW(params, lr=1e-3, max_grad_norm=1.0, flat_grads=True)
+    views = [p.grad for p in params]
+    with backends.use_backend("cpu"):
+        for _ in range(3):
+            for view in views:
+                view.copy_(torch.randn(8))
+            optimizer.step()
+        assert optimizer._step_plan.norm_plans[torch.device("cpu")]["cpu"].runs == 1
+        params[0].grad = torch.randn(8) * 100  # moved out of the buffer (checked first)
+        params[5].grad = params[6].detach()  # shares memory with a param the step writes
+        with pytest.raises(ValueError, match="shares memory"):
+            optimizer.step()
+        params[5].grad = views[5]  # back in place: only params[0]'s grad has moved since the runs
+        for _ in range(2):
+            optimizer.step()
+            expected = torch.linalg.vector_norm(torch.cat([p.grad for p in params]))
+            torch.testing.assert_close(optimizer.stats["grad_norm"], expected, rtol=1e-6, atol=0)

@@ -233,8 +233,17 @@ class __attribute__((visibility("hidden"))) GradWatch {
     // cache misses are the cost). A refusal part way leaves the spans half renewed and stale
     // (no planned op reads them before the next refresh); the lists and tensors are untouched.
     fresh_ = false;
-    bool changed = false, retyped = false;
+    bool changed = false, retyped = false, completed = false;
     int verdict = 1;
+    // A refresh that ends early (a bad grad raises) may have renewed some spans and seen
+    // addresses: the layout is then taken as changed, so that nothing keeps one worked out before.
+    struct LayoutGuard {
+      uint64_t& layout;
+      const bool& completed;
+      ~LayoutGuard() {
+        if (!completed) ++layout;
+      }
+    } guard{layout_, completed};
     const auto impl = [this](size_t j) { return params_[j].unsafeGetTensorImpl(); };
     prefetch::pipelined(
         params_.size(),
@@ -266,6 +275,7 @@ class __attribute__((visibility("hidden"))) GradWatch {
         [&](size_t j) { prefetch::tensor_impl(prefetch::grad_impl(impl(j))); },
         [&](size_t j) { prefetch::storage_and_meta(prefetch::grad_impl(impl(j))); });
     if (verdict < 0) return -1;
+    completed = true;
     fresh_ = true;
     if (changed || retyped) ++layout_;
     return changed ? 1 : 0;
