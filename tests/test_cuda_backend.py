@@ -588,6 +588,34 @@ def test_sgd_and_lion_take_the_reference_rounding():
 # --------------------------------------------------------------------------- 5,000 tensors
 
 
+def test_in_place_ops_bump_the_versions_of_what_they_write():
+    """As torch's in-place ops do (autograd refuses a backward through a tensor changed since it was
+    saved): every tensor an op writes, contiguous or strided, has a new version after it; what it
+    only reads keeps its own."""
+    shapes = [(5,), (4, 6), (0,)]
+    params, grads, exp_avgs, exp_avg_sqs = (random_values(shapes, seed=seed, positive=seed == 4) for seed in (1, 2, 3, 4))
+    grads[1] = grads[1].t().contiguous().t()  # strided: written back through a copy
+    steps = [torch.zeros((), device=DEVICE) for _ in shapes]
+    found_inf = torch.zeros((), device=DEVICE)
+    calls = {
+        "scale_": (lambda: ops.scale_(grads, 0.5), grads),
+        "clamp_": (lambda: ops.clamp_(grads, 1.0), grads),
+        "unscale_and_check_": (lambda: ops.unscale_and_check_(grads, torch.ones((), device=DEVICE), found_inf), grads),
+        "adaptive_clip_": (lambda: ops.adaptive_clip_(params, grads, 0.01, 1e-3), grads),
+        "adamw_": (lambda: ops.adamw_(params, grads, exp_avgs, exp_avg_sqs, steps, **HYPER),
+                   params + exp_avgs + exp_avg_sqs + steps),
+        "sgd_": (lambda: ops.sgd_(params, grads, exp_avgs, lr=0.1, momentum=0.9), params + exp_avgs),
+        "lion_": (lambda: ops.lion_(params, grads, exp_avgs, lr=0.1), params + exp_avgs),
+    }  # fmt: skip
+    everything = params + grads + exp_avgs + exp_avg_sqs + steps
+    for name, (call, written) in calls.items():
+        before = [t._version for t in everything]
+        call()
+        for t, version in zip(everything, before):
+            changed = any(t is w for w in written)
+            assert (t._version > version) == changed, f"{name}: a tensor {'written' if changed else 'read'}"
+
+
 @pytest.mark.parametrize("dtype", [F32, BF16])
 def test_5000_tensors_norm_unscale_and_scale_match_reference(dtype):
     tensors = in_guarded_buffer(random_values(many_shapes(seed=30), dtype, seed=31), WRITTEN_SENTINEL)
@@ -823,16 +851,16 @@ def test_one_launch_per_pass_at_5000_tensors():
     found_inf = torch.zeros(1, device=DEVICE)
     calls = {  # name: (call, launches: one per pass)
         "multi_tensor_norm": (lambda: fastopt.multi_tensor_norm(grads, per_tensor=True, found_inf=found_inf), 2),
-        "unscale_and_check_": (lambda: fastopt.unscale_and_check_(grads, 1.0, found_inf), 1),
-        "scale_": (lambda: fastopt.scale_(grads, 1.0), 1),
+        "unscale_and_check_": (lambda: ops.unscale_and_check_(grads, 1.0, found_inf), 1),
+        "scale_": (lambda: ops.scale_(grads, 1.0), 1),
         "clamp_": (lambda: ops.clamp_(grads, 10.0), 1),
         "adaptive_clip_": (lambda: ops.adaptive_clip_(params, grads), 3),
-        "adamw_": (lambda: fastopt.adamw_(params, grads, exp_avgs, exp_avg_sqs, steps, **HYPER), 1),
-        "adam_l2": (lambda: fastopt.adamw_(params, grads, exp_avgs, exp_avg_sqs, steps, **HYPER,
+        "adamw_": (lambda: ops.adamw_(params, grads, exp_avgs, exp_avg_sqs, steps, **HYPER), 1),
+        "adam_l2": (lambda: ops.adamw_(params, grads, exp_avgs, exp_avg_sqs, steps, **HYPER,
                                            decoupled_weight_decay=False), 1),  # fmt: skip
-        "sgd_": (lambda: fastopt.sgd_(params, grads, lr=1e-2, weight_decay=0.1), 1),
-        "sgd_momentum": (lambda: fastopt.sgd_(params, grads, exp_avgs, lr=1e-2, momentum=0.9, nesterov=True), 1),
-        "lion_": (lambda: fastopt.lion_(params, grads, exp_avgs, lr=1e-3, weight_decay=0.1), 1),
+        "sgd_": (lambda: ops.sgd_(params, grads, lr=1e-2, weight_decay=0.1), 1),
+        "sgd_momentum": (lambda: ops.sgd_(params, grads, exp_avgs, lr=1e-2, momentum=0.9, nesterov=True), 1),
+        "lion_": (lambda: ops.lion_(params, grads, exp_avgs, lr=1e-3, weight_decay=0.1), 1),
     }
     launches = {name: fastopt_kernel_launches(call) for name, (call, _) in calls.items()}
     assert launches == {name: expected for name, (_, expected) in calls.items()}

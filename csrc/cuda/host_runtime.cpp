@@ -151,6 +151,7 @@ void check_lion(const TensorList& params, const TensorList& grads, const TensorL
 struct DenseLists {
   std::vector<TensorList> lists;
   std::vector<std::pair<at::Tensor, at::Tensor>> write_back;  // (original, contiguous copy)
+  std::vector<at::Tensor> written_in_place;  // contiguous tensors the kernels write
 
   void add(const TensorList& tensors, bool written) {
     TensorList dense;
@@ -158,6 +159,7 @@ struct DenseLists {
     for (const at::Tensor& t : tensors) {
       if (t.is_contiguous()) {
         dense.push_back(t);
+        if (written) written_in_place.push_back(t);
       } else {
         dense.push_back(t.contiguous());
         if (written) write_back.emplace_back(t, dense.back());
@@ -166,8 +168,14 @@ struct DenseLists {
     lists.push_back(std::move(dense));
   }
 
+  // After the launches: strided originals get their copies back (copy_ bumps their versions);
+  // what the kernels wrote in place gets a new version, as torch's in-place ops give it (autograd
+  // refuses a backward through a tensor changed since it was saved). Inference tensors have no
+  // version counter.
   void finish() {
     for (auto& [original, copy] : write_back) original.copy_(copy);
+    for (const at::Tensor& t : written_in_place)
+      if (!t.is_inference()) t.unsafeGetTensorImpl()->bump_version();
   }
 };
 
