@@ -148,6 +148,13 @@ void check_lion(const TensorList& params, const TensorList& grads, const TensorL
 
 // The kernels walk flat memory: a strided tensor runs on a contiguous copy, which an in-place op
 // copies back afterwards (only those tensors pay for it).
+// A tensor written in place gets a new version, as torch's in-place ops give it (autograd refuses a
+// backward through a tensor changed since it was saved). Inference tensors have no version counter
+// (bumping one would raise, after the writes).
+void bump_version(const at::Tensor& t) {
+  if (!t.is_inference()) t.unsafeGetTensorImpl()->bump_version();
+}
+
 struct DenseLists {
   std::vector<TensorList> lists;
   std::vector<std::pair<at::Tensor, at::Tensor>> write_back;  // (original, contiguous copy)
@@ -169,13 +176,10 @@ struct DenseLists {
   }
 
   // After the launches: strided originals get their copies back (copy_ bumps their versions);
-  // what the kernels wrote in place gets a new version, as torch's in-place ops give it (autograd
-  // refuses a backward through a tensor changed since it was saved). Inference tensors have no
-  // version counter.
+  // what the kernels wrote in place gets a new version (bump_version).
   void finish() {
     for (auto& [original, copy] : write_back) original.copy_(copy);
-    for (const at::Tensor& t : written_in_place)
-      if (!t.is_inference()) t.unsafeGetTensorImpl()->bump_version();
+    for (const at::Tensor& t : written_in_place) bump_version(t);
   }
 };
 
@@ -664,6 +668,28 @@ void adaptive_clip_(const TensorList& params, const TensorList& grads, double cl
   dense.finish();
 }
 
+// One update pass over a table (an op's, or an UpdatePlan's): a launch per dtype group.
+void run_adamw_pass(const Table& table, AdamWArgs args, cudaStream_t stream) {
+  args.arrivals = table.arrivals.data_ptr<int>();
+  // Counters start at zero whatever an earlier (possibly aborted) launch left.
+  C10_CUDA_CHECK(cudaMemsetAsync(args.arrivals, 0, table.arrivals.numel() * sizeof(int), stream));
+  launch_per_dtype_group(table, [&](LaunchRange range, DType param, DType grad, DType state) {
+    launch_adamw(table.view, range, param, grad, state, args, stream);
+  });
+}
+
+void run_sgd_pass(const Table& table, const SGDArgs& args, cudaStream_t stream) {
+  launch_per_dtype_group(table, [&](LaunchRange range, DType param, DType grad, DType state) {
+    launch_sgd(table.view, range, param, grad, state, args, stream);
+  });
+}
+
+void run_lion_pass(const Table& table, const LionArgs& args, cudaStream_t stream) {
+  launch_per_dtype_group(table, [&](LaunchRange range, DType param, DType grad, DType state) {
+    launch_lion(table.view, range, param, grad, state, args, stream);
+  });
+}
+
 void adamw_(const TensorList& params, const TensorList& grads, const TensorList& exp_avgs, const TensorList& exp_avg_sqs,
             const TensorList& steps, double lr, const std::optional<at::Tensor>& lr_tensor, double beta1, double beta2,
             double eps, double weight_decay, bool maximize, const TensorList& max_exp_avg_sqs, double grad_scale,
@@ -693,13 +719,7 @@ void adamw_(const TensorList& params, const TensorList& grads, const TensorList&
   dense.add(steps, true);
   if (amsgrad) dense.add(max_exp_avg_sqs, true);
   const std::shared_ptr<Table> table = tables().lookup(dense.lists, Segments::kTensors, Grouping::kDtypes, /*min_one_chunk=*/true);
-  args.arrivals = table->arrivals.data_ptr<int>();
-  const cudaStream_t stream = current_stream();
-  // Counters start at zero whatever an earlier (possibly aborted) launch left.
-  C10_CUDA_CHECK(cudaMemsetAsync(args.arrivals, 0, table->arrivals.numel() * sizeof(int), stream));
-  launch_per_dtype_group(*table, [&](LaunchRange range, DType param, DType grad, DType state) {
-    launch_adamw(table->view, range, param, grad, state, args, stream);
-  });
+  run_adamw_pass(*table, args, current_stream());
   dense.finish();
 }
 
@@ -729,10 +749,7 @@ void sgd_(const TensorList& params, const TensorList& grads, const TensorList& m
   dense.add(grads, false);
   if (with_momentum) dense.add(momentum_buffers, true);
   const std::shared_ptr<Table> table = tables().lookup(dense.lists, Segments::kTensors, Grouping::kDtypes, false);
-  const cudaStream_t stream = current_stream();
-  launch_per_dtype_group(*table, [&](LaunchRange range, DType param, DType grad, DType state) {
-    launch_sgd(table->view, range, param, grad, state, args, stream);
-  });
+  run_sgd_pass(*table, args, current_stream());
   dense.finish();
 }
 
@@ -758,10 +775,7 @@ void lion_(const TensorList& params, const TensorList& grads, const TensorList& 
   dense.add(grads, false);
   dense.add(exp_avgs, true);
   const std::shared_ptr<Table> table = tables().lookup(dense.lists, Segments::kTensors, Grouping::kDtypes, false);
-  const cudaStream_t stream = current_stream();
-  launch_per_dtype_group(*table, [&](LaunchRange range, DType param, DType grad, DType state) {
-    launch_lion(table->view, range, param, grad, state, args, stream);
-  });
+  run_lion_pass(*table, args, current_stream());
   dense.finish();
 }
 
@@ -889,12 +903,7 @@ PlanStatus UpdatePlan::step(const std::vector<const at::Tensor*>& grads, const P
       args.beta1 = scalars.beta1, args.beta2 = scalars.beta2, args.eps = scalars.eps;
       args.weight_decay = scalars.weight_decay, args.maximize = scalars.maximize, args.amsgrad = s.amsgrad;
       args.decoupled_weight_decay = scalars.decoupled_weight_decay;
-      args.arrivals = table.arrivals.data_ptr<int>();
-      // Counters start at zero whatever an earlier (possibly aborted) launch left.
-      C10_CUDA_CHECK(cudaMemsetAsync(args.arrivals, 0, table.arrivals.numel() * sizeof(int), stream));
-      launch_per_dtype_group(table, [&](LaunchRange range, DType param, DType grad, DType state) {
-        launch_adamw(table.view, range, param, grad, state, args, stream);
-      });
+      run_adamw_pass(table, args, stream);
       break;
     }
     case PlannedOp::kSGD: {
@@ -903,9 +912,7 @@ PlanStatus UpdatePlan::step(const std::vector<const at::Tensor*>& grads, const P
       args.momentum = scalars.momentum, args.dampening = scalars.dampening, args.weight_decay = scalars.weight_decay;
       args.nesterov = scalars.nesterov, args.maximize = scalars.maximize;
       args.momentum_buffers = s.with_momentum, args.first_step = scalars.first_step;
-      launch_per_dtype_group(table, [&](LaunchRange range, DType param, DType grad, DType state) {
-        launch_sgd(table.view, range, param, grad, state, args, stream);
-      });
+      run_sgd_pass(table, args, stream);
       break;
     }
     case PlannedOp::kLion: {
@@ -913,17 +920,12 @@ PlanStatus UpdatePlan::step(const std::vector<const at::Tensor*>& grads, const P
       args.lr = lr, args.grad_scale = grad_scale, args.clip_coef = clip_coef, args.found_inf = found_inf;
       args.beta1 = scalars.beta1, args.beta2 = scalars.beta2, args.weight_decay = scalars.weight_decay;
       args.maximize = scalars.maximize;
-      launch_per_dtype_group(table, [&](LaunchRange range, DType param, DType grad, DType state) {
-        launch_lion(table.view, range, param, grad, state, args, stream);
-      });
+      run_lion_pass(table, args, stream);
       break;
     }
   }
-  // What was written has a new version, as the reference's in-place ops give it (inference
-  // tensors have no version counter: bumping one would raise after the writes).
-  for (const TensorList& list : s.fixed)
-    for (const at::Tensor& t : list)
-      if (!t.is_inference()) t.unsafeGetTensorImpl()->bump_version();
+  for (const TensorList& list : s.fixed)  // what the pass wrote (the grads are only read)
+    for (const at::Tensor& t : list) bump_version(t);
   return PlanStatus::kDone;
 }
 
