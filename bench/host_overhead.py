@@ -30,8 +30,11 @@ upload, the arrival counters' reset) is timed, its kernels are not. Reported, ov
   its step plan (``adamw_planned_``, where the backend has one: for cuda the extension's
   ``UpdatePlan``, whose steps return at once in the first run, as torch.ops' calls do), on grads
   nothing has touched since they were made;
-- ``planned, in a step``: the same after the step plan's check of the new grads
-  (``ops.check_replacement``, not timed), as inside ``AdamW.step``;
+- ``planned, in a step``: the same after the step plan's Python check of the new grads
+  (``ops.check_replacement``, not timed), as inside ``AdamW.step`` without the CPU extension;
+- ``planned, grads watched``: as inside ``AdamW.step`` with the CPU extension, for a backend that
+  reads the grads from the step plan's ``GradWatch`` (refreshed first, not timed): their addresses
+  are read in C++, no grad is put in a Python list;
 - ``optimizer step``: a whole ``AdamW.step`` with clipping on that backend, launches stubbed;
 - (cuda, ``with host_runtime.cpp``) ``torch.ops binding``: what handing the lists to C++ costs, the
   emulated ``adamw_`` rejected at its first check (no params) with the other four lists given,
@@ -52,16 +55,28 @@ import torch
 
 import fastopt
 from fastopt import backends, ops
+from fastopt.optim.optimizer import _grad_watch_type
 
 SIZE = 17  # elements per tensor: small, so that the host work is what is measured
 
 
 def no_op_backend() -> types.SimpleNamespace:
+    """A backend whose ops return at once; like the cpu and triton backends, it takes the step
+    plan's grads from its GradWatch (no Python list of grads is filled)."""
+
     def multi_tensor_norm(tensors, norm_type, per_tensor, found_inf=None):
         total = torch.zeros(())
         return (total, torch.zeros(len(tensors))) if per_tensor else total
 
-    return types.SimpleNamespace(multi_tensor_norm=multi_tensor_norm, adamw_=lambda *args, **kwargs: None)
+    def multi_tensor_norm_planned(plan, norm_type, per_tensor, found_inf=None):
+        total = torch.zeros(())
+        return (total, torch.zeros(sum(count for _, count in plan["watch"][1]))) if per_tensor else total
+
+    nothing = lambda *args, **kwargs: None  # noqa: E731
+    return types.SimpleNamespace(
+        READS_GRAD_WATCH=True, multi_tensor_norm=multi_tensor_norm, multi_tensor_norm_planned=multi_tensor_norm_planned,
+        adamw_=nothing, adamw_planned_=nothing,
+    )  # fmt: skip
 
 
 def stubbed_backend(name: str):
@@ -237,7 +252,32 @@ def backend_call_times(backend, num_params: int, steps: int) -> dict[str, tuple[
     results["planned, in a step"] = None if planned is None else timed(
         lambda grads: planned({**lists, "grads": grads}, plan, **hyper), checked=True
     )  # fmt: skip
+    watch_type = _grad_watch_type()
+    if planned is not None and watch_type is not None and getattr(backend, "READS_GRAD_WATCH", False):
+        results["planned, grads watched"] = watched_call_times(planned, lists, hyper, watch_type, steps)
     return results
+
+
+def watched_call_times(planned, lists: dict, hyper: dict, watch_type, steps: int) -> tuple[float, float]:
+    """The planned call as AdamW.step makes it with the CPU extension: the grads read from the step
+    plan's GradWatch (refreshed first, untimed: the step plan's check), never put in a list."""
+    holders = [torch.nn.Parameter(p) for p in lists["params"]]  # the watch reads each one's .grad
+    lists = {**lists, "params": holders, "grads": [None] * len(holders)}
+    for holder in holders:
+        holder.grad = torch.ones(SIZE)
+    n = len(holders)
+    watch = watch_type([holders], list(range(n)), [lists["grads"]] * n, list(range(n)), [])
+    plan: dict = {"watch": (watch, 0)}
+    times = []
+    for _ in range(steps + 1):  # the first call builds the tables
+        for holder in holders:
+            holder.grad = torch.ones(SIZE)
+        assert watch.refresh() >= 0
+        started = time.perf_counter()
+        planned(lists, plan, **hyper)
+        times.append(time.perf_counter() - started)
+        watch.release()
+    return _median_ms(times[1:]), min(times[1:]) * 1e3
 
 
 def main() -> None:
@@ -291,16 +331,16 @@ def main() -> None:
         print("backend cuda with host_runtime.cpp (fastopt._C_emulated, CPU tensors), kernel launches return before their grids run:")
         report(backend, args.params, args.steps)
         ms = binding_times(args.params, args.steps)
-        print(f"  {'torch.ops binding:':<22}{ms[0]:.2f} ms host (min {ms[1]:.2f}; four lists, inside the times above)")
+        print(f"  {'torch.ops binding:':<26}{ms[0]:.2f} ms host (min {ms[1]:.2f}; four lists, inside the times above)")
 
 
 def report(backend, num_params: int, steps: int) -> None:
     for name, ms in backend_call_times(backend, num_params, steps).items():
-        print(f"  {name + ':':<22}" + ("n/a (the backend has none)" if ms is None else f"{ms[0]:.2f} ms host (min {ms[1]:.2f})"))
+        print(f"  {name + ':':<26}" + ("n/a (the backend has none)" if ms is None else f"{ms[0]:.2f} ms host (min {ms[1]:.2f})"))
     times = optimizer_step_times(backend, num_params, steps)
-    print(f"  {'optimizer step:':<22}{_median_ms(times[1:]):.2f} ms host (clipped; first step {times[0] * 1e3:.1f} ms)")
+    print(f"  {'optimizer step:':<26}{_median_ms(times[1:]):.2f} ms host (clipped; first step {times[0] * 1e3:.1f} ms)")
     times = optimizer_step_times(backend, num_params, steps, flat=True)
-    print(f"  {'step, flat storage:':<22}{_median_ms(times[1:]):.2f} ms host (min {min(times[1:]) * 1e3:.2f})")
+    print(f"  {'step, flat storage:':<26}{_median_ms(times[1:]):.2f} ms host (min {min(times[1:]) * 1e3:.2f})")
 
 
 if __name__ == "__main__":

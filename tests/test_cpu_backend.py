@@ -776,3 +776,50 @@ def test_a_step_refused_part_way_leaves_no_stale_run_of_flat_grads():
             optimizer.step()
             expected = torch.linalg.vector_norm(torch.cat([p.grad for p in params]))
             torch.testing.assert_close(optimizer.stats["grad_norm"], expected, rtol=1e-6, atol=0)
+
+
+def test_grad_watch_hands_out_the_grads_address_column_and_tells_a_changed_layout():
+    """What the GPU backends read of the step plan's grads (GradWatch.grad_column: addresses and
+    dtype codes, no Python object per grad), and layout(): it changes when a grad moves, changes
+    dtype, or stays at its address with other strides (a transposed view of the same storage)."""
+    shapes = [(4, 4), (7,), (0,), (3, 2)]
+    params = [torch.nn.Parameter(torch.randn(s)) for s in shapes]
+    grads = [torch.randn(s) for s in shapes]
+    for p, g in zip(params, grads):
+        p.grad = g
+    lists = [[None] * len(shapes)]
+    watch = cpu._C.GradWatch([params], list(range(len(shapes))), lists * len(shapes), list(range(len(shapes))), [])
+
+    def column(first, count):
+        addresses = torch.full((count,), -1, dtype=torch.int64)  # poisoned: every element is written
+        codes = watch.grad_column(first, count, addresses)
+        return addresses.tolist(), codes
+
+    addresses, codes = column(0, 4)
+    assert addresses[:2] + addresses[3:] == [g.data_ptr() for i, g in enumerate(grads) if i != 2]
+    assert addresses[2] == 0  # an empty grad has no address
+    assert codes == bytes([6, 6, 6, 6])  # c10::ScalarType::Float
+    assert column(1, 2)[0] == addresses[1:3]
+    assert [g is h for g, h in zip(watch.grads(1, 3), grads[1:])] == [True] * 3
+    for first, count in ((3, 2), (-1, 1), (0, 5)):
+        with pytest.raises(RuntimeError, match="past the watch's"):
+            column(first, count)
+    with pytest.raises(RuntimeError, match="contiguous CPU int64 tensor of 2 elements"):
+        watch.grad_column(0, 2, torch.zeros(3, dtype=torch.int64))
+
+    layout = watch.layout()
+    assert watch.refresh() == 0 and watch.layout() == layout  # nothing moved
+    params[0].grad = grads[0].t()  # same address, strided now
+    assert watch.refresh() == 0 and watch.layout() != layout
+    assert column(0, 4)[1] is None
+    layout = watch.layout()
+    params[0].grad = grads[0]
+    if hasattr(params[3], "grad_dtype"):  # torch >= 2.10 checks a grad's dtype unless told not to
+        params[3].grad_dtype = None
+    params[3].grad = torch.randn(shapes[3], dtype=torch.bfloat16)
+    assert watch.refresh() == 1 and watch.layout() != layout
+    addresses, codes = column(0, 4)
+    assert codes == bytes([6, 6, 6, 15]) and addresses[3] == params[3].grad.data_ptr()  # BFloat16 is 15
+    watch.release()
+    with pytest.raises(RuntimeError, match="refresh\\(\\) first"):
+        column(0, 4)

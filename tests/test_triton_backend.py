@@ -888,6 +888,58 @@ def test_the_optimizer_step_plan_holds_the_triton_table(name):
 
 
 @runs_here
+@pytest.mark.parametrize("flat", [False, True], ids=["grads-made-anew", "flat-grads"])
+@pytest.mark.usefixtures("triton_backend")
+def test_the_step_plan_hands_the_grads_over_in_its_watch(flat):
+    """With the CPU extension, a reused step plan leaves its grads lists unfilled: the norm's and
+    the update's tables (the plan's own) read the grads' addresses from its GradWatch, and read
+    nothing while the grads stay where they were (flat grads). A strided grad (the full path) and
+    a grad of another dtype (a new table) in between; every step against the reference backend."""
+    from fastopt.backends import cpu
+
+    if cpu._C is None:
+        pytest.skip("the CPU extension (its GradWatch) is not built")
+    shapes = [(4, 3), (1500,), (0,), (2, 2049)]
+    params = [torch.nn.Parameter(t) for t in random_tensors(shapes, device=DEVICE, seed=34)]
+    expected_params = [torch.nn.Parameter(p.detach().clone()) for p in params]
+    make = lambda ps: fastopt.optim.AdamW(ps, lr=1e-2, weight_decay=0.1, max_grad_norm=1.0, flat_grads=flat)  # noqa: E731
+    optimizer, expected = make(params), make(expected_params)
+    device = torch.device(DEVICE)
+    for step in range(7):
+        grads = random_tensors(shapes, device=DEVICE, seed=90 + step, non_contiguous=step == 4)
+        if step == 5:  # a bf16 grad for a fp32 param: another dtype combination, another table
+            grads[1] = grads[1].bfloat16()
+            params[1].grad_dtype = expected_params[1].grad_dtype = None
+        for p, r, g in zip(params, expected_params, grads):
+            if flat and step != 4 and step != 5 and step != 6:
+                p.grad.copy_(g)  # into the flat buffer
+            else:
+                p.grad = g
+            r.grad = g.clone()
+        optimizer.step()
+        with fastopt.use_backend("torch"):
+            expected.step()
+        plan = optimizer._step_plan
+        (lists,) = plan.gathered[0][1].values()
+        assert all(g is None for g in lists.grads)  # released after the step, as without a watch
+        if step >= 1 and step != 4:  # the plan's own tables (not the shared cache's), following the watch
+            watched = plan.norm_plans[device][("triton", "multi_tensor_norm", None)]
+            assert watched.layout == plan.watch.layout()
+            assert watched.table.addresses[0].tolist() == [p.grad.data_ptr() for p in params]
+            (update,) = (entry for key, entry in lists.backend_plan.items() if isinstance(key, tuple))
+            assert update.watched.layout == plan.watch.layout()
+            assert update.table.addresses[1].tolist() == [p.grad.data_ptr() for p in params]
+            if step == 1:
+                norm_table, update_table, misses = watched.table, update.table, launch.TABLES.misses
+            if step in (2, 3):  # on the plan's tables alone
+                assert watched.table is norm_table and update.table is update_table
+                assert launch.TABLES.misses == misses
+        torch.testing.assert_close(optimizer.stats["grad_norm"], expected.stats["grad_norm"], rtol=1e-5, atol=0)
+        for p, r in zip(params, expected_params):
+            torch.testing.assert_close(p, r, **tolerance(torch.float32))
+
+
+@runs_here
 @pytest.mark.usefixtures("triton_backend")
 def test_tables_made_during_capture_are_private_and_never_evicted(monkeypatch):
     """The capture logic on the host (a GPU test below captures for real): while capturing, a

@@ -14,6 +14,10 @@ void register_step_plan(pybind11::module& module) {
            pybind11::arg("positions"), pybind11::arg("written"))
       .def("refresh", &GradWatch::refresh)
       .def("fill_lists", &GradWatch::fill_lists, "the grads into the plan's lists")
+      .def("grad_column", &GradWatch::grad_column, pybind11::arg("first"), pybind11::arg("count"),
+           pybind11::arg("addresses"), "entries' grad addresses into `addresses`; their dtype codes (bytes), or None")
+      .def("grads", &GradWatch::grads, pybind11::arg("first"), pybind11::arg("count"), "entries' grads, a list")
+      .def("layout", &GradWatch::layout, "changes when a grad moves or changes dtype or contiguity")
       .def("release", &GradWatch::release, "let go of the grads (after a step)");
   module.def("grads_are", &grads_are, pybind11::arg("params"), pybind11::arg("views"),
              "whether params[i].grad is views[i] for every i");

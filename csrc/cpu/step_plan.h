@@ -53,9 +53,23 @@ inline uintptr_t extent_of(const Tensor& t) {
   return uintptr_t(last + 1) * t.element_size();
 }
 
-// A tensor's first byte, or null when it has no storage to point into.
+// A tensor's first byte, or null when it has no storage to point into or no element: what
+// Tensor::const_data_ptr() gives, read inline from the TensorImpl (const_data_ptr's checks and
+// has_storage() are calls into libc10, a third of a refresh's time per param).
 inline const void* data_of(const Tensor& t) {
-  return t.unsafeGetTensorImpl()->has_storage() ? t.const_data_ptr() : nullptr;
+  const c10::TensorImpl* impl = t.unsafeGetTensorImpl();
+  const c10::Storage& storage = impl->unsafe_storage();
+  if (!storage || impl->numel() == 0) return nullptr;
+  const char* base = static_cast<const char*>(storage.data());
+  return base == nullptr ? nullptr : base + impl->storage_offset() * int64_t(impl->itemsize());
+}
+
+// a == b for sizes and strides, inline (ArrayRef::equals calls memcmp for a handful of ints).
+inline bool same_ints(c10::IntArrayRef a, c10::IntArrayRef b) {
+  if (a.size() != b.size()) return false;
+  for (size_t i = 0; i < a.size(); ++i)
+    if (a[i] != b[i]) return false;
+  return true;
 }
 
 // A param's grad, read from its autograd meta (Tensor::grad() adds an is_leaf() check through the
@@ -84,8 +98,8 @@ struct ParamRecord {
         strides(p.strides().begin(), p.strides().end()) {}
 
   bool matches(const Tensor& p) const {
-    return p.scalar_type() == dtype && p.device() == device && p.sizes().equals(sizes) &&
-           p.strides().equals(strides) && data_of(p) == data;
+    return p.scalar_type() == dtype && p.device() == device && same_ints(p.sizes(), sizes) &&
+           same_ints(p.strides(), strides) && data_of(p) == data;
   }
 };
 
@@ -267,8 +281,9 @@ class __attribute__((visibility("hidden"))) GradWatch {
           changed |= data != seen_data_[k];
           seen_data_[k] = data;
           const at::ScalarType last_type = spans_[k].type;
+          const uint8_t was_contiguous = contiguous_[k];
           read_grad(grad, k);
-          retyped |= spans_[k].type != last_type;
+          retyped |= spans_[k].type != last_type || contiguous_[k] != was_contiguous;
         },
         [&](size_t j) { prefetch::tensor_impl(impl(j)); },
         [&](size_t j) { prefetch::storage_and_meta(impl(j)); },
@@ -279,6 +294,40 @@ class __attribute__((visibility("hidden"))) GradWatch {
     fresh_ = true;
     if (changed || retyped) ++layout_;
     return changed ? 1 : 0;
+  }
+
+  // Entries [first, first + count) as the last refresh read them, for a backend that keeps an
+  // address column of its own (triton, cuda) and no Python object per grad: their addresses
+  // written into `addresses` (int64, CPU, contiguous, count elements); returned, their dtypes (one
+  // c10::ScalarType code per byte), or None when one of them is not contiguous.
+  pybind11::object grad_column(int64_t first, int64_t count, Tensor& addresses) const {
+    check_fresh();
+    check_range(first, count, "grad_column");
+    TORCH_CHECK(addresses.device().is_cpu() && addresses.scalar_type() == at::kLong && addresses.is_contiguous() &&
+                    addresses.numel() == count,
+                "GradWatch.grad_column: addresses must be a contiguous CPU int64 tensor of ", count, " elements");
+    int64_t* out = addresses.data_ptr<int64_t>();
+    std::string types(size_t(count), '\0');
+    for (int64_t i = 0; i < count; ++i) {
+      const size_t k = size_t(first + i);
+      if (!contiguous_[k]) return pybind11::none();
+      out[i] = int64_t(reinterpret_cast<uintptr_t>(spans_[k].data));
+      types[size_t(i)] = char(spans_[k].type);
+    }
+    return pybind11::bytes(types);
+  }
+
+  // The grads of entries [first, first + count), as a list (for a backend's first look at them).
+  pybind11::list grads(int64_t first, int64_t count) const {
+    check_fresh();
+    check_range(first, count, "grads");
+    pybind11::list out(count);
+    for (int64_t i = 0; i < count; ++i) {
+      PyObject* wrapped = THPVariable_Wrap(grad(size_t(first + i)));
+      if (wrapped == nullptr) throw pybind11::error_already_set();
+      PyList_SET_ITEM(out.ptr(), i, wrapped);  // steals the reference
+    }
+    return out;
   }
 
   // The grads into the plan's Python lists, for ops that take lists.
@@ -309,9 +358,9 @@ class __attribute__((visibility("hidden"))) GradWatch {
   // Which watch this is (never reused): a planned op that has checked its params against this
   // watch's once may rely on its refreshes from then on.
   uint64_t id() const { return id_; }
-  // Changes whenever a refresh finds a grad at a new address or of a new dtype: the same value
-  // means every grad is where and what it was (flat grads, or zero_grad(set_to_none=False)), so a
-  // layout worked out from the spans still holds.
+  // Changes whenever a refresh finds a grad at a new address, of a new dtype or contiguity: the
+  // same value means every grad is where and what it was (flat grads, or
+  // zero_grad(set_to_none=False)), so a layout worked out from the spans still holds.
   uint64_t layout() const { return layout_; }
   const Tensor& param(size_t k) const { return params_[entry_param_[k]]; }
   // Entry k's grad as the last refresh read it: its span (address, size, dtype) and whether it is
@@ -331,7 +380,7 @@ class __attribute__((visibility("hidden"))) GradWatch {
   void check_grad(const Tensor& grad, size_t j, int64_t k, bool overlap) const {
     const Tensor& param = params_[j];
     const bool bad = grad.layout() != at::kStrided || !step_plan_detail::is_floating(grad.scalar_type()) ||
-                     !grad.sizes().equals(param.sizes()) || grad.device() != param.device() ||
+                     !step_plan_detail::same_ints(grad.sizes(), param.sizes()) || grad.device() != param.device() ||
                      (overlap && overlaps_written(grad));
     if (bad) refuse(grad, param, "grads[" + std::to_string(positions_[k]) + "]");
   }
@@ -351,6 +400,11 @@ class __attribute__((visibility("hidden"))) GradWatch {
       throw pybind11::value_error(name + " is on " + describe(grad, "device") + " but its param is on " +
                                   describe(param, "device"));
     throw pybind11::value_error(name + " shares memory with a param or state that this call updates in place");
+  }
+
+  void check_range(int64_t first, int64_t count, const char* method) const {
+    TORCH_CHECK(first >= 0 && count >= 0 && size_t(first + count) <= entry_param_.size(), "GradWatch.", method,
+                ": entries [", first, ", ", first + count, ") past the watch's ", entry_param_.size());
   }
 
   static uint64_t next_id() {

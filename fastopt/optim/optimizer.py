@@ -260,7 +260,9 @@ class _StepPlan:
         for _, by_device in self.gathered:
             for lists in by_device.values():
                 lists.backend_plan["watch"] = (self.watch, lists.backend_plan["watch"])
-        self.norm_plans = {device: {"watch": (self.watch, device_ranges)} for device, device_ranges in ranges.items()}
+        self.norm_plans = {
+            device: {"watch": (self.watch, device_ranges), "device": device} for device, device_ranges in ranges.items()
+        }
 
 
 def _ids_with_grads(param_groups: list) -> tuple:
@@ -945,7 +947,7 @@ class FusedOptimizer(torch.optim.Optimizer):
 
     def _lists_needed(self, plan: _StepPlan) -> bool:
         """Whether this step needs the grads in Python lists: unless every device's backend reads
-        them from the plan's watch (the cpu backend, for the norm and this optimizer's update), no
+        them from the plan's watch (the cpu and triton backends, for the norm and the update), no
         group clips with AGC and no process group makes the norm global (those take lists)."""
         if self.process_group is not None or any(group["agc_clip_factor"] is not None for group in self.param_groups):
             return True

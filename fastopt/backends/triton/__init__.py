@@ -29,6 +29,10 @@ DEVICE_TYPES = ("cuda", "cpu") if INTERPRETED else ("cuda",)
 
 MINIMUM_TRITON = (3, 6)
 
+# fastopt.optim's step plan may leave its grads lists unfilled: multi_tensor_norm_planned and the
+# planned updates read the grads' pointers from the plan's GradWatch (the CPU extension's).
+READS_GRAD_WATCH = True
+
 
 def unavailable_reason() -> str | None:
     import torch
@@ -50,6 +54,7 @@ from fastopt.backends.triton.library import (  # noqa: E402  (the backend's ops,
     lion_,
     lion_planned_,
     multi_tensor_norm,
+    multi_tensor_norm_planned,
     scale_,
     sgd_,
     sgd_planned_,
@@ -60,6 +65,7 @@ __all__ = [
     "DEVICE_TYPES",
     "unavailable_reason",
     "multi_tensor_norm",
+    "multi_tensor_norm_planned",
     "unscale_and_check_",
     "scale_",
     "clamp_",

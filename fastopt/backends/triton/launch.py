@@ -43,6 +43,7 @@ from fastopt.backends.triton.tables import (
     capturing,
     dtype_signature,
     numel_column,
+    pointer_column_of,
     stream_key,
 )
 
@@ -147,12 +148,17 @@ def multi_tensor_norm(tensors: list[Tensor], norm_type: float, per_tensor: bool,
     if not tensors:
         total = torch.zeros((), dtype=torch.float32, device=device)
         return (total, torch.zeros(0, dtype=torch.float32, device=device)) if per_tensor else total
-    total = torch.empty((), dtype=torch.float32, device=device)  # written by pass 2's last program
     dense, _ = _dense(tensors)
-    table = TABLES.lookup([dense])
+    return _norm_of_table(TABLES.lookup([dense]), norm_type, per_tensor, found_inf)
+
+
+def _norm_of_table(table: ChunkTable, norm_type: float, per_tensor: bool, found_inf: Tensor | None):
+    """The norm's two launches over the tensors of ``table`` (one row, at least one tensor)."""
+    device = table.addresses.device
+    total = torch.empty((), dtype=torch.float32, device=device)  # written by pass 2's last program
     partials = _chunk_partials(table, 1, norm_type, found_inf)
     # Without per-tensor norms only the total's program runs (it is program num_segments).
-    norms = torch.empty(len(tensors), dtype=torch.float32, device=device) if per_tensor else total
+    norms = torch.empty(table.num_tensors, dtype=torch.float32, device=device) if per_tensor else total
     num_segments = table.num_segments if per_tensor else 0
     _launch(
         kernels.segment_norms_kernel, num_segments + 1,
@@ -425,20 +431,73 @@ def _lion_launches(table: ChunkTable, *, lr, beta1, beta2, weight_decay, maximiz
 # --------------------------------------------------------------------------- the step plan
 
 
+class _WatchedGrads:
+    """A table row that follows the grads of some entries (``ranges``: (first, count) pairs) of
+    fastopt.optim's step plan's GradWatch, whose refresh checked them this step: their pointers
+    read into one column in C++ (no Python object per grad), and nothing read at all while the
+    watch's ``layout()`` stays (flat grads, or zero_grad(set_to_none=False))."""
+
+    __slots__ = ("watch", "ranges", "table", "row", "layout", "dtypes", "_addresses")
+
+    def __init__(self, watch, ranges: list[tuple[int, int]], table: ChunkTable, row: int):
+        self.watch, self.ranges, self.table, self.row = watch, ranges, table, row
+        self._addresses = torch.empty(sum(count for _, count in ranges), dtype=torch.int64)
+        self.dtypes = self._read()  # the grads the table was just made for (their dtypes stay)
+        self.layout = watch.layout()
+
+    def follow(self) -> bool:
+        """Point the row at this step's grads; False when the table cannot run them (a grad of
+        another dtype, or strided)."""
+        layout = self.watch.layout()
+        if layout == self.layout:
+            return True
+        dtypes = self._read()
+        if dtypes is None or dtypes != self.dtypes:
+            return False
+        self.table.point_row_at(self.row, pointer_column_of(self._addresses))
+        self.layout = layout
+        return True
+
+    def _read(self) -> bytes | None:
+        """The grads' pointers into ``_addresses``; their dtype codes, or None if one is strided."""
+        dtypes, offset = [], 0
+        for first, count in self.ranges:
+            codes = self.watch.grad_column(first, count, self._addresses[offset : offset + count])
+            if codes is None:
+                return None
+            dtypes.append(codes)
+            offset += count
+        return b"".join(dtypes)
+
+
+def _fill_lists(watched) -> None:
+    """The plan's lists filled with the grads from its GradWatch (when the plan has one), for a
+    call that takes them as tensors: a table's first build, or the op's full path."""
+    if watched is not None:
+        watched[0].fill_lists()
+
+
 class _PlannedTable:
     """The table of one update op in one optimizer step plan on one stream: built once, then only
-    its grads row follows the new grads (and its params row a param whose storage moved)."""
+    its grads row follows the new grads (and its params row a param whose storage moved). With
+    the plan's GradWatch, the grads row follows the watch (``_WatchedGrads``) and the params row
+    stays: a param whose storage moved voids the step plan and its watch."""
 
-    __slots__ = ("table", "param_layout", "grad_dtypes")
+    __slots__ = ("table", "param_layout", "grad_dtypes", "watched")
 
-    def __init__(self, table: ChunkTable, params: list[Tensor], signature: tuple):
+    def __init__(self, table: ChunkTable, params: list[Tensor], signature: tuple, watched):
         self.table, self.grad_dtypes = table, signature[1]
         self.param_layout = (signature[0], numel_column(params).tobytes())
+        self.watched = None if watched is None else _WatchedGrads(
+            watched[0], [(watched[1], len(params))], table, int(kernels.GRADS)
+        )  # fmt: skip
 
     def follow(self, params: list[Tensor], grads: list[Tensor]) -> bool:
         """Point the table at these grads and params; False when it cannot run them: grads of
         another dtype or strided, or a param swapped (``p.data = x``: same tensor, another
         storage) for one of another dtype, size or layout."""
+        if self.watched is not None:
+            return self.watched.follow()
         # The grads' pointers first: that pass brings the new grads' metadata into the cache for
         # the dtype and contiguity passes that follow.
         self.table.point_row_to(int(kernels.GRADS), grads)
@@ -462,24 +521,51 @@ def _planned_table(op: str, lists: dict[str, list[Tensor]], plan: dict) -> tuple
     """The op's rows from ``lists`` (absent or None lists left out), and the plan's table for them
     (made on the first call), pointed at this call's grads and params; None where the op's full
     path must run instead (strided tensors, CUDA-graph capture: its tables are private). Called
-    under the device guard. The key names the op: a plan shared by two ops keeps a table for each."""
+    under the device guard. The key names the op: a plan shared by two ops keeps a table for each.
+    With the step plan's GradWatch (``plan["watch"]``), the grads list is filled only when the
+    table is made, or for the full path."""
     rows = [lists[name] for name in _PLANNED_ROWS[op] if lists.get(name) is not None]
     params, grads = rows[0], rows[1]
     device = params[0].device
+    watched = plan.get("watch")
     if capturing(device):
+        _fill_lists(watched)
         return rows, None
     key = ("triton", op, stream_key(device))
     entry = plan.get(key)
     if entry is not None and not entry.follow(params, grads):
         entry = None  # built anew below, or the full path for strided tensors
         del plan[key]
+    if entry is None:
+        _fill_lists(watched)
     if entry is None and all(all(map(Tensor.is_contiguous, t)) for t in rows):
         signature = dtype_signature(rows)
         per_tensor_step = op == "adamw_"  # a step counter per tensor: a chunk even when empty, arrivals
         table = ChunkTable(rows, signature, list(map(Tensor.numel, params)), None, per_tensor_step, per_tensor_step)
         table.point_to(rows)
-        entry = plan[key] = _PlannedTable(table, params, signature)
+        entry = plan[key] = _PlannedTable(table, params, signature, watched)
     return rows, None if entry is None else entry.table
+
+
+def multi_tensor_norm_planned(plan: dict, norm_type: float, per_tensor: bool, found_inf: Tensor | None = None):
+    """``multi_tensor_norm`` of the grads that fastopt.optim's step plan holds for one device
+    (``plan["watch"]``: its GradWatch and the entries' ranges; ``plan["device"]``): the plan keeps
+    the table, whose row follows the watch (``_WatchedGrads``). The grads are made Python tensors
+    only for the table's first build, and for the full path (strided grads, CUDA-graph capture)."""
+    watch, ranges = plan["watch"]
+    device = plan["device"]
+    with _on(device):
+        key = ("triton", "multi_tensor_norm", stream_key(device))
+        watched = None if capturing(device) else plan.get(key)
+        if watched is None or not watched.follow():
+            plan.pop(key, None)
+            grads = [grad for first, count in ranges for grad in watch.grads(first, count)]
+            if not grads or capturing(device) or not all(map(Tensor.is_contiguous, grads)):
+                return multi_tensor_norm.__wrapped__(grads, norm_type, per_tensor, found_inf)
+            table = ChunkTable([grads], dtype_signature([grads]), list(map(Tensor.numel, grads)), None, False, False)
+            table.point_to([grads])
+            watched = plan[key] = _WatchedGrads(watch, ranges, table, 0)
+        return _norm_of_table(watched.table, norm_type, per_tensor, found_inf)
 
 
 _PLANNED_DOC = """``{op}`` for a caller that owns ``plan`` (a dict, empty at first) and promises that,

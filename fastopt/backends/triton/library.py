@@ -277,6 +277,13 @@ def lion_(params, grads, exp_avgs, *, lr, beta1, beta2, weight_decay, maximize, 
 # torch.compile, the op itself: a traced step keeps no table.
 
 
+def multi_tensor_norm_planned(plan: dict, norm_type: float, per_tensor: bool, found_inf: Tensor | None = None):
+    return launch.multi_tensor_norm_planned(plan, norm_type, per_tensor, found_inf)
+
+
+multi_tensor_norm_planned.__doc__ = launch.multi_tensor_norm_planned.__doc__
+
+
 def adamw_planned_(lists: dict[str, list[Tensor]], plan: dict, **hyper) -> None:
     if not torch.compiler.is_compiling():
         return launch.adamw_planned_(lists, plan, **hyper)

@@ -183,20 +183,23 @@ class ChunkTable:
 
     def point_to(self, lists: list[list[Tensor]]) -> bool:
         """Make the address table hold these tensors' pointers; True when it had to change."""
-        changed = [row for row, tensors in enumerate(lists) if self._set_row(row, tensors)]
+        changed = [row for row, tensors in enumerate(lists) if self._set_row(row, _pointer_column(tensors))]
         if changed:
             self._upload(None if len(changed) == len(lists) else changed)
         return bool(changed)
 
     def point_row_to(self, row: int, tensors: list[Tensor]) -> bool:
         """Make one row of the address table (e.g. the grads') hold these tensors' pointers."""
-        if not self._set_row(row, tensors):
+        return self.point_row_at(row, _pointer_column(tensors))
+
+    def point_row_at(self, row: int, pointers) -> bool:
+        """``point_row_to`` with the pointers given, an int64 column (``pointer_column_of``)."""
+        if not self._set_row(row, pointers):
             return False
         self._upload([row])
         return True
 
-    def _set_row(self, row: int, tensors: list[Tensor]) -> bool:
-        pointers = _pointer_column(tensors)
+    def _set_row(self, row: int, pointers) -> bool:
         if self._rows[row] is not None and _same_column(pointers, self._rows[row]):
             return False
         if self.capturing and self._rows[row] is not None:
@@ -243,6 +246,13 @@ def _pointer_column(tensors: list[Tensor]):
     if numpy is not None:
         return numpy.fromiter(map(Tensor.data_ptr, tensors), numpy.int64, len(tensors))
     return array.array("q", map(Tensor.data_ptr, tensors))
+
+
+def pointer_column_of(addresses: Tensor):
+    """An int64 CPU tensor of pointers as an address column (a copy: the tensor may be reused)."""
+    if numpy is not None:
+        return addresses.numpy().copy()
+    return array.array("q", addresses.tolist())
 
 
 def _same_column(a, b) -> bool:
