@@ -823,3 +823,21 @@ def test_grad_watch_hands_out_the_grads_address_column_and_tells_a_changed_layou
     watch.release()
     with pytest.raises(RuntimeError, match="refresh\\(\\) first"):
         column(0, 4)
+
+
+@pytest.mark.parametrize("flat_states", [False, True])
+def test_planned_steps_bump_the_versions_of_what_they_write(flat_states):
+    """A planned step (the optimizer's second on) gives every param and state a new version, as
+    torch's in-place ops do; flat states are views of one buffer, whose shared counter is bumped."""
+    params = [torch.nn.Parameter(torch.randn(s)) for s in [(5,), (3, 4), (BLOCK + 3,)]]
+    optimizer = fastopt.optim.AdamW(params, lr=1e-3, flat_states=flat_states)
+    with backends.use_backend("cpu"):
+        for step in range(3):
+            for p in params:
+                p.grad = torch.randn(p.shape)
+            written = params + [v for s in optimizer.state.values() for v in s.values()]
+            versions = [t._version for t in written]
+            optimizer.step()
+            if step:  # the first step's states are made by it
+                assert all(t._version > v for t, v in zip(written, versions)), step
+    assert optimizer._step_plan is not None

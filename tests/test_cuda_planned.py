@@ -53,6 +53,9 @@ class PlanSpy:
     def __init__(self, real):
         self.real, self.built, self.answers = real, 0, []
 
+    def __getattr__(self, name):  # the rest of the extension (NormPlan) as it is
+        return getattr(self.real, name)
+
     def UpdatePlan(self, *args):  # noqa: N802 (the extension's name)
         spy, native = self, self.real.UpdatePlan(*args)
         self.built += 1
@@ -170,10 +173,12 @@ def test_planned_adamw_follows_a_grad_dtype_change_and_a_moved_param(spy):
     assert spy.built >= 3 and spy.answers.count(0) >= 4
 
 
-def test_planned_adamw_bumps_the_versions_of_what_it_writes(spy):
-    """As the reference's in-place ops (and the cpu backend's plans) do: autograd sees the writes."""
+@pytest.mark.parametrize("flat_states", [False, True])
+def test_planned_adamw_bumps_the_versions_of_what_it_writes(spy, flat_states):
+    """As the reference's in-place ops (and the cpu backend's plans) do: autograd sees the writes
+    (flat states: views of one buffer, whose shared counter is bumped once per step)."""
     ours = make_params(3)
-    opt = fastopt.optim.AdamW(ours, lr=1e-3)
+    opt = fastopt.optim.AdamW(ours, lr=1e-3, flat_states=flat_states)
     set_grads([ours], seed=300)
     on_backend("cuda", opt)()
     for step in range(2):  # planned steps
@@ -351,3 +356,68 @@ def test_inference_tensors_are_updated_without_a_version_bump():
     assert ("cuda", "adamw_") in plan
     for a, b in zip(lists["params"] + lists["steps"], expected["params"] + expected["steps"]):
         assert_bitwise_equal(a, b)
+
+
+@pytest.mark.parametrize("flat", [False, True], ids=["grads-made-anew", "flat-grads"])
+def test_the_step_plan_hands_the_grads_over_in_its_watch(spy, flat):
+    """With the CPU extension, a reused step plan leaves its grads lists unfilled: the norm's
+    NormPlan and the update's UpdatePlan get the grads' addresses from its GradWatch. A strided
+    grad (the ops run), a bf16 grad (both plans made anew) and an inf under a found_inf skip in
+    between; every step against the reference backend, the global norm too."""
+    from fastopt.backends import cpu
+
+    if cpu._C is None:
+        pytest.skip("the CPU extension (its GradWatch) is not built")
+    ours = make_params(12)
+    ref = clones(ours)
+    make = lambda ps: fastopt.optim.AdamW(ps, lr=1e-2, weight_decay=0.1, max_grad_norm=1.0, flat_grads=flat)  # noqa: E731
+    ours_opt, ref_opt = make(ours), make(ref)
+    device = torch.device(DEVICE)
+    for step in range(8):
+        generator = torch.Generator().manual_seed(1200 + step)
+        grads = [torch.randn(p.shape, generator=generator, dtype=F64).float().to(DEVICE) for p in ours]
+        if step == 4:  # strided, the same values
+            grads = [g.t().contiguous().t() if g.dim() == 2 else g for g in grads]
+        if step == 5:
+            grads[3] = grads[3].bfloat16()
+        for p, r, g in zip(ours, ref, grads):
+            if g.dtype != p.dtype:
+                p.grad_dtype = r.grad_dtype = None
+            if flat and step not in (4, 5, 6):
+                p.grad.copy_(g)  # into the flat buffer
+            else:
+                p.grad = g
+            r.grad = g.clone()
+        if step == 3:  # a skipped step: nothing changes
+            inject_nonfinite([p.grad for p in ours], seed=step, count=3)
+            before = snapshot(ours_opt, ours)
+            ours_opt.grad_scale, ours_opt.found_inf = torch.ones((), device=DEVICE), torch.ones((), device=DEVICE)
+            on_backend("cuda", ours_opt)()
+            del ours_opt.grad_scale, ours_opt.found_inf
+            for a, b in zip(before, snapshot(ours_opt, ours)):
+                assert_bitwise_equal(a, b)
+            continue
+        on_backend("cuda", ours_opt)()
+        on_backend("torch", ref_opt)()
+        plan = ours_opt._step_plan
+        (lists,) = plan.gathered[0][1].values()
+        assert all(g is None for g in lists.grads)  # released after the step, as without a watch
+        if step in (1, 2, 7):  # the plans' own tables, following the watch
+            native, column = plan.norm_plans[device]["cuda"]
+            assert column.layout == plan.watch.layout()
+            assert column.addresses.tolist() == [p.grad.data_ptr() if p.numel() else 0 for p in ours]
+            assert lists.backend_plan[("cuda", "adamw_", "watched")].layout == plan.watch.layout()
+        torch.testing.assert_close(ours_opt.stats["grad_norm"], ref_opt.stats["grad_norm"], rtol=1e-5, atol=0)
+        assert_close_lists(ours, ref, BF16 if step == 5 else F32)
+    # Steps 1, 2 and 7 by the first plan or its successors; step 4 (strided) by the op.
+    assert spy.answers.count(0) >= 4 and spy.built >= 2
+
+
+def test_norm_plan_checks_what_it_is_given():
+    native = cuda_backend_module._EXTENSION.NormPlan([torch.randn(5, device=DEVICE), torch.randn(3, device=DEVICE)])
+    with pytest.raises(RuntimeError, match="contiguous CPU int64 tensor of 2 elements"):
+        native.norm(torch.zeros(3, dtype=torch.int64), 2.0, False, None)
+    with pytest.raises(RuntimeError, match="norm_type must be positive"):
+        native.norm(torch.zeros(2, dtype=torch.int64), -1.0, False, None)
+    with pytest.raises(RuntimeError, match=r"tensors\[0\] is not contiguous"):
+        cuda_backend_module._EXTENSION.NormPlan([torch.randn(4, 4, device=DEVICE).t()])

@@ -924,10 +924,10 @@ def test_the_step_plan_hands_the_grads_over_in_its_watch(flat):
         assert all(g is None for g in lists.grads)  # released after the step, as without a watch
         if step >= 1 and step != 4:  # the plan's own tables (not the shared cache's), following the watch
             watched = plan.norm_plans[device][("triton", "multi_tensor_norm", None)]
-            assert watched.layout == plan.watch.layout()
+            assert watched.column.layout == plan.watch.layout()
             assert watched.table.addresses[0].tolist() == [p.grad.data_ptr() for p in params]
             (update,) = (entry for key, entry in lists.backend_plan.items() if isinstance(key, tuple))
-            assert update.watched.layout == plan.watch.layout()
+            assert update.watched.column.layout == plan.watch.layout()
             assert update.table.addresses[1].tolist() == [p.grad.data_ptr() for p in params]
             if step == 1:
                 norm_table, update_table, misses = watched.table, update.table, launch.TABLES.misses

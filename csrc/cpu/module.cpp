@@ -714,9 +714,13 @@ class UpdatePlan {
     grad_types_.reserve(grads.size());
     for (const Tensor& g : grads) grad_types_.push_back(g.scalar_type());
     pointers_.resize(params_.size());
+    std::vector<c10::TensorImpl*> written;
     for (size_t i = 0; i < params_.size(); ++i) {
-      versions_.push_back(params_[i].unsafeGetTensorImpl()->version_counter());
-      for (const auto& list : states_) versions_.push_back(list[i].unsafeGetTensorImpl()->version_counter());
+      written.push_back(params_[i].unsafeGetTensorImpl());
+      for (const auto& list : states_) written.push_back(list[i].unsafeGetTensorImpl());
+    }
+    versions_ = prefetch::distinct_versions(written);
+    for (size_t i = 0; i < params_.size(); ++i) {
       if (numels_[i] == 0) continue;
       UpdatePointers& q = pointers_[i];
       q = {params_[i].data_ptr(), nullptr, {nullptr, nullptr, nullptr}, params_[i].element_size(), 0, 0};
@@ -782,8 +786,7 @@ class UpdatePlan {
     // The writes begin: step counts and constants, the version counters of what the pass updates
     // in place.
     const std::vector<typename Op::Constants> constants = Op::constants(a, scalars, steps_, which_);
-    prefetch::pipelined(
-        versions_.size(), [&](size_t i) { versions_[i].bump(); }, [&](size_t i) { prefetch::version(versions_[i]); });
+    prefetch::bump_versions(versions_);
     run_update_pass(chunks_, total_, fns_for(variant), pointers_, constants, which_, scalars.grad_scale, scalars.clip_coef);
     return true;
   }
@@ -836,7 +839,7 @@ class UpdatePlan {
   std::vector<Tensor> params_;
   std::vector<std::vector<Tensor>> states_;  // the op's state lists, in its block function's order
   std::vector<StepCounter> steps_;  // AdamW's step counts; empty for the others
-  std::vector<c10::VariableVersion> versions_;  // of every param and state, bumped by a step
+  std::vector<c10::VariableVersion> versions_;  // of the params and states, each once, bumped by a step
   std::vector<int64_t> numels_;
   int64_t total_;
   ChunkPlan chunks_;

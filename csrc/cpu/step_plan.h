@@ -27,6 +27,8 @@
 #include <utility>
 #include <vector>
 
+#include "../common/prefetch.h"
+
 namespace fastopt {
 namespace cpu {
 
@@ -105,29 +107,11 @@ struct ParamRecord {
 
 }  // namespace step_plan_detail
 
-// Fetching ahead what a loop over thousands of tensors will touch. Each tensor's metadata (its
-// TensorImpl, storage, autograd meta, version counter) is a heap object of its own, and a loop that
-// reads them one after the other waits for one cache miss at a time (about 1 us per param on a
-// cold cache, half a step over 1,000 small tensors): loads issued a few iterations early overlap.
+}  // namespace cpu
+
+// The step plan's fetch chains (csrc/common/prefetch.h has the machinery): a param's storage and
+// autograd meta, and its grad's TensorImpl.
 namespace prefetch {
-
-constexpr size_t kAhead = 4;  // iterations between the stages of a fetch chain
-
-inline void lines(const void* p, int count, bool for_write = false) {
-  const char* c = static_cast<const char*>(p);
-  for (int i = 0; i < count; ++i) {
-    if (for_write)
-      __builtin_prefetch(c + 64 * i, 1);
-    else
-      __builtin_prefetch(c + 64 * i, 0);
-  }
-}
-
-// A TensorImpl: its fields a check reads (storage, sizes, strides, dtype, device, flags) span
-// its first few cache lines.
-inline void tensor_impl(const c10::TensorImpl* impl) {
-  if (impl != nullptr) lines(impl, 4);
-}
 
 // The objects the TensorImpl points to: its storage, and its autograd meta (which holds the grad).
 inline void storage_and_meta(const c10::TensorImpl* impl) {
@@ -142,32 +126,9 @@ inline const c10::TensorImpl* grad_impl(const c10::TensorImpl* impl) {
   return meta == nullptr ? nullptr : meta->grad_.unsafeGetTensorImpl();
 }
 
-// A version counter, for the atomic increment of a bump (a locked instruction: on a miss it
-// stalls the loop until the line arrives).
-inline void version(const c10::VariableVersion& v) {
-  static_assert(sizeof(c10::VariableVersion) == sizeof(void*), "VariableVersion is one intrusive_ptr");
-  const void* counter;
-  std::memcpy(&counter, &v, sizeof counter);
-  if (counter != nullptr) lines(counter, 1, /*for_write=*/true);
-}
-
-// Runs body(i) for i in [0, n), with stage s of a fetch chain (stages[s](i)) run for
-// i + (stages - s) * kAhead before it: stage 0 first and farthest ahead, each later stage reading
-// what the one before fetched.
-template <typename Body, typename... Stages>
-void pipelined(size_t n, const Body& body, const Stages&... stages) {
-  for (size_t i = 0; i < n; ++i) {
-    size_t ahead = sizeof...(Stages) * kAhead;
-    const auto run = [&](const auto& stage) {
-      if (i + ahead < n) stage(i + ahead);
-      ahead -= kAhead;
-    };
-    (run(stages), ...);  // in order: stage 0 farthest ahead
-    body(i);
-  }
-}
-
 }  // namespace prefetch
+
+namespace cpu {
 
 inline TensorSpan span_of(const at::Tensor& t) {
   const int64_t numel = t.numel();

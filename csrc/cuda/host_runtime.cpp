@@ -22,6 +22,7 @@
 #include <vector>
 
 #include "../common/chunk_plan.h"
+#include "../common/prefetch.h"
 #include "host_runtime.h"
 #include "kernels.h"
 
@@ -787,6 +788,20 @@ void lion_(const TensorList& params, const TensorList& grads, const TensorList& 
 // that stream's order; the caching allocator frees its buffer in that order too). The tables
 // are the plan's own, never in the cache and never captured (a capturing call takes the op), so no
 // graph reads them and they need no freezing.
+// A planned step's scalars, checked and read on the plan's device before anything is written.
+struct PlannedStepScalars {
+  const PlannedScalars& given;
+  ScalarArg lr, grad_scale, clip_coef;
+  float* found_inf;
+
+  PlannedStepScalars(const PlannedScalars& scalars, const at::Device& device)
+      : given(scalars),
+        lr(scalar_arg(scalars.lr, scalars.lr_tensor, device, "lr")),
+        grad_scale(scalar_arg(scalars.grad_scale, scalars.grad_scale_tensor, device, "grad_scale")),
+        clip_coef(scalar_arg(scalars.clip_coef, scalars.clip_coef_tensor, device, "clip_coef")),
+        found_inf(found_inf_pointer(scalars.found_inf, device)) {}
+};
+
 struct UpdatePlan::State {
   PlannedOp op;
   std::vector<TensorList> fixed;      // lists 0, 2, 3, ... of the table (params, states)
@@ -797,7 +812,14 @@ struct UpdatePlan::State {
   int64_t num_tensors = 0;
   bool amsgrad = false, with_momentum = false;
   std::unordered_map<cudaStream_t, std::unique_ptr<Table>> tables;
-  std::vector<int64_t> grad_addresses;  // this call's, scratch
+  std::vector<int64_t> grad_addresses;  // this call's
+  // The version counters of the params and states, each once (prefetch::distinct_versions): bumped
+  // after the launches, fetched ahead (each a heap object of its own: one miss per tensor otherwise).
+  std::vector<c10::VariableVersion> versions;
+
+  // One planned step's launches over the plan's table for this stream, its grads' row pointed at
+  // grad_addresses first (an upload only when they moved); then the version bumps.
+  void run(Table& table, const PlannedStepScalars& step, cudaStream_t stream);
 };
 
 UpdatePlan::UpdatePlan(PlannedOp op, const TensorList& params, const TensorList& grads,
@@ -837,6 +859,10 @@ UpdatePlan::UpdatePlan(PlannedOp op, const TensorList& params, const TensorList&
     s.numels.push_back(params[i].numel());
   }
   s.grad_addresses.resize(params.size());
+  std::vector<c10::TensorImpl*> written;
+  for (const TensorList& list : s.fixed)
+    for (const at::Tensor& t : list) written.push_back(t.unsafeGetTensorImpl());
+  s.versions = prefetch::distinct_versions(written);
 }
 
 UpdatePlan::~UpdatePlan() = default;
@@ -871,10 +897,7 @@ PlanStatus UpdatePlan::step(const std::vector<const at::Tensor*>& grads, const P
     s.grad_addresses[i] = reinterpret_cast<int64_t>(g.const_data_ptr());
   }
   if (replan) return PlanStatus::kReplan;
-  const ScalarArg lr = scalar_arg(scalars.lr, scalars.lr_tensor, device, "lr");
-  const ScalarArg grad_scale = scalar_arg(scalars.grad_scale, scalars.grad_scale_tensor, device, "grad_scale");
-  const ScalarArg clip_coef = scalar_arg(scalars.clip_coef, scalars.clip_coef_tensor, device, "clip_coef");
-  float* found_inf = found_inf_pointer(scalars.found_inf, device);
+  const PlannedStepScalars step_scalars(scalars, device);  // checked before anything is written
 
   // Every check has passed: from here on, the table and the launches.
   const cudaStream_t stream = current_stream();
@@ -890,12 +913,40 @@ PlanStatus UpdatePlan::step(const std::vector<const at::Tensor*>& grads, const P
     for (size_t l = 1; l < s.fixed.size(); ++l) lists.push_back(s.fixed[l]);
     slot = std::make_unique<Table>(TableCache::build(lists, Segments::kTensors, Grouping::kDtypes,
                                                      /*min_one_chunk=*/s.op == PlannedOp::kAdamW, false));
-  } else if (!std::equal(s.grad_addresses.begin(), s.grad_addresses.end(), slot->addresses.begin() + n)) {
-    // Only the grads' row (list 1) changes; stream-ordered after the launches that read it before.
-    upload(slot->buffer.narrow(0, n, n), s.grad_addresses);
-    std::copy(s.grad_addresses.begin(), s.grad_addresses.end(), slot->addresses.begin() + n);
   }
-  const Table& table = *slot;
+  s.run(*slot, step_scalars, stream);
+  return PlanStatus::kDone;
+}
+
+PlanStatus UpdatePlan::step_addresses(const at::Tensor& grad_addresses, const PlannedScalars& scalars) {
+  State& s = *state_;
+  const int64_t n = s.num_tensors;
+  TORCH_CHECK(grad_addresses.device().is_cpu() && grad_addresses.scalar_type() == at::kLong &&
+                  grad_addresses.is_contiguous() && grad_addresses.numel() == n,
+              "fastopt: UpdatePlan: the grads' addresses must be a contiguous CPU int64 tensor of ", n, " elements");
+  c10::cuda::CUDAGuard guard(s.device);
+  if (capturing()) return PlanStatus::kUnplanned;
+  const PlannedStepScalars step_scalars(scalars, s.device);
+  const cudaStream_t stream = current_stream();
+  const auto found = s.tables.find(stream);
+  if (found == s.tables.end()) return PlanStatus::kNeedsGrads;
+  const int64_t* addresses = grad_addresses.const_data_ptr<int64_t>();
+  std::copy(addresses, addresses + n, s.grad_addresses.begin());
+  s.run(*found->second, step_scalars, stream);
+  return PlanStatus::kDone;
+}
+
+void UpdatePlan::State::run(Table& table, const PlannedStepScalars& step, cudaStream_t stream) {
+  State& s = *this;
+  const int64_t n = s.num_tensors;
+  if (!std::equal(s.grad_addresses.begin(), s.grad_addresses.end(), table.addresses.begin() + n)) {
+    // Only the grads' row (list 1) changes; stream-ordered after the launches that read it before.
+    upload(table.buffer.narrow(0, n, n), s.grad_addresses);
+    std::copy(s.grad_addresses.begin(), s.grad_addresses.end(), table.addresses.begin() + n);
+  }
+  const PlannedScalars& scalars = step.given;
+  const ScalarArg lr = step.lr, grad_scale = step.grad_scale, clip_coef = step.clip_coef;
+  float* found_inf = step.found_inf;
   switch (s.op) {
     case PlannedOp::kAdamW: {
       AdamWArgs args{};
@@ -924,9 +975,59 @@ PlanStatus UpdatePlan::step(const std::vector<const at::Tensor*>& grads, const P
       break;
     }
   }
-  for (const TensorList& list : s.fixed)  // what the pass wrote (the grads are only read)
-    for (const at::Tensor& t : list) bump_version(t);
-  return PlanStatus::kDone;
+  prefetch::bump_versions(s.versions);  // what the pass wrote (the grads are only read)
+}
+
+// --------------------------------------------------------------------------- NormPlan
+
+struct NormPlan::State {
+  at::Tensor like;  // an empty tensor on the grads' device, for the outputs' options
+  std::vector<int64_t> numels;
+  std::unordered_map<cudaStream_t, std::unique_ptr<Table>> tables;
+  std::vector<int64_t> addresses;  // this call's, scratch
+};
+
+NormPlan::NormPlan(const TensorList& grads) : state_(std::make_unique<State>()) {
+  State& s = *state_;
+  check_lists({{"tensors", &grads}});
+  for (size_t i = 0; i < grads.size(); ++i)
+    TORCH_CHECK(grads[i].is_contiguous(), "fastopt: NormPlan: tensors[", i, "] is not contiguous");
+  const at::Device device = grads.front().device();
+  c10::cuda::CUDAGuard guard(device);
+  TORCH_CHECK(!capturing(), "fastopt: NormPlan: made during CUDA-graph capture (warm up first)");
+  s.like = at::empty({0}, grads.front().options());
+  for (const at::Tensor& g : grads) s.numels.push_back(g.numel());
+  s.addresses.resize(grads.size());
+  s.tables[current_stream()] =
+      std::make_unique<Table>(TableCache::build({grads}, Segments::kTensors, Grouping::kNone, false, false));
+}
+
+NormPlan::~NormPlan() = default;
+
+std::optional<std::tuple<at::Tensor, at::Tensor>> NormPlan::norm(const at::Tensor& addresses, double norm_type,
+                                                                 bool per_tensor,
+                                                                 const std::optional<at::Tensor>& found_inf) {
+  State& s = *state_;
+  const int64_t n = static_cast<int64_t>(s.numels.size());
+  TORCH_CHECK(addresses.device().is_cpu() && addresses.scalar_type() == at::kLong && addresses.is_contiguous() &&
+                  addresses.numel() == n,
+              "fastopt: NormPlan: the addresses must be a contiguous CPU int64 tensor of ", n, " elements");
+  TORCH_CHECK(norm_type > 0, "fastopt: norm_type must be positive or inf, got ", norm_type);
+  const at::Device device = s.like.device();
+  c10::cuda::CUDAGuard guard(device);
+  if (capturing()) return std::nullopt;
+  float* found_inf_data = found_inf_pointer(found_inf, device);
+  const auto found = s.tables.find(current_stream());
+  if (found == s.tables.end()) return std::nullopt;
+  Table& table = *found->second;
+  const int64_t* given = addresses.const_data_ptr<int64_t>();
+  if (!std::equal(given, given + n, table.addresses.begin())) {  // stream-ordered after the last call's reads
+    s.addresses.assign(given, given + n);
+    upload(table.buffer.narrow(0, 0, n), s.addresses);
+    table.addresses = s.addresses;
+  }
+  return run_norm_pass(table, s.like, norm_kind(norm_type), norm_type, per_tensor, found_inf_data, false,
+                       {1.0, nullptr, kFloat32});
 }
 
 // Test hooks (fastopt._C._table_cache_stats, _set_arrival_counters; registration.cpp).

@@ -65,7 +65,9 @@ enum class PlannedOp : int64_t { kAdamW = 0, kSGD = 1, kLion = 2 };
 // kDone: launched. kReplan: nothing done; a param moved (p.data = x), or a grad's dtype or
 // contiguity changed: the caller builds a new plan from its lists. kUnplanned: nothing done; the
 // stream is capturing a CUDA graph, whose tables are the op's (its capture rules): run the op.
-enum class PlanStatus : int64_t { kDone = 0, kReplan = 1, kUnplanned = 2 };
+// kNeedsGrads (step_addresses only): nothing done; the plan has no table for the current stream
+// yet, which is made from the grads as tensors: call step().
+enum class PlanStatus : int64_t { kDone = 0, kReplan = 1, kUnplanned = 2, kNeedsGrads = 3 };
 
 // A step's scalars, as the ops take them (a float, or a device scalar when the tensor is given);
 // each op reads its own.
@@ -89,6 +91,28 @@ class UpdatePlan {
   // grads: one per param, borrowed for the call. Raises, before any write, the op's error for a
   // grad the op would refuse.
   PlanStatus step(const std::vector<const at::Tensor*>& grads, const PlannedScalars& scalars);
+  // The same with the grads given by their addresses (int64, CPU, one per param), for a caller that
+  // has checked the grads as step() does and knows the params stay where they were (fastopt.optim's
+  // step plan with its GradWatch, whose refresh checks both each step): nothing per tensor is read.
+  PlanStatus step_addresses(const at::Tensor& grad_addresses, const PlannedScalars& scalars);
+
+ private:
+  struct State;
+  std::unique_ptr<State> state_;
+};
+
+// The norm of one list of grads for fastopt.optim's step plan (fastopt/backends/cuda.py's
+// multi_tensor_norm_planned): built from the grads, checked as multi_tensor_norm checks them (and
+// contiguous), with a device table for the current stream; a call takes the grads' addresses (a
+// caller that has checked them: same dtypes, sizes and device, contiguous) and runs the op's passes.
+class NormPlan {
+ public:
+  explicit NormPlan(const TensorList& grads);
+  ~NormPlan();
+  // (total, per-tensor norms) as multi_tensor_norm returns them; nullopt, nothing done, while the
+  // stream captures a CUDA graph or on a stream without a table of this plan (run the op).
+  std::optional<std::tuple<at::Tensor, at::Tensor>> norm(const at::Tensor& addresses, double norm_type,
+                                                         bool per_tensor, const std::optional<at::Tensor>& found_inf);
 
  private:
   struct State;

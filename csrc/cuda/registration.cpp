@@ -130,12 +130,11 @@ void bind_update_plan(py::module_ module) {
            py::arg("op"), py::arg("params"), py::arg("grads"), py::arg("states"))
       .def(
           "step",
-          [](fastopt::UpdatePlan& plan, const py::list& grads, double lr, std::optional<at::Tensor> lr_tensor,
+          [](fastopt::UpdatePlan& plan, const py::object& grads, double lr, std::optional<at::Tensor> lr_tensor,
              double grad_scale, std::optional<at::Tensor> grad_scale_tensor, double clip_coef,
              std::optional<at::Tensor> clip_coef_tensor, std::optional<at::Tensor> found_inf, bool maximize,
              double beta1, double beta2, double eps, double weight_decay, bool decoupled_weight_decay,
              double momentum, double dampening, bool nesterov, bool first_step) -> int64_t {
-            const std::vector<const at::Tensor*> listed = borrowed_grads(grads);
             fastopt::PlannedScalars scalars;
             scalars.lr = lr, scalars.lr_tensor = std::move(lr_tensor);
             scalars.grad_scale = grad_scale, scalars.grad_scale_tensor = std::move(grad_scale_tensor);
@@ -145,9 +144,38 @@ void bind_update_plan(py::module_ module) {
             scalars.decoupled_weight_decay = decoupled_weight_decay;
             scalars.momentum = momentum, scalars.dampening = dampening, scalars.nesterov = nesterov;
             scalars.first_step = first_step;
+            if (THPVariable_Check(grads.ptr())) {  // the grads' addresses, checked by the caller
+              const at::Tensor& addresses = THPVariable_Unpack(grads.ptr());
+              return raising_python_errors([&] { return static_cast<int64_t>(plan.step_addresses(addresses, scalars)); });
+            }
+            const std::vector<const at::Tensor*> listed = borrowed_grads(py::cast<py::list>(grads));
             return raising_python_errors([&] { return static_cast<int64_t>(plan.step(listed, scalars)); });
           },
-          "one step with these grads: 0 done, 1 nothing done (plan again), 2 nothing done (run the op)");
+          "one step with these grads (a list), or with the grads at these addresses (an int64 CPU tensor, grads "
+          "checked by the caller): 0 done, 1 nothing done (plan again), 2 nothing done (run the op), 3 nothing "
+          "done (no table for this stream: step with the grads as a list)");
+}
+
+// fastopt._C.NormPlan(grads) and its norm(addresses, norm_type, per_tensor, found_inf) -> (total,
+// norms), or None: run the op (host_runtime.h's NormPlan).
+void bind_norm_plan(py::module_ module) {
+  py::class_<fastopt::NormPlan>(module, "NormPlan")
+      .def(py::init([](const py::list& grads) {
+             fastopt::TensorList grad_list;
+             for (const at::Tensor* g : borrowed_grads(grads)) grad_list.push_back(*g);
+             return raising_python_errors([&] { return std::make_unique<fastopt::NormPlan>(grad_list); });
+           }),
+           py::arg("grads"))
+      .def(
+          "norm",
+          [](fastopt::NormPlan& plan, const at::Tensor& addresses, double norm_type, bool per_tensor,
+             std::optional<at::Tensor> found_inf) -> py::object {
+            auto result = raising_python_errors([&] { return plan.norm(addresses, norm_type, per_tensor, found_inf); });
+            if (!result) return py::none();
+            return py::make_tuple(std::get<0>(*result), std::get<1>(*result));
+          },
+          py::arg("addresses"), py::arg("norm_type"), py::arg("per_tensor"), py::arg("found_inf"),
+          "(total, per-tensor norms) of the grads at these addresses, or None: run the op");
 }
 
 }  // namespace
@@ -166,6 +194,7 @@ PyMODINIT_FUNC FASTOPT_OPS_MODULE_INIT(void) {
   if (module == nullptr) return nullptr;
   try {
     bind_update_plan(py::reinterpret_borrow<py::module_>(module));
+    bind_norm_plan(py::reinterpret_borrow<py::module_>(module));
   } catch (py::error_already_set& e) {
     e.restore();
     Py_DECREF(module);

@@ -14,10 +14,11 @@ unavailable with the reason (``python -m fastopt info``); the ops then run on Tr
 and their host side built for the host emulation of the device (csrc/emulation, ``fastopt._C_emulated``,
 ops ``torch.ops.fastopt_emulated.*``) run on CPU tensors, without a GPU.
 
-``adamw_planned_``, ``sgd_planned_``, ``lion_planned_``: the updates of fastopt.optim's step plan,
-through the extension's ``UpdatePlan`` (a pybind11 class, not a torch op): built once per plan from
-the params and states, a call reads only the grads' addresses and dtypes and the scalars, then
-launches, on device tables of its own per stream.
+``adamw_planned_``, ``sgd_planned_``, ``lion_planned_`` and ``multi_tensor_norm_planned``: the updates
+and the norm of fastopt.optim's step plan, through the extension's ``UpdatePlan`` and ``NormPlan``
+(pybind11 classes, not torch ops): built once per plan, a call takes only the grads' addresses
+(from the step plan's GradWatch, which has checked the grads) and the scalars, then launches, on
+device tables of its own.
 """
 
 from __future__ import annotations
@@ -31,6 +32,7 @@ import torch
 from torch import Tensor
 
 from fastopt.backends import reference
+from fastopt.backends.watched import WatchedColumn, fill_lists
 
 EMULATED = os.environ.get("FASTOPT_CUDA_EMULATION") == "1"
 EXTENSION = "fastopt._C_emulated" if EMULATED else "fastopt._C"
@@ -293,7 +295,13 @@ def lion_(
 # scalars, then launches.
 
 _PLANNED_OPS = {"adamw_": 0, "sgd_": 1, "lion_": 2}
-_DONE, _REPLAN = 0, 1  # UpdatePlan.step's answers; 2: capturing a CUDA graph, the op runs
+# UpdatePlan.step's answers: done; nothing done, plan again; nothing done, run the op (capturing a
+# CUDA graph); nothing done, no table for this stream yet (step with the grads as a list).
+_DONE, _REPLAN, _UNPLANNED, _NEEDS_GRADS = 0, 1, 2, 3
+
+# fastopt.optim's step plan may leave its grads lists unfilled: multi_tensor_norm_planned and the
+# planned updates read the grads' addresses from the plan's GradWatch (fastopt.backends.watched).
+READS_GRAD_WATCH = True
 
 
 def _planned_states(op: str, lists: dict[str, list[Tensor]]) -> list[list[Tensor]]:
@@ -308,19 +316,25 @@ def _planned(op: str, lists: dict[str, list[Tensor]], plan: dict, scalars: tuple
     a param moved or a grad changed dtype or contiguity), else ``listed()``, the op on the lists:
     for lists a plan cannot hold (a strided tensor, a dtype combination without a kernel build)
     and during CUDA-graph capture, whose tables are the op's. The states are trusted to keep their
-    storage while ``plan`` lives, as the step plan promises."""
+    storage while ``plan`` lives, as the step plan promises. With the step plan's GradWatch
+    (``plan["watch"]``) the UpdatePlan gets the grads' addresses from it (``WatchedColumn``), and
+    the grads list is filled only to make the plan, or for the op."""
     if not lists["params"]:
         return
+    watched = plan.get("watch")
     if not hasattr(_EXTENSION, "UpdatePlan"):  # an extension built before UpdatePlan
+        fill_lists(watched)
         return listed()
     key = ("cuda", op)  # a plan dict shared by two ops keeps one UpdatePlan per op
     native = plan.get(key)
     if native is not None:
-        status = native.step(lists["grads"], *scalars)
+        status = _planned_step(native, lists, plan.get(key + ("watched",)), scalars)
         if status == _DONE:
             return
         if status != _REPLAN:
+            fill_lists(watched)
             return listed()
+    fill_lists(watched)  # the grads as tensors, to plan with
     try:
         native = _EXTENSION.UpdatePlan(_PLANNED_OPS[op], lists["params"], lists["grads"], _planned_states(op, lists))
     except RuntimeError as exc:  # NotImplementedError too; raised before any write
@@ -329,8 +343,59 @@ def _planned(op: str, lists: dict[str, list[Tensor]], plan: dict, scalars: tuple
             return listed()
         raise
     plan[key] = native
+    if watched is not None:  # the plan is made for these grads' dtypes, contiguous
+        plan[key + ("watched",)] = WatchedColumn(watched[0], [(watched[1], len(lists["params"]))])
     if native.step(lists["grads"], *scalars) != _DONE:
         listed()
+
+
+def _planned_step(native, lists: dict[str, list[Tensor]], column: WatchedColumn | None, scalars: tuple) -> int:
+    """UpdatePlan.step with the grads from the watch's column, or from the list without one."""
+    if column is None:
+        return native.step(lists["grads"], *scalars)
+    if column.follow() is None:  # a grad changed dtype or contiguity
+        return _REPLAN
+    status = native.step(column.addresses, *scalars)
+    if status == _NEEDS_GRADS:  # a stream without a table of this plan: made from the grads
+        column.watch.fill_lists()
+        status = native.step(lists["grads"], *scalars)
+    return status
+
+
+def multi_tensor_norm_planned(plan: dict, norm_type: float, per_tensor: bool, found_inf: Tensor | None = None):
+    """``multi_tensor_norm`` of the grads that fastopt.optim's step plan holds for one device
+    (``plan["watch"]``: its GradWatch and the entries' ranges): the extension's NormPlan, kept in
+    ``plan``, made once from the grads and then given their addresses (``WatchedColumn``). The
+    grads are made Python tensors only to make it, and for the op (strided grads, CUDA-graph
+    capture, another stream)."""
+    watch, ranges = plan["watch"]
+    entry = plan.get("cuda")
+    if entry is None or entry[1].follow() is None:  # first call, or a grad changed dtype or contiguity
+        entry = _norm_plan(plan, watch, ranges)
+    if entry is not None:
+        native, column = entry
+        result = native.norm(column.addresses, float(norm_type), per_tensor, found_inf)
+        if result is not None:
+            return result if per_tensor else result[0]
+    grads = [grad for first, count in ranges for grad in watch.grads(first, count)]
+    return multi_tensor_norm(grads, norm_type, per_tensor, found_inf)
+
+
+def _norm_plan(plan: dict, watch, ranges: list[tuple[int, int]]) -> tuple | None:
+    """A NormPlan for the watch's grads of now, and their column, kept in ``plan``; None where none
+    can be made (strided grads, no grad, during CUDA-graph capture, an older extension)."""
+    plan.pop("cuda", None)
+    column = WatchedColumn(watch, ranges)
+    if not hasattr(_EXTENSION, "NormPlan") or column.dtypes is None or not len(column.addresses):
+        return None
+    grads = [grad for first, count in ranges for grad in watch.grads(first, count)]
+    try:
+        entry = plan["cuda"] = (_EXTENSION.NormPlan(grads), column)
+    except RuntimeError as exc:  # made during capture: the op's own capture rules apply
+        if "NormPlan:" not in str(exc):
+            raise
+        return None
+    return entry
 
 
 def _step_scalars(lr, grad_scale, clip_coef, found_inf, maximize, beta1=0.0, beta2=0.0, eps=0.0, weight_decay=0.0,

@@ -36,6 +36,7 @@ import triton.language as tl
 from torch import Tensor
 
 from fastopt.backends.triton import kernels
+from fastopt.backends.watched import WatchedColumn, fill_lists
 from fastopt.backends.triton.tables import (
     BLOCK_SIZE,
     ChunkTable,
@@ -432,49 +433,21 @@ def _lion_launches(table: ChunkTable, *, lr, beta1, beta2, weight_decay, maximiz
 
 
 class _WatchedGrads:
-    """A table row that follows the grads of some entries (``ranges``: (first, count) pairs) of
-    fastopt.optim's step plan's GradWatch, whose refresh checked them this step: their pointers
-    read into one column in C++ (no Python object per grad), and nothing read at all while the
-    watch's ``layout()`` stays (flat grads, or zero_grad(set_to_none=False))."""
+    """A table row that follows the grads of some entries of fastopt.optim's step plan's
+    GradWatch (``fastopt.backends.watched``): re-pointed only when they moved."""
 
-    __slots__ = ("watch", "ranges", "table", "row", "layout", "dtypes", "_addresses")
+    __slots__ = ("column", "table", "row")
 
     def __init__(self, watch, ranges: list[tuple[int, int]], table: ChunkTable, row: int):
-        self.watch, self.ranges, self.table, self.row = watch, ranges, table, row
-        self._addresses = torch.empty(sum(count for _, count in ranges), dtype=torch.int64)
-        self.dtypes = self._read()  # the grads the table was just made for (their dtypes stay)
-        self.layout = watch.layout()
+        self.column, self.table, self.row = WatchedColumn(watch, ranges), table, row
 
     def follow(self) -> bool:
         """Point the row at this step's grads; False when the table cannot run them (a grad of
         another dtype, or strided)."""
-        layout = self.watch.layout()
-        if layout == self.layout:
-            return True
-        dtypes = self._read()
-        if dtypes is None or dtypes != self.dtypes:
-            return False
-        self.table.point_row_at(self.row, pointer_column_of(self._addresses))
-        self.layout = layout
-        return True
-
-    def _read(self) -> bytes | None:
-        """The grads' pointers into ``_addresses``; their dtype codes, or None if one is strided."""
-        dtypes, offset = [], 0
-        for first, count in self.ranges:
-            codes = self.watch.grad_column(first, count, self._addresses[offset : offset + count])
-            if codes is None:
-                return None
-            dtypes.append(codes)
-            offset += count
-        return b"".join(dtypes)
-
-
-def _fill_lists(watched) -> None:
-    """The plan's lists filled with the grads from its GradWatch (when the plan has one), for a
-    call that takes them as tensors: a table's first build, or the op's full path."""
-    if watched is not None:
-        watched[0].fill_lists()
+        moved = self.column.follow()
+        if moved:
+            self.table.point_row_at(self.row, pointer_column_of(self.column.addresses))
+        return moved is not None
 
 
 class _PlannedTable:
@@ -529,7 +502,7 @@ def _planned_table(op: str, lists: dict[str, list[Tensor]], plan: dict) -> tuple
     device = params[0].device
     watched = plan.get("watch")
     if capturing(device):
-        _fill_lists(watched)
+        fill_lists(watched)
         return rows, None
     key = ("triton", op, stream_key(device))
     entry = plan.get(key)
@@ -537,7 +510,7 @@ def _planned_table(op: str, lists: dict[str, list[Tensor]], plan: dict) -> tuple
         entry = None  # built anew below, or the full path for strided tensors
         del plan[key]
     if entry is None:
-        _fill_lists(watched)
+        fill_lists(watched)
     if entry is None and all(all(map(Tensor.is_contiguous, t)) for t in rows):
         signature = dtype_signature(rows)
         per_tensor_step = op == "adamw_"  # a step counter per tensor: a chunk even when empty, arrivals

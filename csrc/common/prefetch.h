@@ -1,0 +1,90 @@
+// Fetching ahead what a loop over thousands of tensors will touch, for the host code of both
+// backends (the CPU extension's step plan, the CUDA host runtime's planned updates). Each
+// tensor's metadata (its TensorImpl, storage, autograd meta, version counter) is a heap object of
+// its own, and a loop that reads them one after the other waits for one cache miss at a time
+// (about 1 us per param on a cold cache, half a step over 1,000 small tensors): loads issued a few
+// iterations early overlap.
+#pragma once
+
+#include <c10/core/TensorImpl.h>
+
+#include <cstddef>
+#include <cstring>
+#include <unordered_set>
+#include <vector>
+
+namespace fastopt {
+namespace prefetch {
+
+constexpr size_t kAhead = 4;  // iterations between the stages of a fetch chain
+
+inline void lines(const void* p, int count, bool for_write = false) {
+  const char* c = static_cast<const char*>(p);
+  for (int i = 0; i < count; ++i) {
+    if (for_write)
+      __builtin_prefetch(c + 64 * i, 1);
+    else
+      __builtin_prefetch(c + 64 * i, 0);
+  }
+}
+
+// A TensorImpl: its fields a check reads (storage, sizes, strides, dtype, device, flags) span
+// its first few cache lines.
+inline void tensor_impl(const c10::TensorImpl* impl) {
+  if (impl != nullptr) lines(impl, 4);
+}
+
+// The counter object a VariableVersion shares (views share their base's), or null (inference).
+inline const void* counter_of(const c10::VariableVersion& v) {
+  static_assert(sizeof(c10::VariableVersion) == sizeof(void*), "VariableVersion is one intrusive_ptr");
+  const void* counter;
+  std::memcpy(&counter, &v, sizeof counter);
+  return counter;
+}
+
+// A version counter, for the atomic increment of a bump (a locked instruction: on a miss it
+// stalls the loop until the line arrives).
+inline void version(const c10::VariableVersion& v) {
+  if (const void* counter = counter_of(v)) lines(counter, 1, /*for_write=*/true);
+}
+
+// Runs body(i) for i in [0, n), with stage s of a fetch chain (stages[s](i)) run for
+// i + (stages - s) * kAhead before it: stage 0 first and farthest ahead, each later stage reading
+// what the one before fetched.
+template <typename Body, typename... Stages>
+void pipelined(size_t n, const Body& body, const Stages&... stages) {
+  for (size_t i = 0; i < n; ++i) {
+    size_t ahead = sizeof...(Stages) * kAhead;
+    const auto run = [&](const auto& stage) {
+      if (i + ahead < n) stage(i + ahead);
+      ahead -= kAhead;
+    };
+    (run(stages), ...);  // in order: stage 0 farthest ahead
+    body(i);
+  }
+}
+
+// The version counters of tensors a pass writes, each once: views of one buffer (flat states)
+// share their base's counter, which one bump per pass marks as written as well as one per view
+// (autograd compares versions for equality), so a flat buffer costs one bump, not one per view.
+// Inference tensors, which have none, are left out.
+inline std::vector<c10::VariableVersion> distinct_versions(const std::vector<c10::TensorImpl*>& written) {
+  std::vector<c10::VariableVersion> versions;
+  std::unordered_set<const void*> seen;  // made once per plan: the steps only bump
+  for (c10::TensorImpl* impl : written) {
+    if (impl->is_inference()) continue;
+    const c10::VariableVersion& v = impl->version_counter();
+    const void* counter = counter_of(v);
+    if (counter != nullptr && seen.insert(counter).second) versions.push_back(v);
+  }
+  return versions;
+}
+
+// Bumps each version counter (the in-place writes autograd must see), fetching ahead.
+inline void bump_versions(std::vector<c10::VariableVersion>& versions) {
+  pipelined(
+      versions.size(), [&](size_t i) { versions[i].bump(); }, [&](size_t i) { version(versions[i]); });
+}
+
+}  // namespace prefetch
+}  // namespace fastopt
