@@ -16,7 +16,7 @@
 namespace fastopt {
 namespace prefetch {
 
-constexpr size_t kAhead = 4;  // iterations between the stages of a fetch chain
+constexpr size_t kAhead = 8;  // iterations between the stages of a fetch chain
 
 inline void lines(const void* p, int count, bool for_write = false) {
   const char* c = static_cast<const char*>(p);

@@ -21,6 +21,9 @@ void register_step_plan(pybind11::module& module) {
       .def("release", &GradWatch::release, "let go of the grads (after a step)");
   module.def("grads_are", &grads_are, pybind11::arg("params"), pybind11::arg("views"),
              "whether params[i].grad is views[i] for every i");
+  module.def("scan_lists", &scan_lists, pybind11::arg("lists"), pybind11::arg("addresses"),
+             "tensors' addresses into `addresses` [lists, n]; (dtype codes, the first list's numels), as bytes");
+  module.def("all_contiguous", &all_contiguous, pybind11::arg("tensors"), "whether every tensor is contiguous");
 }
 
 }  // namespace cpu

@@ -439,7 +439,65 @@ inline bool grads_are(const pybind11::list& params, const pybind11::list& views)
   return same;
 }
 
-// Adds GradWatch and grads_are to the extension module (step_plan.cpp).
+// One C++ pass over tensor lists for a backend that keeps address tables of its own (the triton
+// backend's table cache), where a Python pass costs ~100 ns per tensor per attribute: each tensor's
+// address into `addresses` ([lists, n] int64, CPU, contiguous; 0 for an empty tensor, as
+// data_ptr() gives); returned, the dtype codes (bytes, lists x n, c10::ScalarType) and the first
+// list's sizes (n native int64, as bytes). Only metadata is read, on any device.
+inline pybind11::tuple scan_lists(const pybind11::list& lists, at::Tensor& addresses) {
+  const size_t num_lists = size_t(PyList_GET_SIZE(lists.ptr()));
+  TORCH_CHECK(num_lists > 0, "scan_lists: no list");
+  const size_t n = size_t(PyList_GET_SIZE(lists[0].ptr()));
+  TORCH_CHECK(addresses.device().is_cpu() && addresses.scalar_type() == at::kLong && addresses.is_contiguous() &&
+                  addresses.dim() == 2 && size_t(addresses.size(0)) == num_lists && size_t(addresses.size(1)) == n,
+              "scan_lists: addresses must be a contiguous CPU int64 tensor of shape [", num_lists, ", ", n, "]");
+  int64_t* out = addresses.data_ptr<int64_t>();
+  std::string types(num_lists * n, '\0');
+  std::vector<int64_t> numels(n);
+  for (size_t l = 0; l < num_lists; ++l) {
+    PyObject* list = PyList_GET_ITEM(lists.ptr(), Py_ssize_t(l));
+    TORCH_CHECK(PyList_Check(list) && size_t(PyList_GET_SIZE(list)) == n, "scan_lists: lists of ", n, " tensors");
+    const auto item = [&](size_t i) { return PyList_GET_ITEM(list, Py_ssize_t(i)); };
+    prefetch::pipelined(
+        n,
+        [&](size_t i) {
+          TORCH_CHECK(THPVariable_Check(item(i)), "scan_lists: every item must be a tensor");
+          const at::Tensor& t = THPVariable_Unpack(item(i));
+          out[l * n + i] = int64_t(reinterpret_cast<uintptr_t>(step_plan_detail::data_of(t)));
+          types[l * n + i] = char(t.scalar_type());
+          if (l == 0) numels[i] = t.numel();
+        },
+        [&](size_t i) { prefetch::lines(item(i), 1); },
+        [&](size_t i) {
+          if (THPVariable_Check(item(i))) prefetch::tensor_impl(THPVariable_Unpack(item(i)).unsafeGetTensorImpl());
+        },
+        [&](size_t i) {
+          if (THPVariable_Check(item(i))) prefetch::storage_and_meta(THPVariable_Unpack(item(i)).unsafeGetTensorImpl());
+        });
+  }
+  return pybind11::make_tuple(pybind11::bytes(types),
+                              pybind11::bytes(reinterpret_cast<const char*>(numels.data()), n * sizeof(int64_t)));
+}
+
+// Whether every tensor of a list is contiguous (one C++ pass; see scan_lists).
+inline bool all_contiguous(const pybind11::list& tensors) {
+  const size_t n = size_t(PyList_GET_SIZE(tensors.ptr()));
+  const auto item = [&](size_t i) { return PyList_GET_ITEM(tensors.ptr(), Py_ssize_t(i)); };
+  bool contiguous = true;
+  prefetch::pipelined(
+      n,
+      [&](size_t i) {
+        TORCH_CHECK(THPVariable_Check(item(i)), "all_contiguous: every item must be a tensor");
+        contiguous = contiguous && THPVariable_Unpack(item(i)).is_contiguous();
+      },
+      [&](size_t i) { prefetch::lines(item(i), 1); },
+      [&](size_t i) {
+        if (THPVariable_Check(item(i))) prefetch::tensor_impl(THPVariable_Unpack(item(i)).unsafeGetTensorImpl());
+      });
+  return contiguous;
+}
+
+// Adds GradWatch, grads_are, scan_lists and all_contiguous to the extension module (step_plan.cpp).
 void register_step_plan(pybind11::module& module);
 
 }  // namespace cpu

@@ -100,10 +100,19 @@ def _guarded(op):
 def _dense(tensors: list[Tensor]) -> tuple[list[Tensor], list[tuple[Tensor, Tensor]]]:
     """The tensors as the kernels need them, contiguous, and the (original, contiguous copy)
     pairs whose results an in-place op must copy back."""
-    if all(map(Tensor.is_contiguous, tensors)):
+    if _all_contiguous(tensors):
         return tensors, []
     dense = [t.contiguous() for t in tensors]
     return dense, [(t, d) for t, d in zip(tensors, dense) if d is not t]
+
+
+def _all_contiguous(tensors: list[Tensor]) -> bool:
+    """Whether every tensor is contiguous: one C++ pass with the CPU extension, else Python's."""
+    from fastopt.backends import cpu
+
+    if cpu._C is not None and type(tensors) is list:
+        return cpu._C.all_contiguous(tensors)
+    return all(map(Tensor.is_contiguous, tensors))
 
 
 def _write_back(copies: list[tuple[Tensor, Tensor]]) -> None:

@@ -183,9 +183,13 @@ class ChunkTable:
 
     def point_to(self, lists: list[list[Tensor]]) -> bool:
         """Make the address table hold these tensors' pointers; True when it had to change."""
-        changed = [row for row, tensors in enumerate(lists) if self._set_row(row, _pointer_column(tensors))]
+        return self.point_to_columns([_pointer_column(tensors) for tensors in lists])
+
+    def point_to_columns(self, columns: list) -> bool:
+        """``point_to`` with each row's pointers given, an int64 column (``pointer_column_of``)."""
+        changed = [row for row, pointers in enumerate(columns) if self._set_row(row, pointers)]
         if changed:
-            self._upload(None if len(changed) == len(lists) else changed)
+            self._upload(None if len(changed) == len(columns) else changed)
         return bool(changed)
 
     def point_row_to(self, row: int, tensors: list[Tensor]) -> bool:
@@ -253,6 +257,14 @@ def pointer_column_of(addresses: Tensor):
     if numpy is not None:
         return addresses.numpy().copy()
     return array.array("q", addresses.tolist())
+
+
+def scanner():
+    """The CPU extension's ``scan_lists`` (one C++ pass over tensor lists: addresses, dtype codes,
+    sizes), or None without the extension (then the columns are made in Python, as above)."""
+    from fastopt.backends import cpu  # the cpu backend's module loads the extension once
+
+    return None if cpu._C is None or numpy is None else cpu._C.scan_lists
 
 
 def _same_column(a, b) -> bool:
@@ -339,32 +351,40 @@ class TableCache:
         pointing at these tensors. ``units[i]``: how many equal segments tensor i splits into
         (default 1); ``min_one_chunk``: give empty tensors a chunk too."""
         device = lists[0][0].device
-        signature = dtype_signature(lists)
-        numels = numel_column(lists[0])
+        scan = scanner()
+        if scan is not None and all(type(tensors) is list for tensors in lists):  # one C++ pass: addresses, dtypes and sizes (no Python object per tensor)
+            addresses = torch.empty((len(lists), len(lists[0])), dtype=torch.int64)
+            dtype_codes, numel_bytes = scan(lists, addresses)
+            columns = [pointer_column_of(row) for row in addresses]
+        else:
+            dtype_codes, numel_bytes, columns = dtype_signature(lists), numel_column(lists[0]).tobytes(), None
         units_key = None if units is None else tuple(units)
-        key = (device, stream_key(device), signature, numels.tobytes(), units_key, min_one_chunk, arrivals)
+        key = (device, stream_key(device), dtype_codes, numel_bytes, units_key, min_one_chunk, arrivals)
+
+        def made(for_capture: bool = False) -> ChunkTable:
+            self.misses += 1
+            numels = list(map(Tensor.numel, lists[0]))
+            return ChunkTable(lists, dtype_signature(lists), numels, units, min_one_chunk, arrivals, for_capture)
+
         if capturing(device):
-            key += (tuple(itertools.chain.from_iterable(map(Tensor.data_ptr, tensors) for tensors in lists)),)
+            pointers = columns if columns is not None else [_pointer_column(tensors) for tensors in lists]
+            key += (tuple(itertools.chain.from_iterable(map(int, column) for column in pointers)),)
             table = self._captured.get(key)
             if table is None:
-                self.misses += 1
-                table = ChunkTable(lists, signature, numels.tolist(), units, min_one_chunk, arrivals, capturing=True)
+                table = self._captured[key] = made(for_capture=True)
                 table.point_to(lists)
-                self._captured[key] = table
             else:
                 self.hits += 1
             return table
         table = self._tables.get(key)
         if table is None:
-            self.misses += 1
-            table = ChunkTable(lists, signature, numels.tolist(), units, min_one_chunk, arrivals)
-            self._tables[key] = table
+            table = self._tables[key] = made()
             if len(self._tables) > self.capacity:
                 self._tables.popitem(last=False)
         else:
             self.hits += 1
             self._tables.move_to_end(key)
-        if table.point_to(lists):
+        if table.point_to(lists) if columns is None else table.point_to_columns(columns):
             self.pointer_refreshes += 1
         return table
 
