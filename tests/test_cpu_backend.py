@@ -841,3 +841,26 @@ def test_planned_steps_bump_the_versions_of_what_they_write(flat_states):
             if step:  # the first step's states are made by it
                 assert all(t._version > v for t, v in zip(written, versions)), step
     assert optimizer._step_plan is not None
+
+
+def test_scan_lists_reads_what_python_would():
+    """The triton backend's one-pass read of its tensor lists (addresses, dtype codes, sizes) and
+    contiguity check, against the tensors' own attributes."""
+    import numpy
+
+    lists = [[torch.randn(3, 4), torch.zeros(0), torch.randn(()), torch.randn(5, dtype=torch.float64)],
+             [torch.randn(3, 4, dtype=torch.bfloat16), torch.zeros(0), torch.randn(()), torch.randn(10)[::2]]]  # fmt: skip
+    addresses = torch.full((2, 4), -1, dtype=torch.int64)  # poisoned: every element is written
+    codes, numels = cpu._C.scan_lists(lists, addresses)
+    assert addresses.tolist() == [[t.data_ptr() for t in tensors] for tensors in lists]
+    assert addresses[0, 1] == 0  # an empty tensor: no address, as data_ptr() says
+    float_codes = {torch.float32: 6, torch.float64: 7, torch.bfloat16: 15}  # c10::ScalarType
+    assert codes == bytes(float_codes[t.dtype] for tensors in lists for t in tensors)
+    assert numpy.frombuffer(numels, numpy.int64).tolist() == [12, 0, 1, 5]
+    assert cpu._C.all_contiguous(lists[0]) and not cpu._C.all_contiguous(lists[1]) and cpu._C.all_contiguous([])
+    with pytest.raises(RuntimeError, match=r"shape \[2, 4\]"):
+        cpu._C.scan_lists(lists, torch.zeros(2, 3, dtype=torch.int64))
+    with pytest.raises(RuntimeError, match="lists of 4 tensors"):
+        cpu._C.scan_lists([lists[0], lists[1][:3]], addresses)
+    with pytest.raises(RuntimeError, match="must be a tensor"):
+        cpu._C.scan_lists([[1.0] * 4], torch.zeros(1, 4, dtype=torch.int64))

@@ -827,11 +827,19 @@ def test_planned_sgd_and_lion_keep_a_table_per_op():
 
 
 @runs_here
+@pytest.mark.parametrize("scan", ["C++ scan", "Python columns"])
 @pytest.mark.usefixtures("triton_backend")
-def test_update_tables_are_cached_by_what_their_kernels_read():
+def test_update_tables_are_cached_by_what_their_kernels_read(scan, monkeypatch):
     """The shared cache keys a table by its lists' layout: SGD without momentum (2 rows) and with
     it (3 rows) are two tables, Lion shares the 3-row one (same rows, pointers refreshed), AdamW
-    has its own (a chunk for every tensor and arrival counters for its step counters)."""
+    has its own (a chunk for every tensor and arrival counters for its step counters). The same
+    with the lists read by the CPU extension's scan_lists and without it."""
+    from fastopt.backends.triton import tables as table_module
+
+    if scan == "Python columns":
+        monkeypatch.setattr(table_module, "scanner", lambda: None)
+    elif table_module.scanner() is None:
+        pytest.skip("the CPU extension (its scan_lists) is not built")
     tables = launch.TABLES
     shapes = [(5, 4), (0,), (70,)]
     params, grads = random_tensors(shapes, device=DEVICE, seed=110), random_tensors(shapes, device=DEVICE, seed=111)
@@ -846,6 +854,9 @@ def test_update_tables_are_cached_by_what_their_kernels_read():
     fastopt.adamw_(params, grads, *adamw_state(params), **HYPER)
     assert tables.misses == 3
     assert launches() == {"sgd_kernel": 2, "lion_kernel": 1, "adamw_kernel": 1}
+    new_grads = [g.clone() for g in grads]  # new addresses: the table's grads row follows them
+    assert tables.lookup([params, new_grads, states]) is lion_table and tables.pointer_refreshes == 4
+    assert lion_table.addresses[1].tolist() == [g.data_ptr() for g in new_grads]
 
 
 # fastopt.optim's optimizers against torch's (Lion has none: fastopt's on the reference backend).
