@@ -123,6 +123,18 @@ def snapshot(opt, params):
     ]
 
 
+def assert_a_skipped_step_changes_nothing(opt, params, seed: int, count: int) -> None:
+    """inf / nan injected into the grads and found_inf set (as a scaler hands it over): the step on
+    the cuda backend changes no bit of the params and states."""
+    inject_nonfinite([p.grad for p in params], seed=seed, count=count)
+    before = snapshot(opt, params)
+    opt.grad_scale, opt.found_inf = torch.ones((), device=DEVICE), torch.ones((), device=DEVICE)
+    on_backend("cuda", opt)()
+    del opt.grad_scale, opt.found_inf
+    for a, b in zip(before, snapshot(opt, params)):
+        assert_bitwise_equal(a, b)
+
+
 @pytest.mark.parametrize("amsgrad", [False, True])
 def test_planned_adamw_matches_reference_and_torch(spy, amsgrad):
     """Steps with new grads each time (new addresses), a found_inf skip over injected inf / nan,
@@ -135,13 +147,7 @@ def test_planned_adamw_matches_reference_and_torch(spy, amsgrad):
     for step in range(6):
         set_grads([ours, ref, theirs], seed=100 + step)
         if step == 3:  # a skipped step: inf / nan in the grads, found_inf set, nothing changes
-            inject_nonfinite([p.grad for p in ours], seed=step, count=4)
-            before = snapshot(ours_opt, ours)
-            ours_opt.grad_scale, ours_opt.found_inf = torch.ones((), device=DEVICE), torch.ones((), device=DEVICE)
-            on_backend("cuda", ours_opt)()
-            del ours_opt.grad_scale, ours_opt.found_inf
-            for a, b in zip(before, snapshot(ours_opt, ours)):
-                assert_bitwise_equal(a, b)
+            assert_a_skipped_step_changes_nothing(ours_opt, ours, seed=step, count=4)
             continue
         on_backend("cuda", ours_opt)()
         on_backend("torch", ref_opt)()
@@ -389,13 +395,7 @@ def test_the_step_plan_hands_the_grads_over_in_its_watch(spy, flat):
                 p.grad = g
             r.grad = g.clone()
         if step == 3:  # a skipped step: nothing changes
-            inject_nonfinite([p.grad for p in ours], seed=step, count=3)
-            before = snapshot(ours_opt, ours)
-            ours_opt.grad_scale, ours_opt.found_inf = torch.ones((), device=DEVICE), torch.ones((), device=DEVICE)
-            on_backend("cuda", ours_opt)()
-            del ours_opt.grad_scale, ours_opt.found_inf
-            for a, b in zip(before, snapshot(ours_opt, ours)):
-                assert_bitwise_equal(a, b)
+            assert_a_skipped_step_changes_nothing(ours_opt, ours, seed=step, count=3)
             continue
         on_backend("cuda", ours_opt)()
         on_backend("torch", ref_opt)()
