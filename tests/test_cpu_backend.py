@@ -864,3 +864,9 @@ def test_scan_lists_reads_what_python_would():
         cpu._C.scan_lists([lists[0], lists[1][:3]], addresses)
     with pytest.raises(RuntimeError, match="must be a tensor"):
         cpu._C.scan_lists([[1.0] * 4], torch.zeros(1, 4, dtype=torch.int64))
+    if hasattr(torch, "_lazy_clone"):  # a copy-on-write clone: the kernels may write at its address
+        source = torch.randn(8)
+        clone = torch._lazy_clone(source)
+        address = torch.zeros(1, 1, dtype=torch.int64)
+        cpu._C.scan_lists([[clone]], address)
+        assert address.item() == clone.data_ptr() != source.data_ptr()  # its own copy, not the source's

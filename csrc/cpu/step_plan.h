@@ -441,13 +441,13 @@ inline bool grads_are(const pybind11::list& params, const pybind11::list& views)
 
 // One C++ pass over tensor lists for a backend that keeps address tables of its own (the triton
 // backend's table cache), where a Python pass costs ~100 ns per tensor per attribute: each tensor's
-// address into `addresses` ([lists, n] int64, CPU, contiguous; 0 for an empty tensor, as
-// data_ptr() gives); returned, the dtype codes (bytes, lists x n, c10::ScalarType) and the first
+// data_ptr() into `addresses` ([lists, n] int64, CPU, contiguous; 0 for an empty tensor);
+// returned, the dtype codes (bytes, lists x n, c10::ScalarType) and the first
 // list's sizes (n native int64, as bytes). Only metadata is read, on any device.
 inline pybind11::tuple scan_lists(const pybind11::list& lists, at::Tensor& addresses) {
   const size_t num_lists = size_t(PyList_GET_SIZE(lists.ptr()));
-  TORCH_CHECK(num_lists > 0, "scan_lists: no list");
-  const size_t n = size_t(PyList_GET_SIZE(lists[0].ptr()));
+  TORCH_CHECK(num_lists > 0 && PyList_Check(PyList_GET_ITEM(lists.ptr(), 0)), "scan_lists: a list of lists of tensors");
+  const size_t n = size_t(PyList_GET_SIZE(PyList_GET_ITEM(lists.ptr(), 0)));
   TORCH_CHECK(addresses.device().is_cpu() && addresses.scalar_type() == at::kLong && addresses.is_contiguous() &&
                   addresses.dim() == 2 && size_t(addresses.size(0)) == num_lists && size_t(addresses.size(1)) == n,
               "scan_lists: addresses must be a contiguous CPU int64 tensor of shape [", num_lists, ", ", n, "]");
@@ -463,7 +463,9 @@ inline pybind11::tuple scan_lists(const pybind11::list& lists, at::Tensor& addre
         [&](size_t i) {
           TORCH_CHECK(THPVariable_Check(item(i)), "scan_lists: every item must be a tensor");
           const at::Tensor& t = THPVariable_Unpack(item(i));
-          out[l * n + i] = int64_t(reinterpret_cast<uintptr_t>(step_plan_detail::data_of(t)));
+          // data_ptr(), as Python's Tensor.data_ptr(): a kernel may write there, so a copy-on-write
+          // tensor gets its own copy first (const_data_ptr() would point into the shared one).
+          out[l * n + i] = int64_t(reinterpret_cast<uintptr_t>(t.data_ptr()));
           types[l * n + i] = char(t.scalar_type());
           if (l == 0) numels[i] = t.numel();
         },

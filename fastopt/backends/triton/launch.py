@@ -537,12 +537,15 @@ def multi_tensor_norm_planned(plan: dict, norm_type: float, per_tensor: bool, fo
     watch, ranges = plan["watch"]
     device = plan["device"]
     with _on(device):
+        if capturing(device):  # the op's private tables; the plan's stays for the eager steps
+            grads = [grad for first, count in ranges for grad in watch.grads(first, count)]
+            return multi_tensor_norm.__wrapped__(grads, norm_type, per_tensor, found_inf)
         key = ("triton", "multi_tensor_norm", stream_key(device))
-        watched = None if capturing(device) else plan.get(key)
+        watched = plan.get(key)
         if watched is None or not watched.follow():
             plan.pop(key, None)
             grads = [grad for first, count in ranges for grad in watch.grads(first, count)]
-            if not grads or capturing(device) or not all(map(Tensor.is_contiguous, grads)):
+            if not grads or not all(map(Tensor.is_contiguous, grads)):
                 return multi_tensor_norm.__wrapped__(grads, norm_type, per_tensor, found_inf)
             table = ChunkTable([grads], dtype_signature([grads]), list(map(Tensor.numel, grads)), None, False, False)
             table.point_to([grads])
