@@ -331,14 +331,17 @@ def main() -> None:
         print("backend cuda with host_runtime.cpp (fastopt._C_emulated, CPU tensors), kernel launches return before their grids run:")
         report(backend, args.params, args.steps)
         ms = binding_times(args.params, args.steps)
-        print(f"  {'torch.ops binding:':<26}{ms[0]:.2f} ms host (min {ms[1]:.2f}; four lists, inside the times above)")
+        print(f"  {'torch.ops binding:':<26}{ms[0]:.2f} ms host"
+              f" (min {ms[1]:.2f}; four lists, inside the times above)")
 
 
 def report(backend, num_params: int, steps: int) -> None:
     for name, ms in backend_call_times(backend, num_params, steps).items():
-        print(f"  {name + ':':<26}" + ("n/a (the backend has none)" if ms is None else f"{ms[0]:.2f} ms host (min {ms[1]:.2f})"))
+        figure = "n/a (the backend has none)" if ms is None else f"{ms[0]:.2f} ms host (min {ms[1]:.2f})"
+        print(f"  {name + ':':<26}{figure}")
     times = optimizer_step_times(backend, num_params, steps)
-    print(f"  {'optimizer step:':<26}{_median_ms(times[1:]):.2f} ms host (clipped; first step {times[0] * 1e3:.1f} ms)")
+    first = times[0] * 1e3
+    print(f"  {'optimizer step:':<26}{_median_ms(times[1:]):.2f} ms host (clipped; first step {first:.1f} ms)")
     times = optimizer_step_times(backend, num_params, steps, flat=True)
     print(f"  {'step, flat storage:':<26}{_median_ms(times[1:]):.2f} ms host (min {min(times[1:]) * 1e3:.2f})")
 

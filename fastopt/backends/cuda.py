@@ -32,7 +32,7 @@ import torch
 from torch import Tensor
 
 from fastopt.backends import reference
-from fastopt.backends.watched import WatchedColumn, fill_lists
+from fastopt.backends.watched import WatchedColumn, fill_lists, grads_of
 
 EMULATED = os.environ.get("FASTOPT_CUDA_EMULATION") == "1"
 EXTENSION = "fastopt._C_emulated" if EMULATED else "fastopt._C"
@@ -377,7 +377,7 @@ def multi_tensor_norm_planned(plan: dict, norm_type: float, per_tensor: bool, fo
         result = native.norm(column.addresses, float(norm_type), per_tensor, found_inf)
         if result is not None:
             return result if per_tensor else result[0]
-    grads = [grad for first, count in ranges for grad in watch.grads(first, count)]
+    grads = grads_of(watch, ranges)
     return multi_tensor_norm(grads, norm_type, per_tensor, found_inf)
 
 
@@ -388,7 +388,7 @@ def _norm_plan(plan: dict, watch, ranges: list[tuple[int, int]]) -> tuple | None
     column = WatchedColumn(watch, ranges)
     if not hasattr(_EXTENSION, "NormPlan") or column.dtypes is None or not len(column.addresses):
         return None
-    grads = [grad for first, count in ranges for grad in watch.grads(first, count)]
+    grads = grads_of(watch, ranges)
     try:
         entry = plan["cuda"] = (_EXTENSION.NormPlan(grads), column)
     except RuntimeError as exc:  # made during capture: the op's own capture rules apply

@@ -56,3 +56,8 @@ def fill_lists(watched) -> None:
     table's first build, or an op's full path."""
     if watched is not None:
         watched[0].fill_lists()
+
+
+def grads_of(watch, ranges: list[tuple[int, int]]) -> list:
+    """The grads of those entries of a GradWatch, as tensors (a table's first build, an op's path)."""
+    return [grad for first, count in ranges for grad in watch.grads(first, count)]

@@ -36,7 +36,7 @@ import triton.language as tl
 from torch import Tensor
 
 from fastopt.backends.triton import kernels
-from fastopt.backends.watched import WatchedColumn, fill_lists
+from fastopt.backends.watched import WatchedColumn, fill_lists, grads_of
 from fastopt.backends.triton.tables import (
     BLOCK_SIZE,
     ChunkTable,
@@ -538,13 +538,13 @@ def multi_tensor_norm_planned(plan: dict, norm_type: float, per_tensor: bool, fo
     device = plan["device"]
     with _on(device):
         if capturing(device):  # the op's private tables; the plan's stays for the eager steps
-            grads = [grad for first, count in ranges for grad in watch.grads(first, count)]
+            grads = grads_of(watch, ranges)
             return multi_tensor_norm.__wrapped__(grads, norm_type, per_tensor, found_inf)
         key = ("triton", "multi_tensor_norm", stream_key(device))
         watched = plan.get(key)
         if watched is None or not watched.follow():
             plan.pop(key, None)
-            grads = [grad for first, count in ranges for grad in watch.grads(first, count)]
+            grads = grads_of(watch, ranges)
             if not grads or not all(map(Tensor.is_contiguous, grads)):
                 return multi_tensor_norm.__wrapped__(grads, norm_type, per_tensor, found_inf)
             table = ChunkTable([grads], dtype_signature([grads]), list(map(Tensor.numel, grads)), None, False, False)

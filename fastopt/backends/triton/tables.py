@@ -352,10 +352,11 @@ class TableCache:
         (default 1); ``min_one_chunk``: give empty tensors a chunk too."""
         device = lists[0][0].device
         scan = scanner()
-        if scan is not None and all(type(tensors) is list for tensors in lists):  # one C++ pass: addresses, dtypes and sizes (no Python object per tensor)
+        # One C++ pass reads the addresses, dtypes and sizes (no Python object per tensor).
+        if scan is not None and all(type(tensors) is list for tensors in lists):
             addresses = torch.empty((len(lists), len(lists[0])), dtype=torch.int64)
             dtype_codes, numel_bytes = scan(lists, addresses)
-            columns = [pointer_column_of(row) for row in addresses]
+            columns = list(addresses.numpy())  # rows of a buffer made for this lookup: no copy needed
         else:
             dtype_codes, numel_bytes, columns = dtype_signature(lists), numel_column(lists[0]).tobytes(), None
         units_key = None if units is None else tuple(units)
