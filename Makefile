@@ -13,6 +13,13 @@ TORCH_INDEX ?=
 
 .PHONY: bench test test-cpu test-reference test-triton test-cuda-build ctest info clean
 
+# pytest-xdist: the suite split over one worker per CPU core (tests/conftest.py gives each worker
+# its share of torch's threads). PYTEST_WORKERS=0 runs it in this process, e.g. to debug. The
+# suite uses no pytest-benchmark fixture (bench/ does, run alone): its plugin, which warns under
+# xdist, stays out.
+PYTEST_WORKERS ?= auto
+PYTEST := $(PY) -m pytest -n $(PYTEST_WORKERS) -p no:benchmark
+
 bench: $(STAMP)
 	@echo "make bench: every op on this machine's device, in rounds (a few minutes on 2 idle CPU cores, far longer on busy ones; progress below)"
 	$(PY) -m fastopt bench
@@ -28,22 +35,22 @@ figures: $(STAMP)
 	$(PY) -m fastopt report $(FIGURES_OUT) --update README.md bench/RESULTS.md --png bench/results-$(if $(shell command -v nvidia-smi 2>/dev/null),cuda,cpu).png
 
 test: $(STAMP)
-	@echo "make test: the suite on CPU (about 3 minutes on 2 idle cores; the last lines count skips by reason)"
-	$(PY) -m pytest
+	@echo "make test: the suite on CPU, one pytest worker per core (about 4-7 minutes on 2 cores; the last lines count skips by reason)"
+	$(PYTEST)
 
 # The suite forced onto the cpu backend (the C++ extension; plain `make test` picks it for CPU
 # tensors too when it is built, so this fails instead of falling back when it is not).
 test-cpu: $(STAMP)
-	FASTOPT_BACKEND=cpu $(PY) -m pytest
+	FASTOPT_BACKEND=cpu $(PYTEST)
 
 # The suite on the plain-torch reference backend (the oracle), bit for bit against torch where
 # torch's formulas allow it.
 test-reference: $(STAMP)
-	FASTOPT_BACKEND=torch $(PY) -m pytest
+	FASTOPT_BACKEND=torch $(PYTEST)
 
 # The suite again on the Triton backend, its kernels run on CPU tensors by Triton's interpreter.
 test-triton: $(STAMP)
-	FASTOPT_BACKEND=triton TRITON_INTERPRET=1 $(PY) -m pytest
+	FASTOPT_BACKEND=triton TRITON_INTERPRET=1 $(PYTEST)
 
 # tests/test_integrations.py against the real frameworks (HF transformers' Trainer, accelerate,
 # Lightning, timm's AGC) from the registry, in a venv of their own: they pull ~50 packages that the
@@ -102,7 +109,7 @@ EMULATED_TESTS ?= tests/test_cuda_backend.py tests/test_cuda_planned.py tests/te
 test-cuda-emulated: $(STAMP)
 	CUDA_HOME=$(CUDA_HOME) bash csrc/emulation/run_checks.sh
 	CUDA_HOME=$(CUDA_HOME) $(PY) csrc/emulation/build.py
-	FASTOPT_CUDA_EMULATION=1 FASTOPT_BACKEND=cuda $(PY) -m pytest -p no:cacheprovider $(EMULATED_TESTS)
+	FASTOPT_CUDA_EMULATION=1 FASTOPT_BACKEND=cuda $(PYTEST) -p no:cacheprovider $(EMULATED_TESTS)
 
 info: $(STAMP)
 	$(PY) -m fastopt info

@@ -1,5 +1,16 @@
+import os
+
 import pytest
 import torch
+
+
+def pytest_configure(config):
+    """Under pytest-xdist (`make test` runs one worker per core), each worker takes its share of
+    the cores for torch's threads, but at least 2: the cpu backend's kernels split their work
+    between threads, and the suite must run that split, not only the one-thread path."""
+    workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "0"))
+    if workers > 1:
+        torch.set_num_threads(max(2, (os.cpu_count() or 1) // workers))
 
 
 def pytest_collection_modifyitems(config, items):
