@@ -3,6 +3,7 @@ kernel runs.
 
     python bench/host_overhead.py [--params 5000] [--steps 20]
     python bench/host_overhead.py --versus-torch [--params 5000] [--steps 20]
+    python bench/host_overhead.py --functional [--params 5000] [--steps 20]
     python bench/host_overhead.py --backend triton [--params 5000] [--steps 20]
     python bench/host_overhead.py --backend cuda [--params 5000] [--steps 20]   # after python csrc/emulation/build.py
 
@@ -10,6 +11,12 @@ Without ``--backend``: the median host milliseconds of ``fastopt.optim.AdamW.ste
 clipping, the backend replaced by one that launches nothing; the first step (full validation of
 every list) apart from the later ones (the reused step plan: only the new grads are checked), and
 with ``flat_states`` / ``flat_grads``; then the same steps on the cpu backend with its kernels.
+
+``--functional``: ``fastopt.adamw_``, ``clip_grad_norm_``, ``multi_tensor_norm`` and
+``unscale_and_check_`` with real CPU kernels, their lists checked in the CPU extension's one C++
+pass and (``fastopt.ops._one_pass_check`` patched out) by the Python checks alone, against
+torch's nearest call (``torch._fused_adamw_``, ``clip_grad_norm_(foreach=True)``, ``_foreach_norm``,
+``_amp_foreach_non_finite_check_and_unscale_``), in rotating rounds.
 
 ``--versus-torch``: a whole clipped step with the real CPU kernels against torch's
 ``AdamW(fused=True)`` + ``clip_grad_norm_(foreach=True)``, alternating in the same run.
@@ -218,6 +225,68 @@ def versus_torch(num_params: int, rounds: int, size: int = 16) -> dict[str, floa
     return {"fastopt": _median_ms(ours_times), "torch": _median_ms(theirs_times), "ratio": statistics.median(ratios)}
 
 
+def functional_times(num_params: int, rounds: int, size: int = 16) -> dict[str, dict[str, float]]:
+    """The public functional ops and clip_grad_norm_ on the backend fastopt picks for CPU tensors
+    (real kernels), over ``num_params`` tensors of ``size`` elements: each with its lists checked
+    in the CPU extension's one pass ("one pass") and with the Python checks only ("python"), and
+    torch's nearest equivalent, in rounds that rotate which runs first. Medians in ms."""
+    torch.manual_seed(0)
+    params = [torch.nn.Parameter(torch.randn(size)) for _ in range(num_params)]
+    for p in params:
+        p.grad = torch.randn(size)
+    grads = [p.grad for p in params]
+    data = [p.detach() for p in params]
+    exp_avgs, exp_avg_sqs = [torch.zeros(size) for _ in params], [torch.zeros(size) for _ in params]
+    steps_ = [torch.zeros(()) for _ in params]
+    found_inf, inv_scale = torch.zeros(1), torch.ones(1)
+    adamw_hyper = dict(lr=1e-3, beta1=0.9, beta2=0.999, eps=1e-8, weight_decay=0.01)
+    calls = {
+        "adamw_": (
+            lambda: fastopt.adamw_(data, grads, exp_avgs, exp_avg_sqs, steps_, **adamw_hyper),
+            lambda: torch._fused_adamw_(data, grads, exp_avgs, exp_avg_sqs, [], steps_, amsgrad=False,
+                                        maximize=False, **adamw_hyper),
+        ),
+        "clip_grad_norm_": (
+            lambda: fastopt.clip_grad_norm_(params, 1e9),
+            lambda: torch.nn.utils.clip_grad_norm_(params, 1e9, foreach=True),
+        ),
+        "multi_tensor_norm": (
+            lambda: fastopt.multi_tensor_norm(grads),
+            lambda: torch.linalg.vector_norm(torch.stack(torch._foreach_norm(grads))),
+        ),
+        "unscale_and_check_": (
+            lambda: fastopt.unscale_and_check_(grads, inv_scale, found_inf),
+            lambda: torch._amp_foreach_non_finite_check_and_unscale_(grads, found_inf, inv_scale),
+        ),
+    }  # fmt: skip
+    one_pass = ops._one_pass_check
+    variants = {"one pass": one_pass, "python": lambda: None}
+
+    def timed(call) -> float:
+        started = time.perf_counter()
+        call()
+        return time.perf_counter() - started
+
+    results = {}
+    for name, (ours, theirs) in calls.items():
+        times: dict[str, list[float]] = {"one pass": [], "python": [], "torch": []}
+        for variant in variants.values():  # warm-up
+            ops._one_pass_check = variant
+            ours()
+        theirs()
+        for r in range(rounds):
+            order = list(times)[r % 3 :] + list(times)[: r % 3]
+            for label in order:
+                if label == "torch":
+                    times[label].append(timed(theirs))
+                else:
+                    ops._one_pass_check = variants[label]
+                    times[label].append(timed(ours))
+        ops._one_pass_check = one_pass
+        results[name] = {label: _median_ms(values) for label, values in times.items()}
+    return results
+
+
 def backend_call_times(backend, num_params: int, steps: int) -> dict[str, tuple[float, float] | None]:
     params = [torch.randn(SIZE) for _ in range(num_params)]
     exp_avgs, exp_avg_sqs = [torch.zeros(SIZE) for _ in params], [torch.zeros(SIZE) for _ in params]
@@ -289,6 +358,9 @@ def main() -> None:
     parser.add_argument("--versus-torch", action="store_true",
                         help="a whole step with the real CPU kernels against torch's fused AdamW + clip_grad_norm_, "
                              "16-element tensors")  # fmt: skip
+    parser.add_argument("--functional", action="store_true",
+                        help="the functional ops and clip_grad_norm_ with the one-pass and the Python checks, against "
+                             "torch's nearest equivalents, 16-element tensors")  # fmt: skip
     args = parser.parse_args()
 
     print(f"fastopt {fastopt.__version__}, torch {torch.__version__}, {args.params} params, {torch.get_num_threads()} threads")
@@ -298,6 +370,14 @@ def main() -> None:
         print(f"clipped AdamW step over {args.params} tensors of 16 elements, median of {args.steps} alternating rounds:")
         print(f"  fastopt ({name}): {result['fastopt']:.2f} ms; torch AdamW(fused=True) + clip_grad_norm_(foreach=True):"
               f" {result['torch']:.2f} ms; ratio (median of rounds) {result['ratio']:.3g}x")
+        return
+    if args.functional:
+        name = backends.select(torch.device("cpu")).__name__
+        print(f"functional calls over {args.params} tensors of 16 elements ({name}), median ms of {args.steps} rotating"
+              " rounds: lists checked in one C++ pass / by the Python checks only; torch's nearest equivalent")
+        for op, ms in functional_times(args.params, args.steps).items():
+            print(f"  {op:<20}{ms['one pass']:8.2f} / {ms['python']:8.2f}   torch {ms['torch']:8.2f}"
+                  f"   ({ms['torch'] / ms['one pass']:.2g}x torch's speed with the one pass)")
         return
     if args.backend is None:
         times = optimizer_step_times(no_op_backend(), args.params, args.steps)

@@ -17,40 +17,56 @@ from collections.abc import Iterable
 import torch
 from torch import Tensor
 
-from fastopt import distributed, ops
+from fastopt import backends, distributed, ops
 from fastopt.backends import reference
 
 __all__ = ["clip_grad_norm_", "clip_grad_value_", "adaptive_clip_grad_"]
 
 
-def _grads_by_device(parameters) -> list[tuple[list[Tensor], list[Tensor], tuple[str, ...]]]:
-    """(params, grads, labels) per device, in first-seen order, for the parameters that have a
-    grad. Labels name each grad as the caller passed it (``parameters[3].grad``) for errors."""
+def _grads_by_device(parameters, *, params_are_read: bool = False) -> tuple[list, bool]:
+    """(params, grads, indices) per device, in first-seen order, for the parameters that have a
+    grad (``indices``: where each one was in ``parameters``, for errors: ``_labels``); and whether
+    they are checked already: one device whose grads (and params, when the op reads them) passed
+    ``_check_grads_writable``'s checks in the CPU extension's one pass over them."""
     if isinstance(parameters, Tensor):
         parameters = [parameters]
     elif not isinstance(parameters, Iterable):
         raise TypeError(f"parameters must be a tensor or an iterable of tensors, got {type(parameters).__name__}")
-    groups: dict[torch.device, tuple[list, list, list]] = {}
-    for i, p in enumerate(parameters):
+    params = list(parameters)
+    for i, p in enumerate(params):
         if not isinstance(p, Tensor):
             raise TypeError(f"parameters[{i}] must be a torch.Tensor, got {type(p).__name__}")
-        if p.grad is not None:
-            params, grads, labels = groups.setdefault(p.grad.device, ([], [], []))
-            params.append(p.detach())
-            grads.append(p.grad)
-            labels.append(f"parameters[{i}].grad")
-    return [(params, grads, tuple(labels)) for params, grads, labels in groups.values()]
+    grads = [p.grad for p in params]
+    indices = [i for i, grad in enumerate(grads) if grad is not None]
+    if len(indices) < len(params):
+        params, grads = [params[i] for i in indices], [grads[i] for i in indices]
+    if not grads:
+        return [], True
+    lists = {"params": params, "grads": grads} if params_are_read else {"grads": grads}
+    if ops._lists_in_one_pass(lists, written=("grads",)) is not None:
+        return [(params, grads, indices)], True
+    groups: dict[torch.device, tuple[list, list, list]] = {}
+    for i, p, grad in zip(indices, params, grads):
+        group = groups.setdefault(grad.device, ([], [], []))
+        group[0].append(p), group[1].append(grad), group[2].append(i)
+    return list(groups.values()), False
+
+
+def _labels(indices: list[int], suffix: str = ".grad") -> tuple[str, ...]:
+    """How errors name the grads (or, with suffix "", the params) of ``_grads_by_device``."""
+    return tuple(f"parameters[{i}]{suffix}" for i in indices)
 
 
 def _check_grads_writable(groups, *, params_are_read: bool = False) -> None:
     """Validate every device's grads (and the params, when the op reads them) before any is
     changed: a rejected call changes nothing."""
-    for params, grads, labels in groups:
+    for params, grads, indices in groups:
+        labels = _labels(indices)
         ops.check_dense_floating(grads, labels)
         distributed.check_placements(grads, "grads")
         read_only = {}
         if params_are_read:
-            param_labels = tuple(label.removesuffix(".grad") for label in labels)
+            param_labels = _labels(indices, "")
             ops.check_dense_floating(params, param_labels)
             read_only = {param_labels: distributed.to_local(params)}
         ops.check_writable({labels: distributed.to_local(grads)}, read_only=read_only)
@@ -62,9 +78,9 @@ def _traced_groups(parameters, process_group=None):
     process group)."""
     if not torch.compiler.is_compiling() or process_group is not None:
         return None
-    groups = _grads_by_device(parameters)
-    for params, grads, labels in groups:
-        ops.check_dense_floating(grads, labels)
+    groups, _ = _grads_by_device(parameters)
+    for params, grads, indices in groups:
+        ops.check_dense_floating(grads, _labels(indices))
         if distributed.any_dtensor(grads):
             return None
     return groups
@@ -103,14 +119,17 @@ def clip_grad_norm_(
         for _, grads, _ in groups:
             reference.scale_(grads, clip_coef.to(grads[0].device))
         return total_norm
-    groups = _grads_by_device(parameters)
+    groups, checked = _grads_by_device(parameters)
     max_norm = ops.check_real("max_norm", max_norm, minimum=0.0, finite=False)
     norm_type = ops.check_norm_type(norm_type)
-    _check_grads_writable(groups)
+    if not checked:
+        _check_grads_writable(groups)
     if not groups:
         return torch.tensor(0.0)
     first_device = groups[0][1][0].device
-    if len(groups) == 1:
+    if checked and process_group is None:  # one device, plain tensors, checked: straight to the backend
+        total_norm = ops.multi_tensor_norm_prechecked(groups[0][1], first_device, norm_type)
+    elif len(groups) == 1:
         total_norm = ops.multi_tensor_norm(groups[0][1], norm_type, process_group=process_group)
     else:  # model parallel: combine the per-device norms on the first device, as torch does
         device_norms = [
@@ -126,6 +145,9 @@ def clip_grad_norm_(
         )
     # torch's formula, so that fp32 results match torch.nn.utils.clip_grad_norm_ bit for bit.
     clip_coef = torch.clamp(max_norm / (total_norm + 1e-6), max=1.0)
+    if checked:
+        backends.select(first_device).scale_(groups[0][1], clip_coef)
+        return total_norm
     for _, grads, _ in groups:
         ops.scale_(grads, clip_coef.to(grads[0].device))
     return total_norm
@@ -142,9 +164,10 @@ def clip_grad_value_(parameters, clip_value, foreach=None) -> None:
         for _, grads, _ in traced:
             reference.clamp_(grads, clip_value)
         return
-    groups = _grads_by_device(parameters)
+    groups, checked = _grads_by_device(parameters)
     clip_value = ops.check_real("clip_value", clip_value, minimum=0.0, finite=False)
-    _check_grads_writable(groups)
+    if not checked:
+        _check_grads_writable(groups)
     for _, grads, _ in groups:
         ops.clamp_(grads, clip_value)
 
@@ -158,11 +181,12 @@ def adaptive_clip_grad_(parameters, clip_factor=0.01, eps=1e-3, norm_type=2.0, *
     ``||g_u|| > max_u``, ``g_u *= max_u / max(||g_u||, 1e-6)``. The same results as timm's
     ``adaptive_clip_grad``, without its per-tensor Python loop on backends that fuse.
     """
-    groups = _grads_by_device(parameters)
+    groups, checked = _grads_by_device(parameters, params_are_read=True)
     clip_factor = ops.check_real("clip_factor", clip_factor, above=0.0)
     eps = ops.check_real("eps", eps, minimum=0.0)
     norm_type = ops.check_norm_type(norm_type)
-    _check_grads_writable(groups, params_are_read=True)
+    if not checked:
+        _check_grads_writable(groups, params_are_read=True)
     for params, grads, _ in groups:
         ops.adaptive_clip_(params, grads, clip_factor, eps, norm_type, unitwise=unitwise)
 

@@ -120,6 +120,39 @@ def _check_shapes(reference_name: str, reference: list[Tensor], named: dict[str,
             )
 
 
+def _one_pass_check():
+    """The CPU extension's ``lists_pass`` (csrc/cpu/list_checks.h), or None where it is not built."""
+    from fastopt.backends import cpu  # loads the extension once
+
+    return None if cpu._C is None else cpu._C.lists_pass
+
+
+def _lists_in_one_pass(lists: dict, *, written=(), shaped=(), scalars=(), reads=(), writes=()):
+    """``lists`` (name -> the caller's list argument, None: absent) as lists, with the device of
+    their tensors, when one C++ pass over all of them finds every check of this module that
+    concerns them satisfied: dense float16 / bfloat16 / float32 / float64 tensors on one device,
+    every list as long as the first; the ``shaped`` ones of the first's shapes; the ``scalars``
+    ones 0-d float32 or float64; the ``written`` ones (and the single tensors in ``writes``)
+    contiguous and sharing no byte with anything else the call touches (``reads``: the scalar
+    arguments; non-tensors are skipped). None: the Python checks decide, which say what is wrong
+    or accept what the C++ pass leaves to them (DTensor and other subclasses, meta tensors,
+    strided written tensors); also without the CPU extension and under torch.compile."""
+    check = _one_pass_check()
+    if check is None or torch.compiler.is_compiling():
+        return None
+    present = {name: value for name, value in lists.items() if value is not None}
+    if not all(isinstance(value, (list, tuple)) for value in present.values()):
+        return None
+    names = list(present)
+    singles = lambda values: [v for v in values if isinstance(v, Tensor)]  # noqa: E731
+    flags = [[name in chosen for name in names] for chosen in (written, shaped, scalars)]
+    if not check(list(present.values()), *flags, singles(reads), singles(writes)):
+        return None
+    named = {name: list(value) for name, value in present.items()}
+    first = named[names[0]] if names else []
+    return named, (first[0].device if first else None)
+
+
 def check_replacement(name: str, tensors: list[Tensor], shapes: list[tuple], device: torch.device,
                       written_pointers: frozenset[int]) -> None:
     """Check a list that replaces one already validated with the same layout (grads, re-made by
@@ -306,13 +339,20 @@ def multi_tensor_norm(tensors, norm_type=2.0, *, per_tensor: bool = False, found
     ZeRO-style split of the params). ``found_inf`` is then set on every rank if any rank saw an
     inf or nan.
     """
-    originals = _tensor_lists(tensors=tensors)
-    named = _localize(originals)
-    p = check_norm_type(norm_type)
-    device = _common_device(named)
-    if found_inf is not None:
-        found_inf = _found_inf(found_inf, device)
-        check_writable({"found_inf": found_inf}, read_only=named)
+    checked = _lists_in_one_pass({"tensors": tensors}, writes=(found_inf,))
+    if checked is not None:
+        (originals, device), p = checked, check_norm_type(norm_type)
+        named = originals
+        if found_inf is not None:
+            found_inf = _found_inf(found_inf, device)
+    else:
+        originals = _tensor_lists(tensors=tensors)
+        named = _localize(originals)
+        p = check_norm_type(norm_type)
+        device = _common_device(named)
+        if found_inf is not None:
+            found_inf = _found_inf(found_inf, device)
+            check_writable({"found_inf": found_inf}, read_only=named)
     return _norm_dispatch(originals["tensors"], named["tensors"], device, p, bool(per_tensor), found_inf, process_group)
 
 
@@ -354,12 +394,19 @@ def unscale_and_check_(tensors, inv_scale, found_inf, *, process_group=None) -> 
     flag can collect several calls. ``inv_scale``: a float or a 1-element float32 tensor.
     With DTensor inputs or a ``process_group``, the flag is set on every rank if any rank saw
     an inf or nan."""
-    originals = _tensor_lists(tensors=tensors)
-    named = _localize(originals)
-    device = _common_device(named)
-    inv_scale = _scalar("inv_scale", inv_scale, device, float32_only=True)
-    found_inf = _found_inf(found_inf, device)
-    check_writable({**named, "found_inf": found_inf}, read_only={"inv_scale": inv_scale})
+    checked = _lists_in_one_pass({"tensors": tensors}, written=("tensors",), reads=(inv_scale,), writes=(found_inf,))
+    if checked is not None:
+        originals, device = checked
+        named = originals
+        inv_scale = _scalar("inv_scale", inv_scale, device, float32_only=True)
+        found_inf = _found_inf(found_inf, device)
+    else:
+        originals = _tensor_lists(tensors=tensors)
+        named = _localize(originals)
+        device = _common_device(named)
+        inv_scale = _scalar("inv_scale", inv_scale, device, float32_only=True)
+        found_inf = _found_inf(found_inf, device)
+        check_writable({**named, "found_inf": found_inf}, read_only={"inv_scale": inv_scale})
     backends.select(device or found_inf.device).unscale_and_check_(named["tensors"], inv_scale, found_inf)
     if named is not originals or process_group is not None:
         distributed.all_reduce_flag(found_inf, originals["tensors"], process_group)
@@ -368,10 +415,15 @@ def unscale_and_check_(tensors, inv_scale, found_inf, *, process_group=None) -> 
 @torch.no_grad()
 def scale_(tensors, coef) -> None:
     """``t *= coef`` for every tensor, in place; ``coef`` a float or a 1-element tensor."""
-    named = _localize(_tensor_lists(tensors=tensors))
-    device = _common_device(named)
-    coef = _scalar("coef", coef, device)
-    check_writable(named, read_only={"coef": coef})
+    checked = _lists_in_one_pass({"tensors": tensors}, written=("tensors",), reads=(coef,))
+    if checked is not None:
+        named, device = checked
+        coef = _scalar("coef", coef, device)
+    else:
+        named = _localize(_tensor_lists(tensors=tensors))
+        device = _common_device(named)
+        coef = _scalar("coef", coef, device)
+        check_writable(named, read_only={"coef": coef})
     if device is not None:
         backends.select(device).scale_(named["tensors"], coef)
 
@@ -379,10 +431,14 @@ def scale_(tensors, coef) -> None:
 @torch.no_grad()
 def clamp_(tensors, clip_value) -> None:
     """Clamp every element to ``[-clip_value, clip_value]`` in place (nan stays nan)."""
-    named = _localize(_tensor_lists(tensors=tensors))
-    clip_value = check_real("clip_value", clip_value, minimum=0.0, finite=False)
-    device = _common_device(named)
-    check_writable(named)
+    checked = _lists_in_one_pass({"tensors": tensors}, written=("tensors",))
+    if checked is not None:
+        (named, device), clip_value = checked, check_real("clip_value", clip_value, minimum=0.0, finite=False)
+    else:
+        named = _localize(_tensor_lists(tensors=tensors))
+        clip_value = check_real("clip_value", clip_value, minimum=0.0, finite=False)
+        device = _common_device(named)
+        check_writable(named)
     if device is not None:
         backends.select(device).clamp_(named["tensors"], clip_value)
 
@@ -395,15 +451,21 @@ def adaptive_clip_(params, grads, clip_factor=0.01, eps=1e-3, norm_type=2.0, *, 
     whole tensor if it is <=1-D or ``unitwise=False``): ``max_u = clip_factor * max(||W_u||, eps)``,
     and where ``||g_u|| > max_u``, ``g_u *= max_u / max(||g_u||, 1e-6)``. Grads change in place.
     """
-    originals = _tensor_lists(params=params, grads=grads)
-    _check_lengths(originals)
-    _check_shapes("params", originals["params"], {"grads": originals["grads"]})
-    named = _localize(originals)
+    checked = _lists_in_one_pass({"params": params, "grads": grads}, written=("grads",), shaped=("grads",))
+    if checked is None:
+        originals = _tensor_lists(params=params, grads=grads)
+        _check_lengths(originals)
+        _check_shapes("params", originals["params"], {"grads": originals["grads"]})
+        named = _localize(originals)
+    else:
+        originals, device = checked
+        named = originals
     clip_factor = check_real("clip_factor", clip_factor, above=0.0)
     eps = check_real("eps", eps, minimum=0.0)
     p = check_norm_type(norm_type)
-    device = _common_device(named)
-    check_writable({"grads": named["grads"]}, read_only={"params": named["params"]})
+    if checked is None:
+        device = _common_device(named)
+        check_writable({"grads": named["grads"]}, read_only={"params": named["params"]})
     if device is None:
         return
     if named is not originals:  # sharded units need their norms reduced across ranks
@@ -429,6 +491,30 @@ def _validated_update_lists(**named) -> tuple[dict[str, list[Tensor]], torch.dev
     _check_shapes("params", named["params"], shaped)
     named = _localize(named)
     return named, _common_device(named)
+
+
+def _validated_update(lists: dict, step_scalars: tuple, hyper_on) -> tuple[dict, torch.device | None, dict]:
+    """An update op's lists (``_validated_update_lists``'s) and scalars, checked before anything
+    changes: (lists, their device, the op's scalars from ``hyper_on(device)``). The lists in one
+    C++ pass where it can (``_lists_in_one_pass``), else in Python; ``step_scalars``: lr,
+    grad_scale, clip_coef, found_inf as given (what the update reads besides the grads)."""
+    states = tuple(name for name in lists if name not in ("params", "grads"))
+    checked = _lists_in_one_pass(
+        lists, written=("params", *states), shaped=tuple(n for n in lists if n not in ("params", "steps")),
+        scalars=("steps",), reads=step_scalars,
+    )  # fmt: skip
+    if checked is not None:
+        named, device = checked
+        return named, device, hyper_on(device)
+    named, device = _validated_update_lists(**lists)
+    steps = named.get("steps", ())
+    bad_step = next((i for i, s in enumerate(steps) if s.ndim != 0 or s.dtype not in (torch.float32, torch.float64)), None)
+    if bad_step is not None:
+        s = steps[bad_step]
+        raise ValueError(f"steps[{bad_step}] must be a 0-d float32 (or float64) tensor, got shape {tuple(s.shape)} and dtype {s.dtype}")
+    hyper = hyper_on(device)
+    _check_update_writable(named, hyper)
+    return named, device, hyper
 
 
 def _step_scalars(device: torch.device | None, lr, grad_scale, found_inf, clip_coef) -> dict:
@@ -479,17 +565,13 @@ def adamw_(
     Grads are read, never written. Params, grads and states may have different floating dtypes
     (e.g. bf16 params and grads with fp32 states); the math runs in fp32 (fp64 for fp64 params).
     """
-    named, device = _validated_update_lists(
-        params=params, grads=grads, exp_avgs=exp_avgs, exp_avg_sqs=exp_avg_sqs, max_exp_avg_sqs=max_exp_avg_sqs,
-        steps=steps,
+    named, device, hyper = _validated_update(
+        dict(params=params, grads=grads, exp_avgs=exp_avgs, exp_avg_sqs=exp_avg_sqs, max_exp_avg_sqs=max_exp_avg_sqs,
+             steps=steps),
+        (lr, grad_scale, clip_coef, found_inf),
+        lambda device: _adamw_hyper(device, lr, beta1, beta2, eps, weight_decay, maximize, grad_scale, found_inf,
+                                    clip_coef, decoupled_weight_decay),
     )  # fmt: skip
-    bad_step = next((i for i, s in enumerate(named["steps"]) if s.ndim != 0 or s.dtype not in (torch.float32, torch.float64)), None)
-    if bad_step is not None:
-        s = named["steps"][bad_step]
-        raise ValueError(f"steps[{bad_step}] must be a 0-d float32 (or float64) tensor, got shape {tuple(s.shape)} and dtype {s.dtype}")
-    hyper = _adamw_hyper(device, lr, beta1, beta2, eps, weight_decay, maximize, grad_scale, found_inf, clip_coef,
-                         decoupled_weight_decay)  # fmt: skip
-    _check_update_writable(named, hyper)
     if device is not None:
         _dispatch_update("adamw_", named, device, hyper)
 
@@ -538,10 +620,11 @@ def sgd_(
         raise ValueError("sgd_ with momentum needs momentum_buffers (one per param)")
     if momentum_buffers is not None and momentum == 0:
         raise ValueError("momentum_buffers were given but momentum is 0: SGD without momentum keeps no buffers")
-    named, device = _validated_update_lists(params=params, grads=grads, momentum_buffers=momentum_buffers)
-    hyper = _sgd_hyper(device, lr, momentum, dampening, weight_decay, nesterov, maximize, first_step, grad_scale,
-                       found_inf, clip_coef)  # fmt: skip
-    _check_update_writable(named, hyper)
+    named, device, hyper = _validated_update(
+        dict(params=params, grads=grads, momentum_buffers=momentum_buffers), (lr, grad_scale, clip_coef, found_inf),
+        lambda device: _sgd_hyper(device, lr, momentum, dampening, weight_decay, nesterov, maximize, first_step,
+                                  grad_scale, found_inf, clip_coef),
+    )  # fmt: skip
     if device is not None:
         _dispatch_update("sgd_", named, device, hyper)
 
@@ -584,9 +667,10 @@ def lion_(
     The grad as ``adamw_`` forms it; a non-zero ``found_inf`` changes nothing. Mixed dtypes and
     precision as ``adamw_``.
     """
-    named, device = _validated_update_lists(params=params, grads=grads, exp_avgs=exp_avgs)
-    hyper = _lion_hyper(device, lr, beta1, beta2, weight_decay, maximize, grad_scale, found_inf, clip_coef)
-    _check_update_writable(named, hyper)
+    named, device, hyper = _validated_update(
+        dict(params=params, grads=grads, exp_avgs=exp_avgs), (lr, grad_scale, clip_coef, found_inf),
+        lambda device: _lion_hyper(device, lr, beta1, beta2, weight_decay, maximize, grad_scale, found_inf, clip_coef),
+    )
     if device is not None:
         _dispatch_update("lion_", named, device, hyper)
 

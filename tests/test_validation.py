@@ -10,13 +10,17 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import types
+import unittest.mock
 from collections.abc import Callable
 
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 import fastopt
-from fastopt import ops
+from fastopt import backends, ops
 
 NAN = math.nan
 INF = math.inf
@@ -30,9 +34,9 @@ def randn(*shape, dtype=torch.float32, device="cpu") -> torch.Tensor:
     if device == "meta":
         return torch.empty(shape, dtype=dtype, device="meta")
     if dtype.is_complex or dtype.is_floating_point:
-        return torch.randn(*shape, dtype=dtype)
+        return torch.randn(shape, dtype=dtype)
     if dtype == torch.bool:
-        return torch.ones(*shape, dtype=torch.bool)
+        return torch.ones(shape, dtype=torch.bool)
     return torch.randint(1, 100, shape, dtype=dtype)
 
 
@@ -666,3 +670,150 @@ def test_snapshot_sees_writes_through_views_grads_and_nan_bits():
     p.grad[1] *= 2
     nan[:1].neg_()  # only the sign bit of the nan
     assert len(changed(before)) == 4
+
+
+# --------------------------------------------------------------------------- the one C++ pass
+# With the CPU extension, the ops check their lists in one C++ pass (ops._lists_in_one_pass,
+# csrc/cpu/list_checks.h) and run the Python checks only when it declines. The table above tests
+# that it never accepts a bad input (each row would then not raise); these test that it does
+# accept the usual calls, and, on random calls with random defects, that every op's outcome (its
+# error, or none) is the one the Python checks alone give.
+
+needs_one_pass = pytest.mark.skipif(ops._one_pass_check() is None, reason="the CPU extension is not built")
+
+
+def _adamw_every_option() -> Call:
+    return adamw(lr=torch.tensor(1e-3), grad_scale=torch.tensor(2.0), clip_coef=torch.tensor([0.5]), found_inf=flag(),
+                 max_exp_avg_sqs=[randn(3, 4).abs() for _ in range(2)])  # fmt: skip
+
+
+@needs_one_pass
+@pytest.mark.parametrize(
+    "make", [*VALID_CALLS.values(), _adamw_every_option], ids=[*VALID_CALLS.keys(), "adamw_-every-option"]
+)
+def test_valid_calls_are_checked_in_one_cpp_pass(make, monkeypatch):
+    check, verdicts = ops._one_pass_check(), []
+    monkeypatch.setattr(ops, "_one_pass_check", lambda: lambda *args: verdicts.append(check(*args)) or verdicts[-1])
+    torch.manual_seed(0)
+    make()()
+    assert verdicts and all(verdicts), f"the one pass declined a valid call: {verdicts}"
+
+
+_NO_KERNELS = types.SimpleNamespace(
+    multi_tensor_norm=lambda tensors, p, per_tensor, found_inf=None: (
+        (torch.zeros(()), torch.zeros(len(tensors))) if per_tensor else torch.zeros(())
+    ),
+    **{name: lambda *args, **kwargs: None
+       for name in ("unscale_and_check_", "scale_", "clamp_", "adaptive_clip_", "adamw_", "sgd_", "lion_")},
+)  # fmt: skip
+
+_UPDATE_STATES = {"adamw_": ("exp_avgs", "exp_avg_sqs"), "sgd_": ("momentum_buffers",), "lion_": ("exp_avgs",)}
+_SINGLE_LIST_OPS = ("multi_tensor_norm", "unscale_and_check_", "scale_", "clamp_")
+
+
+def _random_call(data) -> Call:
+    """A call of one op on small random lists, with up to two random defects (or harmless
+    variations: tuples, float64 tensors, transposed views)."""
+    op = data.draw(st.sampled_from([*_UPDATE_STATES, *_SINGLE_LIST_OPS, "adaptive_clip_"]), label="op")
+    n = data.draw(st.integers(0, 3), label="n")
+    shapes = [data.draw(st.sampled_from([(3,), (2, 3), (4, 2)])) for _ in range(n)]
+    fresh = lambda: [randn(*shape) for shape in shapes]  # noqa: E731
+    names = (["params", "grads", *_UPDATE_STATES[op]] if op in _UPDATE_STATES
+             else ["params", "grads"] if op == "adaptive_clip_" else ["tensors"])  # fmt: skip
+    lists = {name: fresh() for name in names}
+    if op == "adamw_":
+        lists["steps"] = [torch.tensor(1.0) for _ in range(n)]
+    scalars = {"lr": 1e-3, "inv_scale": 0.5, "coef": 2.0, "found_inf": flag()}
+    for _ in range(data.draw(st.integers(0, 2), label="defects")):
+        name = data.draw(st.sampled_from(sorted(lists)), label="list")
+        tensors = lists[name]
+        defect = data.draw(st.sampled_from([
+            "dtype", "float64", "not-a-tensor", "shape", "drop", "same-tensor", "overlapping-view", "transposed",
+            "expanded", "tuple", "scalar-alias", "meta", "sparse", "empty", "zero-dim",
+        ]), label="defect")  # fmt: skip
+        if defect == "tuple":
+            lists[name] = tuple(tensors)
+            continue
+        if not tensors or isinstance(tensors, tuple):
+            continue
+        i = data.draw(st.integers(0, len(tensors) - 1), label="i")
+        other = data.draw(st.sampled_from(sorted(lists)), label="other")
+        j = data.draw(st.integers(0, len(lists[other]) - 1), label="j") if lists[other] else None
+        shape = tuple(tensors[i].shape) if isinstance(tensors[i], torch.Tensor) else (3,)
+        if defect == "dtype":
+            tensors[i] = randn(*shape, dtype=data.draw(st.sampled_from([torch.int32, torch.bool, torch.complex64])))
+        elif defect == "float64":
+            tensors[i] = randn(*shape, dtype=torch.float64)
+        elif defect == "not-a-tensor":
+            tensors[i] = 1.0
+        elif defect == "shape":
+            tensors[i] = randn(7)
+        elif defect == "drop":
+            tensors.pop()
+        elif defect == "same-tensor" and j is not None and isinstance(lists[other], list):
+            tensors[i] = lists[other][j]
+        elif defect == "overlapping-view" and j is not None and isinstance(lists[other], list):
+            numel = math.prod(shape)
+            base = randn(2 * numel)
+            tensors[i] = base[:numel].view(shape)
+            if isinstance(lists[other][j], torch.Tensor) and lists[other][j].numel() == numel:
+                lists[other][j] = base[numel // 2 : numel // 2 + numel].view(lists[other][j].shape)
+        elif defect == "transposed" and len(shape) == 2:
+            tensors[i] = randn(*shape[::-1]).t()
+        elif defect == "expanded" and len(shape) == 2:
+            tensors[i] = randn(shape[0], 1).expand(shape)
+        elif defect == "scalar-alias":
+            scalar = data.draw(st.sampled_from(sorted(scalars)), label="scalar")
+            if isinstance(tensors[i], torch.Tensor) and tensors[i].numel():
+                scalars[scalar] = tensors[i].view(-1)[:1]
+        elif defect == "meta":
+            tensors[i] = meta(*shape)
+        elif defect == "sparse" and len(shape) >= 1:
+            tensors[i] = sparse(*shape)
+        elif defect == "empty":
+            tensors[i] = randn(0)
+        elif defect == "zero-dim":
+            tensors[i] = torch.tensor(1.5)
+    if op in _UPDATE_STATES:
+        kwargs = dict(lists, lr=scalars["lr"], found_inf=scalars["found_inf"])
+        if op == "adamw_":
+            kwargs.update(beta1=0.9, beta2=0.999, eps=1e-8, weight_decay=0.01)
+        elif op == "sgd_":
+            kwargs.update(momentum=0.9)
+        return Call(getattr(ops, op), (), kwargs)
+    if op == "adaptive_clip_":
+        return call(ops.adaptive_clip_, lists["params"], lists["grads"])
+    tensors = lists["tensors"]
+    return {
+        "multi_tensor_norm": lambda: call(ops.multi_tensor_norm, tensors, found_inf=scalars["found_inf"]),
+        "unscale_and_check_": lambda: call(ops.unscale_and_check_, tensors, scalars["inv_scale"], scalars["found_inf"]),
+        "scale_": lambda: call(ops.scale_, tensors, scalars["coef"]),
+        "clamp_": lambda: call(ops.clamp_, tensors, 1.0),
+    }[op]()
+
+
+def _outcome(the_call: Call) -> tuple:
+    try:
+        the_call()
+    except Exception as error:  # noqa: BLE001 - which error, and its message, is the outcome
+        return type(error), str(error)
+    return None, None
+
+
+@needs_one_pass
+@settings(max_examples=300, deadline=None)
+@given(data=st.data())
+def test_one_pass_gives_the_python_checks_outcome(data):
+    torch.manual_seed(data.draw(st.integers(0, 2**16), label="seed"))
+    the_call = _random_call(data)
+    check = ops._one_pass_check()
+    verdicts = []
+    with unittest.mock.patch.object(backends, "select", lambda device: _NO_KERNELS):
+        with unittest.mock.patch.object(ops, "_one_pass_check", lambda: None):
+            python_only = _outcome(the_call)
+        spy = lambda *args: verdicts.append(check(*args)) or verdicts[-1]  # noqa: E731
+        with unittest.mock.patch.object(ops, "_one_pass_check", lambda: spy):
+            with_one_pass = _outcome(the_call)
+    assert with_one_pass == python_only
+    if True in verdicts:
+        assert python_only == (None, None), "the one pass accepted a call the Python checks refuse"

@@ -1,4 +1,7 @@
-// Registers GradWatch (step_plan.h), the per-step check of fastopt.optim's step plan, and grads_are.
+// Registers the C++ passes over tensor metadata: GradWatch (step_plan.h), the per-step check of
+// fastopt.optim's step plan, grads_are, scan_lists, all_contiguous, and lists_pass (list_checks.h),
+// the functional ops' argument checks.
+#include "list_checks.h"
 #include "step_plan.h"
 
 namespace fastopt {
@@ -24,6 +27,9 @@ void register_step_plan(pybind11::module& module) {
   module.def("scan_lists", &scan_lists, pybind11::arg("lists"), pybind11::arg("addresses"),
              "tensors' addresses into `addresses` [lists, n]; (dtype codes, the first list's numels), as bytes");
   module.def("all_contiguous", &all_contiguous, pybind11::arg("tensors"), "whether every tensor is contiguous");
+  module.def("lists_pass", &lists_pass, pybind11::arg("lists"), pybind11::arg("written"), pybind11::arg("shaped"),
+             pybind11::arg("scalars"), pybind11::arg("reads"), pybind11::arg("writes"),
+             "whether fastopt.ops' checks accept these lists (False: run them, they say why or accept)");
 }
 
 }  // namespace cpu

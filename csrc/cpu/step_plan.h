@@ -499,7 +499,8 @@ inline bool all_contiguous(const pybind11::list& tensors) {
   return contiguous;
 }
 
-// Adds GradWatch, grads_are, scan_lists and all_contiguous to the extension module (step_plan.cpp).
+// Adds GradWatch, grads_are, scan_lists, all_contiguous and lists_pass (list_checks.h) to the
+// extension module (step_plan.cpp).
 void register_step_plan(pybind11::module& module);
 
 }  // namespace cpu
