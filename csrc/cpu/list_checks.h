@@ -30,12 +30,14 @@ inline bool is_floating(at::ScalarType t) {
 }
 
 // A plain tensor (torch.Tensor or nn.Parameter, not a subclass that dispatches in Python, such as
-// DTensor or FakeTensor), dense, with storage that is not meta.
+// DTensor or FakeTensor), dense, with storage (not a functional or lazy wrapper), not meta.
 inline const at::Tensor* plain_tensor(PyObject* item) {
   if (!THPVariable_Check(item)) return nullptr;
   const at::Tensor& t = THPVariable_Unpack(item);
   const c10::TensorImpl* impl = t.unsafeGetTensorImpl();
-  if (impl->is_python_dispatch() || impl->layout() != at::kStrided || impl->device_type() == at::kMeta) return nullptr;
+  if (impl->is_python_dispatch() || impl->layout() != at::kStrided || impl->device_type() == at::kMeta ||
+      !impl->has_storage())
+    return nullptr;
   return &t;
 }
 
@@ -124,11 +126,9 @@ inline bool lists_pass(const pybind11::list& lists, const std::vector<bool>& wri
   if (!ok) return false;
   for (const auto& [singles, is_written] : {std::pair{&reads, false}, std::pair{&writes, true}}) {
     for (const pybind11::handle object : *singles) {
-      if (!THPVariable_Check(object.ptr())) return false;
-      const at::Tensor& t = THPVariable_Unpack(object.ptr());
-      if (t.unsafeGetTensorImpl()->is_python_dispatch() || t.layout() != at::kStrided || t.is_meta()) return false;
-      if (is_written && !t.is_contiguous()) return false;
-      const Span span = span_of(t, is_written);
+      const at::Tensor* t = plain_tensor(object.ptr());
+      if (t == nullptr || (is_written && !t->is_contiguous())) return false;
+      const Span span = span_of(*t, is_written);
       if (span.second > span.first) (is_written ? written_spans : read_spans).push_back(span);
     }
   }
