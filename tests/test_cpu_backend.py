@@ -851,7 +851,9 @@ def test_scan_lists_reads_what_python_would():
     lists = [[torch.randn(3, 4), torch.zeros(0), torch.randn(()), torch.randn(5, dtype=torch.float64)],
              [torch.randn(3, 4, dtype=torch.bfloat16), torch.zeros(0), torch.randn(()), torch.randn(10)[::2]]]  # fmt: skip
     addresses = torch.full((2, 4), -1, dtype=torch.int64)  # poisoned: every element is written
-    codes, numels = cpu._C.scan_lists(lists, addresses)
+    codes, numels, contiguous = cpu._C.scan_lists(lists, addresses)
+    assert contiguous is False  # lists[1][3] is strided
+    assert cpu._C.scan_lists(lists[:1], torch.zeros(1, 4, dtype=torch.int64))[2] is True
     assert addresses.tolist() == [[t.data_ptr() for t in tensors] for tensors in lists]
     assert addresses[0, 1] == 0  # an empty tensor: no address, as data_ptr() says
     float_codes = {torch.float32: 6, torch.float64: 7, torch.bfloat16: 15}  # c10::ScalarType

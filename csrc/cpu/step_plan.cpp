@@ -25,7 +25,8 @@ void register_step_plan(pybind11::module& module) {
   module.def("grads_are", &grads_are, pybind11::arg("params"), pybind11::arg("views"),
              "whether params[i].grad is views[i] for every i");
   module.def("scan_lists", &scan_lists, pybind11::arg("lists"), pybind11::arg("addresses"),
-             "tensors' addresses into `addresses` [lists, n]; (dtype codes, the first list's numels), as bytes");
+             "tensors' addresses into `addresses` [lists, n]; (dtype codes, the first list's numels) as bytes, "
+             "and whether every tensor is contiguous");
   module.def("all_contiguous", &all_contiguous, pybind11::arg("tensors"), "whether every tensor is contiguous");
   module.def("lists_pass", &lists_pass, pybind11::arg("lists"), pybind11::arg("written"), pybind11::arg("shaped"),
              pybind11::arg("scalars"), pybind11::arg("reads"), pybind11::arg("writes"),

@@ -442,8 +442,8 @@ inline bool grads_are(const pybind11::list& params, const pybind11::list& views)
 // One C++ pass over tensor lists for a backend that keeps address tables of its own (the triton
 // backend's table cache), where a Python pass costs ~100 ns per tensor per attribute: each tensor's
 // data_ptr() into `addresses` ([lists, n] int64, CPU, contiguous; 0 for an empty tensor);
-// returned, the dtype codes (bytes, lists x n, c10::ScalarType) and the first
-// list's sizes (n native int64, as bytes). Only metadata is read, on any device.
+// returned, the dtype codes (bytes, lists x n, c10::ScalarType), the first list's sizes (n native
+// int64, as bytes) and whether every tensor is contiguous. Only metadata is read, on any device.
 inline pybind11::tuple scan_lists(const pybind11::list& lists, at::Tensor& addresses) {
   const size_t num_lists = size_t(PyList_GET_SIZE(lists.ptr()));
   TORCH_CHECK(num_lists > 0 && PyList_Check(PyList_GET_ITEM(lists.ptr(), 0)), "scan_lists: a list of lists of tensors");
@@ -454,6 +454,7 @@ inline pybind11::tuple scan_lists(const pybind11::list& lists, at::Tensor& addre
   int64_t* out = addresses.data_ptr<int64_t>();
   std::string types(num_lists * n, '\0');
   std::vector<int64_t> numels(n);
+  bool contiguous = true;
   for (size_t l = 0; l < num_lists; ++l) {
     PyObject* list = PyList_GET_ITEM(lists.ptr(), Py_ssize_t(l));
     TORCH_CHECK(PyList_Check(list) && size_t(PyList_GET_SIZE(list)) == n, "scan_lists: lists of ", n, " tensors");
@@ -467,6 +468,7 @@ inline pybind11::tuple scan_lists(const pybind11::list& lists, at::Tensor& addre
           // tensor gets its own copy first (const_data_ptr() would point into the shared one).
           out[l * n + i] = int64_t(reinterpret_cast<uintptr_t>(t.data_ptr()));
           types[l * n + i] = char(t.scalar_type());
+          contiguous = contiguous && t.is_contiguous();
           if (l == 0) numels[i] = t.numel();
         },
         [&](size_t i) { prefetch::lines(item(i), 1); },
@@ -478,7 +480,8 @@ inline pybind11::tuple scan_lists(const pybind11::list& lists, at::Tensor& addre
         });
   }
   return pybind11::make_tuple(pybind11::bytes(types),
-                              pybind11::bytes(reinterpret_cast<const char*>(numels.data()), n * sizeof(int64_t)));
+                              pybind11::bytes(reinterpret_cast<const char*>(numels.data()), n * sizeof(int64_t)),
+                              contiguous);
 }
 
 // Whether every tensor of a list is contiguous (one C++ pass; see scan_lists).

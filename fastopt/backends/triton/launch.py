@@ -45,6 +45,7 @@ from fastopt.backends.triton.tables import (
     dtype_signature,
     numel_column,
     pointer_column_of,
+    scan,
     stream_key,
 )
 
@@ -266,19 +267,22 @@ def _log2(beta: float) -> float:
 # the op's states), one launch per dtype group, the device scalars passed as (value, pointer) pairs.
 
 
-def _update_lists(grads: list[Tensor], written: list[list[Tensor] | None]):
-    """The grads and the written lists (params and states; None: an absent list) as the kernels
-    need them, contiguous, and the (original, copy) pairs to write back after the launch."""
-    dense_grads, _ = _dense(grads)
-    dense_written, copies = [], []
-    for tensors in written:
-        if tensors is None:
-            dense_written.append(None)
-            continue
-        dense, list_copies = _dense(tensors)
-        dense_written.append(dense)
-        copies += list_copies
-    return dense_grads, dense_written, copies
+def _update_table(rows: list[list[Tensor]], **lookup):
+    """The table over an update's rows (kernels.PARAMS, kernels.GRADS, then the op's states),
+    pointing at contiguous stand-ins for strided tensors; the rows it points at (the caller
+    keeps them until the launches are done: the table holds only their addresses); and the
+    (original, copy) pairs of the written rows to copy back after the launch. Every tensor
+    contiguous, the usual case: one C++ pass reads the rows for both the check and the lookup."""
+    scanned = scan(rows)
+    if scanned is not None and scanned.contiguous:
+        return TABLES.lookup(rows, scanned=scanned, **lookup), rows, []
+    dense_rows, copies = [], []
+    for row, tensors in enumerate(rows):
+        dense, pairs = _dense(tensors)
+        dense_rows.append(dense)
+        if row != int(kernels.GRADS):  # grads are read, never written
+            copies += pairs
+    return TABLES.lookup(dense_rows, **lookup), dense_rows, copies
 
 
 def _update_launches(kernel, table: ChunkTable, vector_rows: tuple[int, ...], dtype_names: tuple[str, ...], args,
@@ -325,15 +329,14 @@ def adamw_(
     if not params:
         return
     amsgrad = max_exp_avg_sqs is not None
-    dense_grads, written, copies = _update_lists(grads, [params, exp_avgs, exp_avg_sqs, max_exp_avg_sqs])
-    dense_params, dense_exp_avgs, dense_exp_avg_sqs, dense_max = written
     # Rows in the order of kernels.PARAMS .. kernels.MAX_EXP_AVG_SQS.
-    lists = [dense_params, dense_grads, dense_exp_avgs, dense_exp_avg_sqs, steps] + ([dense_max] if amsgrad else [])
-    table = TABLES.lookup(lists, min_one_chunk=True, arrivals=True)
+    rows = [params, grads, exp_avgs, exp_avg_sqs, steps] + ([max_exp_avg_sqs] if amsgrad else [])
+    table, dense_rows, copies = _update_table(rows, min_one_chunk=True, arrivals=True)
     _adamw_launches(table, amsgrad, lr=lr, beta1=beta1, beta2=beta2, eps=eps, weight_decay=weight_decay,
                     maximize=maximize, grad_scale=grad_scale, found_inf=found_inf, clip_coef=clip_coef,
                     decoupled_weight_decay=decoupled_weight_decay)  # fmt: skip
     _write_back(copies)
+    del dense_rows  # the rows the table pointed at lived until the launches were made
 
 
 # Rows of the AdamW address table that the kernel reads and writes element by element (the step
@@ -376,14 +379,13 @@ def sgd_(
 ) -> None:
     if not params:
         return
-    dense_grads, (dense_params, dense_buffers), copies = _update_lists(grads, [params, momentum_buffers])
     # Rows kernels.PARAMS, kernels.GRADS (and kernels.MOMENTUM_BUFFERS).
-    lists = [dense_params, dense_grads] + ([dense_buffers] if momentum_buffers is not None else [])
-    table = TABLES.lookup(lists)
+    table, dense_rows, copies = _update_table([params, grads] + ([momentum_buffers] if momentum_buffers is not None else []))
     _sgd_launches(table, momentum_buffers is not None, lr=lr, momentum=momentum, dampening=dampening,
                   weight_decay=weight_decay, nesterov=nesterov, maximize=maximize, first_step=first_step,
                   grad_scale=grad_scale, found_inf=found_inf, clip_coef=clip_coef)  # fmt: skip
     _write_back(copies)
+    del dense_rows  # the rows the table pointed at lived until the launches were made
 
 
 _SGD_ROWS = (int(kernels.PARAMS), int(kernels.GRADS))
@@ -419,11 +421,11 @@ def lion_(
 ) -> None:
     if not params:
         return
-    dense_grads, (dense_params, dense_exp_avgs), copies = _update_lists(grads, [params, exp_avgs])
-    table = TABLES.lookup([dense_params, dense_grads, dense_exp_avgs])  # rows PARAMS, GRADS, EXP_AVGS
+    table, dense_rows, copies = _update_table([params, grads, exp_avgs])  # rows PARAMS, GRADS, EXP_AVGS
     _lion_launches(table, lr=lr, beta1=beta1, beta2=beta2, weight_decay=weight_decay, maximize=maximize,
                    grad_scale=grad_scale, found_inf=found_inf, clip_coef=clip_coef)  # fmt: skip
     _write_back(copies)
+    del dense_rows  # the rows the table pointed at lived until the launches were made
 
 
 _LION_ROWS = (int(kernels.PARAMS), int(kernels.GRADS), int(kernels.EXP_AVGS))

@@ -261,10 +261,33 @@ def pointer_column_of(addresses: Tensor):
 
 def scanner():
     """The CPU extension's ``scan_lists`` (one C++ pass over tensor lists: addresses, dtype codes,
-    sizes), or None without the extension (then the columns are made in Python, as above)."""
+    sizes, contiguity), or None without the extension (then the columns are made in Python, as above)."""
     from fastopt.backends import cpu  # the cpu backend's module loads the extension once
 
     return None if cpu._C is None or numpy is None else cpu._C.scan_lists
+
+
+@dataclasses.dataclass(frozen=True)
+class Scanned:
+    """What one ``scan_lists`` pass read of some lists: each list's address column (a row of a
+    buffer made for this scan, kept by the table it points), the dtype codes and the first list's
+    sizes (bytes, the table key's), and whether every tensor is contiguous."""
+
+    columns: list
+    dtype_codes: bytes
+    numel_bytes: bytes
+    contiguous: bool
+
+
+def scan(lists: list[list[Tensor]]) -> Scanned | None:
+    """``lists`` read in one C++ pass; None without the CPU extension or for lists that are not
+    Python lists."""
+    scan_lists = scanner()
+    if scan_lists is None or not all(type(tensors) is list for tensors in lists):
+        return None
+    addresses = torch.empty((len(lists), len(lists[0])), dtype=torch.int64)
+    dtype_codes, numel_bytes, contiguous = scan_lists(lists, addresses)
+    return Scanned(list(addresses.numpy()), dtype_codes, numel_bytes, contiguous)
 
 
 def _same_column(a, b) -> bool:
@@ -346,17 +369,17 @@ class TableCache:
         return len(self._captured)
 
     def lookup(self, lists: list[list[Tensor]], *, units: list[int] | None = None, min_one_chunk: bool = False,
-               arrivals: bool = False) -> ChunkTable:  # fmt: skip
+               arrivals: bool = False, scanned: Scanned | None = None) -> ChunkTable:  # fmt: skip
         """The table for these lists (all of one length, on one device, at least one tensor),
         pointing at these tensors. ``units[i]``: how many equal segments tensor i splits into
-        (default 1); ``min_one_chunk``: give empty tensors a chunk too."""
+        (default 1); ``min_one_chunk``: give empty tensors a chunk too; ``scanned``: ``scan(lists)``
+        when the caller has it."""
         device = lists[0][0].device
-        scan = scanner()
         # One C++ pass reads the addresses, dtypes and sizes (no Python object per tensor).
-        if scan is not None and all(type(tensors) is list for tensors in lists):
-            addresses = torch.empty((len(lists), len(lists[0])), dtype=torch.int64)
-            dtype_codes, numel_bytes = scan(lists, addresses)
-            columns = list(addresses.numpy())  # rows of a buffer made for this lookup: no copy needed
+        if scanned is None:
+            scanned = scan(lists)
+        if scanned is not None:
+            dtype_codes, numel_bytes, columns = scanned.dtype_codes, scanned.numel_bytes, scanned.columns
         else:
             dtype_codes, numel_bytes, columns = dtype_signature(lists), numel_column(lists[0]).tobytes(), None
         units_key = None if units is None else tuple(units)
