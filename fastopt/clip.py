@@ -47,8 +47,10 @@ def _grads_by_device(parameters, *, params_are_read: bool = False) -> tuple[list
         return [(params, grads, indices)], True
     groups: dict[torch.device, tuple[list, list, list]] = {}
     for i, p, grad in zip(indices, params, grads):
-        group = groups.setdefault(grad.device, ([], [], []))
-        group[0].append(p), group[1].append(grad), group[2].append(i)
+        device_params, device_grads, device_indices = groups.setdefault(grad.device, ([], [], []))
+        device_params.append(p)
+        device_grads.append(grad)
+        device_indices.append(i)
     return list(groups.values()), False
 
 
