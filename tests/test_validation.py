@@ -764,7 +764,7 @@ def _random_call(data) -> Call:
             tensors[i] = randn(shape[0], 1).expand(shape)
         elif defect == "scalar-alias":
             scalar = data.draw(st.sampled_from(sorted(scalars)), label="scalar")
-            if isinstance(tensors[i], torch.Tensor) and tensors[i].numel():
+            if isinstance(tensors[i], torch.Tensor) and tensors[i].layout == torch.strided and tensors[i].numel():
                 scalars[scalar] = tensors[i].view(-1)[:1]
         elif defect == "meta":
             tensors[i] = meta(*shape)

@@ -25,10 +25,6 @@ namespace fastopt {
 namespace cpu {
 namespace list_checks_detail {
 
-inline bool is_floating(at::ScalarType t) {
-  return t == at::kFloat || t == at::kBFloat16 || t == at::kHalf || t == at::kDouble;
-}
-
 // A plain tensor (torch.Tensor or nn.Parameter, not a subclass that dispatches in Python, such as
 // DTensor or FakeTensor), dense, with storage (not a functional or lazy wrapper), not meta.
 inline const at::Tensor* plain_tensor(PyObject* item) {
@@ -90,7 +86,7 @@ inline bool lists_pass(const pybind11::list& lists, const std::vector<bool>& wri
         [&](size_t i) {
           if (!ok) return;
           const at::Tensor* t = plain_tensor(item(list, i));
-          if (t == nullptr || !is_floating(t->scalar_type())) {
+          if (t == nullptr || !step_plan_detail::is_floating(t->scalar_type())) {
             ok = false;
             return;
           }
