@@ -306,9 +306,28 @@ DTYPE_COMBOS = {  # (param, grad, state): every combination compiled, and one th
 }
 
 
+# The step-wide scalars of an update call. A power-of-two grad_scale (GradScaler's; 1 with clipping
+# alone) is applied as a multiply by its inverse, any other by a division: both must give the
+# reference's bits, at the ends of the range too (2^120: unscaled grads below fp32's normal range).
+STEP_SCALARS = {
+    "plain": {},
+    "scaled": dict(maximize=True, grad_scale=1024.0, clip_coef=0.25),
+    "tensors": dict(lr=torch.tensor(3e-3), grad_scale=torch.tensor(8.0), clip_coef=torch.tensor(0.5),
+                    found_inf=torch.zeros(1)),
+    "scale-2^120": dict(grad_scale=torch.tensor(2.0**120), clip_coef=0.75),
+    "scale-2^-100": dict(grad_scale=2.0**-100, clip_coef=torch.tensor(2.0**-90)),
+    "scale-1000": dict(maximize=True, grad_scale=torch.tensor(1000.0), clip_coef=0.3),
+    "clip-only": dict(clip_coef=torch.tensor(0.37)),
+}  # fmt: skip
+
+
+def _step_scalars(name: str) -> dict:
+    return {k: v.clone() if isinstance(v, torch.Tensor) else v for k, v in STEP_SCALARS[name].items()}
+
+
 @pytest.mark.parametrize("combo", DTYPE_COMBOS)
 @pytest.mark.parametrize("amsgrad", [False, True], ids=["adamw", "amsgrad"])
-@pytest.mark.parametrize("scalars", ["plain", "scaled", "tensors"])
+@pytest.mark.parametrize("scalars", STEP_SCALARS)
 @pytest.mark.parametrize("non_contiguous", [False, True], ids=["contiguous", "strided"])
 @pytest.mark.parametrize("decoupled", [True, False], ids=["decoupled", "l2"])
 def test_adamw_matches_the_reference(combo, amsgrad, scalars, non_contiguous, decoupled):
@@ -326,11 +345,7 @@ def test_adamw_matches_the_reference(combo, amsgrad, scalars, non_contiguous, de
     grads = random_tensors(shapes, grad_dtype, seed=20, non_contiguous=non_contiguous)
     hyper = dict(lr=1e-2, beta1=0.9, beta2=0.999, eps=1e-8, weight_decay=0.1, maximize=False, grad_scale=None,
                  found_inf=None, clip_coef=None, decoupled_weight_decay=decoupled)  # fmt: skip
-    if scalars == "scaled":
-        hyper.update(maximize=True, grad_scale=1024.0, clip_coef=0.25)
-    elif scalars == "tensors":
-        hyper.update(lr=torch.tensor(3e-3), grad_scale=torch.tensor(8.0), clip_coef=torch.tensor(0.5),
-                     found_inf=torch.zeros(1))  # fmt: skip
+    hyper.update(_step_scalars(scalars))
     ours, theirs = state(30), state(30)
     cpu.adamw_(ours[0], grads, ours[1], ours[2], ours[3], max_exp_avg_sqs=ours[4], **hyper)
     reference.adamw_(theirs[0], grads, theirs[1], theirs[2], theirs[3], max_exp_avg_sqs=theirs[4], **hyper)
@@ -441,18 +456,14 @@ def test_fp32_sgd_bit_identical_to_torch_sgd_after_20_steps(flavor, maximize):
 
 @pytest.mark.parametrize("betas", [(0.9, 0.99), (0.3, 0.99), (0.9, 0.2), (0.3, 0.2)],
                          ids=["start-start", "end-start", "start-end", "end-end"])  # fmt: skip
-@pytest.mark.parametrize("scalars", ["plain", "scaled", "tensors"])
+@pytest.mark.parametrize("scalars", STEP_SCALARS)
 def test_fp32_lion_bit_identical_to_the_reference_after_20_steps(betas, scalars):
     """Against the reference (torch's CPU lerp: one fma, from the end its weight picks), each lerp
     from either end: params and momentum bit for bit."""
     shapes = [(2 * BLOCK + 777,), (33, 17), (5,), (0,)]
     hyper = dict(lr=0.01, beta1=betas[0], beta2=betas[1], weight_decay=0.1, maximize=False, grad_scale=None,
                  found_inf=None, clip_coef=None)  # fmt: skip
-    if scalars == "scaled":
-        hyper.update(maximize=True, grad_scale=1024.0, clip_coef=0.25)
-    elif scalars == "tensors":
-        hyper.update(lr=torch.tensor(3e-3), grad_scale=torch.tensor(8.0), clip_coef=torch.tensor(0.5),
-                     found_inf=torch.zeros(1))  # fmt: skip
+    hyper.update(_step_scalars(scalars))
     ours = random_tensors(shapes, torch.float32, seed=14), random_tensors(shapes, torch.float32, seed=15, scale=0.1)
     theirs = [t.clone() for t in ours[0]], [t.clone() for t in ours[1]]
     for k in range(20):
@@ -474,11 +485,7 @@ def _update_case(op, combo, shapes, seed, non_contiguous=False):
 
 def _update_hyper(op, scalars, **flags):
     common = dict(lr=1e-2, maximize=False, grad_scale=None, found_inf=None, clip_coef=None)
-    if scalars == "scaled":
-        common.update(maximize=True, grad_scale=1024.0, clip_coef=0.25)
-    elif scalars == "tensors":
-        common.update(lr=torch.tensor(3e-3), grad_scale=torch.tensor(8.0), clip_coef=torch.tensor(0.5),
-                      found_inf=torch.zeros(1))  # fmt: skip
+    common.update(_step_scalars(scalars))
     if op == "sgd":
         return dict(common, momentum=0.9, dampening=0.1, weight_decay=0.1, nesterov=False, first_step=False) | flags
     return dict(common, beta1=0.9, beta2=0.99, weight_decay=0.1) | flags
@@ -493,7 +500,7 @@ def _run_update(backend, op, params, grads, states, hyper):
 
 @pytest.mark.parametrize("op", ["sgd", "lion"])
 @pytest.mark.parametrize("combo", DTYPE_COMBOS)
-@pytest.mark.parametrize("scalars", ["plain", "scaled", "tensors"])
+@pytest.mark.parametrize("scalars", STEP_SCALARS)
 @pytest.mark.parametrize("non_contiguous", [False, True], ids=["contiguous", "strided"])
 def test_sgd_and_lion_match_the_reference_bitwise(op, combo, scalars, non_contiguous):
     """Every dtype combination (the one not compiled runs on the reference), bit for bit: the same
@@ -672,11 +679,12 @@ def test_vector_clones_use_hardware_fma():
         return [f for f in functions if name in f.split("\n", 1)[0] and "arch_x86_64_v" in f.split("\n", 1)[0]]
 
     adamw, sgd, lion = clones_of("adamw_block"), clones_of("sgd_block"), clones_of("lion_block")
-    # AdamW: AMSGrad x scaled x L2; SGD: with momentum first x Nesterov x weight decay x scaled, without
-    # it weight decay x scaled for the 8 combinations whose state dtype is the param's; Lion: scaled.
-    assert len(adamw) >= 2 * 11 * 8, "every compiled AdamW combination has a v3 and a v4 clone"
-    assert len(sgd) >= 2 * (11 * 16 + 8 * 4), "every compiled SGD combination has a v3 and a v4 clone"
-    assert len(lion) >= 2 * 11 * 2, "every compiled Lion combination has a v3 and a v4 clone"
+    # AdamW: AMSGrad x L2 x the grad as it is, scaled by a multiply or by a division; SGD: with
+    # momentum first x Nesterov x weight decay x the three grads, without it weight decay x the
+    # three grads for the 8 combinations whose state dtype is the param's; Lion: the three grads.
+    assert len(adamw) >= 2 * 11 * 12, "every compiled AdamW combination has a v3 and a v4 clone"
+    assert len(sgd) >= 2 * (11 * 24 + 8 * 6), "every compiled SGD combination has a v3 and a v4 clone"
+    assert len(lion) >= 2 * 11 * 3, "every compiled Lion combination has a v3 and a v4 clone"
     clones = adamw + sgd + lion
     for body in clones:
         head = body.split("\n", 1)[0]

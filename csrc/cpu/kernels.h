@@ -210,9 +210,25 @@ FASTOPT_CPU_CLONES void clamp_block(T* __restrict x, int64_t n, double limit_val
   for (int64_t i = 0; i < n; ++i) store(x[i], clamp_symmetric(load<A>(x[i]), limit));
 }
 
+// The grad as an update uses it. Scaled: g / grad_scale * clip_coef (maximize folds into a
+// negative grad_scale: -(g / s) == g / -s exactly), by a division when Divides, else as g times
+// the exact inverse of the scale (has_exact_inverse: the same bits). `scale` is what scale_for
+// gives the loop.
+template <bool Scaled, bool Divides, typename A>
+FASTOPT_CPU_INLINE A update_grad(A g, A scale, A clip_coef) {
+  if constexpr (!Scaled) return g;
+  else if constexpr (Divides) return effective_grad(g, scale, clip_coef, false);
+  else return effective_grad_by_inverse(g, scale, clip_coef);
+}
+template <typename A, bool Divides>
+FASTOPT_CPU_INLINE A scale_for(double grad_scale) {
+  return Divides ? A(grad_scale) : A(1.0 / grad_scale);
+}
+
 // The elements of one AdamW block (see adamw_block), with the lerp's end fixed. L2: Adam's weight
 // decay (decoupled_weight_decay=False), added to the grad.
-template <typename P, typename G, typename S, bool AMSGrad, bool Scaled, bool L2, bool LerpFromStart>
+template <typename P, typename G, typename S, bool AMSGrad, bool Scaled, bool Divides, bool L2,
+          bool LerpFromStart>
 FASTOPT_CPU_INLINE void adamw_elements(P* __restrict param, const G* __restrict grad, S* __restrict exp_avg,
                                        S* __restrict exp_avg_sq, S* __restrict max_exp_avg_sq, int64_t n,
                                        const AdamWConstants<acc_t<P>>& c, acc_t<P> grad_scale, acc_t<P> clip_coef) {
@@ -220,7 +236,7 @@ FASTOPT_CPU_INLINE void adamw_elements(P* __restrict param, const G* __restrict 
   for (int64_t i = 0; i < n; ++i) {
     A p = load<A>(param[i]), m = load<A>(exp_avg[i]), v = load<A>(exp_avg_sq[i]);
     A g = load<A>(grad[i]);
-    if constexpr (Scaled) g = effective_grad(g, grad_scale, clip_coef, false);
+    g = update_grad<Scaled, Divides>(g, grad_scale, clip_coef);
     if constexpr (AMSGrad) {
       A v_max = load<A>(max_exp_avg_sq[i]);
       adamw_update_fused<LerpFromStart, A, L2>(p, g, m, v, &v_max, c);
@@ -234,40 +250,40 @@ FASTOPT_CPU_INLINE void adamw_elements(P* __restrict param, const G* __restrict 
   }
 }
 
-// One block of AdamW. The grad is g / grad_scale * clip_coef when Scaled (maximize folds into a
-// negative grad_scale: -(g / s) == g / -s exactly), else g itself.
-template <typename P, typename G, typename S, bool AMSGrad, bool Scaled, bool L2>
+// One block of AdamW; the grad as update_grad forms it.
+template <typename P, typename G, typename S, bool AMSGrad, bool Scaled, bool Divides, bool L2>
 FASTOPT_CPU_CLONES void adamw_block(P* __restrict param, const G* __restrict grad, S* __restrict exp_avg,
                                     S* __restrict exp_avg_sq, S* __restrict max_exp_avg_sq, int64_t n,
                                     const AdamWConstants<double>& constants, double grad_scale_value,
                                     double clip_coef_value) {
   using A = acc_t<P>;
   const AdamWConstants<A> c = adamw_constants_as<A>(constants);
-  const A grad_scale = A(grad_scale_value), clip_coef = A(clip_coef_value);
+  const A grad_scale = scale_for<A, Divides>(grad_scale_value), clip_coef = A(clip_coef_value);
   if (lerp_from_start(c.one_minus_beta1))
-    adamw_elements<P, G, S, AMSGrad, Scaled, L2, true>(param, grad, exp_avg, exp_avg_sq, max_exp_avg_sq, n, c,
-                                                       grad_scale, clip_coef);
+    adamw_elements<P, G, S, AMSGrad, Scaled, Divides, L2, true>(param, grad, exp_avg, exp_avg_sq, max_exp_avg_sq,
+                                                                n, c, grad_scale, clip_coef);
   else
-    adamw_elements<P, G, S, AMSGrad, Scaled, L2, false>(param, grad, exp_avg, exp_avg_sq, max_exp_avg_sq, n, c,
-                                                        grad_scale, clip_coef);
+    adamw_elements<P, G, S, AMSGrad, Scaled, Divides, L2, false>(param, grad, exp_avg, exp_avg_sq, max_exp_avg_sq,
+                                                                 n, c, grad_scale, clip_coef);
 }
 
 // One block of SGD (torch.optim.SGD's order, each add-with-alpha one fma as torch's CPU kernels
 // round it). Momentum: momentum_buffer is read (unless First) and written; without it, it is
 // null. The flags are template arguments so that the loop has no branch and vectorises. The
 // grad as adamw_block forms it.
-template <typename P, typename G, typename S, bool Momentum, bool First, bool Nesterov, bool WeightDecay, bool Scaled>
+template <typename P, typename G, typename S, bool Momentum, bool First, bool Nesterov, bool WeightDecay, bool Scaled,
+          bool Divides>
 FASTOPT_CPU_CLONES void sgd_block(P* __restrict param, const G* __restrict grad, S* __restrict momentum_buffer,
                                   int64_t n, const SGDConstants<double>& constants, double grad_scale_value,
                                   double clip_coef_value) {
   using A = acc_t<P>;
   const SGDConstants<A> c{A(constants.weight_decay), A(constants.momentum), A(constants.one_minus_dampening),
                           A(constants.neg_lr)};
-  const A grad_scale = A(grad_scale_value), clip_coef = A(clip_coef_value);
+  const A grad_scale = scale_for<A, Divides>(grad_scale_value), clip_coef = A(clip_coef_value);
   for (int64_t i = 0; i < n; ++i) {
     A p = load<A>(param[i]);
     A g = load<A>(grad[i]);
-    if constexpr (Scaled) g = effective_grad(g, grad_scale, clip_coef, false);
+    g = update_grad<Scaled, Divides>(g, grad_scale, clip_coef);
     if constexpr (Momentum) {
       A buffer = First ? A(0) : load<A>(momentum_buffer[i]);
       sgd_update_fused<WeightDecay, First, Nesterov>(p, g, &buffer, c);
@@ -280,14 +296,15 @@ FASTOPT_CPU_CLONES void sgd_block(P* __restrict param, const G* __restrict grad,
 }
 
 // The elements of one Lion block (see lion_block), with the lerps' ends fixed.
-template <typename P, typename G, typename S, bool Scaled, bool DirectionFromStart, bool MomentumFromStart>
+template <typename P, typename G, typename S, bool Scaled, bool Divides, bool DirectionFromStart,
+          bool MomentumFromStart>
 FASTOPT_CPU_INLINE void lion_elements(P* __restrict param, const G* __restrict grad, S* __restrict exp_avg, int64_t n,
                                       const LionConstants<acc_t<P>>& c, acc_t<P> grad_scale, acc_t<P> clip_coef) {
   using A = acc_t<P>;
   for (int64_t i = 0; i < n; ++i) {
     A p = load<A>(param[i]), m = load<A>(exp_avg[i]);
     A g = load<A>(grad[i]);
-    if constexpr (Scaled) g = effective_grad(g, grad_scale, clip_coef, false);
+    g = update_grad<Scaled, Divides>(g, grad_scale, clip_coef);
     lion_update<DirectionFromStart, MomentumFromStart>(p, g, m, c);
     store(param[i], p);
     store(exp_avg[i], m);
@@ -295,25 +312,25 @@ FASTOPT_CPU_INLINE void lion_elements(P* __restrict param, const G* __restrict g
 }
 
 // One block of Lion; the grad as adamw_block forms it.
-template <typename P, typename G, typename S, bool Scaled>
+template <typename P, typename G, typename S, bool Scaled, bool Divides>
 FASTOPT_CPU_CLONES void lion_block(P* __restrict param, const G* __restrict grad, S* __restrict exp_avg, int64_t n,
                                    const LionConstants<double>& constants, double grad_scale_value,
                                    double clip_coef_value) {
   using A = acc_t<P>;
   const LionConstants<A> c{A(constants.decay_factor), A(constants.one_minus_beta1), A(constants.one_minus_beta2),
                            A(constants.neg_lr)};
-  const A grad_scale = A(grad_scale_value), clip_coef = A(clip_coef_value);
+  const A grad_scale = scale_for<A, Divides>(grad_scale_value), clip_coef = A(clip_coef_value);
   const bool direction_from_start = lerp_from_start(c.one_minus_beta1);
   if (lerp_from_start(c.one_minus_beta2)) {
     if (direction_from_start)
-      lion_elements<P, G, S, Scaled, true, true>(param, grad, exp_avg, n, c, grad_scale, clip_coef);
+      lion_elements<P, G, S, Scaled, Divides, true, true>(param, grad, exp_avg, n, c, grad_scale, clip_coef);
     else
-      lion_elements<P, G, S, Scaled, false, true>(param, grad, exp_avg, n, c, grad_scale, clip_coef);
+      lion_elements<P, G, S, Scaled, Divides, false, true>(param, grad, exp_avg, n, c, grad_scale, clip_coef);
   } else {
     if (direction_from_start)
-      lion_elements<P, G, S, Scaled, true, false>(param, grad, exp_avg, n, c, grad_scale, clip_coef);
+      lion_elements<P, G, S, Scaled, Divides, true, false>(param, grad, exp_avg, n, c, grad_scale, clip_coef);
     else
-      lion_elements<P, G, S, Scaled, false, false>(param, grad, exp_avg, n, c, grad_scale, clip_coef);
+      lion_elements<P, G, S, Scaled, Divides, false, false>(param, grad, exp_avg, n, c, grad_scale, clip_coef);
   }
 }
 

@@ -460,10 +460,11 @@ void run_update_pass(const ChunkPlan& plan, int64_t total_elements, const std::v
 
 // The step-wide scalars of an update, read: maximize is folded into the grad scale's sign
 // (-(g / s) == g / -s exactly); without grad_scale, clip_coef or maximize the grads are used as
-// they are (not scaled).
+// they are (not scaled). divides: the loops divide by grad_scale, which has no exact inverse
+// (else they multiply by the inverse: the same bits, and a division costs several multiplies).
 struct StepScalars {
   double lr, grad_scale, clip_coef;
-  bool scaled;
+  bool scaled, divides;
 };
 
 // The step-wide scalars as fastopt/backends/cpu.py passes them: (value, tensor or None).
@@ -482,9 +483,10 @@ struct StepArguments {
 
   StepScalars read() const {
     const double scale = has_grad_scale ? scalar_value(grad_scale_value, grad_scale_tensor) : 1.0;
+    const bool scaled = has_grad_scale || has_clip_coef || maximize;
     return {scalar_value(lr_value, lr_tensor), maximize ? -scale : scale,
-            has_clip_coef ? scalar_value(clip_coef_value, clip_coef_tensor) : 1.0,
-            has_grad_scale || has_clip_coef || maximize};
+            has_clip_coef ? scalar_value(clip_coef_value, clip_coef_tensor) : 1.0, scaled,
+            scaled && !has_exact_inverse(scale)};
   }
 };
 
@@ -551,7 +553,7 @@ struct AdamWOp {
   // Torch skips a zero weight decay; so does the L2 loop (0 * a nan param would reach the grad).
   static unsigned variant(const Arguments& a, const StepScalars& scalars, size_t num_states) {
     using namespace adamw_variant;
-    return (num_states == 3 ? kAMSGrad : 0) | (scalars.scaled ? kScaled : 0) |
+    return (num_states == 3 ? kAMSGrad : 0) | (scalars.scaled ? kScaled : 0) | (scalars.divides ? kScaleDivides : 0) |
            (!a.decoupled_weight_decay && a.weight_decay != 0.0 ? kL2 : 0);
   }
 
@@ -600,7 +602,7 @@ struct SGDOp {
     TORCH_CHECK(momentum == (a.momentum != 0.0), "SGD: momentum buffers go with a non-zero momentum, and only then");
     return (momentum ? kMomentum : 0) | (momentum && a.first_step ? kFirst : 0) |
            (momentum && a.nesterov ? kNesterov : 0) | (a.weight_decay != 0.0 ? kWeightDecay : 0) |
-           (scalars.scaled ? kScaled : 0);
+           (scalars.scaled ? kScaled : 0) | (scalars.divides ? kScaleDivides : 0);
   }
 
   static std::vector<Constants> constants(const Arguments& a, const StepScalars& scalars, std::vector<StepCounter>&,
@@ -619,7 +621,8 @@ struct LionOp {
   static constexpr auto block_fn = lion_block_fn;
 
   static unsigned variant(const Arguments&, const StepScalars& scalars, size_t) {
-    return scalars.scaled ? lion_variant::kScaled : 0;
+    using namespace lion_variant;
+    return (scalars.scaled ? kScaled : 0) | (scalars.divides ? kScaleDivides : 0);
   }
 
   static std::vector<Constants> constants(const Arguments& a, const StepScalars& scalars, std::vector<StepCounter>&,

@@ -22,16 +22,17 @@ using SGDBlockFn = UpdateBlockFn<SGDConstants<double>>;
 using LionBlockFn = UpdateBlockFn<LionConstants<double>>;
 
 // A variant: the flags of a call that are template arguments of its loop (so that the loop has no
-// branch and vectorises), as bits.
+// branch and vectorises), as bits. kScaleDivides (only with kScaled): grad_scale has no exact
+// inverse, so the loop divides by it (kernels.h, update_grad).
 namespace adamw_variant {
-constexpr unsigned kAMSGrad = 1, kScaled = 2, kL2 = 4;
+constexpr unsigned kAMSGrad = 1, kScaled = 2, kL2 = 4, kScaleDivides = 8;
 }
 namespace sgd_variant {
 // kFirst and kNesterov only with kMomentum.
-constexpr unsigned kMomentum = 1, kFirst = 2, kNesterov = 4, kWeightDecay = 8, kScaled = 16;
+constexpr unsigned kMomentum = 1, kFirst = 2, kNesterov = 4, kWeightDecay = 8, kScaled = 16, kScaleDivides = 32;
 }
 namespace lion_variant {
-constexpr unsigned kScaled = 1;
+constexpr unsigned kScaled = 1, kScaleDivides = 2;
 }
 
 // The block function of a (param, grad, state) dtype combination and variant; nullptr for a

@@ -478,6 +478,25 @@ void test_effective_grad(uint32_t seed) {
     CHECK_CLOSE(fastopt::effective_grad(grads[i], grad_scale, clip_coef, maximize), expected, rtol * std::fabs(expected),
                 t, " g ", grads[i], " scale ", grad_scale, " clip ", clip_coef, " maximize ", maximize);
   }
+
+  // By the exact inverse of a power-of-two scale: effective_grad's bits, subnormal results too.
+  CHECK(fastopt::has_exact_inverse(1.0) && fastopt::has_exact_inverse(-1.0) && fastopt::has_exact_inverse(65536.0), t);
+  CHECK(fastopt::has_exact_inverse(std::ldexp(1.0, 120)) && fastopt::has_exact_inverse(std::ldexp(-1.0, -120)), t);
+  CHECK(!fastopt::has_exact_inverse(1000.0) && !fastopt::has_exact_inverse(1.5) && !fastopt::has_exact_inverse(0.0), t);
+  CHECK(!fastopt::has_exact_inverse(std::ldexp(1.0, 127)) && !fastopt::has_exact_inverse(std::ldexp(1.0, -127)), t,
+        " an inverse out of the float normal range");
+  CHECK(!fastopt::has_exact_inverse(std::numeric_limits<double>::infinity()) &&
+            !fastopt::has_exact_inverse(std::numeric_limits<double>::quiet_NaN()),
+        t);
+  std::uniform_int_distribution<int> power(-124, 125);
+  for (size_t i = 0; i < grads.size(); ++i) {
+    const double scale = std::ldexp(i % 2 == 0 ? 1.0 : -1.0, power(rng));
+    const A clip_coef = static_cast<A>(coefficients(rng));
+    const A by_division = fastopt::effective_grad(grads[i], A(scale), clip_coef, false);
+    const A by_inverse = fastopt::effective_grad_by_inverse(grads[i], A(1.0 / scale), clip_coef);
+    CHECK(fastopt::has_exact_inverse(scale) && by_inverse == by_division, t, " g ", grads[i],
+          " scale ", scale, " clip ", clip_coef);
+  }
 }
 
 // ------------------------------------------------------------------------------ adamw_update
