@@ -137,9 +137,9 @@ using acc_t = std::conditional_t<std::is_same_v<T, double>, double, float>;
 // Lanes of a block's reduction: four vectors of the widest ISA, independent accumulators.
 template <typename A>
 constexpr int kLanes = 256 / int(sizeof(A));
-// Elements summed in A's lanes before the lanes are folded and added into the block's double
-// partial: bounds the fp32 rounding error of a sum to 64 terms per lane.
-constexpr int64_t kSubBlock = 4096;
+// Terms summed in each of A's lanes before the lanes are folded and added into the block's double
+// partial: bounds the fp32 rounding error of a sum.
+constexpr int64_t kTermsPerLane = 64;
 
 template <typename A, int L>
 FASTOPT_CPU_INLINE A fold_lanes(A (&lanes)[L], NormKind kind) {
@@ -148,37 +148,67 @@ FASTOPT_CPU_INLINE A fold_lanes(A (&lanes)[L], NormKind kind) {
   return lanes[0];
 }
 
+// The one-array loops (norm, unscale, scale, clamp) read a block as kStreams equal parts side by
+// side rather than front to back: the hardware prefetchers track each part, and a core reads
+// faster. Measured on a 2-core Zen 1 (norm and unscale loops over 5 M fp32, 2 threads): one
+// stream 1.2-1.4 ms, two 1.0-1.06 ms, four and eight 1.25-1.6 ms. Each step reads L consecutive
+// elements of every part; the elements past the parts (fewer than Parts * L) are the tail.
+constexpr int kStreams = 2;
+
+// The parts of a loop over T: one where it writes 16-bit elements, whose conversion from fp32,
+// not memory, bounds it (in parts it ran 5-11% slower); L is then the lanes over the parts.
+template <typename T, bool Writes>
+constexpr int kParts = sizeof(T) == 2 && Writes ? 1 : kStreams;
+
+// element(index, lane) for the steps [begin, end) of every part (`part` elements each, a multiple
+// of L); lane in [0, Parts * L) says which part and which of L consecutive elements.
+template <int Parts, int L, typename Element>
+FASTOPT_CPU_INLINE void stream_steps(int64_t begin, int64_t end, int64_t part, const Element& element) {
+  for (int64_t i = begin; i < end; i += L)
+    for (int s = 0; s < Parts; ++s)
+      for (int j = 0; j < L; ++j) element(s * part + i + j, s * L + j);
+}
+
+// x[i] = f(x[i]) on every element of a block of n, in parts (the order does not matter).
+template <typename T, typename F>
+FASTOPT_CPU_INLINE void transform_streamed(T* __restrict x, int64_t n, const F& f) {
+  using A = acc_t<T>;
+  constexpr int Parts = kParts<T, true>, L = kLanes<A> / Parts;
+  const int64_t part = n / (Parts * L) * L;
+  stream_steps<Parts, L>(0, part, part, [&](int64_t i, int) { store(x[i], f(load<A>(x[i]))); });
+  for (int64_t i = Parts * part; i < n; ++i) store(x[i], f(load<A>(x[i])));
+}
+
 // One block of the norm pass: its partial (a sum of contributions, or a max) in double, and
 // whether it holds an inf or nan. With Unscale, x *= scale in place, from the same read (the
 // check sees the values before scaling, as torch's unscale does). Kind is a template argument so
-// that the per-element switch of norm_contribution folds away.
+// that the per-element switch of norm_contribution folds away. The partial is summed in a fixed
+// order (parts, lanes, folds) that depends on n only: the same bits whatever the threads.
 template <typename T, int Kind, bool Unscale>
 FASTOPT_CPU_CLONES void norm_block(T* __restrict x, int64_t n, double p_value, double scale_value, double* partial,
                                    bool* nonfinite) {
   using A = acc_t<T>;
   constexpr NormKind kind = NormKind(Kind);
-  constexpr int L = kLanes<A>;
+  constexpr int kAll = kLanes<A>, Parts = kParts<T, Unscale>, L = kAll / Parts;
   const A p = A(p_value), scale = A(scale_value);
   double total = 0.0;
-  A zero_lanes[L] = {};  // x * 0: 0 for finite x, nan for inf or nan (only for kNoNorm)
-  for (int64_t base = 0; base < n; base += kSubBlock) {
-    const int64_t end = base + kSubBlock < n ? base + kSubBlock : n;
-    A lanes[L] = {};
-    int64_t i = base;
-    for (; i + L <= end; i += L) {
-      for (int j = 0; j < L; ++j) {
-        const A v = load<A>(x[i + j]);
-        if constexpr (Kind != kNoNorm) lanes[j] = norm_combine(lanes[j], norm_contribution(v, kind, p), kind);
-        if constexpr (Kind == kNoNorm) zero_lanes[j] += v * A(0);
-        if constexpr (Unscale) store(x[i + j], v * scale);
-      }
-    }
-    for (int j = 0; i < end; ++i, ++j) {
-      const A v = load<A>(x[i]);
-      if constexpr (Kind != kNoNorm) lanes[j] = norm_combine(lanes[j], norm_contribution(v, kind, p), kind);
-      if constexpr (Kind == kNoNorm) zero_lanes[j] += v * A(0);
-      if constexpr (Unscale) store(x[i], v * scale);
-    }
+  A zero_lanes[kAll] = {};  // x * 0: 0 for finite x, nan for inf or nan (only for kNoNorm)
+  const auto visit = [&](int64_t i, A& lane, A& zero_lane) {
+    const A v = load<A>(x[i]);
+    if constexpr (Kind != kNoNorm) lane = norm_combine(lane, norm_contribution(v, kind, p), kind);
+    if constexpr (Kind == kNoNorm) zero_lane += v * A(0);
+    if constexpr (Unscale) store(x[i], v * scale);
+  };
+  const int64_t part = n / (Parts * L) * L, tail = Parts * part;
+  for (int64_t base = 0; base < part; base += kTermsPerLane * L) {
+    const int64_t end = base + kTermsPerLane * L < part ? base + kTermsPerLane * L : part;
+    A lanes[kAll] = {};
+    stream_steps<Parts, L>(base, end, part, [&](int64_t i, int lane) { visit(i, lanes[lane], zero_lanes[lane]); });
+    if constexpr (Kind != kNoNorm) total = norm_combine(total, double(fold_lanes(lanes, kind)), kind);
+  }
+  if (tail < n) {
+    A lanes[kAll] = {};
+    for (int64_t i = tail; i < n; ++i) visit(i, lanes[i - tail], zero_lanes[i - tail]);
     if constexpr (Kind != kNoNorm) total = norm_combine(total, double(fold_lanes(lanes, kind)), kind);
   }
   *partial = total;
@@ -199,7 +229,7 @@ template <typename T>
 FASTOPT_CPU_CLONES void scale_block(T* __restrict x, int64_t n, double factor_value) {
   using A = acc_t<T>;
   const A factor = A(factor_value);
-  for (int64_t i = 0; i < n; ++i) store(x[i], load<A>(x[i]) * factor);
+  transform_streamed(x, n, [&](A v) { return v * factor; });
 }
 
 // x = clamp(x, -limit, limit); nan stays nan.
@@ -207,7 +237,7 @@ template <typename T>
 FASTOPT_CPU_CLONES void clamp_block(T* __restrict x, int64_t n, double limit_value) {
   using A = acc_t<T>;
   const A limit = A(limit_value);
-  for (int64_t i = 0; i < n; ++i) store(x[i], clamp_symmetric(load<A>(x[i]), limit));
+  transform_streamed(x, n, [&](A v) { return clamp_symmetric(v, limit); });
 }
 
 // The grad as an update uses it. Scaled: g / grad_scale * clip_coef (maximize folds into a
