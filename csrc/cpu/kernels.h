@@ -17,6 +17,7 @@
 #include <cstdint>
 #include <cstring>
 #include <type_traits>
+#include <utility>
 
 #include "../common/element_math.h"
 
@@ -64,12 +65,14 @@ FASTOPT_CPU_INLINE uint32_t select_bits(bool condition, uint32_t a, uint32_t b) 
 // on the bits (a signed compare: AVX2 has no unsigned one): g++ folds f != f into the select of
 // AMSGrad's max and then cannot vectorise the select of two masks.
 FASTOPT_CPU_INLINE float bf16_to_float(uint16_t h) { return bits_float(uint32_t(h) << 16); }
-FASTOPT_CPU_INLINE uint16_t float_to_bf16(float f) {
+// The bf16 in the high half of the result (the low half is not zeroed).
+FASTOPT_CPU_INLINE uint32_t bf16_in_high_half(float f) {
   const uint32_t u = float_bits(f);
-  const uint32_t rounded = (u + (((u >> 16) & 1u) + 0x7FFFu)) >> 16;
+  const uint32_t rounded = u + (((u >> 16) & 1u) + 0x7FFFu);
   const bool nan = int32_t(u & 0x7FFFFFFFu) > int32_t(0x7F800000u);
-  return uint16_t(select_bits(nan, 0x7FC0u, rounded));
+  return select_bits(nan, 0x7FC00000u, rounded);
 }
+FASTOPT_CPU_INLINE uint16_t float_to_bf16(float f) { return uint16_t(bf16_in_high_half(f) >> 16); }
 
 // fp16 <-> fp32 without branches (so loops vectorise), as c10::Half converts without F16C
 // (c10/util/Half.h: fp16_ieee_to_fp32_value / fp16_ieee_from_fp32_value).
@@ -130,6 +133,109 @@ FASTOPT_CPU_INLINE void store(F16& out, A x) {
   out.bits = float_to_f16(float(x));
 }
 
+// Two adjacent elements of a 16-bit array as one 32-bit word (little-endian: the first is the low
+// half). Loops whose arrays are all 16-bit go by pairs, and convert both halves of a word in
+// 32-bit lanes: element by element, g++ zero-extends, packs and permutes across AVX2's 128-bit
+// halves, about twice the instructions (measured on Zen 1: bf16 scale 2x, AdamW 1.4x faster).
+#if defined(__BYTE_ORDER__) && __BYTE_ORDER__ == __ORDER_LITTLE_ENDIAN__
+constexpr bool kPairs = true;
+#else
+constexpr bool kPairs = false;
+#endif
+
+template <typename A, typename T>
+FASTOPT_CPU_INLINE void load_pair(const T* x, A& first, A& second) {
+  uint32_t word;
+  std::memcpy(&word, x, sizeof word);
+  if constexpr (std::is_same_v<T, BF16>) {
+    first = A(bits_float(word << 16));
+    second = A(bits_float(word & 0xFFFF0000u));
+  } else {
+    first = A(f16_to_float(uint16_t(word)));
+    second = A(f16_to_float(uint16_t(word >> 16)));
+  }
+}
+template <typename A, typename T>
+FASTOPT_CPU_INLINE void store_pair(T* x, A first, A second) {
+  uint32_t word;
+  if constexpr (std::is_same_v<T, BF16>)
+    word = (bf16_in_high_half(float(first)) >> 16) | (bf16_in_high_half(float(second)) & 0xFFFF0000u);
+  else
+    word = uint32_t(float_to_f16(float(first))) | (uint32_t(float_to_f16(float(second))) << 16);
+  std::memcpy(x, &word, sizeof word);
+}
+
+// The arrays of an element-wise loop: read only, read and written back, or written only (its
+// elements start at 0).
+template <typename T>
+struct In {
+  using type = T;
+  const T* x;
+  template <typename A>
+  FASTOPT_CPU_INLINE A load(int64_t i) const {
+    return cpu::load<A>(x[i]);
+  }
+  template <typename A>
+  FASTOPT_CPU_INLINE void load_pair(int64_t i, A& first, A& second) const {
+    cpu::load_pair(x + i, first, second);
+  }
+  template <typename A>
+  FASTOPT_CPU_INLINE void store(int64_t, A) const {}
+  template <typename A>
+  FASTOPT_CPU_INLINE void store_pair(int64_t, A, A) const {}
+};
+template <typename T>
+struct InOut : In<T> {
+  T* out;
+  explicit InOut(T* x) : In<T>{x}, out(x) {}
+  template <typename A>
+  FASTOPT_CPU_INLINE void store(int64_t i, A value) const {
+    cpu::store(out[i], value);
+  }
+  template <typename A>
+  FASTOPT_CPU_INLINE void store_pair(int64_t i, A first, A second) const {
+    cpu::store_pair(out + i, first, second);
+  }
+};
+template <typename T>
+struct Out : InOut<T> {
+  using InOut<T>::InOut;
+  template <typename A>
+  FASTOPT_CPU_INLINE A load(int64_t) const {
+    return A(0);
+  }
+  template <typename A>
+  FASTOPT_CPU_INLINE void load_pair(int64_t, A& first, A& second) const {
+    first = second = A(0);
+  }
+};
+
+template <typename A, typename Body, size_t... K, typename... Arrays>
+FASTOPT_CPU_INLINE void for_elements_of(int64_t n, const Body& body, std::index_sequence<K...>, Arrays... arrays) {
+  int64_t i = 0;
+  if constexpr (kPairs && ((sizeof(typename Arrays::type) == 2) && ...)) {
+    for (; i + 2 <= n; i += 2) {
+      A first[sizeof...(K)], second[sizeof...(K)];
+      (arrays.load_pair(i, first[K], second[K]), ...);
+      body(first[K]...);
+      body(second[K]...);
+      (arrays.store_pair(i, first[K], second[K]), ...);
+    }
+  }
+  for (; i < n; ++i) {
+    A value[sizeof...(K)] = {arrays.template load<A>(i)...};
+    body(value[K]...);
+    (arrays.store(i, value[K]), ...);
+  }
+}
+
+// body(value...) on element i of every array, for i < n: each loaded as A, passed by reference,
+// and stored back (rounded once) into the InOut arrays. By pairs when every array is 16-bit.
+template <typename A, typename Body, typename... Arrays>
+FASTOPT_CPU_INLINE void for_elements(int64_t n, const Body& body, Arrays... arrays) {
+  for_elements_of<A>(n, body, std::index_sequence_for<Arrays...>{}, arrays...);
+}
+
 // fp16 / bf16 / fp32 elements compute in fp32, fp64 in fp64.
 template <typename T>
 using acc_t = std::conditional_t<std::is_same_v<T, double>, double, float>;
@@ -169,14 +275,18 @@ FASTOPT_CPU_INLINE void stream_steps(int64_t begin, int64_t end, int64_t part, c
       for (int j = 0; j < L; ++j) element(s * part + i + j, s * L + j);
 }
 
-// x[i] = f(x[i]) on every element of a block of n, in parts (the order does not matter).
+// x[i] = f(x[i]) on every element of a block of n: in parts, or by pairs for 16-bit elements.
 template <typename T, typename F>
 FASTOPT_CPU_INLINE void transform_streamed(T* __restrict x, int64_t n, const F& f) {
   using A = acc_t<T>;
   constexpr int Parts = kParts<T, true>, L = kLanes<A> / Parts;
-  const int64_t part = n / (Parts * L) * L;
-  stream_steps<Parts, L>(0, part, part, [&](int64_t i, int) { store(x[i], f(load<A>(x[i]))); });
-  for (int64_t i = Parts * part; i < n; ++i) store(x[i], f(load<A>(x[i])));
+  if constexpr (Parts == 1) {
+    for_elements<A>(n, [&](A& v) { v = f(v); }, InOut<T>(x));
+  } else {
+    const int64_t part = n / (Parts * L) * L;
+    stream_steps<Parts, L>(0, part, part, [&](int64_t i, int) { store(x[i], f(load<A>(x[i]))); });
+    for (int64_t i = Parts * part; i < n; ++i) store(x[i], f(load<A>(x[i])));
+  }
 }
 
 // One block of the norm pass: its partial (a sum of contributions, or a max) in double, and
@@ -200,6 +310,22 @@ FASTOPT_CPU_CLONES void norm_block(T* __restrict x, int64_t n, double p_value, d
     if constexpr (Unscale) store(x[i], v * scale);
   };
   const int64_t part = n / (Parts * L) * L, tail = Parts * part;
+  if constexpr (Kind == kNoNorm && Unscale && sizeof(T) == 2 && kPairs) {
+    // By pairs (see load_pair); only the inf / nan check is summed, its order does not matter.
+    int64_t i = 0;
+    for (; i + kAll <= n; i += kAll) {
+      for (int k = 0; k < kAll / 2; ++k) {
+        A first, second;
+        load_pair(x + i + 2 * k, first, second);
+        zero_lanes[k] += first * A(0) + second * A(0);
+        store_pair(x + i + 2 * k, first * scale, second * scale);
+      }
+    }
+    for (int j = 0; i < n; ++i, ++j) visit(i, zero_lanes[j], zero_lanes[j]);
+    *nonfinite = !is_finite(fold_lanes(zero_lanes, kSumAbs));
+    *partial = 0.0;
+    return;
+  }
   for (int64_t base = 0; base < part; base += kTermsPerLane * L) {
     const int64_t end = base + kTermsPerLane * L < part ? base + kTermsPerLane * L : part;
     A lanes[kAll] = {};
@@ -263,20 +389,22 @@ FASTOPT_CPU_INLINE void adamw_elements(P* __restrict param, const G* __restrict 
                                        S* __restrict exp_avg_sq, S* __restrict max_exp_avg_sq, int64_t n,
                                        const AdamWConstants<acc_t<P>>& c, acc_t<P> grad_scale, acc_t<P> clip_coef) {
   using A = acc_t<P>;
-  for (int64_t i = 0; i < n; ++i) {
-    A p = load<A>(param[i]), m = load<A>(exp_avg[i]), v = load<A>(exp_avg_sq[i]);
-    A g = load<A>(grad[i]);
-    g = update_grad<Scaled, Divides>(g, grad_scale, clip_coef);
-    if constexpr (AMSGrad) {
-      A v_max = load<A>(max_exp_avg_sq[i]);
-      adamw_update_fused<LerpFromStart, A, L2>(p, g, m, v, &v_max, c);
-      store(max_exp_avg_sq[i], v_max);
-    } else {
-      adamw_update_fused<LerpFromStart, A, L2>(p, g, m, v, nullptr, c);
-    }
-    store(param[i], p);
-    store(exp_avg[i], m);
-    store(exp_avg_sq[i], v);
+  if constexpr (AMSGrad) {
+    for_elements<A>(
+        n,
+        [&](A& p, A& g, A& m, A& v, A& v_max) {
+          g = update_grad<Scaled, Divides>(g, grad_scale, clip_coef);
+          adamw_update_fused<LerpFromStart, A, L2>(p, g, m, v, &v_max, c);
+        },
+        InOut<P>(param), In<G>{grad}, InOut<S>(exp_avg), InOut<S>(exp_avg_sq), InOut<S>(max_exp_avg_sq));
+  } else {
+    for_elements<A>(
+        n,
+        [&](A& p, A& g, A& m, A& v) {
+          g = update_grad<Scaled, Divides>(g, grad_scale, clip_coef);
+          adamw_update_fused<LerpFromStart, A, L2>(p, g, m, v, nullptr, c);
+        },
+        InOut<P>(param), In<G>{grad}, InOut<S>(exp_avg), InOut<S>(exp_avg_sq));
   }
 }
 
@@ -310,18 +438,24 @@ FASTOPT_CPU_CLONES void sgd_block(P* __restrict param, const G* __restrict grad,
   const SGDConstants<A> c{A(constants.weight_decay), A(constants.momentum), A(constants.one_minus_dampening),
                           A(constants.neg_lr)};
   const A grad_scale = scale_for<A, Divides>(grad_scale_value), clip_coef = A(clip_coef_value);
-  for (int64_t i = 0; i < n; ++i) {
-    A p = load<A>(param[i]);
-    A g = load<A>(grad[i]);
-    g = update_grad<Scaled, Divides>(g, grad_scale, clip_coef);
-    if constexpr (Momentum) {
-      A buffer = First ? A(0) : load<A>(momentum_buffer[i]);
-      sgd_update_fused<WeightDecay, First, Nesterov>(p, g, &buffer, c);
-      store(momentum_buffer[i], buffer);
-    } else {
-      sgd_update_fused<WeightDecay, false, false, A>(p, g, nullptr, c);
-    }
-    store(param[i], p);
+  if constexpr (Momentum) {
+    // The first step writes the buffer without reading it (sgd_update_fused ignores its value).
+    using Buffer = std::conditional_t<First, Out<S>, InOut<S>>;
+    for_elements<A>(
+        n,
+        [&](A& p, A& g, A& buffer) {
+          g = update_grad<Scaled, Divides>(g, grad_scale, clip_coef);
+          sgd_update_fused<WeightDecay, First, Nesterov>(p, g, &buffer, c);
+        },
+        InOut<P>(param), In<G>{grad}, Buffer(momentum_buffer));
+  } else {
+    for_elements<A>(
+        n,
+        [&](A& p, A& g) {
+          g = update_grad<Scaled, Divides>(g, grad_scale, clip_coef);
+          sgd_update_fused<WeightDecay, false, false, A>(p, g, nullptr, c);
+        },
+        InOut<P>(param), In<G>{grad});
   }
 }
 
@@ -331,14 +465,13 @@ template <typename P, typename G, typename S, bool Scaled, bool Divides, bool Di
 FASTOPT_CPU_INLINE void lion_elements(P* __restrict param, const G* __restrict grad, S* __restrict exp_avg, int64_t n,
                                       const LionConstants<acc_t<P>>& c, acc_t<P> grad_scale, acc_t<P> clip_coef) {
   using A = acc_t<P>;
-  for (int64_t i = 0; i < n; ++i) {
-    A p = load<A>(param[i]), m = load<A>(exp_avg[i]);
-    A g = load<A>(grad[i]);
-    g = update_grad<Scaled, Divides>(g, grad_scale, clip_coef);
-    lion_update<DirectionFromStart, MomentumFromStart>(p, g, m, c);
-    store(param[i], p);
-    store(exp_avg[i], m);
-  }
+  for_elements<A>(
+      n,
+      [&](A& p, A& g, A& m) {
+        g = update_grad<Scaled, Divides>(g, grad_scale, clip_coef);
+        lion_update<DirectionFromStart, MomentumFromStart>(p, g, m, c);
+      },
+      InOut<P>(param), In<G>{grad}, InOut<S>(exp_avg));
 }
 
 // One block of Lion; the grad as adamw_block forms it.
