@@ -187,6 +187,69 @@ def test_unscale_scale_clamp_equal_the_reference_bitwise(dtype, non_contiguous):
         assert any(not torch.equal(a, o) for a, o in zip(ours, originals) if a.numel()), name  # written through
 
 
+def _odd_16bit_views(dtype, seed):
+    """16-bit tensors that start at an odd element of their storage and have odd lengths (the
+    loops over 16-bit arrays go by pairs of elements, as 32-bit words), holding inf, -inf and nans
+    whose payloads a careless rounding would carry (bits 0x7F81 and 0xFFC1 in bf16)."""
+    generator = torch.Generator().manual_seed(seed)
+    views = []
+    for n in (1, 3, 2 * BLOCK + 7, 301):
+        base = (torch.randn(n + 1, generator=generator) * 3).to(dtype)
+        views.append(base[1:])
+    nans = torch.tensor([0x7F81, -63, 0x7C01, 0x7E01], dtype=torch.int16).view(dtype)  # -63: 0xFFC1
+    big = views[2]
+    for k, position in enumerate(torch.randint(big.numel(), (6,), generator=generator).tolist()):
+        big[position] = nans[k % 2 if dtype == torch.bfloat16 else 2 + k % 2] if k < 4 else (-1) ** k * math.inf
+    return views
+
+
+def _assert_bitwise_equal_canonical_nans(ours: torch.Tensor, theirs: torch.Tensor, msg: str) -> None:
+    """Bit for bit, except that a nan is c10's in ours (bf16 0x7FC0; fp16 0x7E00 with the sign):
+    torch's own vectorised conversions write others (bf16 0xFFFF, fp16 the payload), depending on
+    the element's position."""
+    nan = ours.isnan()
+    assert torch.equal(nan, theirs.isnan()), msg
+    nan_bits = ours.view(torch.int16)[nan].int() & 0xFFFF
+    canonical = 0x7FC0 if ours.dtype == torch.bfloat16 else 0x7E00
+    assert bool(((nan_bits if ours.dtype == torch.bfloat16 else nan_bits & 0x7FFF) == canonical).all()), msg
+    assert_bitwise_equal(ours[~nan], theirs[~nan], msg)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=describe_dtype)
+def test_16bit_pairs_at_odd_offsets_lengths_and_nan_payloads_match_the_reference_bitwise(dtype):
+    assert all(t.data_ptr() % 4 == 2 for t in _odd_16bit_views(dtype, 0))
+    for name, run in [
+        ("unscale", lambda b, ts: b.unscale_and_check_(ts, torch.tensor(0.123), torch.zeros(1))),
+        ("scale", lambda b, ts: b.scale_(ts, 0.3)),
+        ("clamp", lambda b, ts: b.clamp_(ts, 0.5)),
+    ]:
+        ours, theirs = _odd_16bit_views(dtype, 1), _odd_16bit_views(dtype, 1)
+        run(cpu, ours)
+        run(reference, theirs)
+        for a, b in zip(ours, theirs):
+            _assert_bitwise_equal_canonical_nans(a, b, name)
+    grads = _odd_16bit_views(dtype, 2)
+    for op in ("adamw", "sgd", "lion"):
+        ours = [_odd_16bit_views(dtype, 3 + k) for k in range(3)]
+        theirs = [_odd_16bit_views(dtype, 3 + k) for k in range(3)]
+        for backend, (params, m, v) in ((cpu, ours), (reference, theirs)):
+            common = dict(lr=1e-2, maximize=False, grad_scale=None, found_inf=None, clip_coef=0.5)
+            if op == "adamw":
+                steps = [torch.tensor(2.0) for _ in params]
+                backend.adamw_(params, grads, m, v, steps,
+                               beta1=0.9, beta2=0.999, eps=1e-8, weight_decay=0.1, max_exp_avg_sqs=None,
+                               **common)  # fmt: skip
+            elif op == "sgd":
+                backend.sgd_(params, grads, m, momentum=0.9, dampening=0.1, weight_decay=0.1, nesterov=False,
+                             first_step=False, **common)  # fmt: skip
+            else:
+                backend.lion_(params, grads, m, beta1=0.9, beta2=0.99, weight_decay=0.1, **common)
+        written = 3 if op == "adamw" else 2  # params and states: SGD and Lion leave v alone
+        for a_list, b_list in zip(ours[:written], theirs[:written]):
+            for a, b in zip(a_list, b_list):
+                _assert_bitwise_equal_canonical_nans(a, b, op)
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=describe_dtype)
 def test_unscale_and_check_flags_inf_and_nan_and_never_clears(dtype):
     tensors = random_tensors(LARGE_SHAPES, dtype, seed=7)

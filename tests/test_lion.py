@@ -214,6 +214,23 @@ def test_zero_direction_moves_param_only_by_weight_decay(device, weight_decay):
         assert_state_matches(m, e, device)
 
 
+@pytest.mark.parametrize("device", devices())
+def test_nan_direction_moves_param_only_by_weight_decay_as_torch_sign(device):
+    """torch.sign(nan) is 0 (its CPU and CUDA kernels: (0 < x) - (x < 0)), so where the momentum
+    is nan the reference decays the param and moves it no further; every backend does the same
+    (the momentum stays nan). The nans sit at random positions of random data."""
+    params = random_tensors([(7,), (33, 17), (2 * 65536 + 5,)], torch.float32, device, seed=51)
+    exp_avgs = random_exp_avgs(params, seed=52)
+    grads = random_tensors([p.shape for p in params], torch.float32, device, seed=53)
+    where = inject_nonfinite(exp_avgs, seed=54, count=6, values=(NAN, -NAN))
+    decayed = [p * torch.tensor(1 - 0.1 * 0.1, dtype=torch.float32) for p in params]
+    fastopt.lion_(params, grads, exp_avgs, lr=0.1, beta1=0.9, beta2=0.99, weight_decay=0.1)
+    for i, flat, _ in where:
+        assert params[i].reshape(-1)[flat].item() == decayed[i].reshape(-1)[flat].item(), (i, flat)
+        assert math.isnan(exp_avgs[i].reshape(-1)[flat].item())
+    assert all(bool(torch.isfinite(p).all()) for p in params)
+
+
 def test_sign_direction_is_exactly_lr_per_element():
     """Without weight decay each element moves by exactly lr (fp64: no rounding left in p - lr * s
     for these values), in the direction opposite to sign(c)."""

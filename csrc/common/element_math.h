@@ -297,11 +297,12 @@ FASTOPT_HD void sgd_update_fused(A& param, A grad, A* momentum_buffer, const SGD
   param = std::fma(grad, c.neg_lr, param);
 }
 
-// torch.sign: +-1, zeros kept (with their sign), nan kept. One select (|x| > 0 is false for zeros
-// and nan alike): with two nested ones g++ leaves the AVX2 loops scalar.
+// torch.sign as its CPU and CUDA kernels compute it, (0 < x) - (x < 0): +-1, and +0 for a zero of
+// either sign and for nan (a nan direction moves no param: the reference's torch.sign). Two
+// compares and a subtraction, no select: with nested selects g++ leaves the AVX2 loops scalar.
 template <typename A>
 FASTOPT_HD A sign_of(A x) {
-  return std::fabs(x) > A(0) ? std::copysign(A(1), x) : x;
+  return A(A(0) < x) - A(x < A(0));
 }
 
 // Lion (Chen et al. 2023, "Symbolic Discovery of Optimization Algorithms"): the sign of an

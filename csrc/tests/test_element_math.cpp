@@ -832,8 +832,13 @@ void test_lion_update(uint32_t seed) {
   const std::string t = type_name<A>();
   CHECK(fastopt::sign_of(A(2.5)) == A(1) && fastopt::sign_of(A(-1e-30)) == A(-1), t, " sign_of");
   CHECK(fastopt::sign_of(A(0)) == A(0) && !std::signbit(fastopt::sign_of(A(0))), t, " sign_of(0)");
-  CHECK(fastopt::sign_of(A(-0.0)) == A(0) && std::signbit(fastopt::sign_of(A(-0.0))), t, " sign_of(-0) keeps the sign");
-  CHECK(std::isnan(fastopt::sign_of(std::numeric_limits<A>::quiet_NaN())), t, " sign_of(nan)");
+  CHECK(fastopt::sign_of(A(-0.0)) == A(0) && !std::signbit(fastopt::sign_of(A(-0.0))), t, " sign_of(-0) is +0, as torch's");
+  CHECK(fastopt::sign_of(std::numeric_limits<A>::quiet_NaN()) == A(0) &&
+            !std::signbit(fastopt::sign_of(-std::numeric_limits<A>::quiet_NaN())),
+        t, " sign_of(nan) is +0, as torch's");
+  CHECK(fastopt::sign_of(std::numeric_limits<A>::infinity()) == A(1) &&
+            fastopt::sign_of(-std::numeric_limits<A>::infinity()) == A(-1),
+        t, " sign_of(inf)");
   const auto k = fastopt::lion_constants<A>(1e-3, 0.9, 0.99, 0.1);
   CHECK(k.decay_factor == A(1.0 - 1e-4) && k.one_minus_beta1 == A(1.0 - 0.9) && k.one_minus_beta2 == A(1.0 - 0.99) &&
             k.neg_lr == A(-1e-3),

@@ -571,8 +571,8 @@ def _lerp(start, end, weight):
 
 @_device_function
 def _sign(x):
-    """torch.sign: +-1; a zero (with its sign) and nan kept."""
-    return tl.where(x > 0, 1.0, tl.where(x < 0, -1.0, x)).to(x.dtype)
+    """torch.sign as its kernels compute it, (0 < x) - (x < 0): +-1, and +0 for zeros and nan."""
+    return ((x > 0).to(x.dtype) - (x < 0).to(x.dtype)).to(x.dtype)
 
 
 # --------------------------------------------------------------------------- AdamW
