@@ -572,7 +572,7 @@ def _lerp(start, end, weight):
 @_device_function
 def _sign(x):
     """torch.sign as its kernels compute it, (0 < x) - (x < 0): +-1, and +0 for zeros and nan."""
-    return ((x > 0).to(x.dtype) - (x < 0).to(x.dtype)).to(x.dtype)
+    return (x > 0).to(x.dtype) - (x < 0).to(x.dtype)
 
 
 # --------------------------------------------------------------------------- AdamW
