@@ -14,12 +14,14 @@
 
 #include <algorithm>
 #include <atomic>
+#include <deque>
 #include <optional>
 #include <tuple>
 #include <vector>
 
 #include "../common/chunk_plan.h"
 #include "../common/element_math.h"
+#include "../common/tensor_refs.h"
 #include "kernels.h"
 #include "step_plan.h"
 #include "update_blocks.h"
@@ -31,35 +33,38 @@ namespace {
 using at::Tensor;
 
 // Tensors as the loops see them: contiguous (a copy where needed, written back by finish()).
-// Tensors written in place have their version bumped (autograd's check of saved tensors).
+// Tensors written in place have their version bumped (autograd's check of saved tensors). The
+// tensors are borrowed (see tensor_refs.h); only the copies are owned.
 class Contiguous {
  public:
-  Contiguous(const std::vector<Tensor>& tensors, bool written) {
+  Contiguous(const TensorRefs& tensors, bool written) {
     work_.reserve(tensors.size());
     for (const Tensor& t : tensors) {
       if (t.is_contiguous()) {
-        work_.push_back(t);
+        work_.push_back(&t);
         if (written) torch::autograd::impl::bump_version(t);
       } else {
-        work_.push_back(t.contiguous());
-        if (written) copied_.emplace_back(t, work_.back());
+        copies_.push_back(t.contiguous());
+        work_.push_back(&copies_.back());
+        if (written) copied_.emplace_back(&t, &copies_.back());
       }
     }
   }
-  const Tensor& operator[](size_t i) const { return work_[i]; }
+  const Tensor& operator[](size_t i) const { return *work_[i]; }
   size_t size() const { return work_.size(); }
-  void* data(size_t i) const { return work_[i].data_ptr(); }
+  void* data(size_t i) const { return work_[i]->data_ptr(); }
   // Copy the written copies back into the non-contiguous originals.
   void finish() {
-    for (auto& [original, copy] : copied_) original.copy_(copy);
+    for (auto& [original, copy] : copied_) original->copy_(*copy);
   }
 
  private:
-  std::vector<Tensor> work_;
-  std::vector<std::pair<Tensor, Tensor>> copied_;
+  std::vector<const Tensor*> work_;
+  std::deque<Tensor> copies_;  // a deque: work_ points into it
+  std::vector<std::pair<const Tensor*, const Tensor*>> copied_;
 };
 
-std::vector<int64_t> numels_of(const std::vector<Tensor>& tensors) {
+std::vector<int64_t> numels_of(const TensorRefs& tensors) {
   std::vector<int64_t> numels;
   numels.reserve(tensors.size());
   for (const Tensor& t : tensors) numels.push_back(t.numel());
@@ -269,7 +274,7 @@ std::vector<int64_t> numels_of(const std::vector<TensorSpan>& spans) {
   return numels;
 }
 
-std::tuple<Tensor, Tensor> multi_tensor_norm(const std::vector<Tensor>& tensors, double p, bool per_tensor,
+std::tuple<Tensor, Tensor> multi_tensor_norm(const TensorRefs& tensors, double p, bool per_tensor,
                                              const std::optional<Tensor>& found_inf) {
   Contiguous work(tensors, false);
   const std::vector<TensorSpan> spans = spans_of(work);
@@ -277,7 +282,7 @@ std::tuple<Tensor, Tensor> multi_tensor_norm(const std::vector<Tensor>& tensors,
   return norm_of_spans(spans, plan_chunks(numels, {}, {}, kBlockSize, false), sum_of(numels), p, per_tensor, found_inf);
 }
 
-void unscale_and_check_(const std::vector<Tensor>& tensors, double inv_scale_value,
+void unscale_and_check_(const TensorRefs& tensors, double inv_scale_value,
                         const std::optional<Tensor>& inv_scale_tensor, const Tensor& found_inf) {
   const double inv_scale = scalar_value(inv_scale_value, inv_scale_tensor);
   Contiguous work(tensors, true);
@@ -290,7 +295,7 @@ void unscale_and_check_(const std::vector<Tensor>& tensors, double inv_scale_val
 
 // An element-wise op over every tensor: fn_for(dtype) gives the block function.
 template <typename FnFor, typename Value>
-void elementwise(const std::vector<Tensor>& tensors, const FnFor& fn_for, Value value) {
+void elementwise(const TensorRefs& tensors, const FnFor& fn_for, Value value) {
   Contiguous work(tensors, true);
   const std::vector<int64_t> numels = numels_of(tensors);
   const ChunkPlan plan = plan_chunks(numels, {}, {}, kBlockSize, false);
@@ -330,16 +335,16 @@ ElementFn clamp_fn(at::ScalarType type) {
   return fn;
 }
 
-void scale_(const std::vector<Tensor>& tensors, double coef_value, const std::optional<Tensor>& coef_tensor) {
+void scale_(const TensorRefs& tensors, double coef_value, const std::optional<Tensor>& coef_tensor) {
   const double coef = scalar_value(coef_value, coef_tensor);
   elementwise(tensors, scale_fn, [coef](int64_t) { return coef; });
 }
 
-void clamp_(const std::vector<Tensor>& tensors, double clip_value) {
+void clamp_(const TensorRefs& tensors, double clip_value) {
   elementwise(tensors, clamp_fn, [clip_value](int64_t) { return clip_value; });
 }
 
-void adaptive_clip_(const std::vector<Tensor>& params, const std::vector<Tensor>& grads, double clip_factor,
+void adaptive_clip_(const TensorRefs& params, const TensorRefs& grads, double clip_factor,
                     double eps, double p, bool unitwise) {
   const NormKind kind = norm_kind(p);
   Contiguous weights(params, false), work(grads, true);
@@ -405,7 +410,7 @@ DType dtype_code(at::ScalarType type) {
 // momentum, the param's dtype stands in). A combination not compiled raises NotImplementedError
 // (fastopt/backends/cpu.py then runs the reference), always before anything is written.
 template <typename Op>
-typename Op::Fn update_fn(const Tensor& param, at::ScalarType grad_type, const std::vector<const Tensor*>& states,
+typename Op::Fn update_fn(const Tensor& param, at::ScalarType grad_type, c10::ArrayRef<const Tensor*> states,
                           unsigned variant) {
   const at::ScalarType s = states.empty() ? param.scalar_type() : states[0]->scalar_type();
   bool same_states = true;
@@ -417,19 +422,15 @@ typename Op::Fn update_fn(const Tensor& param, at::ScalarType grad_type, const s
   return fn;
 }
 
-// The states of tensor i: one tensor of each state list.
-std::vector<const Tensor*> states_at(const std::vector<const std::vector<Tensor>*>& lists, size_t i) {
-  std::vector<const Tensor*> states;
-  for (const std::vector<Tensor>* list : lists) states.push_back(&(*list)[i]);
-  return states;
-}
-
 template <typename Op>
-std::vector<typename Op::Fn> update_fns(const std::vector<Tensor>& params, const std::vector<Tensor>& grads,
-                                        const std::vector<const std::vector<Tensor>*>& states, unsigned variant) {
+std::vector<typename Op::Fn> update_fns(const TensorRefs& params, const TensorRefs& grads,
+                                        const std::vector<const TensorRefs*>& states, unsigned variant) {
   std::vector<typename Op::Fn> fns(params.size());
-  for (size_t i = 0; i < params.size(); ++i)
-    fns[i] = update_fn<Op>(params[i], grads[i].scalar_type(), states_at(states, i), variant);
+  const Tensor* at[kMaxStates];  // the states of tensor i: one tensor of each state list
+  for (size_t i = 0; i < params.size(); ++i) {
+    for (size_t k = 0; k < states.size(); ++k) at[k] = &(*states[k])[i];
+    fns[i] = update_fn<Op>(params[i], grads[i].scalar_type(), c10::ArrayRef<const Tensor*>(at, states.size()), variant);
+  }
   return fns;
 }
 
@@ -532,7 +533,7 @@ struct StepCounter {
   }
 };
 
-std::vector<StepCounter> counters_of(const std::vector<Tensor>& steps) {
+std::vector<StepCounter> counters_of(const TensorRefs& steps) {
   std::vector<StepCounter> counters;
   counters.reserve(steps.size());
   for (const Tensor& step : steps) counters.emplace_back(step);
@@ -636,9 +637,8 @@ struct LionOp {
 // states: the op's state lists, in its block function's order; steps: AdamW's step counts. A
 // non-zero found_inf returns before anything is touched; so does a dtype combination not compiled.
 template <typename Op>
-void update_(const std::vector<Tensor>& params, const std::vector<Tensor>& grads,
-             const std::vector<const std::vector<Tensor>*>& states, const std::vector<Tensor>& steps,
-             const typename Op::Arguments& a) {
+void update_(const TensorRefs& params, const TensorRefs& grads, const std::vector<const TensorRefs*>& states,
+             const TensorRefs& steps, const typename Op::Arguments& a) {
   if (a.step.skipped()) return;  // no bit changes
   const StepScalars scalars = a.step.read();
   const unsigned variant = Op::variant(a, scalars, states.size());
@@ -649,7 +649,7 @@ void update_(const std::vector<Tensor>& params, const std::vector<Tensor>& grads
   Contiguous p(params, true), g(grads, false);
   std::vector<Contiguous> s;
   s.reserve(states.size());
-  for (const std::vector<Tensor>* list : states) s.emplace_back(*list, true);
+  for (const TensorRefs* list : states) s.emplace_back(*list, true);
   const std::vector<int64_t> numels = numels_of(params);
   const ChunkPlan plan = plan_chunks(numels, {}, {}, kBlockSize, false);
   std::vector<UpdatePointers> pointers(params.size());
@@ -665,23 +665,23 @@ void update_(const std::vector<Tensor>& params, const std::vector<Tensor>& grads
   for (Contiguous& list : s) list.finish();
 }
 
-void adamw_(const std::vector<Tensor>& params, const std::vector<Tensor>& grads, const std::vector<Tensor>& exp_avgs,
-            const std::vector<Tensor>& exp_avg_sqs, const std::vector<Tensor>& steps,
-            const std::vector<Tensor>& max_exp_avg_sqs, const AdamWArguments& arguments) {
-  std::vector<const std::vector<Tensor>*> states{&exp_avgs, &exp_avg_sqs};
+void adamw_(const TensorRefs& params, const TensorRefs& grads, const TensorRefs& exp_avgs,
+            const TensorRefs& exp_avg_sqs, const TensorRefs& steps, const TensorRefs& max_exp_avg_sqs,
+            const AdamWArguments& arguments) {
+  std::vector<const TensorRefs*> states{&exp_avgs, &exp_avg_sqs};
   if (!max_exp_avg_sqs.empty()) states.push_back(&max_exp_avg_sqs);
   update_<AdamWOp>(params, grads, states, steps, arguments);
 }
 
 // momentum_buffers: empty without momentum.
-void sgd_(const std::vector<Tensor>& params, const std::vector<Tensor>& grads,
-          const std::vector<Tensor>& momentum_buffers, const SGDArguments& arguments) {
-  std::vector<const std::vector<Tensor>*> states;
+void sgd_(const TensorRefs& params, const TensorRefs& grads, const TensorRefs& momentum_buffers,
+          const SGDArguments& arguments) {
+  std::vector<const TensorRefs*> states;
   if (!momentum_buffers.empty()) states.push_back(&momentum_buffers);
   update_<SGDOp>(params, grads, states, {}, arguments);
 }
 
-void lion_(const std::vector<Tensor>& params, const std::vector<Tensor>& grads, const std::vector<Tensor>& exp_avgs,
+void lion_(const TensorRefs& params, const TensorRefs& grads, const TensorRefs& exp_avgs,
            const LionArguments& arguments) {
   update_<LionOp>(params, grads, {&exp_avgs}, {}, arguments);
 }
@@ -702,8 +702,8 @@ class UpdatePlan {
              const std::vector<Tensor>& steps)
       : params_(std::move(params)),
         states_(std::move(states)),
-        steps_(counters_of(steps)),
-        numels_(numels_of(params_)),
+        steps_(counters_of(TensorRefs(steps))),
+        numels_(numels_of(TensorRefs(params_))),
         total_(sum_of(numels_)),
         chunks_(plan_chunks(numels_, {}, {}, kBlockSize, false)) {
     TORCH_CHECK(grads.size() == params_.size(), kName, "Plan: one grad per param");
@@ -892,9 +892,9 @@ class NormPlan {
       if (layout == runs_for_ && !runs_.empty()) return norm_of_spans(runs_, run_chunks_, total_, p, false, found_inf);
     }
     if (contiguous) return norm_of_spans(spans, chunks_, total_, p, per_tensor, found_inf);
-    std::vector<Tensor> tensors;  // a strided grad: the general path, which reads a contiguous copy
+    TensorRefs tensors;  // a strided grad: the general path, which reads a contiguous copy
     tensors.reserve(entries_.size());
-    for (size_t k : entries_) tensors.push_back(watch.grad(k));
+    for (size_t k : entries_) tensors.push_back(&watch.grad(k));
     return multi_tensor_norm(tensors, p, per_tensor, found_inf);
   }
 
