@@ -109,8 +109,9 @@ def stubbed_backend(name: str):
         if hasattr(module, "_EXTENSION"):  # the planned updates' UpdatePlan: its steps return at once
             plan = types.SimpleNamespace(step=lambda *args: 0)
             module._EXTENSION = types.SimpleNamespace(UpdatePlan=lambda *args: plan)
-        if hasattr(module, "_OPS"):  # the module's handle on torch.ops.fastopt
+        if hasattr(module, "_OPS"):  # the module's handle on torch.ops.fastopt, and on its eager entries
             module._OPS = stub
+            module._EAGER = None
         else:
 
             class TorchWithStubbedOps:  # the module's `torch`, whose torch.ops.fastopt.* return at once
@@ -138,6 +139,7 @@ def emulated_cuda_backend():
     extension._skip_grids(True)
     module._OPS = torch.ops.fastopt_emulated
     module._EXTENSION = extension  # the planned updates' UpdatePlan, on the emulated build too
+    module._EAGER = extension if hasattr(extension, "adamw_") else None  # the ops' eager entries
     return module
 
 

@@ -616,6 +616,59 @@ def test_in_place_ops_bump_the_versions_of_what_they_write():
             assert (t._version > version) == changed, f"{name}: a tensor {'written' if changed else 'read'}"
 
 
+def test_eager_calls_skip_the_dispatcher_and_traced_ones_go_through_torch_ops():
+    """An eager call takes the extension's eager entry (its lists read in place, no boxing), under
+    the op's name in the profiler; a call under a dispatch mode, or with a tensor subclass that
+    dispatches to Python, goes through torch.ops, which they must see. Same results either way."""
+    from torch.testing._internal.logging_tensor import LoggingTensor, capture_logs
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    from fastopt.backends import cuda
+
+    grads = random_values([(7,), (33, 17), (0,)], seed=80)
+    expected = [g * 0.5 for g in grads]
+
+    class NoDispatcher:  # torch.ops.fastopt.*, made unreachable
+        def __getattr__(self, name):
+            raise AssertionError(f"torch.ops.fastopt.{name} called for an eager call")
+
+    eager, ops_before = cuda._EAGER, cuda._OPS
+    assert eager is not None, "the extension has no eager entries"
+    cuda._OPS = NoDispatcher()
+    try:
+        with profile(activities=[ProfilerActivity.CPU]) as profiler:
+            fastopt.scale_(grads, 0.5)
+    finally:
+        cuda._OPS = ops_before
+    for g, e in zip(grads, expected):
+        assert_bitwise_equal(g, e)
+    assert "fastopt::scale_" in {event.name for event in profiler.events()}
+
+    class Recording(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.seen = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            self.seen.append(str(func))
+            return func(*args, **(kwargs or {}))
+
+    with Recording() as mode:
+        cuda.scale_(grads, 2.0)
+    assert any(name.endswith("scale_.default") for name in mode.seen), mode.seen
+    for g, e in zip(grads, expected):
+        assert_bitwise_equal(g, e * 2.0)
+
+    wrapped = [LoggingTensor(g) for g in grads]  # a subclass that dispatches to Python
+    with pytest.raises(TypeError, match="subclass"):
+        eager.scale_(wrapped, 0.5, None)
+    with capture_logs() as logs:
+        cuda.scale_(wrapped, 0.25)
+    assert any("scale_" in line for line in logs), logs
+    for g, e in zip(grads, expected):
+        assert_bitwise_equal(g, e * 0.5)
+
+
 @pytest.mark.parametrize("dtype", [F32, BF16])
 def test_5000_tensors_norm_unscale_and_scale_match_reference(dtype):
     tensors = in_guarded_buffer(random_values(many_shapes(seed=30), dtype, seed=31), WRITTEN_SENTINEL)

@@ -34,6 +34,11 @@ inline void tensor_impl(const c10::TensorImpl* impl) {
   if (impl != nullptr) lines(impl, 4);
 }
 
+// A tensor's storage object, which data_ptr() reads (its TensorImpl fetched already).
+inline void storage(const c10::TensorImpl* impl) {
+  if (const c10::StorageImpl* object = impl->unsafe_storage().unsafeGetStorageImpl()) lines(object, 1);
+}
+
 // The counter object a VariableVersion shares (views share their base's), or null (inference).
 inline const void* counter_of(const c10::VariableVersion& v) {
   static_assert(sizeof(c10::VariableVersion) == sizeof(void*), "VariableVersion is one intrusive_ptr");
@@ -61,6 +66,17 @@ void pipelined(size_t n, const Body& body, const Stages&... stages) {
     };
     (run(stages), ...);  // in order: stage 0 farthest ahead
     body(i);
+  }
+}
+
+// body(i) for the tensors impl_of(i), i in [0, n), their TensorImpls fetched ahead, and with
+// `storages` their storages too (for data_ptr()).
+template <typename ImplOf, typename Body>
+void over_tensors(size_t n, const ImplOf& impl_of, bool storages, const Body& body) {
+  if (storages) {
+    pipelined(n, body, [&](size_t i) { tensor_impl(impl_of(i)); }, [&](size_t i) { storage(impl_of(i)); });
+  } else {
+    pipelined(n, body, [&](size_t i) { tensor_impl(impl_of(i)); });
   }
 }
 

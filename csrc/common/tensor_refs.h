@@ -54,8 +54,10 @@ class TensorRefs {
     const Py_ssize_t n = is_list ? PyList_GET_SIZE(sequence) : PyTuple_GET_SIZE(sequence);
     items_.clear();
     items_.reserve(size_t(n));
+    PyObject** items = PySequence_Fast_ITEMS(sequence);
     for (Py_ssize_t i = 0; i < n; ++i) {
-      PyObject* item = is_list ? PyList_GET_ITEM(sequence, i) : PyTuple_GET_ITEM(sequence, i);
+      if (i + 8 < n) __builtin_prefetch(items[i + 8]);  // the objects are scattered: fetch ahead
+      PyObject* item = items[i];
       if (!THPVariable_Check(item)) {
         items_.clear();
         return false;

@@ -13,6 +13,7 @@
 #include <cmath>
 #include <algorithm>
 #include <atomic>
+#include <deque>
 #include <list>
 #include <memory>
 #include <mutex>
@@ -43,27 +44,35 @@ DType dtype_code(const at::Tensor& t, const char* name) {
   }
 }
 
-void check_lists(const std::vector<std::pair<const char*, const TensorList*>>& lists) {
-  const TensorList& first = *lists.front().second;
+// The TensorImpl of list[i], for prefetch::over_tensors: a list's tensors are visited with those a
+// few ahead fetched meanwhile (each TensorImpl and storage is a heap object of its own: one cache
+// miss after another otherwise, most of a call's host work over thousands of small tensors).
+auto impl_of(const TensorRefs& list) {
+  return [&list](size_t i) { return list[i].unsafeGetTensorImpl(); };
+}
+
+void check_lists(const std::vector<std::pair<const char*, const TensorRefs*>>& lists) {
+  const TensorRefs& first = *lists.front().second;
   TORCH_CHECK(!first.empty(), "fastopt: ", lists.front().first, " must not be empty");
   const at::Device device = first.front().device();
   TORCH_CHECK(device.type() == FASTOPT_OPS_DEVICE_TYPE, "fastopt: the CUDA backend needs CUDA tensors, got ", device);
   for (const auto& [name, tensors] : lists) {
     TORCH_CHECK(tensors->size() == first.size(), "fastopt: ", name, " has ", tensors->size(), " tensors but ",
                 lists.front().first, " has ", first.size());
-    for (size_t i = 0; i < tensors->size(); ++i) {
-      const at::Tensor& t = (*tensors)[i];
+    const TensorRefs& list = *tensors;
+    prefetch::over_tensors(list.size(), impl_of(list), false, [&, name = name](size_t i) {
+      const at::Tensor& t = list[i];
       TORCH_CHECK(t.defined(), "fastopt: ", name, "[", i, "] is undefined");
       TORCH_CHECK(t.device() == device, "fastopt: ", name, "[", i, "] is on ", t.device(), " but ",
                   lists.front().first, "[0] is on ", device);
       TORCH_CHECK(t.layout() == at::kStrided, "fastopt: ", name, "[", i, "] must be a dense tensor");
       dtype_code(t, name);
-    }
+    });
   }
 }
 
-void check_same_numels(const char* name, const TensorList& tensors, const char* reference_name,
-                       const TensorList& reference) {
+void check_same_numels(const char* name, const TensorRefs& tensors, const char* reference_name,
+                       const TensorRefs& reference) {
   for (size_t i = 0; i < tensors.size(); ++i)
     TORCH_CHECK(tensors[i].numel() == reference[i].numel(), "fastopt: ", name, "[", i, "] has ",
                 tensors[i].numel(), " elements but ", reference_name, "[", i, "] has ", reference[i].numel());
@@ -91,10 +100,10 @@ float* found_inf_pointer(const std::optional<at::Tensor>& found_inf, const at::D
 // Shared by the ops and UpdatePlan (the same errors, raised before anything is written). A dtype
 // combination without a kernel build raises NotImplementedError (the backend falls back on it).
 
-void check_adamw(const TensorList& params, const TensorList& grads, const TensorList& exp_avgs,
-                 const TensorList& exp_avg_sqs, const TensorList& steps, const TensorList& max_exp_avg_sqs) {
+void check_adamw(const TensorRefs& params, const TensorRefs& grads, const TensorRefs& exp_avgs,
+                 const TensorRefs& exp_avg_sqs, const TensorRefs& steps, const TensorRefs& max_exp_avg_sqs) {
   const bool amsgrad = !max_exp_avg_sqs.empty();
-  std::vector<std::pair<const char*, const TensorList*>> named = {
+  std::vector<std::pair<const char*, const TensorRefs*>> named = {
       {"params", &params}, {"grads", &grads}, {"exp_avgs", &exp_avgs}, {"exp_avg_sqs", &exp_avg_sqs}, {"steps", &steps}};
   if (amsgrad) named.emplace_back("max_exp_avg_sqs", &max_exp_avg_sqs);
   check_lists(named);
@@ -116,9 +125,9 @@ void check_adamw(const TensorList& params, const TensorList& grads, const Tensor
   }
 }
 
-void check_sgd(const TensorList& params, const TensorList& grads, const TensorList& momentum_buffers) {
+void check_sgd(const TensorRefs& params, const TensorRefs& grads, const TensorRefs& momentum_buffers) {
   const bool with_momentum = !momentum_buffers.empty();
-  std::vector<std::pair<const char*, const TensorList*>> named = {{"params", &params}, {"grads", &grads}};
+  std::vector<std::pair<const char*, const TensorRefs*>> named = {{"params", &params}, {"grads", &grads}};
   if (with_momentum) named.emplace_back("momentum_buffers", &momentum_buffers);
   check_lists(named);
   check_same_numels("grads", grads, "params", params);
@@ -134,7 +143,7 @@ void check_sgd(const TensorList& params, const TensorList& grads, const TensorLi
   }
 }
 
-void check_lion(const TensorList& params, const TensorList& grads, const TensorList& exp_avgs) {
+void check_lion(const TensorRefs& params, const TensorRefs& grads, const TensorRefs& exp_avgs) {
   check_lists({{"params", &params}, {"grads", &grads}, {"exp_avgs", &exp_avgs}});
   check_same_numels("grads", grads, "params", params);
   check_same_numels("exp_avgs", exp_avgs, "params", params);
@@ -156,31 +165,39 @@ void bump_version(const at::Tensor& t) {
   if (!t.is_inference()) t.unsafeGetTensorImpl()->bump_version();
 }
 
+// The tensors are borrowed (tensor_refs.h); only the copies are owned.
 struct DenseLists {
-  std::vector<TensorList> lists;
-  std::vector<std::pair<at::Tensor, at::Tensor>> write_back;  // (original, contiguous copy)
-  std::vector<at::Tensor> written_in_place;  // contiguous tensors the kernels write
+  std::vector<TensorRefs> lists;
+  std::deque<at::Tensor> copies;  // a deque: lists point into it
+  std::vector<std::pair<const at::Tensor*, const at::Tensor*>> write_back;  // (original, contiguous copy)
+  std::vector<const at::Tensor*> written_in_place;  // contiguous tensors the kernels write
 
-  void add(const TensorList& tensors, bool written) {
-    TensorList dense;
+  void add(const TensorRefs& tensors, bool written) {
+    TensorRefs dense;
     dense.reserve(tensors.size());
-    for (const at::Tensor& t : tensors) {
+    prefetch::over_tensors(tensors.size(), impl_of(tensors), false, [&](size_t i) {
+      const at::Tensor& t = tensors[i];
       if (t.is_contiguous()) {
-        dense.push_back(t);
-        if (written) written_in_place.push_back(t);
+        dense.push_back(&t);
+        if (written) written_in_place.push_back(&t);
       } else {
-        dense.push_back(t.contiguous());
-        if (written) write_back.emplace_back(t, dense.back());
+        copies.push_back(t.contiguous());
+        dense.push_back(&copies.back());
+        if (written) write_back.emplace_back(&t, &copies.back());
       }
-    }
+    });
     lists.push_back(std::move(dense));
   }
 
   // After the launches: strided originals get their copies back (copy_ bumps their versions);
   // what the kernels wrote in place gets a new version (bump_version).
   void finish() {
-    for (auto& [original, copy] : write_back) original.copy_(copy);
-    for (const at::Tensor& t : written_in_place) bump_version(t);
+    for (auto& [original, copy] : write_back) original->copy_(*copy);
+    prefetch::pipelined(
+        written_in_place.size(), [&](size_t i) { bump_version(*written_in_place[i]); },
+        [&](size_t i) {
+          if (!written_in_place[i]->is_inference()) prefetch::version(written_in_place[i]->unsafeGetTensorImpl()->version_counter());
+        });
   }
 };
 
@@ -336,9 +353,9 @@ class TableCache {
   // The table for these (dense) lists on the current stream, pointing at their tensors. `units`
   // (Segments::kUnits): dim-0 slices of >= 2-D tensors of list 0 are segments; `min_one_chunk` as
   // in plan_chunks.
-  std::shared_ptr<Table> lookup(const std::vector<TensorList>& lists, Segments segments, Grouping grouping,
+  std::shared_ptr<Table> lookup(const std::vector<TensorRefs>& lists, Segments segments, Grouping grouping,
                                 bool min_one_chunk) {
-    const TensorList& first = lists.front();
+    const TensorRefs& first = lists.front();
     const int64_t num_tensors = static_cast<int64_t>(first.size());
     const cudaStream_t stream = c10::cuda::getCurrentCUDAStream().stream();
     std::vector<int64_t> key;
@@ -346,7 +363,7 @@ class TableCache {
     key.insert(key.end(), {first.front().device().index(), reinterpret_cast<int64_t>(stream),
                            static_cast<int64_t>(lists.size()), static_cast<int64_t>(segments),
                            static_cast<int64_t>(grouping), min_one_chunk});
-    for (const TensorList& tensors : lists)
+    for (const TensorRefs& tensors : lists)
       for (const at::Tensor& t : tensors) key.push_back(dtype_code(t, "tensor"));
     for (const at::Tensor& t : first) {
       key.push_back(t.numel());
@@ -436,9 +453,9 @@ class TableCache {
 
   // A table for these lists on the current stream (also for UpdatePlan, which keeps its own).
  public:
-  static Table build(const std::vector<TensorList>& lists, Segments segments, Grouping grouping, bool min_one_chunk,
+  static Table build(const std::vector<TensorRefs>& lists, Segments segments, Grouping grouping, bool min_one_chunk,
                      bool capture) {
-    const TensorList& first = lists.front();
+    const TensorRefs& first = lists.front();
     const int64_t num_lists = static_cast<int64_t>(lists.size()), num_tensors = static_cast<int64_t>(first.size());
     std::vector<int64_t> numels(num_tensors), units, group_keys;
     for (int64_t i = 0; i < num_tensors; ++i) numels[i] = first[i].numel();
@@ -505,21 +522,23 @@ class TableCache {
   }
 
  private:
-  static std::vector<int64_t> addresses_of(const std::vector<TensorList>& lists) {
+  static std::vector<int64_t> addresses_of(const std::vector<TensorRefs>& lists) {
     std::vector<int64_t> addresses;
     addresses.reserve(lists.size() * lists.front().size());
-    for (const TensorList& tensors : lists)
-      for (const at::Tensor& t : tensors) addresses.push_back(reinterpret_cast<int64_t>(t.data_ptr()));
+    for (const TensorRefs& tensors : lists)
+      prefetch::over_tensors(tensors.size(), impl_of(tensors), true, [&](size_t i) {
+        addresses.push_back(reinterpret_cast<int64_t>(tensors[i].data_ptr()));
+      });
     return addresses;
   }
 
-  static bool points_to(const Table& table, const std::vector<TensorList>& lists) {
+  static bool points_to(const Table& table, const std::vector<TensorRefs>& lists) {
     return addresses_of(lists) == table.addresses;
   }
 
   // Refresh the device address column when any pointer changed (eager calls on the table's stream
   // only: ordered after every launch that read the old column).
-  static void point_to(Table& table, const std::vector<TensorList>& lists) {
+  static void point_to(Table& table, const std::vector<TensorRefs>& lists) {
     std::vector<int64_t> addresses = addresses_of(lists);
     if (addresses == table.addresses) return;
     upload(table.buffer.narrow(0, 0, static_cast<int64_t>(addresses.size())), addresses);
@@ -581,7 +600,7 @@ std::tuple<at::Tensor, at::Tensor> run_norm_pass(const Table& table, const at::T
 
 // The ops, as registration.cpp registers them (declared in host_runtime.h).
 
-std::tuple<at::Tensor, at::Tensor> multi_tensor_norm(const TensorList& tensors, double norm_type, bool per_tensor,
+std::tuple<at::Tensor, at::Tensor> multi_tensor_norm(const TensorRefs& tensors, double norm_type, bool per_tensor,
                                                      const std::optional<at::Tensor>& found_inf) {
   check_lists({{"tensors", &tensors}});
   TORCH_CHECK(norm_type > 0, "fastopt: norm_type must be positive or inf, got ", norm_type);
@@ -597,7 +616,7 @@ std::tuple<at::Tensor, at::Tensor> multi_tensor_norm(const TensorList& tensors, 
 
 // The in-place unscale with the inf/nan check; with norm_type, also the norm of the unscaled
 // tensors (total, and per tensor when asked) from the same read: the AMP step's first pass.
-std::tuple<at::Tensor, at::Tensor> unscale_and_check_(const TensorList& tensors, double inv_scale,
+std::tuple<at::Tensor, at::Tensor> unscale_and_check_(const TensorRefs& tensors, double inv_scale,
                                                       const std::optional<at::Tensor>& inv_scale_tensor,
                                                       const at::Tensor& found_inf, std::optional<double> norm_type,
                                                       bool per_tensor) {
@@ -616,7 +635,7 @@ std::tuple<at::Tensor, at::Tensor> unscale_and_check_(const TensorList& tensors,
   return result;
 }
 
-void scale_(const TensorList& tensors, double coef, const std::optional<at::Tensor>& coef_tensor) {
+void scale_(const TensorRefs& tensors, double coef, const std::optional<at::Tensor>& coef_tensor) {
   check_lists({{"tensors", &tensors}});
   const at::Device device = tensors.front().device();
   c10::cuda::CUDAGuard guard(device);
@@ -629,7 +648,7 @@ void scale_(const TensorList& tensors, double coef, const std::optional<at::Tens
   dense.finish();
 }
 
-void clamp_(const TensorList& tensors, double clip_value) {
+void clamp_(const TensorRefs& tensors, double clip_value) {
   check_lists({{"tensors", &tensors}});
   TORCH_CHECK(clip_value >= 0, "fastopt: clip_value must be >= 0, got ", clip_value);
   const at::Device device = tensors.front().device();
@@ -642,7 +661,7 @@ void clamp_(const TensorList& tensors, double clip_value) {
   dense.finish();
 }
 
-void adaptive_clip_(const TensorList& params, const TensorList& grads, double clip_factor, double eps, double norm_type,
+void adaptive_clip_(const TensorRefs& params, const TensorRefs& grads, double clip_factor, double eps, double norm_type,
                     bool unitwise) {
   check_lists({{"params", &params}, {"grads", &grads}});
   check_same_numels("grads", grads, "params", params);
@@ -691,9 +710,9 @@ void run_lion_pass(const Table& table, const LionArgs& args, cudaStream_t stream
   });
 }
 
-void adamw_(const TensorList& params, const TensorList& grads, const TensorList& exp_avgs, const TensorList& exp_avg_sqs,
-            const TensorList& steps, double lr, const std::optional<at::Tensor>& lr_tensor, double beta1, double beta2,
-            double eps, double weight_decay, bool maximize, const TensorList& max_exp_avg_sqs, double grad_scale,
+void adamw_(const TensorRefs& params, const TensorRefs& grads, const TensorRefs& exp_avgs, const TensorRefs& exp_avg_sqs,
+            const TensorRefs& steps, double lr, const std::optional<at::Tensor>& lr_tensor, double beta1, double beta2,
+            double eps, double weight_decay, bool maximize, const TensorRefs& max_exp_avg_sqs, double grad_scale,
             const std::optional<at::Tensor>& grad_scale_tensor, const std::optional<at::Tensor>& found_inf,
             double clip_coef, const std::optional<at::Tensor>& clip_coef_tensor, bool decoupled_weight_decay) {
   const bool amsgrad = !max_exp_avg_sqs.empty();
@@ -724,7 +743,7 @@ void adamw_(const TensorList& params, const TensorList& grads, const TensorList&
   dense.finish();
 }
 
-void sgd_(const TensorList& params, const TensorList& grads, const TensorList& momentum_buffers, double lr,
+void sgd_(const TensorRefs& params, const TensorRefs& grads, const TensorRefs& momentum_buffers, double lr,
           const std::optional<at::Tensor>& lr_tensor, double momentum, double dampening, double weight_decay,
           bool nesterov, bool maximize, bool first_step, double grad_scale,
           const std::optional<at::Tensor>& grad_scale_tensor, const std::optional<at::Tensor>& found_inf,
@@ -754,7 +773,7 @@ void sgd_(const TensorList& params, const TensorList& grads, const TensorList& m
   dense.finish();
 }
 
-void lion_(const TensorList& params, const TensorList& grads, const TensorList& exp_avgs, double lr,
+void lion_(const TensorRefs& params, const TensorRefs& grads, const TensorRefs& exp_avgs, double lr,
            const std::optional<at::Tensor>& lr_tensor, double beta1, double beta2, double weight_decay, bool maximize,
            double grad_scale, const std::optional<at::Tensor>& grad_scale_tensor,
            const std::optional<at::Tensor>& found_inf, double clip_coef,
@@ -828,18 +847,19 @@ UpdatePlan::UpdatePlan(PlannedOp op, const TensorList& params, const TensorList&
   State& s = *state_;
   s.op = op;
   const TensorList none;
-  auto state_list = [&](size_t k) -> const TensorList& { return k < states.size() ? states[k] : none; };
+  auto state_list = [&](size_t k) { return TensorRefs(k < states.size() ? states[k] : none); };
+  const TensorRefs param_refs(params), grad_refs(grads);
   switch (op) {
     case PlannedOp::kAdamW:
-      check_adamw(params, grads, state_list(0), state_list(1), state_list(2), state_list(3));
+      check_adamw(param_refs, grad_refs, state_list(0), state_list(1), state_list(2), state_list(3));
       s.amsgrad = !state_list(3).empty();
       break;
     case PlannedOp::kSGD:
-      check_sgd(params, grads, state_list(0));
+      check_sgd(param_refs, grad_refs, state_list(0));
       s.with_momentum = !state_list(0).empty();
       break;
     case PlannedOp::kLion:
-      check_lion(params, grads, state_list(0));
+      check_lion(param_refs, grad_refs, state_list(0));
       break;
   }
   s.fixed.push_back(params);
@@ -903,14 +923,14 @@ PlanStatus UpdatePlan::step(const std::vector<const at::Tensor*>& grads, const P
   const cudaStream_t stream = current_stream();
   std::unique_ptr<Table>& slot = s.tables[stream];
   if (!slot) {
-    std::vector<TensorList> lists;
+    std::vector<TensorRefs> lists;
     lists.reserve(s.fixed.size() + 1);
-    lists.push_back(s.fixed[0]);
-    TensorList grad_list;
+    lists.emplace_back(s.fixed[0]);
+    TensorRefs grad_list;
     grad_list.reserve(n);
-    for (const at::Tensor* g : grads) grad_list.push_back(*g);
+    for (const at::Tensor* g : grads) grad_list.push_back(g);
     lists.push_back(std::move(grad_list));
-    for (size_t l = 1; l < s.fixed.size(); ++l) lists.push_back(s.fixed[l]);
+    for (size_t l = 1; l < s.fixed.size(); ++l) lists.emplace_back(s.fixed[l]);
     slot = std::make_unique<Table>(TableCache::build(lists, Segments::kTensors, Grouping::kDtypes,
                                                      /*min_one_chunk=*/s.op == PlannedOp::kAdamW, false));
   }
@@ -989,7 +1009,8 @@ struct NormPlan::State {
 
 NormPlan::NormPlan(const TensorList& grads) : state_(std::make_unique<State>()) {
   State& s = *state_;
-  check_lists({{"tensors", &grads}});
+  const TensorRefs grad_refs(grads);
+  check_lists({{"tensors", &grad_refs}});
   for (size_t i = 0; i < grads.size(); ++i)
     TORCH_CHECK(grads[i].is_contiguous(), "fastopt: NormPlan: tensors[", i, "] is not contiguous");
   const at::Device device = grads.front().device();
@@ -999,7 +1020,7 @@ NormPlan::NormPlan(const TensorList& grads) : state_(std::make_unique<State>()) 
   for (const at::Tensor& g : grads) s.numels.push_back(g.numel());
   s.addresses.resize(grads.size());
   s.tables[current_stream()] =
-      std::make_unique<Table>(TableCache::build({grads}, Segments::kTensors, Grouping::kNone, false, false));
+      std::make_unique<Table>(TableCache::build({grad_refs}, Segments::kTensors, Grouping::kNone, false, false));
 }
 
 NormPlan::~NormPlan() = default;

@@ -11,6 +11,8 @@
 #include <tuple>
 #include <vector>
 
+#include "../common/tensor_refs.h"
+
 // What these ops are registered as. The build on the host emulation of the device
 // (csrc/emulation/ops_emulated.cpp) defines its own: torch.ops.fastopt_emulated.* for CPU tensors
 // in fastopt._C_emulated, table uploads from plain host memory.
@@ -27,28 +29,30 @@ namespace fastopt {
 
 using TensorList = std::vector<at::Tensor>;
 
-// Schemas and the meaning of the arguments: registration.cpp.
-std::tuple<at::Tensor, at::Tensor> multi_tensor_norm(const TensorList& tensors, double norm_type, bool per_tensor,
+// Schemas and the meaning of the arguments: registration.cpp. The lists are borrowed
+// (tensor_refs.h): registration.cpp hands over the dispatcher's lists, or, for eager calls from
+// fastopt/backends/cuda.py, the Python lists themselves (no boxing, no copy of a tensor).
+std::tuple<at::Tensor, at::Tensor> multi_tensor_norm(const TensorRefs& tensors, double norm_type, bool per_tensor,
                                                      const std::optional<at::Tensor>& found_inf);
-std::tuple<at::Tensor, at::Tensor> unscale_and_check_(const TensorList& tensors, double inv_scale,
+std::tuple<at::Tensor, at::Tensor> unscale_and_check_(const TensorRefs& tensors, double inv_scale,
                                                       const std::optional<at::Tensor>& inv_scale_tensor,
                                                       const at::Tensor& found_inf, std::optional<double> norm_type,
                                                       bool per_tensor);
-void scale_(const TensorList& tensors, double coef, const std::optional<at::Tensor>& coef_tensor);
-void clamp_(const TensorList& tensors, double clip_value);
-void adaptive_clip_(const TensorList& params, const TensorList& grads, double clip_factor, double eps, double norm_type,
+void scale_(const TensorRefs& tensors, double coef, const std::optional<at::Tensor>& coef_tensor);
+void clamp_(const TensorRefs& tensors, double clip_value);
+void adaptive_clip_(const TensorRefs& params, const TensorRefs& grads, double clip_factor, double eps, double norm_type,
                     bool unitwise);
-void adamw_(const TensorList& params, const TensorList& grads, const TensorList& exp_avgs, const TensorList& exp_avg_sqs,
-            const TensorList& steps, double lr, const std::optional<at::Tensor>& lr_tensor, double beta1, double beta2,
-            double eps, double weight_decay, bool maximize, const TensorList& max_exp_avg_sqs, double grad_scale,
+void adamw_(const TensorRefs& params, const TensorRefs& grads, const TensorRefs& exp_avgs, const TensorRefs& exp_avg_sqs,
+            const TensorRefs& steps, double lr, const std::optional<at::Tensor>& lr_tensor, double beta1, double beta2,
+            double eps, double weight_decay, bool maximize, const TensorRefs& max_exp_avg_sqs, double grad_scale,
             const std::optional<at::Tensor>& grad_scale_tensor, const std::optional<at::Tensor>& found_inf,
             double clip_coef, const std::optional<at::Tensor>& clip_coef_tensor, bool decoupled_weight_decay);
-void sgd_(const TensorList& params, const TensorList& grads, const TensorList& momentum_buffers, double lr,
+void sgd_(const TensorRefs& params, const TensorRefs& grads, const TensorRefs& momentum_buffers, double lr,
           const std::optional<at::Tensor>& lr_tensor, double momentum, double dampening, double weight_decay,
           bool nesterov, bool maximize, bool first_step, double grad_scale,
           const std::optional<at::Tensor>& grad_scale_tensor, const std::optional<at::Tensor>& found_inf,
           double clip_coef, const std::optional<at::Tensor>& clip_coef_tensor);
-void lion_(const TensorList& params, const TensorList& grads, const TensorList& exp_avgs, double lr,
+void lion_(const TensorRefs& params, const TensorRefs& grads, const TensorRefs& exp_avgs, double lr,
            const std::optional<at::Tensor>& lr_tensor, double beta1, double beta2, double weight_decay, bool maximize,
            double grad_scale, const std::optional<at::Tensor>& grad_scale_tensor,
            const std::optional<at::Tensor>& found_inf, double clip_coef,

@@ -4,13 +4,17 @@
 // pybind11 class: no torch op, so no boxed lists) and the table cache's test hooks.
 #include <Python.h>  // for the module init below: `import fastopt._C` registers the ops
 
+#include <ATen/record_function.h>
 #include <torch/csrc/autograd/python_variable.h>
 #include <torch/csrc/utils/pybind.h>
 #include <torch/library.h>
 
 #include <exception>
+#include <string>
+#include <utility>
 #include <vector>
 
+#include "../common/prefetch.h"
 #include "host_runtime.h"
 
 #define FASTOPT_TORCH_LIBRARY(ns, m) TORCH_LIBRARY(ns, m)
@@ -41,15 +45,88 @@ FASTOPT_TORCH_LIBRARY(FASTOPT_OPS_LIBRARY, m) {
       "float clip_coef, Tensor? clip_coef_tensor) -> ()");
 }
 
+namespace {
+
+// An op with its lists as the dispatcher gives them (at::TensorList: views of the boxed lists, not
+// copies) or as fastopt::TensorRefs (the eager entries below, reading Python lists in place):
+// `Lists` says which. Each list argument becomes a TensorRefs; the rest pass through.
+template <typename Lists>
+struct Entries {
+  static fastopt::TensorRefs refs(const Lists& list) { return fastopt::TensorRefs(list); }
+
+  static std::tuple<at::Tensor, at::Tensor> multi_tensor_norm(const Lists& tensors, double norm_type, bool per_tensor,
+                                                              const std::optional<at::Tensor>& found_inf) {
+    return fastopt::multi_tensor_norm(refs(tensors), norm_type, per_tensor, found_inf);
+  }
+  static std::tuple<at::Tensor, at::Tensor> unscale_and_check_(const Lists& tensors, double inv_scale,
+                                                               const std::optional<at::Tensor>& inv_scale_tensor,
+                                                               const at::Tensor& found_inf,
+                                                               std::optional<double> norm_type, bool per_tensor) {
+    return fastopt::unscale_and_check_(refs(tensors), inv_scale, inv_scale_tensor, found_inf, norm_type, per_tensor);
+  }
+  static void scale_(const Lists& tensors, double coef, const std::optional<at::Tensor>& coef_tensor) {
+    fastopt::scale_(refs(tensors), coef, coef_tensor);
+  }
+  static void clamp_(const Lists& tensors, double clip_value) { fastopt::clamp_(refs(tensors), clip_value); }
+  static void adaptive_clip_(const Lists& params, const Lists& grads, double clip_factor, double eps, double norm_type,
+                             bool unitwise) {
+    fastopt::adaptive_clip_(refs(params), refs(grads), clip_factor, eps, norm_type, unitwise);
+  }
+  static void adamw_(const Lists& params, const Lists& grads, const Lists& exp_avgs, const Lists& exp_avg_sqs,
+                     const Lists& steps, double lr, const std::optional<at::Tensor>& lr_tensor, double beta1,
+                     double beta2, double eps, double weight_decay, bool maximize, const Lists& max_exp_avg_sqs,
+                     double grad_scale, const std::optional<at::Tensor>& grad_scale_tensor,
+                     const std::optional<at::Tensor>& found_inf, double clip_coef,
+                     const std::optional<at::Tensor>& clip_coef_tensor, bool decoupled_weight_decay) {
+    fastopt::adamw_(refs(params), refs(grads), refs(exp_avgs), refs(exp_avg_sqs), refs(steps), lr, lr_tensor, beta1,
+                    beta2, eps, weight_decay, maximize, refs(max_exp_avg_sqs), grad_scale, grad_scale_tensor,
+                    found_inf, clip_coef, clip_coef_tensor, decoupled_weight_decay);
+  }
+  static void sgd_(const Lists& params, const Lists& grads, const Lists& momentum_buffers, double lr,
+                   const std::optional<at::Tensor>& lr_tensor, double momentum, double dampening, double weight_decay,
+                   bool nesterov, bool maximize, bool first_step, double grad_scale,
+                   const std::optional<at::Tensor>& grad_scale_tensor, const std::optional<at::Tensor>& found_inf,
+                   double clip_coef, const std::optional<at::Tensor>& clip_coef_tensor) {
+    fastopt::sgd_(refs(params), refs(grads), refs(momentum_buffers), lr, lr_tensor, momentum, dampening, weight_decay,
+                  nesterov, maximize, first_step, grad_scale, grad_scale_tensor, found_inf, clip_coef,
+                  clip_coef_tensor);
+  }
+  static void lion_(const Lists& params, const Lists& grads, const Lists& exp_avgs, double lr,
+                    const std::optional<at::Tensor>& lr_tensor, double beta1, double beta2, double weight_decay,
+                    bool maximize, double grad_scale, const std::optional<at::Tensor>& grad_scale_tensor,
+                    const std::optional<at::Tensor>& found_inf, double clip_coef,
+                    const std::optional<at::Tensor>& clip_coef_tensor) {
+    fastopt::lion_(refs(params), refs(grads), refs(exp_avgs), lr, lr_tensor, beta1, beta2, weight_decay, maximize,
+                   grad_scale, grad_scale_tensor, found_inf, clip_coef, clip_coef_tensor);
+  }
+};
+
+// The eager entries take plain tensors only: a subclass that dispatches to Python (FakeTensor, a
+// user's wrapper) must go through torch.ops, which hands it to its __torch_dispatch__. A TypeError,
+// raised before anything is read, says so (fastopt/backends/cuda.py then calls torch.ops).
+template <>
+fastopt::TensorRefs Entries<fastopt::TensorRefs>::refs(const fastopt::TensorRefs& list) {
+  bool plain = true;
+  fastopt::prefetch::over_tensors(list.size(), [&](size_t i) { return list[i].unsafeGetTensorImpl(); }, false,
+                                  [&](size_t i) { plain = plain && !list[i].unsafeGetTensorImpl()->is_python_dispatch(); });
+  if (!plain)
+    throw pybind11::type_error("fastopt: a tensor subclass that dispatches to Python: call the op through torch.ops");
+  return list;
+}
+
+using DispatchedEntries = Entries<at::TensorList>;
+
+}  // namespace
+
 FASTOPT_TORCH_LIBRARY_IMPL(FASTOPT_OPS_LIBRARY, FASTOPT_OPS_DISPATCH_KEY, m) {
-  m.impl("multi_tensor_norm", &fastopt::multi_tensor_norm);
-  m.impl("unscale_and_check_", &fastopt::unscale_and_check_);
-  m.impl("scale_", &fastopt::scale_);
-  m.impl("clamp_", &fastopt::clamp_);
-  m.impl("adaptive_clip_", &fastopt::adaptive_clip_);
-  m.impl("adamw_", &fastopt::adamw_);
-  m.impl("sgd_", &fastopt::sgd_);
-  m.impl("lion_", &fastopt::lion_);
+  m.impl("multi_tensor_norm", &DispatchedEntries::multi_tensor_norm);
+  m.impl("unscale_and_check_", &DispatchedEntries::unscale_and_check_);
+  m.impl("scale_", &DispatchedEntries::scale_);
+  m.impl("clamp_", &DispatchedEntries::clamp_);
+  m.impl("adaptive_clip_", &DispatchedEntries::adaptive_clip_);
+  m.impl("adamw_", &DispatchedEntries::adamw_);
+  m.impl("sgd_", &DispatchedEntries::sgd_);
+  m.impl("lion_", &DispatchedEntries::lion_);
 }
 
 // Test hooks, not API: fastopt._C._table_cache_stats() -> (cached tables, tables kept only for
@@ -95,6 +172,32 @@ auto raising_python_errors(F&& body) -> decltype(body()) {
     PyErr_SetString(PyExc_RuntimeError, e.what_without_backtrace());
   }
   throw py::error_already_set();
+}
+
+// fastopt._C.<op>: each op without the dispatcher, for eager calls on plain tensors
+// (fastopt/backends/cuda.py): its lists are read in place (TensorRefs), where torch.ops converts
+// every tensor of every list to an IValue and back (13 ms of the 19 ms of host work of an adamw_
+// over 5,000 params, on the 2-core test machine). Traced calls, dispatch modes and tensor
+// subclasses go through torch.ops, which they must see. The profiler sees the op's name.
+template <typename R, typename... Args>
+void bind_eager(py::module_ module, const char* name, R (*op)(Args...)) {
+  const std::string record = std::string("fastopt::") + name;
+  module.def(name, [record, op](Args... args) -> R {
+    RECORD_FUNCTION(record.c_str(), std::vector<c10::IValue>());
+    return raising_python_errors([&]() -> R { return op(std::forward<Args>(args)...); });
+  });
+}
+
+void bind_eager_ops(py::module_ module) {
+  using Eager = Entries<fastopt::TensorRefs>;
+  bind_eager(module, "multi_tensor_norm", &Eager::multi_tensor_norm);
+  bind_eager(module, "unscale_and_check_", &Eager::unscale_and_check_);
+  bind_eager(module, "scale_", &Eager::scale_);
+  bind_eager(module, "clamp_", &Eager::clamp_);
+  bind_eager(module, "adaptive_clip_", &Eager::adaptive_clip_);
+  bind_eager(module, "adamw_", &Eager::adamw_);
+  bind_eager(module, "sgd_", &Eager::sgd_);
+  bind_eager(module, "lion_", &Eager::lion_);
 }
 
 // The tensors of a Python list of grads, read in place (borrowed while the list holds them): no
@@ -195,6 +298,7 @@ PyMODINIT_FUNC FASTOPT_OPS_MODULE_INIT(void) {
   try {
     bind_update_plan(py::reinterpret_borrow<py::module_>(module));
     bind_norm_plan(py::reinterpret_borrow<py::module_>(module));
+    bind_eager_ops(py::reinterpret_borrow<py::module_>(module));
   } catch (py::error_already_set& e) {
     e.restore();
     Py_DECREF(module);

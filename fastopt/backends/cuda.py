@@ -118,9 +118,28 @@ if LOAD_ERROR is None:
     _register_fakes()
 
 _OPS = getattr(torch.ops, LIBRARY)  # torch.ops.fastopt (torch.ops.fastopt_emulated under the emulation)
+# The extension's eager entries (fastopt._C.adamw_, ...: the ops without the dispatcher), when it
+# has them.
+_EAGER = _EXTENSION if _EXTENSION is not None and hasattr(_EXTENSION, "adamw_") else None
 
 
 # --------------------------------------------------------------------------- the backend's ops
+
+
+def _call(name: str, *args):
+    """Op ``name`` of the extension. An eager call takes its eager entry (``fastopt._C.<name>``),
+    which reads the lists in place: torch.ops converts every tensor of every list to an IValue and
+    back, 13 of the 19 ms of host work of an adamw_ over 5,000 params on a 2-core machine. A call
+    that torch.compile traces, or made under a dispatch mode (fake tensors, functionalization, a
+    user's mode), goes through ``torch.ops.fastopt.<name>``, which they must see; so does one with
+    a tensor subclass that dispatches to Python (the eager entry refuses it with a TypeError,
+    before reading anything)."""
+    if _EAGER is not None and not torch.compiler.is_compiling() and not torch._C._len_torch_dispatch_stack():
+        try:
+            return getattr(_EAGER, name)(*args)
+        except TypeError:  # a subclass, or arguments the schema's checks will name
+            pass
+    return getattr(_OPS, name)(*args)
 
 
 def _split(value: float | Tensor | None, default: float = 1.0) -> tuple[float, Tensor | None]:
@@ -165,28 +184,28 @@ def _run_or_fall_back(op, fallback, covered) -> None:
 def multi_tensor_norm(tensors: list[Tensor], norm_type: float, per_tensor: bool, found_inf: Tensor | None = None):
     if not tensors:
         return reference.multi_tensor_norm(tensors, norm_type, per_tensor, found_inf)
-    total, norms = _OPS.multi_tensor_norm(tensors, norm_type, per_tensor, found_inf)
+    total, norms = _call("multi_tensor_norm", tensors, norm_type, per_tensor, found_inf)
     return (total, norms) if per_tensor else total
 
 
 def unscale_and_check_(tensors: list[Tensor], inv_scale: float | Tensor, found_inf: Tensor) -> None:
     if tensors:
-        _OPS.unscale_and_check_(tensors, *_split(inv_scale), found_inf)
+        _call("unscale_and_check_", tensors, *_split(inv_scale), found_inf)
 
 
 def scale_(tensors: list[Tensor], coef: float | Tensor) -> None:
     if tensors:
-        _OPS.scale_(tensors, *_split(coef))
+        _call("scale_", tensors, *_split(coef))
 
 
 def clamp_(tensors: list[Tensor], clip_value: float) -> None:
     if tensors:
-        _OPS.clamp_(tensors, clip_value)
+        _call("clamp_", tensors, clip_value)
 
 
 def adaptive_clip_(params, grads, clip_factor: float, eps: float, norm_type: float, unitwise: bool) -> None:
     if params:
-        _OPS.adaptive_clip_(params, grads, clip_factor, eps, norm_type, unitwise)
+        _call("adaptive_clip_", params, grads, clip_factor, eps, norm_type, unitwise)
 
 
 def adamw_(
@@ -216,7 +235,8 @@ def adamw_(
         decoupled_weight_decay=decoupled_weight_decay,
     )  # fmt: skip
     _run_or_fall_back(
-        lambda: _OPS.adamw_(
+        lambda: _call(
+            "adamw_",
             params, grads, exp_avgs, exp_avg_sqs, steps, *_split(lr), beta1, beta2, eps, weight_decay, maximize,
             max_exp_avg_sqs or [], *_split(grad_scale), found_inf, *_split(clip_coef), decoupled_weight_decay,
         ),
@@ -248,7 +268,8 @@ def sgd_(
         maximize=maximize, first_step=first_step, grad_scale=grad_scale, found_inf=found_inf, clip_coef=clip_coef,
     )  # fmt: skip
     _run_or_fall_back(
-        lambda: _OPS.sgd_(
+        lambda: _call(
+            "sgd_",
             params, grads, momentum_buffers or [], *_split(lr), momentum, dampening, weight_decay, nesterov, maximize,
             first_step, *_split(grad_scale), found_inf, *_split(clip_coef),
         ),
@@ -278,7 +299,8 @@ def lion_(
         found_inf=found_inf, clip_coef=clip_coef,
     )  # fmt: skip
     _run_or_fall_back(
-        lambda: _OPS.lion_(
+        lambda: _call(
+            "lion_",
             params, grads, exp_avgs, *_split(lr), beta1, beta2, weight_decay, maximize, *_split(grad_scale),
             found_inf, *_split(clip_coef),
         ),
