@@ -51,31 +51,58 @@ auto impl_of(const TensorRefs& list) {
   return [&list](size_t i) { return list[i].unsafeGetTensorImpl(); };
 }
 
-void check_lists(const std::vector<std::pair<const char*, const TensorRefs*>>& lists) {
+// What an op reads of each tensor of one of its lists, gathered by check_lists in one visit per
+// tensor: the other checks, the table's key and its address column read these, not the tensors.
+struct ListScan {
+  const TensorRefs* tensors = nullptr;
+  std::vector<DType> dtypes;
+  std::vector<int64_t> numels;
+  std::vector<int64_t> addresses;  // data_ptr(); 0 for a strided tensor (it runs on a copy)
+  std::vector<uint8_t> contiguous;
+  bool all_contiguous = true;
+};
+
+// Every list: as long as the first, each tensor defined, dense, floating and on the first one's
+// (CUDA) device; returned, what was read of each list, in order.
+using NamedLists = std::vector<std::pair<const char*, const TensorRefs*>>;
+std::vector<ListScan> check_lists(const NamedLists& lists) {
   const TensorRefs& first = *lists.front().second;
   TORCH_CHECK(!first.empty(), "fastopt: ", lists.front().first, " must not be empty");
   const at::Device device = first.front().device();
   TORCH_CHECK(device.type() == FASTOPT_OPS_DEVICE_TYPE, "fastopt: the CUDA backend needs CUDA tensors, got ", device);
-  for (const auto& [name, tensors] : lists) {
+  std::vector<ListScan> scans(lists.size());
+  for (size_t l = 0; l < lists.size(); ++l) {
+    const auto& [name, tensors] = lists[l];
     TORCH_CHECK(tensors->size() == first.size(), "fastopt: ", name, " has ", tensors->size(), " tensors but ",
                 lists.front().first, " has ", first.size());
     const TensorRefs& list = *tensors;
-    prefetch::over_tensors(list.size(), impl_of(list), false, [&, name = name](size_t i) {
+    ListScan& scan = scans[l];
+    const size_t n = list.size();
+    scan.tensors = tensors;
+    scan.dtypes.resize(n), scan.numels.resize(n), scan.addresses.resize(n), scan.contiguous.resize(n);
+    prefetch::over_tensors(n, impl_of(list), true, [&, name = name](size_t i) {
       const at::Tensor& t = list[i];
       TORCH_CHECK(t.defined(), "fastopt: ", name, "[", i, "] is undefined");
       TORCH_CHECK(t.device() == device, "fastopt: ", name, "[", i, "] is on ", t.device(), " but ",
                   lists.front().first, "[0] is on ", device);
       TORCH_CHECK(t.layout() == at::kStrided, "fastopt: ", name, "[", i, "] must be a dense tensor");
-      dtype_code(t, name);
+      scan.dtypes[i] = dtype_code(t, name);
+      scan.numels[i] = t.numel();
+      const bool contiguous = t.is_contiguous();
+      scan.contiguous[i] = contiguous;
+      scan.all_contiguous = scan.all_contiguous && contiguous;
+      scan.addresses[i] = contiguous ? reinterpret_cast<int64_t>(t.data_ptr()) : 0;
     });
   }
+  return scans;
 }
 
-void check_same_numels(const char* name, const TensorRefs& tensors, const char* reference_name,
-                       const TensorRefs& reference) {
-  for (size_t i = 0; i < tensors.size(); ++i)
-    TORCH_CHECK(tensors[i].numel() == reference[i].numel(), "fastopt: ", name, "[", i, "] has ",
-                tensors[i].numel(), " elements but ", reference_name, "[", i, "] has ", reference[i].numel());
+void check_same_numels(const char* name, const ListScan& tensors, const char* reference_name,
+                       const ListScan& reference) {
+  if (tensors.numels == reference.numels) return;
+  for (size_t i = 0; i < tensors.numels.size(); ++i)
+    TORCH_CHECK(tensors.numels[i] == reference.numels[i], "fastopt: ", name, "[", i, "] has ", tensors.numels[i],
+                " elements but ", reference_name, "[", i, "] has ", reference.numels[i]);
 }
 
 ScalarArg scalar_arg(double value, const std::optional<at::Tensor>& tensor, const at::Device& device,
@@ -100,58 +127,62 @@ float* found_inf_pointer(const std::optional<at::Tensor>& found_inf, const at::D
 // Shared by the ops and UpdatePlan (the same errors, raised before anything is written). A dtype
 // combination without a kernel build raises NotImplementedError (the backend falls back on it).
 
-void check_adamw(const TensorRefs& params, const TensorRefs& grads, const TensorRefs& exp_avgs,
-                 const TensorRefs& exp_avg_sqs, const TensorRefs& steps, const TensorRefs& max_exp_avg_sqs) {
+// The lists' scans, in the op's order (params, grads, then its states).
+std::vector<ListScan> check_adamw(const TensorRefs& params, const TensorRefs& grads, const TensorRefs& exp_avgs,
+                                  const TensorRefs& exp_avg_sqs, const TensorRefs& steps,
+                                  const TensorRefs& max_exp_avg_sqs) {
   const bool amsgrad = !max_exp_avg_sqs.empty();
-  std::vector<std::pair<const char*, const TensorRefs*>> named = {
+  NamedLists named = {
       {"params", &params}, {"grads", &grads}, {"exp_avgs", &exp_avgs}, {"exp_avg_sqs", &exp_avg_sqs}, {"steps", &steps}};
   if (amsgrad) named.emplace_back("max_exp_avg_sqs", &max_exp_avg_sqs);
-  check_lists(named);
-  for (const auto& [name, tensors] : named)
-    if (tensors != &steps && tensors != &params) check_same_numels(name, *tensors, "params", params);
+  std::vector<ListScan> scans = check_lists(named);
+  for (size_t l = 1; l < named.size(); ++l)
+    if (l != 4) check_same_numels(named[l].first, scans[l], "params", scans[0]);  // not the steps (list 4)
   for (size_t i = 0; i < steps.size(); ++i)
-    TORCH_CHECK(steps[i].numel() == 1 && (steps[i].scalar_type() == at::kFloat || steps[i].scalar_type() == at::kDouble),
+    TORCH_CHECK(scans[4].numels[i] == 1 && (scans[4].dtypes[i] == kFloat32 || scans[4].dtypes[i] == kFloat64),
                 "fastopt: steps[", i, "] must be a 1-element float32 or float64 tensor");
   // Every state of a param shares one dtype in the compiled combinations.
   for (size_t i = 0; i < params.size(); ++i) {
-    const DType state = dtype_code(exp_avgs[i], "exp_avgs");
-    const bool same_states = dtype_code(exp_avg_sqs[i], "exp_avg_sqs") == state &&
-                             (!amsgrad || dtype_code(max_exp_avg_sqs[i], "max_exp_avg_sqs") == state);
+    const DType state = scans[2].dtypes[i];
+    const bool same_states = scans[3].dtypes[i] == state && (!amsgrad || scans[5].dtypes[i] == state);
     TORCH_CHECK_NOT_IMPLEMENTED(
-        same_states && adamw_supports(dtype_code(params[i], "params"), dtype_code(grads[i], "grads"), state),
+        same_states && adamw_supports(scans[0].dtypes[i], scans[1].dtypes[i], state),
         "fastopt: the CUDA AdamW kernel has no build for params ", params[i].scalar_type(), ", grads ",
         grads[i].scalar_type(), ", exp_avgs ", exp_avgs[i].scalar_type(), ", exp_avg_sqs ",
         exp_avg_sqs[i].scalar_type(), " (tensor ", i, ")");
   }
+  return scans;
 }
 
-void check_sgd(const TensorRefs& params, const TensorRefs& grads, const TensorRefs& momentum_buffers) {
+std::vector<ListScan> check_sgd(const TensorRefs& params, const TensorRefs& grads,
+                                const TensorRefs& momentum_buffers) {
   const bool with_momentum = !momentum_buffers.empty();
-  std::vector<std::pair<const char*, const TensorRefs*>> named = {{"params", &params}, {"grads", &grads}};
+  NamedLists named = {{"params", &params}, {"grads", &grads}};
   if (with_momentum) named.emplace_back("momentum_buffers", &momentum_buffers);
-  check_lists(named);
-  check_same_numels("grads", grads, "params", params);
-  if (with_momentum) check_same_numels("momentum_buffers", momentum_buffers, "params", params);
+  std::vector<ListScan> scans = check_lists(named);
+  check_same_numels("grads", scans[1], "params", scans[0]);
+  if (with_momentum) check_same_numels("momentum_buffers", scans[2], "params", scans[0]);
   for (size_t i = 0; i < params.size(); ++i) {
-    const DType param = dtype_code(params[i], "params");
+    const DType param = scans[0].dtypes[i];
     TORCH_CHECK_NOT_IMPLEMENTED(
-        sgd_supports(param, dtype_code(grads[i], "grads"),
-                     with_momentum ? dtype_code(momentum_buffers[i], "momentum_buffers") : param),
+        sgd_supports(param, scans[1].dtypes[i], with_momentum ? scans[2].dtypes[i] : param),
         "fastopt: the CUDA SGD kernel has no build for params ", params[i].scalar_type(), ", grads ",
         grads[i].scalar_type(), with_momentum ? ", momentum_buffers " : "",
         with_momentum ? c10::toString(momentum_buffers[i].scalar_type()) : "", " (tensor ", i, ")");
   }
+  return scans;
 }
 
-void check_lion(const TensorRefs& params, const TensorRefs& grads, const TensorRefs& exp_avgs) {
-  check_lists({{"params", &params}, {"grads", &grads}, {"exp_avgs", &exp_avgs}});
-  check_same_numels("grads", grads, "params", params);
-  check_same_numels("exp_avgs", exp_avgs, "params", params);
+std::vector<ListScan> check_lion(const TensorRefs& params, const TensorRefs& grads, const TensorRefs& exp_avgs) {
+  std::vector<ListScan> scans = check_lists({{"params", &params}, {"grads", &grads}, {"exp_avgs", &exp_avgs}});
+  check_same_numels("grads", scans[1], "params", scans[0]);
+  check_same_numels("exp_avgs", scans[2], "params", scans[0]);
   for (size_t i = 0; i < params.size(); ++i)
     TORCH_CHECK_NOT_IMPLEMENTED(
-        lion_supports(dtype_code(params[i], "params"), dtype_code(grads[i], "grads"), dtype_code(exp_avgs[i], "exp_avgs")),
+        lion_supports(scans[0].dtypes[i], scans[1].dtypes[i], scans[2].dtypes[i]),
         "fastopt: the CUDA Lion kernel has no build for params ", params[i].scalar_type(), ", grads ",
         grads[i].scalar_type(), ", exp_avgs ", exp_avgs[i].scalar_type(), " (tensor ", i, ")");
+  return scans;
 }
 
 // --------------------------------------------------------------------------- dense stand-ins
@@ -165,27 +196,42 @@ void bump_version(const at::Tensor& t) {
   if (!t.is_inference()) t.unsafeGetTensorImpl()->bump_version();
 }
 
-// The tensors are borrowed (tensor_refs.h); only the copies are owned.
+// The tensors are borrowed (tensor_refs.h); only the copies are owned. Built from check_lists'
+// scans, which hold what the table cache reads: the dtypes, the sizes and (with the copies' here)
+// the address column.
 struct DenseLists {
   std::vector<TensorRefs> lists;
+  std::vector<const ListScan*> scans;
+  std::vector<int64_t> addresses;  // every list's, in order: the table's address column
   std::deque<at::Tensor> copies;  // a deque: lists point into it
   std::vector<std::pair<const at::Tensor*, const at::Tensor*>> write_back;  // (original, contiguous copy)
   std::vector<const at::Tensor*> written_in_place;  // contiguous tensors the kernels write
 
-  void add(const TensorRefs& tensors, bool written) {
+  void add(const ListScan& scan, bool written) {
+    const TensorRefs& tensors = *scan.tensors;
+    scans.push_back(&scan);
+    addresses.insert(addresses.end(), scan.addresses.begin(), scan.addresses.end());
+    if (scan.all_contiguous) {
+      lists.push_back(tensors);
+      if (written)
+        for (const at::Tensor& t : tensors) written_in_place.push_back(&t);
+      return;
+    }
+    const size_t first = addresses.size() - tensors.size();
     TensorRefs dense;
     dense.reserve(tensors.size());
-    prefetch::over_tensors(tensors.size(), impl_of(tensors), false, [&](size_t i) {
+    for (size_t i = 0; i < tensors.size(); ++i) {
       const at::Tensor& t = tensors[i];
-      if (t.is_contiguous()) {
+      if (scan.contiguous[i]) {
         dense.push_back(&t);
         if (written) written_in_place.push_back(&t);
       } else {
         copies.push_back(t.contiguous());
         dense.push_back(&copies.back());
+        addresses[first + i] = reinterpret_cast<int64_t>(copies.back().data_ptr());
         if (written) write_back.emplace_back(&t, &copies.back());
       }
-    });
+    }
     lists.push_back(std::move(dense));
   }
 
@@ -353,8 +399,8 @@ class TableCache {
   // The table for these (dense) lists on the current stream, pointing at their tensors. `units`
   // (Segments::kUnits): dim-0 slices of >= 2-D tensors of list 0 are segments; `min_one_chunk` as
   // in plan_chunks.
-  std::shared_ptr<Table> lookup(const std::vector<TensorRefs>& lists, Segments segments, Grouping grouping,
-                                bool min_one_chunk) {
+  std::shared_ptr<Table> lookup(const DenseLists& dense, Segments segments, Grouping grouping, bool min_one_chunk) {
+    const std::vector<TensorRefs>& lists = dense.lists;
     const TensorRefs& first = lists.front();
     const int64_t num_tensors = static_cast<int64_t>(first.size());
     const cudaStream_t stream = c10::cuda::getCurrentCUDAStream().stream();
@@ -363,11 +409,15 @@ class TableCache {
     key.insert(key.end(), {first.front().device().index(), reinterpret_cast<int64_t>(stream),
                            static_cast<int64_t>(lists.size()), static_cast<int64_t>(segments),
                            static_cast<int64_t>(grouping), min_one_chunk});
-    for (const TensorRefs& tensors : lists)
-      for (const at::Tensor& t : tensors) key.push_back(dtype_code(t, "tensor"));
-    for (const at::Tensor& t : first) {
-      key.push_back(t.numel());
-      if (segments == Segments::kUnits) key.push_back(t.dim() >= 2 ? t.size(0) : 1);
+    for (const ListScan* scan : dense.scans) key.insert(key.end(), scan->dtypes.begin(), scan->dtypes.end());
+    const ListScan& sizes = *dense.scans.front();
+    if (segments == Segments::kUnits) {
+      for (int64_t i = 0; i < num_tensors; ++i) {
+        key.push_back(sizes.numels[i]);
+        key.push_back(first[i].dim() >= 2 ? first[i].size(0) : 1);
+      }
+    } else {
+      key.insert(key.end(), sizes.numels.begin(), sizes.numels.end());
     }
 
     const bool capture = capturing();
@@ -378,7 +428,8 @@ class TableCache {
       const Table& table = *found->second.table;
       // A capture takes only a table frozen for graphs that already points here; an eager call
       // any table that is not frozen, or a frozen one that points here.
-      const bool usable = capture ? table.frozen && points_to(table, lists) : !table.frozen || points_to(table, lists);
+      const bool usable = capture ? table.frozen && table.addresses == dense.addresses
+                                  : !table.frozen || table.addresses == dense.addresses;
       if (!usable) {
         if (table.frozen) graph_only_.push_back(found->second.table);  // a graph still reads it
         recent_.erase(found->second.position);
@@ -405,7 +456,7 @@ class TableCache {
       table->frozen = true;
       retain_for_graph(*table, stream);
     } else {
-      point_to(*table, lists);  // a frozen table here already points to these tensors
+      point_to(*table, dense.addresses);  // a frozen table here already points to these tensors
     }
     return table;
   }
@@ -532,17 +583,12 @@ class TableCache {
     return addresses;
   }
 
-  static bool points_to(const Table& table, const std::vector<TensorRefs>& lists) {
-    return addresses_of(lists) == table.addresses;
-  }
-
   // Refresh the device address column when any pointer changed (eager calls on the table's stream
   // only: ordered after every launch that read the old column).
-  static void point_to(Table& table, const std::vector<TensorRefs>& lists) {
-    std::vector<int64_t> addresses = addresses_of(lists);
+  static void point_to(Table& table, const std::vector<int64_t>& addresses) {
     if (addresses == table.addresses) return;
     upload(table.buffer.narrow(0, 0, static_cast<int64_t>(addresses.size())), addresses);
-    table.addresses = std::move(addresses);
+    table.addresses = addresses;
   }
 
   std::mutex mutex_;
@@ -602,14 +648,14 @@ std::tuple<at::Tensor, at::Tensor> run_norm_pass(const Table& table, const at::T
 
 std::tuple<at::Tensor, at::Tensor> multi_tensor_norm(const TensorRefs& tensors, double norm_type, bool per_tensor,
                                                      const std::optional<at::Tensor>& found_inf) {
-  check_lists({{"tensors", &tensors}});
+  const std::vector<ListScan> scans = check_lists({{"tensors", &tensors}});
   TORCH_CHECK(norm_type > 0, "fastopt: norm_type must be positive or inf, got ", norm_type);
   const at::Device device = tensors.front().device();
   c10::cuda::CUDAGuard guard(device);
   float* found_inf_data = found_inf_pointer(found_inf, device);
   DenseLists dense;
-  dense.add(tensors, /*written=*/false);
-  const std::shared_ptr<Table> table = tables().lookup(dense.lists, Segments::kTensors, Grouping::kNone, false);
+  dense.add(scans[0], /*written=*/false);
+  const std::shared_ptr<Table> table = tables().lookup(dense, Segments::kTensors, Grouping::kNone, false);
   return run_norm_pass(*table, tensors.front(), norm_kind(norm_type), norm_type, per_tensor, found_inf_data, false,
                        {1.0, nullptr, kFloat32});
 }
@@ -620,15 +666,15 @@ std::tuple<at::Tensor, at::Tensor> unscale_and_check_(const TensorRefs& tensors,
                                                       const std::optional<at::Tensor>& inv_scale_tensor,
                                                       const at::Tensor& found_inf, std::optional<double> norm_type,
                                                       bool per_tensor) {
-  check_lists({{"tensors", &tensors}});
+  const std::vector<ListScan> scans = check_lists({{"tensors", &tensors}});
   TORCH_CHECK(!norm_type.has_value() || *norm_type > 0, "fastopt: norm_type must be positive or inf, got ", *norm_type);
   const at::Device device = tensors.front().device();
   c10::cuda::CUDAGuard guard(device);
   const ScalarArg factor = scalar_arg(inv_scale, inv_scale_tensor, device, "inv_scale");
   float* found_inf_data = found_inf_pointer(found_inf, device);
   DenseLists dense;
-  dense.add(tensors, /*written=*/true);
-  const std::shared_ptr<Table> table = tables().lookup(dense.lists, Segments::kTensors, Grouping::kNone, false);
+  dense.add(scans[0], /*written=*/true);
+  const std::shared_ptr<Table> table = tables().lookup(dense, Segments::kTensors, Grouping::kNone, false);
   auto result = run_norm_pass(*table, tensors.front(), norm_type.has_value() ? norm_kind(*norm_type) : kNoNorm,
                               norm_type.value_or(2.0), per_tensor, found_inf_data, true, factor);
   dense.finish();
@@ -636,26 +682,26 @@ std::tuple<at::Tensor, at::Tensor> unscale_and_check_(const TensorRefs& tensors,
 }
 
 void scale_(const TensorRefs& tensors, double coef, const std::optional<at::Tensor>& coef_tensor) {
-  check_lists({{"tensors", &tensors}});
+  const std::vector<ListScan> scans = check_lists({{"tensors", &tensors}});
   const at::Device device = tensors.front().device();
   c10::cuda::CUDAGuard guard(device);
   const ScalarArg factor = scalar_arg(coef, coef_tensor, device, "coef");
   DenseLists dense;
-  dense.add(tensors, /*written=*/true);
-  const std::shared_ptr<Table> table = tables().lookup(dense.lists, Segments::kTensors, Grouping::kNone, false);
+  dense.add(scans[0], /*written=*/true);
+  const std::shared_ptr<Table> table = tables().lookup(dense, Segments::kTensors, Grouping::kNone, false);
   launch_scale(table->view, table->all_chunks(), 0, factor, nullptr, current_stream());
   C10_CUDA_KERNEL_LAUNCH_CHECK();
   dense.finish();
 }
 
 void clamp_(const TensorRefs& tensors, double clip_value) {
-  check_lists({{"tensors", &tensors}});
+  const std::vector<ListScan> scans = check_lists({{"tensors", &tensors}});
   TORCH_CHECK(clip_value >= 0, "fastopt: clip_value must be >= 0, got ", clip_value);
   const at::Device device = tensors.front().device();
   c10::cuda::CUDAGuard guard(device);
   DenseLists dense;
-  dense.add(tensors, /*written=*/true);
-  const std::shared_ptr<Table> table = tables().lookup(dense.lists, Segments::kTensors, Grouping::kNone, false);
+  dense.add(scans[0], /*written=*/true);
+  const std::shared_ptr<Table> table = tables().lookup(dense, Segments::kTensors, Grouping::kNone, false);
   launch_clamp(table->view, table->all_chunks(), clip_value, current_stream());
   C10_CUDA_KERNEL_LAUNCH_CHECK();
   dense.finish();
@@ -663,15 +709,15 @@ void clamp_(const TensorRefs& tensors, double clip_value) {
 
 void adaptive_clip_(const TensorRefs& params, const TensorRefs& grads, double clip_factor, double eps, double norm_type,
                     bool unitwise) {
-  check_lists({{"params", &params}, {"grads", &grads}});
-  check_same_numels("grads", grads, "params", params);
+  const std::vector<ListScan> scans = check_lists({{"params", &params}, {"grads", &grads}});
+  check_same_numels("grads", scans[1], "params", scans[0]);
   TORCH_CHECK(norm_type > 0, "fastopt: norm_type must be positive or inf, got ", norm_type);
   const at::Device device = params.front().device();
   c10::cuda::CUDAGuard guard(device);
   DenseLists dense;
-  dense.add(params, /*written=*/false);
-  dense.add(grads, /*written=*/true);
-  const std::shared_ptr<Table> table = tables().lookup(dense.lists, unitwise ? Segments::kUnits : Segments::kTensors, Grouping::kNone, false);
+  dense.add(scans[0], /*written=*/false);
+  dense.add(scans[1], /*written=*/true);
+  const std::shared_ptr<Table> table = tables().lookup(dense, unitwise ? Segments::kUnits : Segments::kTensors, Grouping::kNone, false);
   if (table->view.num_chunks == 0) return;  // only empty grads
   const NormKind kind = norm_kind(norm_type);
   const at::TensorOptions doubles = params.front().options().dtype(at::kDouble);
@@ -716,7 +762,7 @@ void adamw_(const TensorRefs& params, const TensorRefs& grads, const TensorRefs&
             const std::optional<at::Tensor>& grad_scale_tensor, const std::optional<at::Tensor>& found_inf,
             double clip_coef, const std::optional<at::Tensor>& clip_coef_tensor, bool decoupled_weight_decay) {
   const bool amsgrad = !max_exp_avg_sqs.empty();
-  check_adamw(params, grads, exp_avgs, exp_avg_sqs, steps, max_exp_avg_sqs);
+  const std::vector<ListScan> scans = check_adamw(params, grads, exp_avgs, exp_avg_sqs, steps, max_exp_avg_sqs);
   const at::Device device = params.front().device();
   c10::cuda::CUDAGuard guard(device);
   AdamWArgs args{};
@@ -732,13 +778,13 @@ void adamw_(const TensorRefs& params, const TensorRefs& grads, const TensorRefs&
   args.amsgrad = amsgrad;
   args.decoupled_weight_decay = decoupled_weight_decay;
   DenseLists dense;
-  dense.add(params, true);
-  dense.add(grads, false);
-  dense.add(exp_avgs, true);
-  dense.add(exp_avg_sqs, true);
-  dense.add(steps, true);
-  if (amsgrad) dense.add(max_exp_avg_sqs, true);
-  const std::shared_ptr<Table> table = tables().lookup(dense.lists, Segments::kTensors, Grouping::kDtypes, /*min_one_chunk=*/true);
+  dense.add(scans[0], true);
+  dense.add(scans[1], false);
+  dense.add(scans[2], true);
+  dense.add(scans[3], true);
+  dense.add(scans[4], true);
+  if (amsgrad) dense.add(scans[5], true);
+  const std::shared_ptr<Table> table = tables().lookup(dense, Segments::kTensors, Grouping::kDtypes, /*min_one_chunk=*/true);
   run_adamw_pass(*table, args, current_stream());
   dense.finish();
 }
@@ -749,7 +795,7 @@ void sgd_(const TensorRefs& params, const TensorRefs& grads, const TensorRefs& m
           const std::optional<at::Tensor>& grad_scale_tensor, const std::optional<at::Tensor>& found_inf,
           double clip_coef, const std::optional<at::Tensor>& clip_coef_tensor) {
   const bool with_momentum = !momentum_buffers.empty();
-  check_sgd(params, grads, momentum_buffers);
+  const std::vector<ListScan> scans = check_sgd(params, grads, momentum_buffers);
   const at::Device device = params.front().device();
   c10::cuda::CUDAGuard guard(device);
   SGDArgs args{};
@@ -765,10 +811,10 @@ void sgd_(const TensorRefs& params, const TensorRefs& grads, const TensorRefs& m
   args.momentum_buffers = with_momentum;
   args.first_step = first_step;
   DenseLists dense;
-  dense.add(params, true);
-  dense.add(grads, false);
-  if (with_momentum) dense.add(momentum_buffers, true);
-  const std::shared_ptr<Table> table = tables().lookup(dense.lists, Segments::kTensors, Grouping::kDtypes, false);
+  dense.add(scans[0], true);
+  dense.add(scans[1], false);
+  if (with_momentum) dense.add(scans[2], true);
+  const std::shared_ptr<Table> table = tables().lookup(dense, Segments::kTensors, Grouping::kDtypes, false);
   run_sgd_pass(*table, args, current_stream());
   dense.finish();
 }
@@ -778,7 +824,7 @@ void lion_(const TensorRefs& params, const TensorRefs& grads, const TensorRefs& 
            double grad_scale, const std::optional<at::Tensor>& grad_scale_tensor,
            const std::optional<at::Tensor>& found_inf, double clip_coef,
            const std::optional<at::Tensor>& clip_coef_tensor) {
-  check_lion(params, grads, exp_avgs);
+  const std::vector<ListScan> scans = check_lion(params, grads, exp_avgs);
   const at::Device device = params.front().device();
   c10::cuda::CUDAGuard guard(device);
   LionArgs args{};
@@ -791,10 +837,10 @@ void lion_(const TensorRefs& params, const TensorRefs& grads, const TensorRefs& 
   args.weight_decay = weight_decay;
   args.maximize = maximize;
   DenseLists dense;
-  dense.add(params, true);
-  dense.add(grads, false);
-  dense.add(exp_avgs, true);
-  const std::shared_ptr<Table> table = tables().lookup(dense.lists, Segments::kTensors, Grouping::kDtypes, false);
+  dense.add(scans[0], true);
+  dense.add(scans[1], false);
+  dense.add(scans[2], true);
+  const std::shared_ptr<Table> table = tables().lookup(dense, Segments::kTensors, Grouping::kDtypes, false);
   run_lion_pass(*table, args, current_stream());
   dense.finish();
 }
