@@ -272,7 +272,7 @@ def check_real(
     finite: bool = True,
 ) -> float:
     """A real number (not bool), optionally finite, >= minimum, > above, < below."""
-    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+    if type(value) is not float and (isinstance(value, bool) or not isinstance(value, numbers.Real)):
         raise TypeError(f"{name} must be a real number, got {type(value).__name__}")
     value = float(value)
     if math.isnan(value):

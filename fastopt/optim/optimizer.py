@@ -827,8 +827,10 @@ class FusedOptimizer(torch.optim.Optimizer):
         grad_norm = total if inv_scale is None else total * inv_scale
         clip_coef = None
         if self.max_grad_norm is not None:
-            # clip_grad_norm_'s formula, so results equal clipping before step() bit for bit.
-            clip_coef = torch.clamp(self.max_grad_norm / (grad_norm + 1e-6), max=1.0)
+            # clip_grad_norm_'s formula, so results equal clipping before step() bit for bit:
+            # clamp(max_norm / (norm + 1e-6), max=1), whose division Tensor.__rdiv__ computes as
+            # reciprocal() * max_norm; in place on one temporary (no Python-level __rdiv__).
+            clip_coef = (grad_norm + 1e-6).reciprocal_().mul_(self.max_grad_norm).clamp_(max=1.0)
         overflow = found_inf_used if found_inf_used is not None else _zeros(home)
         # What the update pass skips on: None when nothing can skip it, which spares the
         # reference backend its copy-and-select path.
@@ -856,8 +858,8 @@ class FusedOptimizer(torch.optim.Optimizer):
                     grad_scale=on_device(grad_scale), found_inf=on_device(skip), clip_coef=on_device(clip_coef),
                 )  # fmt: skip
                 self._update_group(kernels, group, lists, device, hyper, prechecked)
-        for _, by_device in gathered:  # states made for this step hold history now
-            for lists in by_device.values():
+        for _, by_device in [] if prechecked else gathered:  # states made for this step hold history now
+            for lists in by_device.values():  # (a reused plan's lists were cleared at its first step)
                 if True in lists.fresh:
                     lists.fresh[:] = itertools.repeat(False, len(lists.fresh))
         if kernels is ops:
