@@ -729,6 +729,26 @@ def test_in_place_ops_bump_the_version_counter():
     assert all(t._version > v for t, v in zip(tensors, versions))
 
 
+def test_the_extension_reads_lists_and_tuples_in_place_and_refuses_what_is_not_a_tensor():
+    """The ops borrow the tensors of a Python list or tuple (csrc/common/tensor_refs.h): a tuple
+    works as a list does, strided tensors still run on copies written back, and an item that is
+    not a tensor is a TypeError before anything is written."""
+    tensors = random_tensors([(7,), (33, 17), (0,)], torch.float32, seed=51)
+    tensors[1] = tensors[1].t()  # strided: scaled through a contiguous copy
+    expected = [t * 0.5 for t in tensors]
+    cpu._C.scale_(tuple(tensors), 0.5, None)
+    for t, e in zip(tensors, expected):
+        assert_bitwise_equal(t, e)
+    total, _ = cpu._C.multi_tensor_norm(tuple(tensors), 2.0, False, None)
+    assert_bitwise_equal(total, cpu._C.multi_tensor_norm(list(tensors), 2.0, False, None)[0])
+    before = [t.clone() for t in tensors]
+    for bad in ([tensors[0], 1.0], [tensors[0], None], tensors[0]):
+        with pytest.raises(TypeError):
+            cpu._C.scale_(bad, 0.5, None)
+    for t, b in zip(tensors, before):
+        assert_bitwise_equal(t, b)
+
+
 @pytest.mark.skipif(shutil.which("objdump") is None, reason="objdump is not installed")
 def test_vector_clones_use_hardware_fma():
     """The x86-64-v3 / v4 clones of the AdamW, SGD and Lion loops hold packed vfmadd instructions and
