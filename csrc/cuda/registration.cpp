@@ -1,7 +1,8 @@
 // The registration of the CUDA backend: the op schemas (TORCH_LIBRARY(fastopt)), the ops' CUDA
 // implementations (host_runtime.cpp) as their CUDA kernels for the dispatcher, and the Python
-// module fastopt._C whose import registers them, with UpdatePlan (the step plan's updates, a
-// pybind11 class: no torch op, so no boxed lists) and the table cache's test hooks.
+// module fastopt._C whose import registers them, with each op's eager entry (the same host code,
+// the Python lists read in place), UpdatePlan and NormPlan (the step plan's updates and norm,
+// pybind11 classes: no torch op, so no boxed lists) and the table cache's test hooks.
 #include <Python.h>  // for the module init below: `import fastopt._C` registers the ops
 
 #include <ATen/record_function.h>
