@@ -831,17 +831,22 @@ class FusedOptimizer(torch.optim.Optimizer):
             # clamp(max_norm / (norm + 1e-6), max=1), whose division Tensor.__rdiv__ computes as
             # reciprocal() * max_norm; in place on one temporary (no Python-level __rdiv__).
             clip_coef = (grad_norm + 1e-6).reciprocal_().mul_(self.max_grad_norm).clamp_(max=1.0)
-        overflow = found_inf_used if found_inf_used is not None else _zeros(home)
+        overflow = found_inf_used
         # What the update pass skips on: None when nothing can skip it, which spares the
         # reference backend its copy-and-select path.
         skip = found_inf_used
         if self.spike_guard is not None:
+            overflow = _zeros(home) if overflow is None else overflow
             skip = torch.maximum(overflow, self._spike(grad_norm, overflow))
         stats["grad_norm"].copy_(grad_norm)
         stats["clip_coef"].copy_(clip_coef if clip_coef is not None else 1.0)
-        stats["found_inf"].copy_(overflow)
-        skipped = overflow != 0 if skip is None else skip != 0
-        stats["skipped_steps"].add_(skipped)
+        if overflow is None:  # nothing can skip this step: no flag to copy, no skipped step to count
+            stats["found_inf"].zero_()
+            skipped = _zeros(home, torch.bool) if self.monitor is not None else None
+        else:
+            stats["found_inf"].copy_(overflow)
+            skipped = overflow != 0 if skip is None else skip != 0
+            stats["skipped_steps"].add_(skipped)
         if self.monitor is not None:
             norms = torch.cat(tensor_norms)
             indices = [i for d in devices for _, by_device in gathered if d in by_device for i in by_device[d].indices]
