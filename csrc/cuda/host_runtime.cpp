@@ -68,6 +68,8 @@ using NamedLists = std::vector<std::pair<const char*, const TensorRefs*>>;
 std::vector<ListScan> check_lists(const NamedLists& lists) {
   const TensorRefs& first = *lists.front().second;
   TORCH_CHECK(!first.empty(), "fastopt: ", lists.front().first, " must not be empty");
+  TORCH_CHECK_TYPE(!first.front().unsafeGetTensorImpl()->is_python_dispatch(), "fastopt: ", lists.front().first,
+                   "[0] is a tensor subclass that dispatches to Python: call the op through torch.ops");
   const at::Device device = first.front().device();
   TORCH_CHECK(device.type() == FASTOPT_OPS_DEVICE_TYPE, "fastopt: the CUDA backend needs CUDA tensors, got ", device);
   std::vector<ListScan> scans(lists.size());
@@ -83,6 +85,10 @@ std::vector<ListScan> check_lists(const NamedLists& lists) {
     prefetch::over_tensors(n, impl_of(list), true, [&, name = name](size_t i) {
       const at::Tensor& t = list[i];
       TORCH_CHECK(t.defined(), "fastopt: ", name, "[", i, "] is undefined");
+      // Through torch.ops such a tensor never gets here (its __torch_dispatch__ does); an eager
+      // entry (registration.cpp) leaves it to torch.ops on this TypeError, raised before any write.
+      TORCH_CHECK_TYPE(!t.unsafeGetTensorImpl()->is_python_dispatch(), "fastopt: ", name, "[", i,
+                       "] is a tensor subclass that dispatches to Python: call the op through torch.ops");
       TORCH_CHECK(t.device() == device, "fastopt: ", name, "[", i, "] is on ", t.device(), " but ",
                   lists.front().first, "[0] is on ", device);
       TORCH_CHECK(t.layout() == at::kStrided, "fastopt: ", name, "[", i, "] must be a dense tensor");

@@ -12,10 +12,10 @@
 
 #include <exception>
 #include <string>
+#include <type_traits>
 #include <utility>
 #include <vector>
 
-#include "../common/prefetch.h"
 #include "host_runtime.h"
 
 #define FASTOPT_TORCH_LIBRARY(ns, m) TORCH_LIBRARY(ns, m)
@@ -53,7 +53,13 @@ namespace {
 // `Lists` says which. Each list argument becomes a TensorRefs; the rest pass through.
 template <typename Lists>
 struct Entries {
-  static fastopt::TensorRefs refs(const Lists& list) { return fastopt::TensorRefs(list); }
+  static fastopt::TensorRefs refs(const Lists& list) {
+    if constexpr (std::is_same_v<Lists, fastopt::TensorRefs>) {
+      return list;
+    } else {
+      return fastopt::TensorRefs(list);
+    }
+  }
 
   static std::tuple<at::Tensor, at::Tensor> multi_tensor_norm(const Lists& tensors, double norm_type, bool per_tensor,
                                                               const std::optional<at::Tensor>& found_inf) {
@@ -102,19 +108,6 @@ struct Entries {
   }
 };
 
-// The eager entries take plain tensors only: a subclass that dispatches to Python (FakeTensor, a
-// user's wrapper) must go through torch.ops, which hands it to its __torch_dispatch__. A TypeError,
-// raised before anything is read, says so (fastopt/backends/cuda.py then calls torch.ops).
-template <>
-fastopt::TensorRefs Entries<fastopt::TensorRefs>::refs(const fastopt::TensorRefs& list) {
-  bool plain = true;
-  fastopt::prefetch::over_tensors(list.size(), [&](size_t i) { return list[i].unsafeGetTensorImpl(); }, false,
-                                  [&](size_t i) { plain = plain && !list[i].unsafeGetTensorImpl()->is_python_dispatch(); });
-  if (!plain)
-    throw pybind11::type_error("fastopt: a tensor subclass that dispatches to Python: call the op through torch.ops");
-  return list;
-}
-
 using DispatchedEntries = Entries<at::TensorList>;
 
 }  // namespace
@@ -161,14 +154,17 @@ namespace {
 namespace py = pybind11;
 
 // c10 errors as the ops raise them through torch.ops: NotImplementedError for a dtype combination
-// without a kernel build (the backend falls back on it), RuntimeError otherwise; the message
-// without the C++ backtrace.
+// without a kernel build (the backend falls back on it), TypeError for a tensor subclass that
+// dispatches to Python (which an eager entry leaves to torch.ops: host_runtime.cpp's
+// check_lists), RuntimeError otherwise; the message without the C++ backtrace.
 template <typename F>
 auto raising_python_errors(F&& body) -> decltype(body()) {
   try {
     return body();
   } catch (const c10::NotImplementedError& e) {
     PyErr_SetString(PyExc_NotImplementedError, e.what_without_backtrace());
+  } catch (const c10::TypeError& e) {
+    PyErr_SetString(PyExc_TypeError, e.what_without_backtrace());
   } catch (const c10::Error& e) {
     PyErr_SetString(PyExc_RuntimeError, e.what_without_backtrace());
   }
