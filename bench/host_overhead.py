@@ -43,9 +43,10 @@ upload, the arrival counters' reset) is timed, its kernels are not. Reported, ov
   reads the grads from the step plan's ``GradWatch`` (refreshed first, not timed): their addresses
   are read in C++, no grad is put in a Python list;
 - ``optimizer step``: a whole ``AdamW.step`` with clipping on that backend, launches stubbed;
-- (cuda, ``with host_runtime.cpp``) ``torch.ops binding``: what handing the lists to C++ costs, the
-  emulated ``adamw_`` rejected at its first check (no params) with the other four lists given,
-  less the same call with every list empty.
+- (cuda, ``with host_runtime.cpp``) ``torch.ops binding``: what handing the lists to C++ through
+  ``torch.ops`` costs (traced calls and dispatch modes; eager calls take the extension's eager
+  entry, which reads the lists in place), the emulated ``adamw_`` rejected at its first check (no
+  params) with the other four lists given, less the same call with every list empty.
 
 Grads are re-made every step, as zero_grad(set_to_none=True) + backward make them.
 """
@@ -414,7 +415,7 @@ def main() -> None:
         report(backend, args.params, args.steps)
         ms = binding_times(args.params, args.steps)
         print(f"  {'torch.ops binding:':<26}{ms[0]:.2f} ms host"
-              f" (min {ms[1]:.2f}; four lists, inside the times above)")
+              f" (min {ms[1]:.2f}; four lists; eager calls skip it)")
 
 
 def report(backend, num_params: int, steps: int) -> None:

@@ -14,6 +14,10 @@ unavailable with the reason (``python -m fastopt info``); the ops then run on Tr
 and their host side built for the host emulation of the device (csrc/emulation, ``fastopt._C_emulated``,
 ops ``torch.ops.fastopt_emulated.*``) run on CPU tensors, without a GPU.
 
+Eager calls on plain tensors take each op's eager entry (``fastopt._C.adamw_``, ...: the same host
+code, the Python lists read in place instead of boxed tensor by tensor); traced calls, dispatch
+modes and tensor subclasses go through ``torch.ops`` (``_call``).
+
 ``adamw_planned_``, ``sgd_planned_``, ``lion_planned_`` and ``multi_tensor_norm_planned``: the updates
 and the norm of fastopt.optim's step plan, through the extension's ``UpdatePlan`` and ``NormPlan``
 (pybind11 classes, not torch ops): built once per plan, a call takes only the grads' addresses
@@ -133,7 +137,7 @@ def _call(name: str, *args):
     that torch.compile traces, or made under a dispatch mode (fake tensors, functionalization, a
     user's mode), goes through ``torch.ops.fastopt.<name>``, which they must see; so does one with
     a tensor subclass that dispatches to Python (the eager entry refuses it with a TypeError,
-    before reading anything)."""
+    before writing anything)."""
     if _EAGER is not None and not torch.compiler.is_compiling() and not torch._C._len_torch_dispatch_stack():
         try:
             return getattr(_EAGER, name)(*args)
