@@ -74,6 +74,37 @@ def test_a_param_whose_data_is_replaced_is_followed(watch):
     run_both(ours, theirs, replace)
 
 
+def test_a_grad_in_the_memory_a_replaced_param_freed_is_not_refused(watch):
+    """After ``p.data = x`` the allocator may hand p's old memory to a new grad of an earlier
+    param. The plan still lists that memory as written, but it is void (p moved): the step must
+    take the full path, whose checks know p's new memory, not refuse the grad. Made certain here by
+    giving the earlier param a grad in that very memory."""
+
+    def replace(model, optimizer):
+        weight = model[2].weight  # after model[0]'s params in the optimizer's order
+        freed = weight.data
+        weight.data = weight.detach().clone() * 0.5
+        model.freed = freed  # kept, so that the next grad can be placed in it
+
+    def train_with_grad_in_freed_memory(model, optimizer, steps, start):
+        for step in range(start, start + steps):
+            optimizer.zero_grad()
+            loss_of("mlp", model, step).backward()
+            first = model[0].weight
+            placed = model.freed.reshape(-1)[: first.numel()].view_as(first)
+            placed.copy_(first.grad)
+            first.grad = placed
+            optimizer.step()
+
+    ours, theirs = pair()
+    for model, optimizer in (ours, theirs):
+        train("mlp", model, optimizer, 3)
+        replace(model, optimizer)
+        train_with_grad_in_freed_memory(model, optimizer, 2, start=3)
+    assert_same_params(ours[0], theirs[0])
+    assert_same_states(ours[1], theirs[1])
+
+
 def test_a_param_whose_dtype_changes_voids_the_plan(watch):
     """model.double() between steps: the same Parameter objects, new storage and dtype. The next
     step must go through the full path (its checks, its dtype handling), not the old addresses."""

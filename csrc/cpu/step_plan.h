@@ -210,6 +210,10 @@ class __attribute__((visibility("hidden"))) GradWatch {
     fresh_ = false;
     bool changed = false, retyped = false, completed = false;
     int verdict = 1;
+    // The first grad the ops would refuse: raised after the pass, only if the plan still holds (a
+    // param whose data was replaced voids it, and the full step's checks then judge the grads: a
+    // grad may since occupy memory the old data freed, which the plan's written spans still hold).
+    size_t refused = params_.size();
     // A refresh that ends early (a bad grad raises) may have renewed some spans and seen
     // addresses: the layout is then taken as changed, so that nothing keeps one worked out before.
     struct LayoutGuard {
@@ -238,7 +242,10 @@ class __attribute__((visibility("hidden"))) GradWatch {
           if (k < 0) return;
           const void* data = step_plan_detail::data_of(grad);
           // A grad where a checked one was (flat grads) cannot overlap what it did not overlap then.
-          check_grad(grad, j, k, /*overlap=*/data != seen_data_[k]);
+          if (refused < params_.size() || !grad_accepted(grad, j, /*overlap=*/data != seen_data_[k])) {
+            refused = std::min(refused, j);
+            return;
+          }
           changed |= data != seen_data_[k];
           seen_data_[k] = data;
           const at::ScalarType last_type = spans_[k].type;
@@ -251,6 +258,10 @@ class __attribute__((visibility("hidden"))) GradWatch {
         [&](size_t j) { prefetch::tensor_impl(prefetch::grad_impl(impl(j))); },
         [&](size_t j) { prefetch::storage_and_meta(prefetch::grad_impl(impl(j))); });
     if (verdict < 0) return -1;
+    if (refused < params_.size()) {
+      const Tensor& grad = step_plan_detail::grad_of(params_[refused]);
+      refuse(grad, params_[refused], "grads[" + std::to_string(positions_[slots_[refused]]) + "]");
+    }
     completed = true;
     fresh_ = true;
     if (changed || retyped) ++layout_;
@@ -336,14 +347,12 @@ class __attribute__((visibility("hidden"))) GradWatch {
   }
 
  private:
-  // The checks of fastopt.ops.check_replacement, with its messages; grads[i] is the grad's index
-  // in its plan list.
-  void check_grad(const Tensor& grad, size_t j, int64_t k, bool overlap) const {
+  // The checks of fastopt.ops.check_replacement (refuse() raises with its messages).
+  bool grad_accepted(const Tensor& grad, size_t j, bool overlap) const {
     const Tensor& param = params_[j];
-    const bool bad = grad.layout() != at::kStrided || !step_plan_detail::is_floating(grad.scalar_type()) ||
-                     !step_plan_detail::same_ints(grad.sizes(), param.sizes()) || grad.device() != param.device() ||
-                     (overlap && overlaps_written(grad));
-    if (bad) refuse(grad, param, "grads[" + std::to_string(positions_[k]) + "]");
+    return grad.layout() == at::kStrided && step_plan_detail::is_floating(grad.scalar_type()) &&
+           step_plan_detail::same_ints(grad.sizes(), param.sizes()) && grad.device() == param.device() &&
+           !(overlap && overlaps_written(grad));
   }
 
   [[noreturn]] void refuse(const Tensor& grad, const Tensor& param, const std::string& name) const {
