@@ -939,7 +939,7 @@ UpdatePlan::UpdatePlan(PlannedOp op, const TensorList& params, const TensorList&
 
 UpdatePlan::~UpdatePlan() = default;
 
-PlanStatus UpdatePlan::step(const std::vector<const at::Tensor*>& grads, const PlannedScalars& scalars) {
+PlanStatus UpdatePlan::step(const TensorRefs& grads, const PlannedScalars& scalars) {
   State& s = *state_;
   const int64_t n = s.num_tensors;
   TORCH_CHECK(static_cast<int64_t>(grads.size()) == n, "fastopt: grads has ", grads.size(), " tensors but params has ",
@@ -959,7 +959,7 @@ PlanStatus UpdatePlan::step(const std::vector<const at::Tensor*>& grads, const P
   // The grads: the op's errors for what it would refuse; a new dtype or a strided grad re-plans.
   bool replan = false;
   for (int64_t i = 0; i < n; ++i) {
-    const at::Tensor& g = *grads[i];
+    const at::Tensor& g = grads[i];
     TORCH_CHECK(g.defined(), "fastopt: grads[", i, "] is undefined");
     TORCH_CHECK(g.device() == device, "fastopt: grads[", i, "] is on ", g.device(), " but params[0] is on ", device);
     TORCH_CHECK(g.layout() == at::kStrided, "fastopt: grads[", i, "] must be a dense tensor");
@@ -978,10 +978,7 @@ PlanStatus UpdatePlan::step(const std::vector<const at::Tensor*>& grads, const P
     std::vector<TensorRefs> lists;
     lists.reserve(s.fixed.size() + 1);
     lists.emplace_back(s.fixed[0]);
-    TensorRefs grad_list;
-    grad_list.reserve(n);
-    for (const at::Tensor* g : grads) grad_list.push_back(g);
-    lists.push_back(std::move(grad_list));
+    lists.push_back(grads);
     for (size_t l = 1; l < s.fixed.size(); ++l) lists.emplace_back(s.fixed[l]);
     slot = std::make_unique<Table>(TableCache::build(lists, Segments::kTensors, Grouping::kDtypes,
                                                      /*min_one_chunk=*/s.op == PlannedOp::kAdamW, false));

@@ -94,7 +94,7 @@ class UpdatePlan {
   ~UpdatePlan();
   // grads: one per param, borrowed for the call. Raises, before any write, the op's error for a
   // grad the op would refuse.
-  PlanStatus step(const std::vector<const at::Tensor*>& grads, const PlannedScalars& scalars);
+  PlanStatus step(const TensorRefs& grads, const PlannedScalars& scalars);
   // The same with the grads given by their addresses (int64, CPU, one per param), for a caller that
   // has checked the grads as step() does and knows the params stay where they were (fastopt.optim's
   // step plan with its GradWatch, whose refresh checks both each step): nothing per tensor is read.

@@ -12,7 +12,6 @@
 
 #include <exception>
 #include <string>
-#include <type_traits>
 #include <utility>
 #include <vector>
 
@@ -50,16 +49,12 @@ namespace {
 
 // An op with its lists as the dispatcher gives them (at::TensorList: views of the boxed lists, not
 // copies) or as fastopt::TensorRefs (the eager entries below, reading Python lists in place):
-// `Lists` says which. Each list argument becomes a TensorRefs; the rest pass through.
+// `Lists` says which. Each list argument becomes a TensorRefs (an eager entry's is one); the rest
+// pass through.
 template <typename Lists>
 struct Entries {
-  static fastopt::TensorRefs refs(const Lists& list) {
-    if constexpr (std::is_same_v<Lists, fastopt::TensorRefs>) {
-      return list;
-    } else {
-      return fastopt::TensorRefs(list);
-    }
-  }
+  static const fastopt::TensorRefs& refs(const fastopt::TensorRefs& list) { return list; }
+  static fastopt::TensorRefs refs(at::TensorList list) { return fastopt::TensorRefs(list); }
 
   static std::tuple<at::Tensor, at::Tensor> multi_tensor_norm(const Lists& tensors, double norm_type, bool per_tensor,
                                                               const std::optional<at::Tensor>& found_inf) {
@@ -197,18 +192,15 @@ void bind_eager_ops(py::module_ module) {
   bind_eager(module, "lion_", &Eager::lion_);
 }
 
-// The tensors of a Python list of grads, read in place (borrowed while the list holds them): no
-// list of at::Tensor is built, nor boxed.
-std::vector<const at::Tensor*> borrowed_grads(const py::list& grads) {
-  const Py_ssize_t size = PyList_GET_SIZE(grads.ptr());
-  std::vector<const at::Tensor*> tensors(static_cast<size_t>(size));
-  for (Py_ssize_t i = 0; i < size; ++i) {
-    PyObject* item = PyList_GET_ITEM(grads.ptr(), i);
-    if (!THPVariable_Check(item))
-      throw py::type_error("fastopt: grads[" + std::to_string(i) + "] must be a tensor, got " + Py_TYPE(item)->tp_name);
-    tensors[i] = &THPVariable_Unpack(item);
-  }
-  return tensors;
+// The tensors of a Python list of grads, read in place (TensorRefs); the first item that is not a
+// tensor named in the error.
+fastopt::TensorRefs borrowed_grads(const py::list& grads) {
+  fastopt::TensorRefs tensors;
+  if (tensors.borrow(grads.ptr())) return tensors;
+  Py_ssize_t i = 0;
+  while (THPVariable_Check(PyList_GET_ITEM(grads.ptr(), i))) ++i;
+  throw py::type_error("fastopt: grads[" + std::to_string(i) + "] must be a tensor, got " +
+                       Py_TYPE(PyList_GET_ITEM(grads.ptr(), i))->tp_name);
 }
 
 // fastopt._C.UpdatePlan(op, params, grads, states) (op: 0 AdamW, 1 SGD, 2 Lion; states as
@@ -219,7 +211,7 @@ void bind_update_plan(py::module_ module) {
       .def(py::init([](int64_t op, const fastopt::TensorList& params, const py::list& grads,
                        const std::vector<fastopt::TensorList>& states) {
              fastopt::TensorList grad_list;
-             for (const at::Tensor* g : borrowed_grads(grads)) grad_list.push_back(*g);
+             for (const at::Tensor& g : borrowed_grads(grads)) grad_list.push_back(g);
              return raising_python_errors([&] {
                TORCH_CHECK(op >= 0 && op <= 2, "fastopt: UpdatePlan: op must be 0 (AdamW), 1 (SGD) or 2 (Lion), got ",
                            op);
@@ -248,7 +240,7 @@ void bind_update_plan(py::module_ module) {
               const at::Tensor& addresses = THPVariable_Unpack(grads.ptr());
               return raising_python_errors([&] { return static_cast<int64_t>(plan.step_addresses(addresses, scalars)); });
             }
-            const std::vector<const at::Tensor*> listed = borrowed_grads(py::cast<py::list>(grads));
+            const fastopt::TensorRefs listed = borrowed_grads(py::cast<py::list>(grads));
             return raising_python_errors([&] { return static_cast<int64_t>(plan.step(listed, scalars)); });
           },
           "one step with these grads (a list), or with the grads at these addresses (an int64 CPU tensor, grads "
@@ -262,7 +254,7 @@ void bind_norm_plan(py::module_ module) {
   py::class_<fastopt::NormPlan>(module, "NormPlan")
       .def(py::init([](const py::list& grads) {
              fastopt::TensorList grad_list;
-             for (const at::Tensor* g : borrowed_grads(grads)) grad_list.push_back(*g);
+             for (const at::Tensor& g : borrowed_grads(grads)) grad_list.push_back(g);
              return raising_python_errors([&] { return std::make_unique<fastopt::NormPlan>(grad_list); });
            }),
            py::arg("grads"))

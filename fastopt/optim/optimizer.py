@@ -863,10 +863,11 @@ class FusedOptimizer(torch.optim.Optimizer):
                     grad_scale=on_device(grad_scale), found_inf=on_device(skip), clip_coef=on_device(clip_coef),
                 )  # fmt: skip
                 self._update_group(kernels, group, lists, device, hyper, prechecked)
-        for _, by_device in [] if prechecked else gathered:  # states made for this step hold history now
-            for lists in by_device.values():  # (a reused plan's lists were cleared at its first step)
-                if True in lists.fresh:
-                    lists.fresh[:] = itertools.repeat(False, len(lists.fresh))
+        if not prechecked:  # states made for this step hold history now (a reused plan's were cleared)
+            for _, by_device in gathered:
+                for lists in by_device.values():
+                    if True in lists.fresh:
+                        lists.fresh[:] = itertools.repeat(False, len(lists.fresh))
         if kernels is ops:
             self._step_plan = plan  # every op accepted these lists: later steps may reuse them
             if plan is not None:
