@@ -154,11 +154,12 @@ def _lists_in_one_pass(lists: dict, *, written=(), shaped=(), scalars=(), reads=
 
 
 def check_replacement(name: str, tensors: list[Tensor], shapes: list[tuple], device: torch.device,
-                      written_pointers: frozenset[int]) -> None:
+                      written: "WrittenSpans") -> None:
     """Check a list that replaces one already validated with the same layout (grads, re-made by
     every backward, against the validated params and states): dense floating tensors of the
-    same shapes, on ``device``, none starting where a tensor the call writes starts. A few passes
-    of C-level ``map`` instead of the full checks, so a training step stays cheap on the host."""
+    same shapes, on ``device``, none sharing memory with ``written`` (what the call writes in
+    place). C-level ``map`` and vectorised spans instead of the full checks, so a training step
+    stays cheap on the host."""
     if len(tensors) != len(shapes):
         raise ValueError(f"{name} has {len(tensors)} tensors but {len(shapes)} were expected")
     check_dense_floating(tensors, name)
@@ -168,9 +169,9 @@ def check_replacement(name: str, tensors: list[Tensor], shapes: list[tuple], dev
     if set(map(_device_of, tensors)) != {device}:
         i = next(i for i, t in enumerate(tensors) if t.device != device)
         raise ValueError(f"{name}[{i}] is on {tensors[i].device} but its param is on {device}")
-    if not written_pointers.isdisjoint(map(Tensor.data_ptr, tensors)):
-        i = next(i for i, t in enumerate(tensors) if t.data_ptr() in written_pointers)
-        raise ValueError(f"{name}[{i}] shares memory with a param or state that this call updates in place")
+    hit = written.first_met_by(_MemorySpans({name: tensors}))
+    if hit is not None:
+        raise ValueError(f"{name}[{hit[0]}] shares memory with a param or state that this call updates in place")
 
 
 def _device_of(t: Tensor) -> torch.device:
@@ -233,33 +234,59 @@ def check_writable(written: dict, read_only: dict | None = None) -> None:
                 where = key if isinstance(value, Tensor) else _label(key, i)
                 raise ValueError(f"{where} has elements that share memory (an expanded view); it cannot be updated in place")
 
-    spans = _MemorySpans(written)
-    kept = (spans.ends > spans.starts).nonzero().squeeze(1)  # zero-element tensors hold no memory
-    order = kept[torch.argsort(spans.starts[kept], stable=True)]  # flat indices by address
-    starts, ends = spans.starts[order], spans.ends[order]
-    reach, reached_by = torch.cummax(ends, dim=0)  # furthest end so far, and which span reached it
-    clash = (starts[1:] < reach[:-1]).nonzero()
-    if clash.numel():
-        k = int(clash[0])
-        later, earlier = sorted([int(order[k + 1]), int(order[reached_by[k]])], reverse=True)
-        raise ValueError(
-            f"{spans.label(later)} and {spans.label(earlier)} share memory (the same tensor, or overlapping views); "
-            "each tensor updated in place must be passed once"
-        )
-    if not read_only or not len(starts):
+    spans = WrittenSpans(_MemorySpans(written))
+    if not read_only:
         return
     reads = _MemorySpans(read_only)
-    # Written spans are now disjoint and sorted: a read span can only meet the last written span
-    # starting at or before it, or the next one.
-    below = torch.searchsorted(starts, reads.starts, right=True) - 1
-    above = (below + 1).clamp(max=len(starts) - 1)
-    meets_below = (below >= 0) & (ends[below.clamp(min=0)] > reads.starts)
-    meets_above = (below + 1 < len(starts)) & (starts[above] < reads.ends)
-    hit = ((meets_below | meets_above) & (reads.ends > reads.starts)).nonzero()
-    if hit.numel():
-        j = int(hit[0])
-        other = int(order[below[j]] if meets_below[j] else order[above[j]])
+    hit = spans.first_met_by(reads)
+    if hit is not None:
+        j, other = hit
         raise ValueError(f"{reads.label(j)} shares memory with {spans.label(other)}, which this call updates in place")
+
+
+class WrittenSpans:
+    """The memory of tensors a call updates in place, sorted by address; raises when two of them
+    share memory (the same tensor, or overlapping views)."""
+
+    def __init__(self, spans: _MemorySpans):
+        self.spans = spans
+        kept = (spans.ends > spans.starts).nonzero().squeeze(1)  # zero-element tensors hold no memory
+        self.order = kept[torch.argsort(spans.starts[kept], stable=True)]  # flat indices by address
+        self.starts, self.ends = spans.starts[self.order], spans.ends[self.order]
+        reach, reached_by = torch.cummax(self.ends, dim=0)  # furthest end so far, and which span reached it
+        clash = (self.starts[1:] < reach[:-1]).nonzero()
+        if clash.numel():
+            k = int(clash[0])
+            later, earlier = sorted([int(self.order[k + 1]), int(self.order[reached_by[k]])], reverse=True)
+            raise ValueError(
+                f"{spans.label(later)} and {spans.label(earlier)} share memory (the same tensor, or overlapping views); "
+                "each tensor updated in place must be passed once"
+            )
+
+    @classmethod
+    def of(cls, tensors: list[Tensor]) -> "WrittenSpans":
+        return cls(_MemorySpans({"written": tensors}))
+
+    def label(self, flat: int) -> str:
+        return self.spans.label(flat)
+
+    def first_met_by(self, reads: _MemorySpans) -> tuple[int, int] | None:
+        """The first of ``reads`` (a flat index) that shares memory with a written span, and that
+        span's flat index; None when none does."""
+        starts, ends = self.starts, self.ends
+        if not len(starts) or not len(reads.starts):
+            return None
+        # Written spans are disjoint and sorted: a read span can only meet the last written span
+        # starting at or before it, or the next one.
+        below = torch.searchsorted(starts, reads.starts, right=True) - 1
+        above = (below + 1).clamp(max=len(starts) - 1)
+        meets_below = (below >= 0) & (ends[below.clamp(min=0)] > reads.starts)
+        meets_above = (below + 1 < len(starts)) & (starts[above] < reads.ends)
+        hit = ((meets_below | meets_above) & (reads.ends > reads.starts)).nonzero()
+        if not hit.numel():
+            return None
+        j = int(hit[0])
+        return j, int(self.order[below[j]] if meets_below[j] else self.order[above[j]])
 
 
 def check_real(

@@ -105,6 +105,49 @@ def test_a_grad_in_the_memory_a_replaced_param_freed_is_not_refused(watch):
     assert_same_states(ours[1], theirs[1])
 
 
+def test_a_reused_plan_refuses_exactly_the_grads_that_reach_into_written_memory(watch):
+    """Params are slices of one buffer with a gap after each; the grads are the gaps (touching
+    their params' ends, overlapping nothing) or, for one param at a time, a slice reaching one
+    element into another param, or a state. The C++ check searches the written spans from where
+    its last search ended, so the bad grad moves back and forth across the list; a refused step
+    changes nothing, and the plan carries on after it."""
+    generator = torch.Generator().manual_seed(0)
+    count, size = 40, 6
+    buffer = torch.randn(count * 2 * size, generator=generator)
+    slots = buffer.view(count, 2, size)
+    params = [torch.nn.Parameter(slots[i, 0]) for i in range(count)]
+    optimizer = AdamW(params, lr=1e-2, weight_decay=0.1)
+
+    def give_gap_grads():
+        for i, p in enumerate(params):
+            p.grad = slots[i, 1]
+            p.grad.copy_(torch.randn(size, generator=generator))
+
+    for _ in range(2):
+        give_gap_grads()
+        optimizer.step()
+    plan = optimizer._step_plan
+    assert plan is not None
+    for round, bad in enumerate(torch.randperm(count, generator=generator)[:15].tolist()):
+        give_gap_grads()
+        target = params[int(torch.randint(count, (), generator=generator))]
+        if round % 3 == 0:  # the target's last element, then its gap
+            start = target.storage_offset() + size - 1
+            params[bad].grad = buffer[start : start + size]
+        else:
+            params[bad].grad = optimizer.state[target][("exp_avg", "exp_avg_sq")[round % 3 - 1]][:]
+        before = [p.detach().clone() for p in params]
+        states = [{k: v.clone() for k, v in optimizer.state[p].items()} for p in params]
+        with pytest.raises(ValueError, match=rf"grads\[{bad}\] shares memory with a param or state"):
+            optimizer.step()
+        assert all(torch.equal(a, p) for a, p in zip(before, params))
+        for p, saved in zip(params, states):
+            assert all(torch.equal(optimizer.state[p][k], v) for k, v in saved.items())
+    give_gap_grads()
+    optimizer.step()
+    assert optimizer._step_plan is plan
+
+
 def test_a_param_whose_dtype_changes_voids_the_plan(watch):
     """model.double() between steps: the same Parameter objects, new storage and dtype. The next
     step must go through the full path (its checks, its dtype handling), not the old addresses."""

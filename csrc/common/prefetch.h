@@ -9,6 +9,7 @@
 #include <c10/core/TensorImpl.h>
 
 #include <cstddef>
+#include <cstdint>
 #include <cstring>
 #include <unordered_set>
 #include <vector>
@@ -28,15 +29,26 @@ inline void lines(const void* p, int count, bool for_write = false) {
   }
 }
 
-// A TensorImpl: its fields a check reads (storage, sizes, strides, dtype, device, flags) span
-// its first few cache lines.
-inline void tensor_impl(const c10::TensorImpl* impl) {
-  if (impl != nullptr) lines(impl, 4);
+// The lines that can hold bytes [0, Size) of an object at p. Heap objects are 16-byte aligned,
+// not line aligned: a field at offset 16..63 lies in an object's second line for up to three
+// quarters of them, which a fetch of the object's first line alone leaves to miss. A fixed
+// count, the most the object can span, since a count that varied with the address would
+// cost a mispredicted branch per object.
+template <size_t Size>
+inline void object(const void* p, bool for_write = false) {
+  constexpr int kLines = int((Size + 48 + 63) / 64);
+  lines(reinterpret_cast<const void*>(reinterpret_cast<uintptr_t>(p) & ~uintptr_t(63)), kLines, for_write);
 }
 
-// A tensor's storage object, which data_ptr() reads (its TensorImpl fetched already).
+// A TensorImpl: every field a check reads (storage, sizes, strides, dtype, device, flags).
+inline void tensor_impl(const c10::TensorImpl* impl) {
+  if (impl != nullptr) object<sizeof(c10::TensorImpl)>(impl);
+}
+
+// A tensor's storage object, for data_ptr() (its TensorImpl fetched already): the pointer and
+// the access flags it checks lie in the object's first 64 bytes.
 inline void storage(const c10::TensorImpl* impl) {
-  if (const c10::StorageImpl* object = impl->unsafe_storage().unsafeGetStorageImpl()) lines(object, 1);
+  if (const c10::StorageImpl* target = impl->unsafe_storage().unsafeGetStorageImpl()) object<64>(target);
 }
 
 // The counter object a VariableVersion shares (views share their base's), or null (inference).
@@ -50,22 +62,26 @@ inline const void* counter_of(const c10::VariableVersion& v) {
 // A version counter, for the atomic increment of a bump (a locked instruction: on a miss it
 // stalls the loop until the line arrives).
 inline void version(const c10::VariableVersion& v) {
-  if (const void* counter = counter_of(v)) lines(counter, 1, /*for_write=*/true);
+  // Its count follows the intrusive_ptr_target header (a vtable pointer and two 32-bit counts).
+  if (const void* counter = counter_of(v)) object<sizeof(c10::intrusive_ptr_target) + sizeof(uint32_t)>(counter, /*for_write=*/true);
 }
 
 // Runs body(i) for i in [0, n), with stage s of a fetch chain (stages[s](i)) run for
 // i + (stages - s) * kAhead before it: stage 0 first and farthest ahead, each later stage reading
-// what the one before fetched.
+// what the one before fetched. Every stage runs once for every i, in order, before body(i) (the
+// first items' stages run in a prologue), so a stage may also leave what it read for the body.
 template <typename Body, typename... Stages>
 void pipelined(size_t n, const Body& body, const Stages&... stages) {
-  for (size_t i = 0; i < n; ++i) {
-    size_t ahead = sizeof...(Stages) * kAhead;
+  constexpr ptrdiff_t lead = ptrdiff_t(sizeof...(Stages) * kAhead);
+  for (ptrdiff_t i = -lead; i < ptrdiff_t(n); ++i) {
+    ptrdiff_t ahead = lead;
     const auto run = [&](const auto& stage) {
-      if (i + ahead < n) stage(i + ahead);
-      ahead -= kAhead;
+      const ptrdiff_t item = i + ahead;
+      if (item >= 0 && item < ptrdiff_t(n)) stage(size_t(item));
+      ahead -= ptrdiff_t(kAhead);
     };
     (run(stages), ...);  // in order: stage 0 farthest ahead
-    body(i);
+    if (i >= 0) body(size_t(i));
   }
 }
 

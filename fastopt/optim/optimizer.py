@@ -181,7 +181,7 @@ class _StepPlan:
     key: tuple
     gathered: list  # [(group, {device: _GroupLists})]
     shapes: dict[int, list[tuple]]  # id(_GroupLists) -> the params' shapes
-    written_pointers: frozenset[int]  # where every param and state starts (empty tensors left out)
+    written: ops.WrittenSpans | None  # the memory of every param and state (the Python check)
     with_grads: tuple  # ids of the params with grads, per group (the Python check)
     param_records: dict[int, list[tuple]]  # id(_GroupLists) -> each param's address and dtype (the Python check)
     watch: object | None = None
@@ -211,7 +211,7 @@ class _StepPlan:
                 grads = [p.grad for p in lists.params]
                 if any(map(_is_sparse, grads)):
                     raise RuntimeError(_SPARSE_MESSAGE)
-                ops.check_replacement("grads", grads, self.shapes[id(lists)], device, self.written_pointers)
+                ops.check_replacement("grads", grads, self.shapes[id(lists)], device, self.written)
                 lists.grads[:] = grads
         return True
 
@@ -232,12 +232,12 @@ class _StepPlan:
         if distributed.any_dtensor(params):  # sharded params keep the full path (fastopt.distributed)
             return None
         written = list(itertools.chain.from_iterable(g.written() for g in lists))
-        pointers = frozenset(map(Tensor.data_ptr, written)) - {0}
         shapes = {id(g): [tuple(p.size()) for p in g.params] for g in lists}
         with_grads = _ids_with_grads(param_groups)
         records = {id(g): list(map(_param_record, g.params)) for g in lists}
-        plan = cls(key, gathered, shapes, pointers, with_grads, records)
         native = _grad_watch_type()
+        spans = ops.WrittenSpans.of(written) if native is None else None
+        plan = cls(key, gathered, shapes, spans, with_grads, records)
         if native is not None:
             plan._watch(native, param_groups, written)
         return plan
