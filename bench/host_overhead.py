@@ -4,6 +4,7 @@ kernel runs.
     python bench/host_overhead.py [--params 5000] [--steps 20]
     python bench/host_overhead.py --versus-torch [--params 5000] [--steps 20]
     python bench/host_overhead.py --functional [--params 5000] [--steps 20]
+    python bench/host_overhead.py --refresh [--params 5000] [--steps 20]
     python bench/host_overhead.py --backend triton [--params 5000] [--steps 20]
     python bench/host_overhead.py --backend cuda [--params 5000] [--steps 20]   # after python csrc/emulation/build.py
 
@@ -17,6 +18,12 @@ with ``flat_states`` / ``flat_grads``; then the same steps on the cpu backend wi
 pass and (``fastopt.ops._one_pass_check`` patched out) by the Python checks alone, against
 torch's nearest call (``torch._fused_adamw_``, ``clip_grad_norm_(foreach=True)``, ``_foreach_norm``,
 ``_amp_foreach_non_finite_check_and_unscale_``), in rotating rounds.
+
+``--refresh``: where a later step's host time goes, the backend launching nothing (needs the CPU
+extension): the step plan's ``GradWatch.refresh`` with flat grads (called over and over), right
+after every grad was re-made, and at once again; ``grads_are`` (flat grads' check in
+``zero_grad``); and the step with its refresh stubbed (its Python alone), with caches warm from the
+step before and right after the grads were re-made. Ten times ``--steps`` calls each.
 
 ``--versus-torch``: a whole clipped step with the real CPU kernels against torch's
 ``AdamW(fused=True)`` + ``clip_grad_norm_(foreach=True)``, alternating in the same run.
@@ -353,6 +360,63 @@ def watched_call_times(planned, lists: dict, hyper: dict, watch_type, steps: int
     return _median_ms(times[1:]), min(times[1:]) * 1e3
 
 
+def refresh_times(num_params: int, calls: int) -> dict[str, tuple[float, float]]:
+    """See ``--refresh`` in the module doc: median and min ms of each probe."""
+    watch_type = _grad_watch_type()
+    if watch_type is None:
+        raise SystemExit("--refresh needs the CPU extension (its GradWatch)")
+    backends.select = lambda device: no_op_backend()  # this process only
+    extension = importlib.import_module(watch_type.__module__)
+    results = {}
+
+    def stepped(flat: bool):
+        params = [torch.nn.Parameter(torch.randn(SIZE)) for _ in range(num_params)]
+        optimizer = fastopt.optim.AdamW(params, lr=1e-3, max_grad_norm=1.0, flat_states=flat, flat_grads=flat)
+        for _ in range(3):
+            optimizer.zero_grad()
+            if not flat:
+                for p in params:
+                    p.grad = torch.ones(SIZE)
+            optimizer.step()
+        return params, optimizer
+
+    def summary(seconds: list[float]) -> tuple[float, float]:
+        return _median_ms(seconds), min(seconds) * 1e3
+
+    def timed(call) -> float:
+        started = time.perf_counter()
+        call()
+        return time.perf_counter() - started
+
+    _, optimizer = stepped(flat=True)
+    watch = optimizer._step_plan.watch
+    results["refresh, flat grads, over and over"] = summary([timed(watch.refresh) for _ in range(calls)])
+    params, optimizer = stepped(flat=False)
+    watch = optimizer._step_plan.watch
+    after_new, again, views = [], [], []
+    for _ in range(calls):
+        for p in params:
+            p.grad = torch.ones(SIZE)
+        grads = [p.grad for p in params]
+        after_new.append(timed(watch.refresh))
+        again.append(timed(watch.refresh))
+        views.append(timed(lambda: extension.grads_are(params, grads)))
+        watch.release()
+        del grads  # the next grads may take this step's memory, as after zero_grad() + backward
+    results["refresh after re-making the grads"] = summary(after_new)
+    results["refresh at once again"] = summary(again)
+    results["grads_are (zero_grad's check)"] = summary(views)
+    optimizer._step_plan.watch = types.SimpleNamespace(refresh=lambda: 0, release=lambda: None, fill_lists=lambda: None)
+    results["step, refresh stubbed, warm"] = summary([timed(optimizer.step) for _ in range(calls)])
+    cold = []
+    for _ in range(calls):
+        for p in params:
+            p.grad = torch.ones(SIZE)
+        cold.append(timed(optimizer.step))
+    results["step, refresh stubbed, grads re-made"] = summary(cold)
+    return results
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--params", type=int, default=5000)
@@ -365,6 +429,8 @@ def main() -> None:
     parser.add_argument("--functional", action="store_true",
                         help="the functional ops and clip_grad_norm_ with the one-pass and the Python checks, against "
                              "torch's nearest equivalents, 16-element tensors")  # fmt: skip
+    parser.add_argument("--refresh", action="store_true",
+                        help="where a later step's host time goes: the step plan's grad check and the step's Python")
     args = parser.parse_args()
 
     print(f"fastopt {fastopt.__version__}, torch {torch.__version__}, {args.params} params, {torch.get_num_threads()} threads")
@@ -374,6 +440,12 @@ def main() -> None:
         print(f"clipped AdamW step over {args.params} tensors of 16 elements, median of {args.steps} alternating rounds:")
         print(f"  fastopt ({name}): {result['fastopt']:.2f} ms; torch AdamW(fused=True) + clip_grad_norm_(foreach=True):"
               f" {result['torch']:.2f} ms; ratio (median of rounds) {result['ratio']:.3g}x")
+        return
+    if args.refresh:
+        calls = 10 * args.steps
+        print(f"the step plan's grad check and the step's Python, backend launching nothing, median (min) ms of {calls} calls:")
+        for probe, (median, least) in refresh_times(args.params, calls).items():
+            print(f"  {probe + ':':<40}{median:6.3f} ({least:.3f})")
         return
     if args.functional:
         name = backends.select(torch.device("cpu")).__name__
