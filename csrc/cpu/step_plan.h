@@ -130,11 +130,12 @@ inline const c10::TensorImpl* grad_impl(const torch::autograd::AutogradMeta* met
 
 namespace cpu {
 
-inline TensorSpan span_of(const at::Tensor& t) {
-  const int64_t numel = t.numel();
-  return {numel > 0 ? const_cast<void*>(step_plan_detail::data_of(t)) : nullptr, numel, t.scalar_type(),
-          int64_t(t.element_size())};
+// `data`: the tensor's first byte, data_of(t), when the caller has read it already.
+inline TensorSpan span_of(const at::Tensor& t, const void* data) {
+  return {const_cast<void*>(data), t.numel(), t.scalar_type(), int64_t(t.element_size())};
 }
+
+inline TensorSpan span_of(const at::Tensor& t) { return span_of(t, step_plan_detail::data_of(t)); }
 
 // Hidden, as pybind11's own types are: it holds pybind11 objects.
 class __attribute__((visibility("hidden"))) GradWatch {
@@ -396,7 +397,7 @@ class __attribute__((visibility("hidden"))) GradWatch {
   }
 
   void read_grad(const Tensor& grad, const void* data, size_t k) {
-    spans_[k] = {const_cast<void*>(data), grad.numel(), grad.scalar_type(), int64_t(grad.element_size())};
+    spans_[k] = span_of(grad, data);
     contiguous_[k] = grad.is_contiguous();
   }
 
@@ -411,7 +412,8 @@ class __attribute__((visibility("hidden"))) GradWatch {
     if (bytes == 0 || written_.empty() || data == nullptr) return false;
     const auto start = reinterpret_cast<uintptr_t>(data), end = start + bytes;
     const size_t n = written_.size(), hint = std::min(cursor, n);
-    const auto starts_before_end = [&](size_t i) { return written_[i].first < end; };
+    const auto before_end = [end](const std::pair<uintptr_t, uintptr_t>& span) { return span.first < end; };
+    const auto starts_before_end = [&](size_t i) { return before_end(written_[i]); };
     // The first span starting at or after `end` is in [low, high], found by doubling a bound
     // from the hint (a span before it starts before `end`, one at it does not).
     size_t low, high, bound = 1;
@@ -424,8 +426,7 @@ class __attribute__((visibility("hidden"))) GradWatch {
       low = bound <= hint ? hint - bound + 1 : 0;
       high = hint - bound / 2;
     }
-    const auto after = std::partition_point(written_.begin() + low, written_.begin() + high,
-                                            [end](const std::pair<uintptr_t, uintptr_t>& span) { return span.first < end; });
+    const auto after = std::partition_point(written_.begin() + low, written_.begin() + high, before_end);
     cursor = size_t(after - written_.begin());
     return after != written_.begin() && std::prev(after)->second > start;
   }
