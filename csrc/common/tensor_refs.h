@@ -17,6 +17,8 @@
 #include <cstddef>
 #include <vector>
 
+#include "prefetch.h"
+
 namespace fastopt {
 
 class TensorRefs {
@@ -24,16 +26,26 @@ class TensorRefs {
   TensorRefs() = default;
   // The tensors of `tensors` (a std::vector too), which must outlive this.
   explicit TensorRefs(c10::ArrayRef<at::Tensor> tensors) {
-    items_.reserve(tensors.size());
-    for (const at::Tensor& t : tensors) items_.push_back(&t);
+    reserve(tensors.size());
+    for (const at::Tensor& t : tensors) push_back(&t);
   }
 
-  void push_back(const at::Tensor* t) { items_.push_back(t); }
-  void reserve(size_t n) { items_.reserve(n); }
+  void push_back(const at::Tensor* t) {
+    items_.push_back(t);
+    impls_.push_back(t->unsafeGetTensorImpl());
+  }
+  void reserve(size_t n) {
+    items_.reserve(n);
+    impls_.reserve(n);
+  }
   size_t size() const { return items_.size(); }
   bool empty() const { return items_.empty(); }
   const at::Tensor& operator[](size_t i) const { return *items_[i]; }
   const at::Tensor& front() const { return *items_.front(); }
+  // The TensorImpl of tensor i (UndefinedTensorImpl's singleton for an undefined tensor), read when
+  // the tensor was: a loop that checks only metadata never goes back to the tensor, which for a
+  // tensor held by Python lies in its Python object, a cache line of its own.
+  c10::TensorImpl* impl(size_t i) const { return impls_[i]; }
 
   struct iterator {
     const at::Tensor* const* at;
@@ -53,22 +65,28 @@ class TensorRefs {
     if (!is_list && !PyTuple_Check(sequence)) return false;
     const Py_ssize_t n = is_list ? PyList_GET_SIZE(sequence) : PyTuple_GET_SIZE(sequence);
     items_.clear();
-    items_.reserve(size_t(n));
+    impls_.clear();
+    reserve(size_t(n));
     PyObject** items = PySequence_Fast_ITEMS(sequence);
+    // The objects are scattered: each one's type and tensor (THPVariable's cdata, after the
+    // header) fetched far enough ahead to overlap the misses of many.
+    constexpr Py_ssize_t kAhead = 32;
     for (Py_ssize_t i = 0; i < n; ++i) {
-      if (i + 8 < n) __builtin_prefetch(items[i + 8]);  // the objects are scattered: fetch ahead
+      if (i + kAhead < n) prefetch::bytes<offsetof(PyObject, ob_type), sizeof(PyObject) + sizeof(c10::MaybeOwned<at::Tensor>)>(items[i + kAhead]);
       PyObject* item = items[i];
       if (!THPVariable_Check(item)) {
         items_.clear();
+        impls_.clear();
         return false;
       }
-      items_.push_back(&THPVariable_Unpack(item));
+      push_back(&THPVariable_Unpack(item));
     }
     return true;
   }
 
  private:
   std::vector<const at::Tensor*> items_;
+  std::vector<c10::TensorImpl*> impls_;
 };
 
 }  // namespace fastopt

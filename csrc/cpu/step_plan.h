@@ -515,7 +515,8 @@ inline pybind11::tuple scan_lists(const pybind11::list& lists, at::Tensor& addre
         },
         [&](size_t i) { prefetch::lines(item(i), 1); },
         [&](size_t i) {
-          if (THPVariable_Check(item(i))) prefetch::tensor_impl(THPVariable_Unpack(item(i)).unsafeGetTensorImpl());
+          if (THPVariable_Check(item(i)))
+            prefetch::tensor_impl_but_sizes(THPVariable_Unpack(item(i)).unsafeGetTensorImpl());
         },
         [&](size_t i) {
           if (THPVariable_Check(item(i))) prefetch::storage(THPVariable_Unpack(item(i)).unsafeGetTensorImpl());

@@ -34,21 +34,23 @@ namespace {
 // fastopt.ops validates every call before it reaches an op; these checks guard direct callers of
 // torch.ops.fastopt.* and run before any tensor is touched.
 
-DType dtype_code(const at::Tensor& t, const char* name) {
-  switch (t.scalar_type()) {
+DType dtype_code(at::ScalarType type, const char* name) {
+  switch (type) {
     case at::kHalf: return kFloat16;
     case at::kBFloat16: return kBFloat16;
     case at::kFloat: return kFloat32;
     case at::kDouble: return kFloat64;
-    default: TORCH_CHECK(false, "fastopt: ", name, " must be float16, bfloat16, float32 or float64, got ", t.scalar_type());
+    default: TORCH_CHECK(false, "fastopt: ", name, " must be float16, bfloat16, float32 or float64, got ", type);
   }
 }
+
+DType dtype_code(const at::Tensor& t, const char* name) { return dtype_code(t.scalar_type(), name); }
 
 // The TensorImpl of list[i], for prefetch::over_tensors: a list's tensors are visited with those a
 // few ahead fetched meanwhile (each TensorImpl and storage is a heap object of its own: one cache
 // miss after another otherwise, most of a call's host work over thousands of small tensors).
 auto impl_of(const TensorRefs& list) {
-  return [&list](size_t i) { return list[i].unsafeGetTensorImpl(); };
+  return [&list](size_t i) { return list.impl(i); };
 }
 
 // What an op reads of each tensor of one of its lists, gathered by check_lists in one visit per
@@ -59,6 +61,9 @@ struct ListScan {
   std::vector<int64_t> numels;
   std::vector<int64_t> addresses;  // data_ptr(); 0 for a strided tensor (it runs on a copy)
   std::vector<uint8_t> contiguous;
+  // Each TensorImpl, null for an inference tensor (it has no version counter): a written one's
+  // version is bumped after the launches, without reading the tensor again.
+  std::vector<c10::TensorImpl*> versioned;
   bool all_contiguous = true;
 };
 
@@ -82,22 +87,26 @@ std::vector<ListScan> check_lists(const NamedLists& lists) {
     const size_t n = list.size();
     scan.tensors = tensors;
     scan.dtypes.resize(n), scan.numels.resize(n), scan.addresses.resize(n), scan.contiguous.resize(n);
+    scan.versioned.resize(n);
+    // The TensorImpls only (TensorRefs::impl), never the tensors: their Python objects are a
+    // cache miss each.
     prefetch::over_tensors(n, impl_of(list), true, [&, name = name](size_t i) {
-      const at::Tensor& t = list[i];
-      TORCH_CHECK(t.defined(), "fastopt: ", name, "[", i, "] is undefined");
+      c10::TensorImpl* t = list.impl(i);
+      TORCH_CHECK(t != c10::UndefinedTensorImpl::singleton(), "fastopt: ", name, "[", i, "] is undefined");
       // Through torch.ops such a tensor never gets here (its __torch_dispatch__ does); an eager
       // entry (registration.cpp) leaves it to torch.ops on this TypeError, raised before any write.
-      TORCH_CHECK_TYPE(!t.unsafeGetTensorImpl()->is_python_dispatch(), "fastopt: ", name, "[", i,
+      TORCH_CHECK_TYPE(!t->is_python_dispatch(), "fastopt: ", name, "[", i,
                        "] is a tensor subclass that dispatches to Python: call the op through torch.ops");
-      TORCH_CHECK(t.device() == device, "fastopt: ", name, "[", i, "] is on ", t.device(), " but ",
+      TORCH_CHECK(t->device() == device, "fastopt: ", name, "[", i, "] is on ", t->device(), " but ",
                   lists.front().first, "[0] is on ", device);
-      TORCH_CHECK(t.layout() == at::kStrided, "fastopt: ", name, "[", i, "] must be a dense tensor");
-      scan.dtypes[i] = dtype_code(t, name);
-      scan.numels[i] = t.numel();
-      const bool contiguous = t.is_contiguous();
+      TORCH_CHECK(t->layout() == at::kStrided, "fastopt: ", name, "[", i, "] must be a dense tensor");
+      scan.dtypes[i] = dtype_code(c10::typeMetaToScalarType(t->dtype()), name);
+      scan.numels[i] = t->numel();
+      const bool contiguous = t->is_contiguous();
       scan.contiguous[i] = contiguous;
       scan.all_contiguous = scan.all_contiguous && contiguous;
-      scan.addresses[i] = contiguous ? reinterpret_cast<int64_t>(t.data_ptr()) : 0;
+      scan.addresses[i] = contiguous ? reinterpret_cast<int64_t>(t->mutable_data()) : 0;
+      scan.versioned[i] = t->is_inference() ? nullptr : t;
     });
   }
   return scans;
@@ -198,9 +207,6 @@ std::vector<ListScan> check_lion(const TensorRefs& params, const TensorRefs& gra
 // A tensor written in place gets a new version, as torch's in-place ops give it (autograd refuses a
 // backward through a tensor changed since it was saved). Inference tensors have no version counter
 // (bumping one would raise, after the writes).
-void bump_version(const at::Tensor& t) {
-  if (!t.is_inference()) t.unsafeGetTensorImpl()->bump_version();
-}
 
 // The tensors are borrowed (tensor_refs.h); only the copies are owned. Built from check_lists'
 // scans, which hold what the table cache reads: the dtypes, the sizes and (with the copies' here)
@@ -211,7 +217,7 @@ struct DenseLists {
   std::vector<int64_t> addresses;  // every list's, in order: the table's address column
   std::deque<at::Tensor> copies;  // a deque: lists point into it
   std::vector<std::pair<const at::Tensor*, const at::Tensor*>> write_back;  // (original, contiguous copy)
-  std::vector<const at::Tensor*> written_in_place;  // contiguous tensors the kernels write
+  std::vector<c10::TensorImpl*> written_in_place;  // contiguous tensors the kernels write, but inference ones
 
   void add(const ListScan& scan, bool written) {
     const TensorRefs& tensors = *scan.tensors;
@@ -220,7 +226,8 @@ struct DenseLists {
     if (scan.all_contiguous) {
       lists.push_back(tensors);
       if (written)
-        for (const at::Tensor& t : tensors) written_in_place.push_back(&t);
+        for (c10::TensorImpl* impl : scan.versioned)
+          if (impl != nullptr) written_in_place.push_back(impl);
       return;
     }
     const size_t first = addresses.size() - tensors.size();
@@ -230,7 +237,7 @@ struct DenseLists {
       const at::Tensor& t = tensors[i];
       if (scan.contiguous[i]) {
         dense.push_back(&t);
-        if (written) written_in_place.push_back(&t);
+        if (written && scan.versioned[i] != nullptr) written_in_place.push_back(scan.versioned[i]);
       } else {
         copies.push_back(t.contiguous());
         dense.push_back(&copies.back());
@@ -242,14 +249,10 @@ struct DenseLists {
   }
 
   // After the launches: strided originals get their copies back (copy_ bumps their versions);
-  // what the kernels wrote in place gets a new version (bump_version).
+  // what the kernels wrote in place gets a new version (prefetch::bump_versions).
   void finish() {
     for (auto& [original, copy] : write_back) original->copy_(*copy);
-    prefetch::pipelined(
-        written_in_place.size(), [&](size_t i) { bump_version(*written_in_place[i]); },
-        [&](size_t i) {
-          if (!written_in_place[i]->is_inference()) prefetch::version(written_in_place[i]->unsafeGetTensorImpl()->version_counter());
-        });
+    prefetch::bump_versions(written_in_place);
   }
 };
 
@@ -411,11 +414,20 @@ class TableCache {
     const int64_t num_tensors = static_cast<int64_t>(first.size());
     const cudaStream_t stream = c10::cuda::getCurrentCUDAStream().stream();
     std::vector<int64_t> key;
-    key.reserve(6 + lists.size() * num_tensors + num_tensors * (segments == Segments::kUnits ? 2 : 1));
+    key.reserve(6 + num_tensors * (segments == Segments::kUnits ? 3 : 2));
     key.insert(key.end(), {first.front().device().index(), reinterpret_cast<int64_t>(stream),
                            static_cast<int64_t>(lists.size()), static_cast<int64_t>(segments),
                            static_cast<int64_t>(grouping), min_one_chunk});
-    for (const ListScan* scan : dense.scans) key.insert(key.end(), scan->dtypes.begin(), scan->dtypes.end());
+    // Each tensor's dtypes in every list, two bits a list (DType is 0..3), in one entry: a key a
+    // third as long to hash and compare as one entry per list and tensor.
+    static_assert(kFloat64 < 4, "a DType fits two bits");
+    TORCH_INTERNAL_ASSERT(dense.scans.size() <= 32);
+    const size_t dtypes_at = key.size();
+    key.resize(dtypes_at + num_tensors, 0);
+    for (size_t l = 0; l < dense.scans.size(); ++l) {
+      const std::vector<DType>& dtypes = dense.scans[l]->dtypes;
+      for (int64_t i = 0; i < num_tensors; ++i) key[dtypes_at + i] |= int64_t(dtypes[i]) << (2 * l);
+    }
     const ListScan& sizes = *dense.scans.front();
     if (segments == Segments::kUnits) {
       for (int64_t i = 0; i < num_tensors; ++i) {
@@ -584,7 +596,7 @@ class TableCache {
     addresses.reserve(lists.size() * lists.front().size());
     for (const TensorRefs& tensors : lists)
       prefetch::over_tensors(tensors.size(), impl_of(tensors), true, [&](size_t i) {
-        addresses.push_back(reinterpret_cast<int64_t>(tensors[i].data_ptr()));
+        addresses.push_back(reinterpret_cast<int64_t>(tensors.impl(i)->mutable_data()));
       });
     return addresses;
   }
