@@ -308,8 +308,14 @@ def backend_call_times(backend, num_params: int, steps: int) -> dict[str, tuple[
     written = ops.WrittenSpans.of(params)
 
     def timed(call, checked: bool = False) -> tuple[float, float]:
-        times = []
+        times, grads = [], None
         for _ in range(steps + 1):  # the first call builds the tables
+            # The old grads go before the new ones are made, as zero_grad(set_to_none=True) frees
+            # them before backward makes new ones. Made while the old ones lived, their freeing
+            # left thousands of chunks in glibc's fast bins, which the call's first large
+            # allocation merged (0.7 ms of a cached adamw_ over 5,000 params here): work a
+            # training step's forward and backward do, whose large allocations come after the frees.
+            grads = None
             grads = [torch.ones(SIZE) for _ in params]
             if checked:  # as in AdamW.step: the step plan has just checked the new grads
                 ops.check_replacement("grads", grads, shapes, params[0].device, written)

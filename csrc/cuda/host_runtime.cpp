@@ -211,8 +211,10 @@ std::vector<ListScan> check_lion(const TensorRefs& params, const TensorRefs& gra
 // The tensors are borrowed (tensor_refs.h); only the copies are owned. Built from check_lists'
 // scans, which hold what the table cache reads: the dtypes, the sizes and (with the copies' here)
 // the address column.
+using ListRefs = std::vector<const TensorRefs*>;
 struct DenseLists {
-  std::vector<TensorRefs> lists;
+  ListRefs lists;  // the op's own lists, but for those with a strided tensor: `stand_ins`
+  std::deque<TensorRefs> stand_ins;  // such a list with a contiguous copy in place of each strided tensor
   std::vector<const ListScan*> scans;
   std::vector<int64_t> addresses;  // every list's, in order: the table's address column
   std::deque<at::Tensor> copies;  // a deque: lists point into it
@@ -224,14 +226,14 @@ struct DenseLists {
     scans.push_back(&scan);
     addresses.insert(addresses.end(), scan.addresses.begin(), scan.addresses.end());
     if (scan.all_contiguous) {
-      lists.push_back(tensors);
+      lists.push_back(&tensors);
       if (written)
         for (c10::TensorImpl* impl : scan.versioned)
           if (impl != nullptr) written_in_place.push_back(impl);
       return;
     }
     const size_t first = addresses.size() - tensors.size();
-    TensorRefs dense;
+    TensorRefs& dense = stand_ins.emplace_back();
     dense.reserve(tensors.size());
     for (size_t i = 0; i < tensors.size(); ++i) {
       const at::Tensor& t = tensors[i];
@@ -245,7 +247,7 @@ struct DenseLists {
         if (written) write_back.emplace_back(&t, &copies.back());
       }
     }
-    lists.push_back(std::move(dense));
+    lists.push_back(&dense);
   }
 
   // After the launches: strided originals get their copies back (copy_ bumps their versions);
@@ -409,8 +411,8 @@ class TableCache {
   // (Segments::kUnits): dim-0 slices of >= 2-D tensors of list 0 are segments; `min_one_chunk` as
   // in plan_chunks.
   std::shared_ptr<Table> lookup(const DenseLists& dense, Segments segments, Grouping grouping, bool min_one_chunk) {
-    const std::vector<TensorRefs>& lists = dense.lists;
-    const TensorRefs& first = lists.front();
+    const ListRefs& lists = dense.lists;
+    const TensorRefs& first = *lists.front();
     const int64_t num_tensors = static_cast<int64_t>(first.size());
     const cudaStream_t stream = c10::cuda::getCurrentCUDAStream().stream();
     std::vector<int64_t> key;
@@ -522,9 +524,9 @@ class TableCache {
 
   // A table for these lists on the current stream (also for UpdatePlan, which keeps its own).
  public:
-  static Table build(const std::vector<TensorRefs>& lists, Segments segments, Grouping grouping, bool min_one_chunk,
+  static Table build(const ListRefs& lists, Segments segments, Grouping grouping, bool min_one_chunk,
                      bool capture) {
-    const TensorRefs& first = lists.front();
+    const TensorRefs& first = *lists.front();
     const int64_t num_lists = static_cast<int64_t>(lists.size()), num_tensors = static_cast<int64_t>(first.size());
     std::vector<int64_t> numels(num_tensors), units, group_keys;
     for (int64_t i = 0; i < num_tensors; ++i) numels[i] = first[i].numel();
@@ -535,8 +537,8 @@ class TableCache {
     if (grouping == Grouping::kDtypes) {  // (param, grad, state) dtypes, the state being list 2's
       group_keys.resize(num_tensors);
       for (int64_t i = 0; i < num_tensors; ++i)
-        group_keys[i] = group_key(dtype_code(lists[0][i], "params"), dtype_code(lists[1][i], "grads"),
-                                  dtype_code(lists[num_lists > 2 ? 2 : 0][i], "states"));
+        group_keys[i] = group_key(dtype_code((*lists[0])[i], "params"), dtype_code((*lists[1])[i], "grads"),
+                                  dtype_code((*lists[num_lists > 2 ? 2 : 0])[i], "states"));
     }
     const ChunkPlan plan = plan_chunks(numels, units, group_keys, kChunkSize, min_one_chunk);
     const int64_t num_chunks = plan.num_chunks(), num_segments = plan.num_segments();
@@ -549,7 +551,7 @@ class TableCache {
     std::vector<int64_t> host = addresses_of(lists);
     host.resize(2 * num_lists * num_tensors);
     for (int64_t l = 0; l < num_lists; ++l)
-      for (int64_t i = 0; i < num_tensors; ++i) host[(num_lists + l) * num_tensors + i] = dtype_code(lists[l][i], "tensor");
+      for (int64_t i = 0; i < num_tensors; ++i) host[(num_lists + l) * num_tensors + i] = dtype_code((*lists[l])[i], "tensor");
     host.insert(host.end(), numels.begin(), numels.end());
     for (const auto* column : {&plan.chunk_tensor, &plan.chunk_segment, &plan.chunk_start, &plan.chunk_end,
                                &plan.segment_tensor, &plan.segment_first_chunk, &plan.segment_num_chunks,
@@ -591,13 +593,15 @@ class TableCache {
   }
 
  private:
-  static std::vector<int64_t> addresses_of(const std::vector<TensorRefs>& lists) {
+  static std::vector<int64_t> addresses_of(const ListRefs& lists) {
     std::vector<int64_t> addresses;
-    addresses.reserve(lists.size() * lists.front().size());
-    for (const TensorRefs& tensors : lists)
+    addresses.reserve(lists.size() * lists.front()->size());
+    for (const TensorRefs* list : lists) {
+      const TensorRefs& tensors = *list;
       prefetch::over_tensors(tensors.size(), impl_of(tensors), true, [&](size_t i) {
         addresses.push_back(reinterpret_cast<int64_t>(tensors.impl(i)->mutable_data()));
       });
+    }
     return addresses;
   }
 
@@ -987,11 +991,11 @@ PlanStatus UpdatePlan::step(const TensorRefs& grads, const PlannedScalars& scala
   const cudaStream_t stream = current_stream();
   std::unique_ptr<Table>& slot = s.tables[stream];
   if (!slot) {
-    std::vector<TensorRefs> lists;
-    lists.reserve(s.fixed.size() + 1);
-    lists.emplace_back(s.fixed[0]);
-    lists.push_back(grads);
-    for (size_t l = 1; l < s.fixed.size(); ++l) lists.emplace_back(s.fixed[l]);
+    std::deque<TensorRefs> fixed;  // the plan's params and states, as lists of references
+    ListRefs lists;
+    lists.push_back(&fixed.emplace_back(s.fixed[0]));
+    lists.push_back(&grads);
+    for (size_t l = 1; l < s.fixed.size(); ++l) lists.push_back(&fixed.emplace_back(s.fixed[l]));
     slot = std::make_unique<Table>(TableCache::build(lists, Segments::kTensors, Grouping::kDtypes,
                                                      /*min_one_chunk=*/s.op == PlannedOp::kAdamW, false));
   }
@@ -1081,7 +1085,7 @@ NormPlan::NormPlan(const TensorList& grads) : state_(std::make_unique<State>()) 
   for (const at::Tensor& g : grads) s.numels.push_back(g.numel());
   s.addresses.resize(grads.size());
   s.tables[current_stream()] =
-      std::make_unique<Table>(TableCache::build({grad_refs}, Segments::kTensors, Grouping::kNone, false, false));
+      std::make_unique<Table>(TableCache::build({&grad_refs}, Segments::kTensors, Grouping::kNone, false, false));
 }
 
 NormPlan::~NormPlan() = default;
