@@ -165,12 +165,21 @@ inline void bump_versions(std::vector<c10::VariableVersion>& versions) {
       versions.size(), [&](size_t i) { versions[i].bump(); }, [&](size_t i) { version(versions[i]); });
 }
 
-// Bumps the version of each TensorImpl (none an inference tensor's, which has no counter): the
-// field that points to its counter, then the counter, fetched ahead.
-inline void bump_versions(const std::vector<c10::TensorImpl*>& impls) {
+// Bumps the version of each TensorImpl but the null ones (none an inference tensor's, which has no
+// counter): the field that points to its counter, then the counter, fetched ahead.
+template <typename Impls>  // a vector of TensorImpl*, with any allocator
+inline void bump_versions_of(const Impls& impls) {
   pipelined(
-      impls.size(), [&](size_t i) { impls[i]->bump_version(); },
-      [&](size_t i) { lines(&impls[i]->version_counter(), 1); }, [&](size_t i) { version(impls[i]->version_counter()); });
+      impls.size(),
+      [&](size_t i) {
+        if (impls[i] != nullptr) impls[i]->bump_version();
+      },
+      [&](size_t i) {
+        if (impls[i] != nullptr) lines(&impls[i]->version_counter(), 1);
+      },
+      [&](size_t i) {
+        if (impls[i] != nullptr) version(impls[i]->version_counter());
+      });
 }
 
 }  // namespace prefetch

@@ -53,17 +53,38 @@ auto impl_of(const TensorRefs& list) {
   return [&list](size_t i) { return list.impl(i); };
 }
 
+// std::allocator, but resize() leaves new elements uninitialised: a column the scan below fills
+// in whole is not zeroed first (five columns of thousands of entries per list, per call).
+template <typename T>
+struct Uninitialised : std::allocator<T> {
+  template <typename U>
+  struct rebind {
+    using other = Uninitialised<U>;
+  };
+  template <typename U>
+  void construct(U* p) noexcept {
+    ::new (static_cast<void*>(p)) U;
+  }
+  template <typename U, typename... Args>
+  void construct(U* p, Args&&... args) {
+    ::new (static_cast<void*>(p)) U(std::forward<Args>(args)...);
+  }
+};
+template <typename T>
+using Column = std::vector<T, Uninitialised<T>>;
+
 // What an op reads of each tensor of one of its lists, gathered by check_lists in one visit per
 // tensor: the other checks, the table's key and its address column read these, not the tensors.
 struct ListScan {
   const TensorRefs* tensors = nullptr;
-  std::vector<DType> dtypes;
-  std::vector<int64_t> numels;
-  std::vector<int64_t> addresses;  // data_ptr(); 0 for a strided tensor (it runs on a copy)
-  std::vector<uint8_t> contiguous;
-  // Each TensorImpl, null for an inference tensor (it has no version counter): a written one's
-  // version is bumped after the launches, without reading the tensor again.
-  std::vector<c10::TensorImpl*> versioned;
+  Column<DType> dtypes;
+  Column<int64_t> numels;
+  Column<int64_t> addresses;  // data_ptr(); 0 for a strided tensor (it runs on a copy)
+  Column<uint8_t> contiguous;
+  // Each TensorImpl whose version a write bumps after the launches (without reading the tensor
+  // again); null for an inference tensor (it has no version counter) or a strided one (the copy
+  // back from its stand-in bumps it).
+  Column<c10::TensorImpl*> versioned;
   bool all_contiguous = true;
 };
 
@@ -106,7 +127,7 @@ std::vector<ListScan> check_lists(const NamedLists& lists) {
       scan.contiguous[i] = contiguous;
       scan.all_contiguous = scan.all_contiguous && contiguous;
       scan.addresses[i] = contiguous ? reinterpret_cast<int64_t>(t->mutable_data()) : 0;
-      scan.versioned[i] = t->is_inference() ? nullptr : t;
+      scan.versioned[i] = !contiguous || t->is_inference() ? nullptr : t;
     });
   }
   return scans;
@@ -219,17 +240,15 @@ struct DenseLists {
   std::vector<int64_t> addresses;  // every list's, in order: the table's address column
   std::deque<at::Tensor> copies;  // a deque: lists point into it
   std::vector<std::pair<const at::Tensor*, const at::Tensor*>> write_back;  // (original, contiguous copy)
-  std::vector<c10::TensorImpl*> written_in_place;  // contiguous tensors the kernels write, but inference ones
+  std::vector<const ListScan*> written;  // the lists the kernels write (their versions are bumped)
 
-  void add(const ListScan& scan, bool written) {
+  void add(const ListScan& scan, bool is_written) {
     const TensorRefs& tensors = *scan.tensors;
     scans.push_back(&scan);
     addresses.insert(addresses.end(), scan.addresses.begin(), scan.addresses.end());
     if (scan.all_contiguous) {
       lists.push_back(&tensors);
-      if (written)
-        for (c10::TensorImpl* impl : scan.versioned)
-          if (impl != nullptr) written_in_place.push_back(impl);
+      if (is_written) written.push_back(&scan);
       return;
     }
     const size_t first = addresses.size() - tensors.size();
@@ -239,22 +258,22 @@ struct DenseLists {
       const at::Tensor& t = tensors[i];
       if (scan.contiguous[i]) {
         dense.push_back(&t);
-        if (written && scan.versioned[i] != nullptr) written_in_place.push_back(scan.versioned[i]);
       } else {
         copies.push_back(t.contiguous());
         dense.push_back(&copies.back());
         addresses[first + i] = reinterpret_cast<int64_t>(copies.back().data_ptr());
-        if (written) write_back.emplace_back(&t, &copies.back());
+        if (is_written) write_back.emplace_back(&t, &copies.back());
       }
     }
     lists.push_back(&dense);
+    if (is_written) written.push_back(&scan);
   }
 
   // After the launches: strided originals get their copies back (copy_ bumps their versions);
-  // what the kernels wrote in place gets a new version (prefetch::bump_versions).
+  // what the kernels wrote in place gets a new version (prefetch::bump_versions_of).
   void finish() {
     for (auto& [original, copy] : write_back) original->copy_(*copy);
-    prefetch::bump_versions(written_in_place);
+    for (const ListScan* scan : written) prefetch::bump_versions_of(scan->versioned);
   }
 };
 
@@ -427,7 +446,7 @@ class TableCache {
     const size_t dtypes_at = key.size();
     key.resize(dtypes_at + num_tensors, 0);
     for (size_t l = 0; l < dense.scans.size(); ++l) {
-      const std::vector<DType>& dtypes = dense.scans[l]->dtypes;
+      const Column<DType>& dtypes = dense.scans[l]->dtypes;
       for (int64_t i = 0; i < num_tensors; ++i) key[dtypes_at + i] |= int64_t(dtypes[i]) << (2 * l);
     }
     const ListScan& sizes = *dense.scans.front();
