@@ -17,9 +17,7 @@
 namespace fastopt {
 namespace prefetch {
 
-// Iterations between the stages of a fetch chain: the loops take a few ns per item, a line from
-// memory about 100 (8 left the later stages' loads waiting on the earlier stages' fetches).
-constexpr size_t kAhead = 16;
+constexpr size_t kAhead = 8;  // iterations between the stages of a fetch chain
 
 inline void fetch(const void* p, bool for_write) {
   if (for_write)
