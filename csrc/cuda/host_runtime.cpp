@@ -228,7 +228,6 @@ std::vector<ListScan> check_lion(const TensorRefs& params, const TensorRefs& gra
 // A tensor written in place gets a new version, as torch's in-place ops give it (autograd refuses a
 // backward through a tensor changed since it was saved). Inference tensors have no version counter
 // (bumping one would raise, after the writes).
-
 // The tensors are borrowed (tensor_refs.h); only the copies are owned. Built from check_lists'
 // scans, which hold what the table cache reads: the dtypes, the sizes and (with the copies' here)
 // the address column.
