@@ -63,7 +63,8 @@ constexpr size_t kSizes = kStorage + 4 * sizeof(void*) + sizeof(c10::impl::PyObj
 constexpr size_t kTail = kSizes + sizeof(c10::impl::SizesAndStrides);
 constexpr bool kKnown = kTail + 32 == sizeof(c10::TensorImpl);
 // A StorageImpl's data_ptr_ (pointer, context, deleter), size_bytes_ and the seven flags that
-// data_ptr() checks follow the header.
+// data_ptr() checks follow the header (c10/core/StorageImpl.h; not checked against its size: as
+// above, another layout would cost time only).
 constexpr size_t kStorageData = sizeof(c10::intrusive_ptr_target);
 constexpr size_t kStorageFlagsEnd = kStorageData + sizeof(c10::DataPtr) + sizeof(c10::SymInt) + 7;
 }  // namespace tensor_layout
